@@ -1,0 +1,1 @@
+"""Arrow data plane: schema, readers, and tensor conversion."""

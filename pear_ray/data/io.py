@@ -1,0 +1,136 @@
+"""Reading datasets (Parquet, JSONL) and the one tokenization every stage shares.
+
+A dataset row carries a prompt and a response either as text (`prompt`, `response`) or as token ids of
+the student's tokenizer (`prompt_ids`, `response_ids`), optional `behavior_logprobs`, and task metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pear_ray.data import schema
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A data file that cannot be read; names the file and the line or column."""
+
+
+def read_table(path: str | Path) -> pa.Table:
+    """Read a Parquet or JSONL file into an Arrow table, conformed to the schema's column types."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+    elif path.suffix in (".jsonl", ".json"):
+        table = _read_jsonl(path)
+    else:
+        raise DataError(f"{path}: unknown format {path.suffix!r} (expected .parquet or .jsonl)")
+    return schema.conform(table, source=str(path))
+
+
+def _read_jsonl(path: Path) -> pa.Table:
+    rows = []
+    with path.open() as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise DataError(f"{path}: rows disagree on a column's type ({error})") from None
+
+
+def write_table(table: pa.Table, path: str | Path) -> None:
+    """Write a stage's output as Parquet, atomically, so a crash never leaves half a file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(path.suffix + ".partial")
+    pq.write_table(table, partial)
+    partial.replace(path)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids: through the chat template (as a user turn, ready for the reply) where the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids)
+    return tokenizer.encode(text, add_special_tokens=True)
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Response ids end with the end-of-sequence token, so SFT teaches the model when to stop."""
+    return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def tokenize(table: pa.Table, tokenizer, *, max_prompt_tokens: int, max_response_tokens: int) -> pa.Table:
+    """Add `prompt_ids`/`response_ids` from text columns where missing; truncate to the configured lengths.
+
+    Prompts keep their end (the question and the generation prompt), responses keep their start.
+    """
+    if schema.PROMPT_IDS not in table.column_names:
+        table = _encode_column(table, schema.PROMPT, schema.PROMPT_IDS, lambda t: encode_prompt(tokenizer, t))
+    if schema.RESPONSE_IDS not in table.column_names and schema.RESPONSE in table.column_names:
+        table = _encode_column(table, schema.RESPONSE, schema.RESPONSE_IDS, lambda t: encode_response(tokenizer, t))
+    limits = {schema.PROMPT_IDS: max_prompt_tokens, schema.RESPONSE_IDS: max_response_tokens}
+    for name, limit in limits.items():
+        if name not in table.column_names:
+            continue
+        rows = table.column(name).to_pylist()
+        long_rows = sum(len(ids) > limit for ids in rows)
+        if long_rows:
+            log.warning("truncating %d of %d rows of %s to %d tokens", long_rows, len(rows), name, limit)
+            keep = (lambda ids: ids[-limit:]) if name == schema.PROMPT_IDS else (lambda ids: ids[:limit])
+            table = schema.append_column(table, name, [keep(ids) for ids in rows])
+            if name == schema.RESPONSE_IDS:
+                table = _truncate_per_token(table, limit)
+    return table
+
+
+def _encode_column(table: pa.Table, text_column: str, ids_column: str, encode) -> pa.Table:
+    if text_column not in table.column_names:
+        raise DataError(f"column {text_column!r} or {ids_column!r} is required (the data has {table.column_names})")
+    texts = table.column(text_column).to_pylist()
+    for row, text in enumerate(texts):
+        if not isinstance(text, str) or not text:
+            raise DataError(f"column {text_column!r}, row {row}: expected non-empty text, got {text!r}")
+    return schema.append_column(table, ids_column, [encode(text) for text in texts])
+
+
+def _truncate_per_token(table: pa.Table, limit: int) -> pa.Table:
+    for name in schema.PER_TOKEN_COLUMNS:
+        if name in table.column_names:
+            table = schema.append_column(table, name, [v[:limit] for v in table.column(name).to_pylist()])
+    return table
+
+
+def with_ids(table: pa.Table) -> pa.Table:
+    """Give every row a stable `id` (its row number) when the data has none, so outputs can be joined back."""
+    if schema.ID in table.column_names:
+        return table
+    return schema.append_column(table, schema.ID, [str(i) for i in range(table.num_rows)])
+
+
+def load_sft_data(path: str | Path, tokenizer, *, max_prompt_tokens: int, max_response_tokens: int) -> pa.Table:
+    """Read, tokenize and validate an SFT dataset: the single way every stage gets its training rows."""
+    table = read_table(path)
+    table = tokenize(table, tokenizer, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
+    return schema.validate(with_ids(table), vocab_size=len(tokenizer), source=str(path))

@@ -1,0 +1,155 @@
+"""The Arrow data plane: every column's name and type, and the checks a batch passes before training uses it.
+
+Each stage reads only the columns it needs and appends its own. Token ids are those of ONE tokenizer
+(the student's); per-token columns hold one value per response token, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ID = "id"
+PROMPT = "prompt"
+RESPONSE = "response"
+PROMPT_IDS = "prompt_ids"
+RESPONSE_IDS = "response_ids"
+BEHAVIOR_LOGPROBS = "behavior_logprobs"
+REF_LOGPROBS = "ref_logprobs"
+ROLLOUT_LOGPROBS = "rollout_logprobs"
+REWARD = "reward"
+ADVANTAGE = "advantage"
+GROUP_ID = "group_id"
+POLICY_VERSION = "policy_version"
+FINISH_REASON = "finish_reason"
+TASK = "task"
+ANSWER = "answer"
+METADATA = "metadata"  # JSON text: whatever the task's verifier needs beyond the answer
+
+TOKEN_COLUMNS = (PROMPT_IDS, RESPONSE_IDS)
+PER_TOKEN_COLUMNS = (BEHAVIOR_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS)
+SCALAR_FLOAT_COLUMNS = (REWARD, ADVANTAGE)
+
+COLUMN_TYPES: dict[str, pa.DataType] = {
+    ID: pa.string(),
+    PROMPT: pa.string(),
+    RESPONSE: pa.string(),
+    PROMPT_IDS: pa.list_(pa.int32()),
+    RESPONSE_IDS: pa.list_(pa.int32()),
+    **{name: pa.list_(pa.float32()) for name in PER_TOKEN_COLUMNS},
+    REWARD: pa.float32(),
+    ADVANTAGE: pa.float32(),
+    GROUP_ID: pa.int64(),
+    POLICY_VERSION: pa.int64(),
+    FINISH_REASON: pa.string(),
+    TASK: pa.string(),
+    ANSWER: pa.string(),
+    METADATA: pa.string(),
+}
+
+# A log-probability above this is not a log-probability (allows for float round-off).
+MAX_LOGPROB = 1e-3
+
+
+class SchemaError(ValueError):
+    """A batch that breaks the schema; names the source, row, column and offending value."""
+
+    def __init__(self, message: str, *, source: str, column: str, row: int | None = None):
+        where = f"{source}, column {column!r}" + (f", row {row}" if row is not None else "")
+        super().__init__(f"{where}: {message}")
+        self.source, self.column, self.row = source, column, row
+
+
+def conform(table: pa.Table | pa.RecordBatch, source: str = "batch") -> pa.Table:
+    """Cast every known column to its schema type (e.g. JSON's int64 lists to int32); others pass through."""
+    table = pa.table(table) if isinstance(table, pa.RecordBatch) else table
+    for index, name in enumerate(table.column_names):
+        wanted = COLUMN_TYPES.get(name)
+        if wanted is None or table.schema.field(name).type == wanted:
+            continue
+        try:
+            table = table.set_column(index, pa.field(name, wanted), table.column(name).cast(wanted))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            actual = table.schema.field(name).type
+            raise SchemaError(f"has type {actual}, expected {wanted} ({error})", source=source, column=name) from None
+    return table
+
+
+def validate(
+    table: pa.Table | pa.RecordBatch,
+    *,
+    required: Iterable[str] = (PROMPT_IDS, RESPONSE_IDS),
+    vocab_size: int | None = None,
+    source: str = "batch",
+    row_offset: int = 0,
+) -> pa.Table:
+    """Conform a batch to the schema and refuse it, naming row and column, if it cannot train a model.
+
+    Checks: required columns present; no nulls; non-empty prompts and responses; token ids in
+    [0, vocab_size); every per-token column as long as the response; log-probs finite and <= 0;
+    rewards and advantages finite. Returns the conformed table.
+    """
+    table = conform(table, source)
+    missing = [name for name in required if name not in table.column_names]
+    if missing:
+        raise SchemaError(f"missing (the batch has {table.column_names})", source=source, column=", ".join(missing))
+
+    def fail(message: str, column: str, row: int) -> None:
+        raise SchemaError(message, source=source, column=column, row=row_offset + int(row))
+
+    present = [name for name in COLUMN_TYPES if name in table.column_names]
+    for name in present:
+        column = table.column(name).combine_chunks()
+        if column.null_count and name in (*required, *TOKEN_COLUMNS, *PER_TOKEN_COLUMNS):
+            fail("is null", name, _first(pc.is_null(column)))
+        if name in TOKEN_COLUMNS:
+            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+            if (lengths == 0).any():
+                fail("is empty (every row needs at least one token)", name, np.flatnonzero(lengths == 0)[0])
+            if vocab_size is not None:
+                ids = pc.list_flatten(column).to_numpy()
+                bad = (ids < 0) | (ids >= vocab_size)
+                if bad.any():
+                    row = pc.list_parent_indices(column).to_numpy()[np.flatnonzero(bad)[0]]
+                    value = ids[np.flatnonzero(bad)[0]]
+                    fail(f"token id {value} is outside the vocabulary [0, {vocab_size})", name, row)
+        elif name in PER_TOKEN_COLUMNS:
+            _check_per_token(column, table, name, fail)
+        elif name in SCALAR_FLOAT_COLUMNS:
+            values = column.to_numpy(zero_copy_only=False)
+            if not np.isfinite(values).all():
+                row = np.flatnonzero(~np.isfinite(values))[0]
+                fail(f"value {values[row]} is not finite", name, row)
+    return table
+
+
+def _check_per_token(column: pa.ListArray, table: pa.Table, name: str, fail) -> None:
+    if RESPONSE_IDS in table.column_names:
+        expected = pc.list_value_length(table.column(RESPONSE_IDS).combine_chunks()).to_numpy(zero_copy_only=False)
+        actual = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        if (expected != actual).any():
+            row = np.flatnonzero(expected != actual)[0]
+            fail(f"has {actual[row]} values but response_ids has {expected[row]} tokens", name, row)
+    values = pc.list_flatten(column).to_numpy()
+    bad = ~np.isfinite(values) | (values > MAX_LOGPROB)
+    if bad.any():
+        first = np.flatnonzero(bad)[0]
+        parents = pc.list_parent_indices(column).to_numpy()
+        row = parents[first]
+        position = first - np.flatnonzero(parents == row)[0]
+        fail(f"value {values[first]} at response token {position} is not a log-probability", name, row)
+
+
+def _first(mask: pa.Array) -> int:
+    return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
+
+
+def append_column(table: pa.Table, name: str, values: pa.Array | list) -> pa.Table:
+    """Add (or replace) a schema column, typed as the schema says."""
+    array = pa.array(values, type=COLUMN_TYPES[name]) if not isinstance(values, pa.Array) else values
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), pa.field(name, COLUMN_TYPES[name]), array)
+    return table.append_column(pa.field(name, COLUMN_TYPES[name]), array)

@@ -1,0 +1,65 @@
+"""Arrow rows <-> padded tensors, the one conversion between the data plane and the models.
+
+A row becomes `prompt + response` right-padded to the batch's longest row. Per-token columns are laid out
+on the same [B, L] grid at the response positions (0 elsewhere), so `response_mask` selects them.
+Position i's token is predicted by the logits at i - 1: prompts are never empty, so no response token
+sits at position 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pear_ray.data import schema
+
+
+def _lengths(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False)
+
+
+def _ragged_positions(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of `lengths[i]` consecutive cells starting at `starts[i]` in each row i."""
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    first_of_row = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    cols = np.repeat(starts, lengths) + np.arange(lengths.sum()) - first_of_row
+    return rows, cols
+
+
+def to_tensors(table: pa.Table, pad_id: int, columns: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Pad a batch: `input_ids`, `attention_mask`, `response_mask` [B, L], and each named per-token column."""
+    prompt, response = table.column(schema.PROMPT_IDS), table.column(schema.RESPONSE_IDS)
+    prompt_len, response_len = _lengths(prompt), _lengths(response)
+    total = prompt_len + response_len
+    shape = (table.num_rows, int(total.max(initial=1)))
+    input_ids = np.full(shape, pad_id, dtype=np.int64)
+    prompt_rows, prompt_cols = _ragged_positions(np.zeros_like(prompt_len), prompt_len)
+    response_rows, response_cols = _ragged_positions(prompt_len, response_len)
+    input_ids[prompt_rows, prompt_cols] = _flat(prompt)
+    input_ids[response_rows, response_cols] = _flat(response)
+    response_mask = np.zeros(shape, dtype=bool)
+    response_mask[response_rows, response_cols] = True
+    out = {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(np.arange(shape[1])[None, :] < total[:, None]),
+        "response_mask": torch.from_numpy(response_mask),
+    }
+    for name in columns:
+        grid = np.zeros(shape, dtype=np.float32)
+        grid[response_rows, response_cols] = _flat(table.column(name))
+        out[name] = torch.from_numpy(grid)
+    return out
+
+
+def from_tensor(values: torch.Tensor, response_mask: torch.Tensor) -> pa.ListArray:
+    """The inverse for a per-token column: the values at response positions, one list<float32> per row."""
+    mask = response_mask.bool().cpu()
+    flat = values.detach().float().cpu()[mask].numpy()
+    offsets = np.concatenate([[0], np.cumsum(mask.sum(dim=1).numpy())]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.float32()))
