@@ -1,0 +1,157 @@
+"""The `pear-ray` command line: one typed job file, dotted overrides, and a subcommand per stage."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pear_ray.config import ConfigError, JobConfig, dump_job, load_job
+
+app = typer.Typer(
+    help="pear_ray: PEAR-weighted SFT, then GRPO, on Ray (vLLM rollouts, DeepSpeed learner).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+JobArg = Annotated[Path, typer.Argument(help="job config YAML (see jobs/)")]
+OverridesArg = Annotated[
+    Optional[list[str]], typer.Argument(help="dotted overrides, e.g. sft.pear.level=block rl.group_size=4")
+]
+
+
+def _load(job_file: Path, overrides: list[str] | None) -> JobConfig:
+    try:
+        return load_job(job_file, overrides or [])
+    except ConfigError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _not_yet(what: str, issue: str) -> None:
+    typer.echo(f"`pear-ray {what}` is not built yet: it arrives with the {issue} issue.", err=True)
+    raise typer.Exit(2)
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def config(job_file: JobArg, overrides: OverridesArg = None) -> None:
+    """Print the resolved job config (file + overrides, defaults filled in) as YAML, or say what is wrong."""
+    job = _load(job_file, overrides)
+    import yaml
+
+    typer.echo(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+
+
+@app.command()
+def validate(
+    data_file: Annotated[Path, typer.Argument(help="Parquet or JSONL dataset")],
+    model: Annotated[Path, typer.Option(help="model folder whose tokenizer the ids belong to")],
+    max_prompt_tokens: int = 256,
+    max_response_tokens: int = 256,
+) -> None:
+    """Check a dataset against the schema (tokenizing text columns) and report the first problem, if any."""
+    from transformers import AutoTokenizer
+
+    from pear_ray.data.io import DataError, load_sft_data
+    from pear_ray.data.schema import SchemaError
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    try:
+        table = load_sft_data(
+            data_file, tokenizer, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens
+        )
+    except (DataError, SchemaError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{data_file}: {table.num_rows} rows OK; columns {table.column_names}")
+
+
+@app.command("tiny-model")
+def tiny_model(
+    out_dir: Annotated[Path, typer.Argument(help="folder to write the Hugging Face model into")],
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+) -> None:
+    """Build a tiny Qwen2 model with a byte-level BPE tokenizer, deterministically, for tests and demos."""
+    from pear_ray.models.tiny import TinyModelSpec, build_tiny_model
+
+    path = build_tiny_model(TinyModelSpec(seed=seed, hidden_size=hidden_size, num_layers=num_layers), out_dir)
+    typer.echo(str(path))
+
+
+@app.command()
+def run(
+    job_file: JobArg,
+    overrides: OverridesArg = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="run folder (default: <output_dir>/<name>)")] = None,
+) -> None:
+    """Run the job's stages in order (score, sft, rl, eval) into one resumable run folder."""
+    job = _load(job_file, overrides)
+    folder = run_dir or job.run_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    dump_job(job, folder / "config.yaml")
+    typer.echo(f"resolved config written to {folder / 'config.yaml'}", err=True)
+    _not_yet("run", "end-to-end")
+
+
+@app.command()
+def score(job_file: JobArg, overrides: OverridesArg = None) -> None:
+    """Stage 1: bring the SFT data to behaviour log-probs (from the data, or scored by the behaviour model)."""
+    _load(job_file, overrides)
+    _not_yet("score", "end-to-end")
+
+
+@app.command()
+def sft(job_file: JobArg, overrides: OverridesArg = None) -> None:
+    """Stage 2: PEAR-weighted SFT (level none = canonical SFT) on the DeepSpeed learner."""
+    _load(job_file, overrides)
+    _not_yet("sft", "end-to-end")
+
+
+@app.command()
+def rl(job_file: JobArg, overrides: OverridesArg = None) -> None:
+    """Stage 3: GRPO from the SFT checkpoint, with vLLM rollouts and verifier rewards."""
+    _load(job_file, overrides)
+    _not_yet("rl", "end-to-end")
+
+
+@app.command("eval")
+def eval_(job_file: JobArg, overrides: OverridesArg = None) -> None:
+    """Stage 4: pass@1 and pass@k (unbiased, n samples per held-out prompt) after SFT and after RL."""
+    _load(job_file, overrides)
+    _not_yet("eval", "end-to-end")
+
+
+@app.command()
+def demo() -> None:
+    """The embedded default job: tiny models built on the spot, local Ray, CPU."""
+    _not_yet("demo", "end-to-end")
+
+
+@app.command()
+def submit(
+    job_file: JobArg,
+    overrides: OverridesArg = None,
+    address: Annotated[str, typer.Option(help="Ray dashboard address, e.g. http://127.0.0.1:8265")] = "",
+    wait: Annotated[bool, typer.Option(help="follow the logs until the job ends")] = False,
+) -> None:
+    """Submit the job to a Ray cluster through the Ray Jobs API."""
+    _load(job_file, overrides)
+    _not_yet("submit", "clusters-and-job-submission")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,237 @@
+"""The typed job config: one YAML file under jobs/, plus dotted overrides from the command line.
+
+Every section forbids unknown keys, so a typo is refused with the key's full dotted path instead of
+being silently ignored. `load_job(path, overrides)` is the only entry point the CLI and the driver use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pear_ray.models.tiny import TinyModelSpec
+
+PearLevel = Literal["none", "sequence", "token", "block"]
+Stage = Literal["score", "sft", "rl", "eval"]
+
+
+class ConfigError(ValueError):
+    """A job file or override that cannot be used; the message names the key and what was expected."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSource(Section):
+    """A Hugging Face model folder, or a tiny model built on the spot from a spec (no downloads here)."""
+
+    path: str | None = None
+    tiny: TinyModelSpec | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ModelSource":
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("give exactly one of 'path' (a model folder) or 'tiny' (a spec to build)")
+        return self
+
+
+class ModelsConfig(Section):
+    student: ModelSource
+    # The policy that wrote the SFT data; absent when the data already carries behaviour log-probs.
+    behavior: ModelSource | None = None
+    # Frozen model for the RL KL term and PEAR's frozen target; defaults to the student.
+    reference: ModelSource | None = None
+
+
+class DataConfig(Section):
+    sft: str | None = Field(None, description="SFT data, Parquet or JSONL (prompt/response text or ids)")
+    eval: str | None = Field(None, description="held-out prompts, Parquet or JSONL; defaults to the task's")
+    max_prompt_tokens: int = Field(256, gt=0)
+    max_response_tokens: int = Field(256, gt=0)
+
+
+class TaskConfig(Section):
+    """A prompt source plus a verifier: a reasoning-gym dataset, or user data checked by exact match/math."""
+
+    kind: Literal["reasoning_gym", "user"] = "reasoning_gym"
+    name: str = "basic_arithmetic"
+    args: dict[str, Any] = Field(default_factory=dict)
+    verifier: Literal["task", "exact", "math"] = "task"
+    num_train: int = Field(256, gt=0)
+    num_eval: int = Field(64, gt=0)
+    verifier_timeout_s: float = Field(5.0, gt=0)
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(64, gt=0)
+
+
+class ScoreConfig(Section):
+    batch_size: int = Field(64, gt=0)
+    column: Literal["behavior_logprobs"] = "behavior_logprobs"
+
+
+class PearConfig(Section):
+    level: PearLevel = "token"
+    gamma: float = Field(0.999, gt=0, le=1)
+    block_size: int = Field(4, ge=1)
+    delta_clip: tuple[float, float] = (-0.08, 0.3)
+    log_weight_clip: tuple[float, float] = (-10.0, 5.0)
+    target_mode: Literal["online", "frozen"] = "online"
+
+    @field_validator("delta_clip", "log_weight_clip")
+    @classmethod
+    def _ordered(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if bounds[0] > bounds[1]:
+            raise ValueError(f"lower bound {bounds[0]} is above upper bound {bounds[1]}")
+        return bounds
+
+
+class SftConfig(Section):
+    pear: PearConfig = Field(default_factory=PearConfig)
+    # Comparison mode: several PEAR levels trained from the same student on the same data.
+    variants: list[PearLevel] = Field(default_factory=list)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    grad_clip: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(50, gt=0)
+
+
+class RlConfig(Section):
+    steps: int = Field(10, ge=1)
+    prompts_per_step: int = Field(8, gt=0)
+    group_size: int = Field(8, ge=2)
+    lr: float = Field(1e-6, gt=0)
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.28, ge=0)
+    kl_coef: float = Field(0.0, ge=0)
+    normalize_std: bool = True
+    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    drop_constant_groups: bool = True
+    tis_cap: float | None = Field(2.0, gt=0, description="truncated importance correction cap; null disables")
+    minibatches: int = Field(1, ge=1)
+    epochs_per_batch: int = Field(1, ge=1)
+    off_policy_overlap: bool = False
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(5, gt=0)
+
+
+class EvalConfig(Section):
+    n: int = Field(8, ge=1)
+    k: list[int] = Field(default_factory=lambda: [1, 8])
+    temperature: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> "EvalConfig":
+        too_big = [k for k in self.k if k > self.n or k < 1]
+        if too_big:
+            raise ValueError(f"every k must be in 1..n={self.n}; got {too_big}")
+        return self
+
+
+class ActorResources(Section):
+    """Resources of one actor of a role; custom resources pin roles to node groups on a cluster."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class RolloutResources(ActorResources):
+    num_actors: int = Field(1, ge=1)
+    max_in_flight: int = Field(2, ge=1, description="batches queued per actor (back-pressure)")
+
+
+class LearnerResources(ActorResources):
+    num_ranks: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+
+
+class ResourcesConfig(Section):
+    rollout: RolloutResources = Field(default_factory=RolloutResources)
+    learner: LearnerResources = Field(default_factory=LearnerResources)
+    reference: ActorResources = Field(default_factory=ActorResources)
+
+
+class JobConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    output_dir: str = "runs"
+    stages: list[Stage] = Field(default_factory=lambda: ["score", "sft", "rl", "eval"])
+    models: ModelsConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    rl: RlConfig = Field(default_factory=RlConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML so `3`, `true`, `[1, 8]` get types."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
+    *parents, leaf = key.split(".")
+    node = tree
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {'.'.join(parents[: depth + 1])!r} is a value, not a section")
+        node = child
+    node[leaf] = yaml.safe_load(raw)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid job config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; see the section's fields in pear_ray/config.py)")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_job(tree: dict[str, Any], source: str = "<dict>") -> JobConfig:
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Read a job YAML, apply `dotted.key=value` overrides in order, and validate the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"job file {path} is not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"job file {path} must hold a mapping at the top level, not {type(tree).__name__}")
+    for override in overrides:
+        apply_override(tree, override)
+    return parse_job(tree, str(path))
+
+
+def dump_job(job: JobConfig, path: str | Path) -> None:
+    """Write the resolved config next to a run's outputs, so a run folder says how it was made."""
+    Path(path).write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
