@@ -1,0 +1,175 @@
+"""VllmEngine on the tiny model: vLLM log-probs against a plain transformers fp32 forward pass, generation,
+reproducibility, in-place weight reload, and readable errors for bad model folders. One engine for the module."""
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pear_ray.engines import EngineError, VllmEngine
+from pear_ray.models import TinyModelSpec, build_tiny_model
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = VllmEngine(tiny_model_dir, seed=0)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is 17 + 25?"}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=False)
+    return [chat, tok.encode("How many times does the letter 'r' appear in \"strawberry\"?"), [5]]
+
+
+def hf_logprobs(model, prompt, response):
+    """log p(response_t | prompt, response_<t) from one transformers forward pass (log_softmax + gather)."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    return [logp[len(prompt) + t - 1, tok].item() for t, tok in enumerate(response)]
+
+
+def max_diff(a, b):
+    assert len(a) == len(b)
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def test_score_matches_transformers(engine, tiny_model_dir, prompts):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    responses = [[10, 200, 3, 3, 57], [300], list(range(40, 70))]
+    scores = engine.score(prompts, responses)
+    for p, r, s in zip(prompts, responses, scores):
+        assert len(s) == len(r)
+        assert max_diff(s, hf_logprobs(model, p, r)) < TOL
+
+
+def test_score_rejects_empty_rows(engine, prompts):
+    with pytest.raises(ValueError, match="row 1 has an empty response"):
+        engine.score(prompts[:2], [[1, 2], []])
+    with pytest.raises(ValueError, match="row 0 has an empty prompt"):
+        engine.score([[]], [[1]])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generate_logprobs_are_teacher_forced_scores(engine, prompts, temperature):
+    # vLLM's default logprobs_mode is "raw_logprobs": the model's distribution before temperature / top-p.
+    out = engine.generate(prompts, n=3, temperature=temperature, max_tokens=12, seed=7, ignore_eos=True)
+    assert [len(samples) for samples in out] == [3, 3, 3]
+    rows = [(p, s) for p, samples in zip(prompts, out) for s in samples]
+    for _, s in rows:
+        assert len(s.response_ids) == len(s.logprobs) == 12 and s.finish_reason == "length"
+    scores = engine.score([p for p, _ in rows], [s.response_ids for _, s in rows])
+    for (_, s), sc in zip(rows, scores):
+        assert max_diff(s.logprobs, sc) < TOL
+    assert len({tuple(s.response_ids) for _, s in rows[:3]}) > 1  # n samples differ (seed + j per sample)
+
+
+def test_generate_is_reproducible_with_seed(engine, prompts):
+    a = engine.generate(prompts, n=2, max_tokens=10, seed=123)
+    b = engine.generate(prompts, n=2, max_tokens=10, seed=123)
+    c = engine.generate(prompts, n=2, max_tokens=10, seed=124)
+    ids = lambda out: [[s.response_ids for s in samples] for samples in out]  # noqa: E731
+    assert ids(a) == ids(b) and ids(a) != ids(c)
+    assert all(s.finish_reason in ("stop", "length") for samples in a for s in samples)
+
+
+def test_stop_token_ids(engine, prompts):
+    first = engine.generate(prompts[:1], max_tokens=8, seed=5, ignore_eos=True)[0][0]
+    stop = first.response_ids[2]
+    cut = engine.generate(prompts[:1], max_tokens=8, seed=5, stop_token_ids=[stop])[0][0]
+    assert cut.finish_reason == "stop" and cut.response_ids[-1] == stop
+    assert cut.response_ids == first.response_ids[: first.response_ids.index(stop) + 1]
+
+
+def test_update_weights_matches_perturbed_model(engine, tiny_model_dir, prompts):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    responses = [[10, 200, 3, 3, 57], [300, 4], list(range(40, 60))]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    expected = [hf_logprobs(model, p, r) for p, r in zip(prompts, responses)]
+    before = engine.score(prompts, responses)
+    assert max(max_diff(b, e) for b, e in zip(before, expected)) > 100 * TOL  # really a different model
+    version = engine.version
+    try:
+        assert engine.update_weights(model.state_dict().items()) == version + 1
+        after = engine.score(prompts, responses)
+        for a, e in zip(after, expected):
+            assert max_diff(a, e) < TOL
+        assert engine.health() == {"model_dir": str(tiny_model_dir), "version": version + 1, "alive": True}
+    finally:  # later tests in this module see the original weights
+        engine.update_weights(original.items())
+    for a, b in zip(engine.score(prompts, responses), before):
+        assert max_diff(a, b) < TOL
+
+
+def test_update_weights_refuses_incomplete_or_misnamed_sets(engine, tiny_model_dir, prompts):
+    # vLLM's reload would fail half-way (or load garbage into fused layers) and leave the engine unusable.
+    state = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    before, version = engine.score(prompts, [[7, 8, 9]] * 3), engine.version
+    bad_sets = {"unknown": [("module." + k, v) for k, v in state.items()], "missing": list(state.items())[:3],
+                "wrong shapes": [(k, v[:-1] if k == "lm_head.weight" else v) for k, v in state.items()]}
+    for what, weights in bad_sets.items():
+        with pytest.raises(ValueError, match=f"{what} \\['"):
+            engine.update_weights(weights)
+    assert engine.version == version and engine.health()["alive"]
+    assert engine.score(prompts, [[7, 8, 9]] * 3) == before
+
+
+# The tests below start engines of their own: vLLM allows one live engine per process, so they come last and
+# shut the module's engine down first (its fixture teardown is then a no-op).
+
+
+def test_one_engine_per_process(engine, tiny_model_dir):
+    with pytest.raises(EngineError, match="already runs one"):
+        VllmEngine(tiny_model_dir)
+    assert engine.health()["alive"]
+    engine.shutdown()
+    assert engine.health()["alive"] is False and "shut down" in engine.health()["error"]
+    with pytest.raises(EngineError, match="shut down"):
+        engine.generate([[1]])
+
+
+def test_update_weights_with_tied_embeddings(engine, tmp_path_factory, prompts):
+    # Qwen2.5-style tied head: vLLM CPU packs the LM head at start-up, so a reload must repack it.
+    engine.shutdown()
+    tied_dir = build_tiny_model(TinyModelSpec(tie_embeddings=True), tmp_path_factory.mktemp("tied"))
+    model = AutoModelForCausalLM.from_pretrained(tied_dir, dtype=torch.float32).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    eng = VllmEngine(tied_dir)
+    try:
+        with torch.no_grad():
+            model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight) * 0.05)
+        eng.update_weights(model.state_dict().items())  # includes lm_head.weight, which the checkpoint lacks
+        responses = [[10, 200, 3], [300, 4], [40, 41, 42, 43]]
+        for p, r, s in zip(prompts, responses, eng.score(prompts, responses)):
+            assert max_diff(s, hf_logprobs(model, p, r)) < TOL
+    finally:
+        eng.shutdown()
+
+
+def test_bad_model_folders_give_clear_errors(engine, tiny_model_dir, tmp_path):
+    engine.shutdown()
+    with pytest.raises(EngineError, match="does not exist"):
+        VllmEngine(tmp_path / "missing")
+    no_tok = tmp_path / "no_tokenizer"
+    no_tok.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", no_tok)
+    with pytest.raises(EngineError, match="no tokenizer files"):
+        VllmEngine(no_tok)
+    with pytest.raises(EngineError, match="no config.json"):
+        VllmEngine(tmp_path)
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny_model_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(EngineError, match=f"vLLM failed to start on model folder {no_weights}"):
+        VllmEngine(no_weights)
