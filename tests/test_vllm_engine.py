@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pear_ray.engines import EngineError, VllmEngine
+from pear_ray.engines.vllm_engine import EngineError, VllmEngine
 from pear_ray.models import TinyModelSpec, build_tiny_model
 
 TOL = 1e-4
