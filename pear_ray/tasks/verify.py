@@ -1,0 +1,177 @@
+"""Rewards for a table of responses, computed apart from the driver, with a per-sample timeout.
+
+`score_rows` cuts the rows into chunks and scores each chunk in one Ray task (a fraction of a CPU each). Inside
+the task, the chunk's samples are scored one after the other in a forked child process, and the Ray task waits
+for each sample's result for at most `verifier_timeout_s`:
+- a verifier that raises (or returns something that is not a finite number) gives reward 0 and counts as an error;
+- a verifier still running at the deadline gives reward 0 and counts as a timeout: the child is killed and a new
+  one scores the rest of the chunk;
+- a child that dies (a crash in native code) counts as an error for the sample it was on.
+So a bad sample can neither crash nor hang the job, and the results of the good ones are kept.
+
+Why a child process rather than a thread or a signal: a thread cannot be stopped, so a spinning verifier would
+keep a CPU busy inside the Ray worker for ever; `signal.alarm` (what math-verify uses by default) only works in a
+process's main thread and cannot interrupt a long computation in native code (a sympy simplification, a huge
+integer power); killing a process always works. Ray runs plain tasks in the worker's main thread (checked with
+Ray 2.60), but forking does not depend on that. math-verify's own signal timeouts are disabled by our calls
+(`parsing_timeout=None`, `timeout_seconds=None`) since the child enforces the deadline. The fork costs a few
+milliseconds per chunk (and one more per timeout); heavy imports and reasoning-gym datasets are warmed in the Ray
+worker first, so children start with them loaded and worker reuse amortises the warm-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+from collections.abc import Sequence
+
+import pyarrow as pa
+import ray
+
+from pear_ray.data import schema
+from pear_ray.tasks.base import Task, load_metadata
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_ROWS = 64
+DEFAULT_NUM_CPUS = 0.25
+
+Row = tuple[str, str, str | None]  # response text, gold answer, metadata JSON
+
+
+def _child(task: Task, rows: Sequence[Row], conn) -> None:
+    """Score rows in order, sending (True, reward) or (False, error message) for each."""
+    for response, answer, metadata in rows:
+        try:
+            value = float(task.score(response, answer, metadata))
+            conn.send((True, value))
+        except BaseException as error:  # noqa: BLE001 - any failure of a verifier is a reward of 0
+            conn.send((False, f"{type(error).__name__}: {error}"[:500]))
+    conn.close()
+
+
+def _warm(rows: Sequence[Row]) -> None:
+    """Import what verifiers use and build the reasoning-gym datasets the rows name, before forking."""
+    try:
+        from pear_ray.tasks.base import math_score
+
+        math_score("$1$", "1")
+    except Exception:  # noqa: BLE001 - a real problem shows up as an error in the child
+        pass
+    from pear_ray.tasks.reasoning_gym_task import _scoring_dataset
+
+    for key in {_dataset_key(metadata) for _, _, metadata in rows} - {None}:
+        try:
+            _scoring_dataset(*key)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _dataset_key(metadata: str | None) -> tuple[str, str] | None:
+    from pear_ray.tasks.base import to_json
+
+    try:
+        meta = load_metadata(metadata)
+    except Exception:  # noqa: BLE001
+        return None
+    if meta.get("verifier") == "reasoning_gym" and isinstance(meta.get("dataset"), str):
+        return meta["dataset"], to_json(meta.get("args") or {})
+    return None
+
+
+def score_chunk(task: Task, rows: Sequence[Row], timeout_s: float) -> tuple[list[float], int, int, list[str]]:
+    """(rewards, errors, timeouts, first error messages) of one chunk; see the module docstring. No Ray here."""
+    _warm(rows)
+    context = multiprocessing.get_context("fork")
+    rewards: list[float] = []
+    errors = timeouts = 0
+    messages: list[str] = []
+    while len(rewards) < len(rows):
+        receiver, sender = context.Pipe(duplex=False)
+        child = context.Process(target=_child, args=(task, rows[len(rewards):], sender), daemon=True)
+        child.start()
+        sender.close()
+        try:
+            while len(rewards) < len(rows):
+                if not receiver.poll(timeout_s):
+                    timeouts += 1
+                    rewards.append(0.0)
+                    break  # kill this child; a fresh one takes the next row
+                try:
+                    ok, value = receiver.recv()
+                except EOFError:
+                    errors += 1
+                    rewards.append(0.0)
+                    messages.append(f"verifier process died (exit code {child.exitcode})")
+                    break
+                if ok and math.isfinite(value):
+                    rewards.append(min(1.0, max(0.0, value)))
+                else:
+                    errors += 1
+                    rewards.append(0.0)
+                    messages.append(value if not ok else f"verifier returned {value}")
+        finally:
+            if child.is_alive():
+                child.kill()
+            child.join()
+            receiver.close()
+    return rewards, errors, timeouts, messages[:3]
+
+
+_score_chunk_remote = ray.remote(score_chunk)
+
+
+def score_rows(
+    table: pa.Table,
+    task_config,
+    *,
+    task: Task | None = None,
+    response_column: str = schema.RESPONSE,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    num_cpus: float = DEFAULT_NUM_CPUS,
+) -> tuple[list[float], dict[str, int]]:
+    """Rewards in [0, 1] for every row of `table` (columns `response` text, `answer`, optional `metadata`), in
+    row order, and the failure counts `{"errors": n, "timeouts": m}`.
+
+    `task` defaults to `make_task(task_config)` (which reads no data); the per-sample timeout is
+    `task_config.verifier_timeout_s`. One Ray task per `chunk_rows` rows, each asking for `num_cpus` CPUs, so
+    scoring fits beside actors that hold most of the CPUs. A null response scores as the empty text.
+    """
+    failures = {"errors": 0, "timeouts": 0}
+    if table.num_rows == 0:
+        return [], failures
+    missing = [c for c in (response_column, schema.ANSWER) if c not in table.column_names]
+    if missing:
+        raise ValueError(f"score_rows needs columns {missing} (the table has {table.column_names})")
+    if task is None:
+        from pear_ray.tasks import make_task
+
+        task = make_task(task_config)
+    responses = [r or "" for r in table.column(response_column).to_pylist()]
+    answers = [str(a) if a is not None else "" for a in table.column(schema.ANSWER).to_pylist()]
+    metadata = (table.column(schema.METADATA).to_pylist() if schema.METADATA in table.column_names
+                else [None] * table.num_rows)
+    rows = list(zip(responses, answers, metadata))
+
+    if not ray.is_initialized():
+        from pear_ray.actors.runtime import init_ray
+
+        init_ray()
+    task_ref = ray.put(task)
+    timeout_s = float(task_config.verifier_timeout_s)
+    refs = [
+        _score_chunk_remote.options(num_cpus=num_cpus).remote(task_ref, rows[start:start + chunk_rows], timeout_s)
+        for start in range(0, len(rows), chunk_rows)
+    ]
+    rewards: list[float] = []
+    messages: list[str] = []
+    for chunk_rewards, errors, timeouts, chunk_messages in ray.get(refs):
+        rewards.extend(chunk_rewards)
+        failures["errors"] += errors
+        failures["timeouts"] += timeouts
+        messages.extend(chunk_messages)
+    if failures["errors"] or failures["timeouts"]:
+        log.warning("verifiers: %d errors, %d timeouts (> %.1fs) in %d rows; first errors: %s", failures["errors"],
+                    failures["timeouts"], timeout_s, len(rows), messages[:3])
+    return rewards, failures
