@@ -1,1 +1,33 @@
-"""pear_ray."""
+"""pear_ray: Ray-distributed LLM post-training with PEAR-weighted SFT, then GRPO.
+
+Layout (data flows top to bottom):
+  config.py      the typed job config (YAML + dotted overrides)
+  data/          the Arrow data plane: schema, readers, padded-tensor conversion
+  objectives/    the math as pure torch functions: PEAR weights and loss, GRPO losses, pass@k
+  models/        tiny local models for tests and the demo
+  engines/       one process's worth of work, no Ray: vLLM generation/scoring, DeepSpeed learner rank
+  actors/        Ray actors around the engines, the rollout pool, the learner group
+  cli.py         the `pear-ray` command
+"""
+
+from pear_ray.objectives import (
+    PearDiagnostics,
+    group_advantages,
+    k3_kl,
+    mean_pass_at_k,
+    pass_at_k,
+    pear_loss,
+    pear_weights,
+    policy_loss,
+)
+
+__all__ = [
+    "PearDiagnostics",
+    "group_advantages",
+    "k3_kl",
+    "mean_pass_at_k",
+    "pass_at_k",
+    "pear_loss",
+    "pear_weights",
+    "policy_loss",
+]

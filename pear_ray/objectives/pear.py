@@ -1,0 +1,195 @@
+"""PEAR: importance-reweighted SFT (Zhang et al., arXiv 2602.01058); DESIGN.md, "The PEAR objective (exact)".
+
+On the response tokens t = 1..T of a row (counted along the mask, whatever the padding):
+
+    d_t       = clip(lt_t - lb_t, dlo, dhi)                        target over behaviour, per token
+    none:       log G_t = 0                                        canonical SFT
+    sequence:   log G_t = sum_{j=1..T} d_j
+    token:      log G_t = (T - t) log(gamma) + sum_{j>t} d_j
+    block:      log G_t = (T - e_k) log(gamma) + sum_{j>e_k} d_j,  k = ceil(t / B), e_k = min(k B, T)
+    w_t       = exp(clip(log G_t, lo, hi)), 0 off the response, a constant (no gradient)
+    loss      = sum_t w_t l_t / N,  l_t the per-token base loss (NLL by default), N the batch's response tokens
+
+The token level is the block level with B = 1, so both share one vectorised path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pear_ray.objectives.masked import masked_mean, masked_sum
+
+PEAR_LEVELS = ("none", "sequence", "token", "block")
+TARGET_MODES = ("online", "frozen")
+DELTA_CLIP = (-0.08, 0.3)
+LOG_WEIGHT_CLIP = (-10.0, 5.0)
+
+
+@dataclass(frozen=True)
+class PearDiagnostics:
+    """Weight statistics over the batch's response tokens, logged every step.
+
+    A teacher much stronger than the student drives late-trace weights to the floor; ``frac_at_floor`` and
+    ``ess_fraction`` are where that shows.
+    """
+
+    mean_weight: float
+    ess: float  # effective sample size (sum w)^2 / sum w^2
+    ess_fraction: float  # ess / num_tokens
+    frac_at_floor: float  # log G at or below the lower log-weight clip
+    frac_at_ceiling: float  # log G at or above the upper log-weight clip
+    mean_log_ratio: float  # mean of lt - lb before clipping
+    num_tokens: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log pi(labels_i | ...) for logits [..., V] already aligned with labels [...], in at least float32.
+
+    Computed as -cross_entropy(reduction="none"): the fused kernel canonical SFT uses, so the PEAR path costs the
+    same time and memory as the baseline. Labels equal to the ignore index -100 give 0; the mask must leave them out.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    nll = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none", ignore_index=-100)
+    return -nll.view_as(labels)
+
+
+def pear_weights(
+    logp_target: torch.Tensor,
+    logp_behavior: torch.Tensor,
+    mask: torch.Tensor,
+    level: str = "token",
+    gamma: float = 0.999,
+    block_size: int = 4,
+    delta_clip: tuple[float, float] = DELTA_CLIP,
+    log_weight_clip: tuple[float, float] = LOG_WEIGHT_CLIP,
+) -> torch.Tensor:
+    """PEAR weights w [B, L] (0 off the response, no gradient, float32 or wider) from [B, L] log-probs and a bool
+    or 0/1 mask."""
+    log_g = _log_weights(logp_target, logp_behavior, mask, level, gamma, block_size, delta_clip)
+    return _clipped_exp(log_g, mask, log_weight_clip)
+
+
+def pear_loss(
+    token_logp: torch.Tensor,
+    logp_behavior: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    level: str = "token",
+    gamma: float = 0.999,
+    block_size: int = 4,
+    delta_clip: tuple[float, float] = DELTA_CLIP,
+    log_weight_clip: tuple[float, float] = LOG_WEIGHT_CLIP,
+    target_mode: str = "online",
+    logp_target_frozen: torch.Tensor | None = None,
+    per_token_loss: torch.Tensor | None = None,
+    num_tokens: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, PearDiagnostics]:
+    """sum_t w_t l_t / N with l_t = per_token_loss (default -token_logp), and the weights' diagnostics.
+
+    The target log-probs are token_logp detached (``online``) or ``logp_target_frozen`` (``frozen``). N is the
+    number of response tokens in ``mask`` unless ``num_tokens`` is given. Under data parallelism the global loss
+    needs the global count: pass N_global when the ranks' gradients are summed, N_global / world_size (it may be
+    fractional) when they are averaged (DeepSpeed, DDP). With level ``none`` this is exactly canonical SFT.
+    """
+    logp_target = _target_logp(token_logp, target_mode, logp_target_frozen)
+    log_g = _log_weights(logp_target, logp_behavior, mask, level, gamma, block_size, delta_clip)
+    weights = _clipped_exp(log_g, mask, log_weight_clip)
+    base_loss = -token_logp if per_token_loss is None else per_token_loss
+    divisor = mask.bool().sum() if num_tokens is None else torch.as_tensor(num_tokens, device=base_loss.device)
+    tiny = torch.finfo(weights.dtype).tiny  # a batch without response tokens gives 0 / tiny = 0, not NaN
+    loss = masked_sum(weights * base_loss, mask) / divisor.to(weights.dtype).clamp(min=tiny)
+    return loss, _diagnostics(weights, log_g, logp_target, logp_behavior, mask, log_weight_clip)
+
+
+def _target_logp(token_logp: torch.Tensor, target_mode: str, frozen: torch.Tensor | None) -> torch.Tensor:
+    if target_mode not in TARGET_MODES:
+        raise ValueError(f"target_mode must be one of {TARGET_MODES}, got {target_mode!r}")
+    if target_mode == "online":
+        if frozen is not None:
+            raise ValueError("logp_target_frozen is only read with target_mode='frozen'; the mode is 'online'")
+        return token_logp.detach()
+    if frozen is None:
+        raise ValueError(
+            "target_mode='frozen' needs logp_target_frozen: the student's log-probs before SFT, "
+            "scored once by the reference actor"
+        )
+    return frozen
+
+
+@torch.no_grad()
+def _log_weights(logp_target, logp_behavior, mask, level, gamma, block_size, delta_clip) -> torch.Tensor:
+    """Unclipped log G [B, L] (0 off the response) in float32 or wider."""
+    if level not in PEAR_LEVELS:
+        raise ValueError(f"unknown PEAR level {level!r}; expected one of {PEAR_LEVELS}")
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    if int(block_size) != block_size or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size}")
+    if not logp_target.shape == logp_behavior.shape == mask.shape:
+        raise ValueError(
+            f"shapes differ: logp_target {tuple(logp_target.shape)}, "
+            f"logp_behavior {tuple(logp_behavior.shape)}, mask {tuple(mask.shape)}"
+        )
+    mask = mask.bool()
+    dtype = torch.promote_types(torch.promote_types(logp_target.dtype, logp_behavior.dtype), torch.float32)
+    if level == "none":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    d = (logp_target.to(dtype) - logp_behavior.to(dtype)).clamp(*delta_clip)
+    d = torch.where(mask, d, 0.0)
+    if level == "sequence":
+        log_g = d.sum(1, keepdim=True).expand_as(d)
+    else:
+        log_g = _discounted_sum_after_block(d, mask, 1 if level == "token" else int(block_size), math.log(gamma))
+    return torch.where(mask, log_g, 0.0)
+
+
+def _discounted_sum_after_block(d: torch.Tensor, mask: torch.Tensor, block_size: int, log_gamma: float):
+    """(T - e_k) log(gamma) + sum_{j > e_k} d_j for every position, with k its block (d is 0 off the response).
+
+    Scatter d into per-block sums, take the reversed cumulative sum over the blocks strictly after k, gather it
+    back: positions come from the mask's cumsum, so any padding works, with no loop over rows or tokens.
+    """
+    position = mask.long().cumsum(1)  # t = 1..T on response tokens
+    length = mask.long().sum(1, keepdim=True)  # T
+    block = torch.where(mask, (position + block_size - 1) // block_size, 0)  # k >= 1; slot 0 collects padding
+    block_end = torch.minimum(block * block_size, length)  # e_k
+    n_slots = (d.shape[1] + block_size - 1) // block_size + 1
+    block_sums = d.new_zeros(d.shape[0], n_slots).scatter_add_(1, block, d)
+    sum_from = block_sums.flip(1).cumsum(1).flip(1)  # over blocks >= k
+    sum_after = F.pad(sum_from[:, 1:], (0, 1))  # over blocks > k
+    return (length - block_end).to(d.dtype) * log_gamma + sum_after.gather(1, block)
+
+
+def _clipped_exp(log_g: torch.Tensor, mask: torch.Tensor, log_weight_clip: tuple[float, float]) -> torch.Tensor:
+    return torch.where(mask.bool(), log_g.clamp(*log_weight_clip).exp(), 0.0)
+
+
+@torch.no_grad()
+def _diagnostics(weights, log_g, logp_target, logp_behavior, mask, log_weight_clip) -> PearDiagnostics:
+    mask = mask.bool()
+    weight_sum, weight_sq_sum = weights.sum(), weights.square().sum()  # weights are 0 off the response
+    log_ratio = logp_target.to(weights.dtype) - logp_behavior.to(weights.dtype)
+    num_tokens, weight_sum, ess, at_floor, at_ceiling, mean_log_ratio = torch.stack([  # one device sync
+        mask.sum().to(weights.dtype),
+        weight_sum,
+        weight_sum.square() / weight_sq_sum.clamp(min=torch.finfo(weights.dtype).tiny),
+        masked_mean((log_g <= log_weight_clip[0]).to(weights.dtype), mask),
+        masked_mean((log_g >= log_weight_clip[1]).to(weights.dtype), mask),
+        masked_mean(log_ratio, mask),
+    ]).tolist()
+    return PearDiagnostics(
+        mean_weight=weight_sum / max(num_tokens, 1),
+        ess=ess,
+        ess_fraction=ess / max(num_tokens, 1),
+        frac_at_floor=at_floor,
+        frac_at_ceiling=at_ceiling,
+        mean_log_ratio=mean_log_ratio,
+        num_tokens=int(num_tokens),
+    )
