@@ -1,0 +1,292 @@
+"""The learner on Ray: M DeepSpeed ranks as M actors in one placement group, driven as one object.
+
+`LearnerGroup` places M bundles ({"CPU": num_cpus, "GPU": num_gpus, **resources} each, strategy PACK), starts one
+`LearnerRank` actor per bundle, asks rank 0 for its node IP and a free port (the rendezvous), then builds a
+`DeepSpeedLearner` in every actor at once (they meet in init_distributed). Every call fans out to all ranks, which
+is required: each engine method is collective.
+
+Batches. The driver passes an ObjectRef of a whole Arrow batch; Ray hands the same object to every rank (zero-copy
+from the node's object store; on a cluster each learner node fetches it once), and each rank trains on its
+contiguous shard. Split: with n rows over W ranks, rank r gets rows [r*q + min(r, m), (r+1)*q + min(r+1, m)) where
+q, m = divmod(n, W): the first m ranks take one row more (numpy's array_split). Training needs n >= W (and, for RL,
+n >= W * minibatches); `logprobs` accepts any n. The SFT loss's denominator (the batch's response tokens) is counted
+by each rank from the batch it already holds, so no metadata travels with the ref.
+
+Bulk results stay in the object store: `logprobs` returns an ObjectRef of the concatenated column and `weights_ref`
+the ObjectRef of rank 0's full state dict, for the driver to hand to other actors without fetching them.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from pear_ray.config import LearnerResources, PearConfig, RlConfig, SftConfig
+from pear_ray.data import schema
+
+log = logging.getLogger(__name__)
+
+RL_STEP_FIELDS = ("clip_low", "clip_high", "kl_coef", "loss_aggregation", "tis_cap", "minibatches",
+                  "epochs_per_batch")
+
+
+def shard_bounds(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, end) of rank's contiguous shard: the first num_rows % world_size ranks get one row more."""
+    q, m = divmod(num_rows, world_size)
+    return rank * q + min(rank, m), (rank + 1) * q + min(rank + 1, m)
+
+
+class _LearnerRank:
+    """One rank: holds a DeepSpeedLearner, cuts its shard out of each batch and delegates to the engine."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.engine = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's IP and a port free on it now, for MASTER_ADDR / MASTER_PORT (asked of rank 0)."""
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((ip, 0))
+            return ip, sock.getsockname()[1]
+
+    def start(self, model_dir: str, master_addr: str, master_port: int, **engine_kwargs: Any) -> None:
+        from pear_ray.engines.deepspeed_learner import DeepSpeedLearner  # heavy: import in the actor only
+
+        self.engine = DeepSpeedLearner(model_dir, rank=self.rank, world_size=self.world_size,
+                                       master_addr=master_addr, master_port=master_port, **engine_kwargs)
+
+    def _shard(self, batch: pa.Table | pa.RecordBatch, what: str, min_rows_per_rank: int = 1) -> pa.Table:
+        table = pa.table(batch) if isinstance(batch, pa.RecordBatch) else batch
+        if table.num_rows < self.world_size * min_rows_per_rank:
+            need = f"{self.world_size} ranks" + (f" x {min_rows_per_rank} minibatches" if min_rows_per_rank > 1
+                                                 else "")
+            raise ValueError(f"{what}: a batch of {table.num_rows} rows cannot be split over {need}; every rank "
+                             f"needs at least {min_rows_per_rank} row(s), so give at least "
+                             f"{self.world_size * min_rows_per_rank} rows")
+        start, end = shard_bounds(table.num_rows, self.world_size, self.rank)
+        return table.slice(start, end - start)
+
+    def sft_step(self, batch: pa.Table, pear: dict) -> dict:
+        shard = self._shard(batch, "sft_step")
+        return self.engine.sft_step(shard, schema.response_token_count(batch), **pear)
+
+    def rl_step(self, batch: pa.Table, rl: dict) -> dict:
+        return self.engine.rl_step(self._shard(batch, "rl_step", rl.get("minibatches", 1)), **rl)
+
+    def logprobs(self, batch: pa.Table) -> pa.ListArray:
+        table = pa.table(batch) if isinstance(batch, pa.RecordBatch) else batch
+        start, end = shard_bounds(table.num_rows, self.world_size, self.rank)
+        return self.engine.logprobs(table.slice(start, end - start))
+
+    def concat(self, *arrays: pa.Array) -> pa.Array:
+        return pa.concat_arrays(list(arrays))
+
+    def state_dict_for_rollout(self):
+        return self.engine.state_dict_for_rollout()
+
+    def parameter_checksum(self) -> float:
+        return self.engine.parameter_checksum()
+
+    def export_hf(self, out_dir: str) -> str | None:
+        return self.engine.export_hf(out_dir)
+
+    def save_checkpoint(self, ckpt_dir: str, client_state: dict | None, tag: str | None) -> str:
+        return self.engine.save_checkpoint(ckpt_dir, client_state, tag)
+
+    def load_checkpoint(self, ckpt_dir: str, tag: str | None) -> dict:
+        return self.engine.load_checkpoint(ckpt_dir, tag)
+
+    def get_step(self) -> int:
+        return self.engine.step
+
+    def current_lr(self) -> float:
+        return self.engine.current_lr()
+
+
+LearnerRank = ray.remote(_LearnerRank)
+
+
+def _as_ref(batch: ray.ObjectRef | pa.Table | pa.RecordBatch) -> ray.ObjectRef:
+    """The driver should pass refs; a table is put once here (a convenience for tests and small scripts)."""
+    return batch if isinstance(batch, ray.ObjectRef) else ray.put(batch)
+
+
+def _get_all(refs: list[ray.ObjectRef]) -> list:
+    """ray.get that raises the first rank failure as soon as it happens (the others may then wait forever in a
+    collective: call LearnerGroup.shutdown)."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done)
+        except Exception:
+            # Collect the other ranks' results that are already there (often the same error), so Ray does not
+            # log them as unhandled; ranks stuck in a collective are left for shutdown().
+            finished, _ = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            for ref in finished:
+                try:
+                    ray.get(ref)
+                except Exception:
+                    pass
+            raise
+    return ray.get(refs)
+
+
+class LearnerGroup:
+    """M learner ranks in one placement group, used like one learner.
+
+    Optimizer settings are the group's (one AdamW and one LR schedule per group: SFT and RL build their own
+    groups, see `for_sft` / `for_rl`). `pear` / `rl` are the defaults of sft_step / rl_step.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        resources: LearnerResources | None = None,
+        *,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        grad_clip: float = 1.0,
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        lr_schedule: str = "constant",
+        seed: int = 0,
+        bf16: bool = False,
+        pear: PearConfig | None = None,
+        rl: RlConfig | None = None,
+        ready_timeout_s: float = 600.0,
+    ):
+        self.resources = resources or LearnerResources()
+        self.world_size = self.resources.num_ranks
+        self.pear = pear or PearConfig()
+        self.rl = rl or RlConfig()
+        self.actors: list = []
+        bundle = {"CPU": self.resources.num_cpus, "GPU": self.resources.num_gpus, **self.resources.resources}
+        bundle = {key: value for key, value in bundle.items() if value > 0}
+        self.placement_group = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
+        try:
+            ready, _ = ray.wait([self.placement_group.ready()], timeout=ready_timeout_s)
+            if not ready:
+                raise TimeoutError(f"the learner's {self.world_size} bundles of {bundle} were not placed within "
+                                   f"{ready_timeout_s:.0f} s: the cluster lacks those resources")
+            self.actors = [
+                LearnerRank.options(
+                    num_cpus=self.resources.num_cpus,
+                    num_gpus=self.resources.num_gpus,
+                    resources=dict(self.resources.resources),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=self.placement_group, placement_group_bundle_index=rank),
+                ).remote(rank, self.world_size)
+                for rank in range(self.world_size)
+            ]
+            master_addr, master_port = ray.get(self.actors[0].rendezvous.remote())
+            engine_kwargs = dict(
+                zero_stage=self.resources.zero_stage, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
+                warmup_steps=warmup_steps, total_steps=total_steps, lr_schedule=lr_schedule, seed=seed, bf16=bf16,
+                local_rank=0,  # a GPU rank sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES per actor)
+                num_threads=max(1, int(self.resources.num_cpus)),
+            )
+            _get_all([actor.start.remote(str(model_dir), master_addr, master_port, **engine_kwargs)
+                      for actor in self.actors])
+        except BaseException:
+            self.shutdown()
+            raise
+        log.info("learner group up: %d rank(s), ZeRO-%d, rendezvous %s:%d", self.world_size,
+                 self.resources.zero_stage, master_addr, master_port)
+
+    @classmethod
+    def for_sft(cls, model_dir: str | Path, resources: LearnerResources, sft: SftConfig, *, total_steps: int,
+                seed: int = 0, **kwargs: Any) -> LearnerGroup:
+        return cls(model_dir, resources, lr=sft.lr, weight_decay=sft.weight_decay, grad_clip=sft.grad_clip,
+                   warmup_steps=sft.warmup_steps, total_steps=total_steps, lr_schedule=sft.lr_schedule, seed=seed,
+                   pear=sft.pear, **kwargs)
+
+    @classmethod
+    def for_rl(cls, model_dir: str | Path, resources: LearnerResources, rl: RlConfig, *, seed: int = 0,
+               **kwargs: Any) -> LearnerGroup:
+        return cls(model_dir, resources, lr=rl.lr, grad_clip=rl.grad_clip, lr_schedule="constant", seed=seed,
+                   rl=rl, **kwargs)
+
+    def _live_actors(self) -> list:
+        if not self.actors:
+            raise RuntimeError("the learner group is shut down")
+        return self.actors
+
+    def _all(self, method: str, *args: Any, **kwargs: Any) -> list:
+        return _get_all([getattr(actor, method).remote(*args, **kwargs) for actor in self._live_actors()])
+
+    # ------------------------------------------------------------------ training
+
+    def sft_step(self, batch_ref: ray.ObjectRef, pear: PearConfig | dict | None = None) -> dict:
+        """One PEAR-SFT update on the whole batch; returns the global-batch loss, grad norm, lr, diagnostics."""
+        pear = pear if pear is not None else self.pear
+        pear = pear.model_dump() if isinstance(pear, PearConfig) else dict(pear)
+        return self._all("sft_step", _as_ref(batch_ref), pear)[0]
+
+    def rl_step(self, batch_ref: ray.ObjectRef, rl: RlConfig | dict | None = None) -> dict:
+        """GRPO updates on the batch (epochs_per_batch x minibatches); returns the averaged stats."""
+        rl = rl if rl is not None else self.rl
+        rl = rl.model_dump() if isinstance(rl, RlConfig) else dict(rl)
+        return self._all("rl_step", _as_ref(batch_ref), {k: rl[k] for k in RL_STEP_FIELDS if k in rl})[0]
+
+    def logprobs(self, batch_ref: ray.ObjectRef) -> ray.ObjectRef:
+        """ObjectRef of the batch's per-response-token log-probs (list<float32>, one per row, in row order).
+
+        Each rank scores its shard; rank 0 concatenates the pieces, so nothing passes through the driver.
+        """
+        batch_ref = _as_ref(batch_ref)
+        actors = self._live_actors()
+        parts = [actor.logprobs.remote(batch_ref) for actor in actors]
+        merged = actors[0].concat.remote(*parts)
+        ray.wait([merged], fetch_local=False)
+        return merged
+
+    # ------------------------------------------------------------------ weights, checkpoints
+
+    def weights_ref(self) -> ray.ObjectRef:
+        """ObjectRef of the full weights {HF name: CPU tensor} from rank 0, for rollout actors' reload_weights.
+        Returns once they are ready; the driver need not fetch them."""
+        refs = [actor.state_dict_for_rollout.remote() for actor in self._live_actors()]
+        ray.get(refs[1:])  # None from ranks > 0; raises if one failed
+        ray.wait(refs[:1], fetch_local=False)
+        return refs[0]
+
+    def export_hf(self, out_dir: str | Path) -> str:
+        """Write a Hugging Face model folder (weights, config, tokenizer) and return its path."""
+        return self._all("export_hf", str(out_dir))[0]
+
+    def save_checkpoint(self, ckpt_dir: str | Path, client_state: dict | None = None, tag: str | None = None) -> str:
+        """Checkpoint all ranks (model, optimizer, scheduler, step, RNG) plus client_state; returns the tag."""
+        return self._all("save_checkpoint", str(ckpt_dir), client_state, tag)[0]
+
+    def load_checkpoint(self, ckpt_dir: str | Path, tag: str | None = None) -> dict:
+        """Restore the latest (or the tagged) checkpoint on all ranks; returns the saved client_state."""
+        return self._all("load_checkpoint", str(ckpt_dir), tag)[0]
+
+    def parameter_checksums(self) -> list[float]:
+        """Each rank's fingerprint of the full parameters (equal across ranks when they agree)."""
+        return self._all("parameter_checksum")
+
+    @property
+    def step(self) -> int:
+        return self._all("get_step")[0]
+
+    def current_lr(self) -> float:
+        return self._all("current_lr")[0]
+
+    def shutdown(self) -> None:
+        """Kill the ranks and free the placement group. Safe to call twice."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if getattr(self, "placement_group", None) is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None

@@ -1,0 +1,42 @@
+"""Teacher-forced log-probs with a plain transformers forward: the learner's numerics, shared by the
+reference actor and the learner so their log-probs of the same ids can be compared exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from pear_ray.data import schema
+from pear_ray.data.tensors import from_tensor, to_tensors
+from pear_ray.objectives import token_logprobs
+
+
+def forward_token_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, L] log-prob of each token given the tokens before it (0 at position 0, which nothing predicts)."""
+    input_ids = tensors["input_ids"]
+    logits = model(input_ids=input_ids, attention_mask=tensors["attention_mask"], use_cache=False).logits
+    return F.pad(token_logprobs(logits[:, :-1], input_ids[:, 1:]), (1, 0))
+
+
+class HfScorer:
+    """A frozen model that scores (prompt, response) ids teacher-forced, in row chunks to bound memory."""
+
+    def __init__(self, model_dir: str | Path, *, dtype: torch.dtype = torch.float32, rows_per_forward: int = 32):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).eval()
+        self.pad_id = AutoTokenizer.from_pretrained(self.model_dir).pad_token_id or 0
+        self.rows_per_forward = rows_per_forward
+
+    @torch.no_grad()
+    def logprobs(self, table: pa.Table) -> pa.ChunkedArray:
+        """One list<float32> per row: the log-prob of each response token."""
+        chunks = []
+        for start in range(0, table.num_rows, self.rows_per_forward):
+            tensors = to_tensors(table.slice(start, self.rows_per_forward), self.pad_id)
+            chunks.append(from_tensor(forward_token_logprobs(self.model, tensors), tensors["response_mask"]))
+        return pa.chunked_array(chunks, type=schema.LOGPROBS_TYPE)

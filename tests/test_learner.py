@@ -1,0 +1,253 @@
+"""The DeepSpeed learner on Ray: data-parallel equivalence, log-probs, checkpoints, export, RL steps.
+
+Real Ray (an embedded loopback instance started here), real DeepSpeed on CPU (gloo), the tiny Qwen2 model. Groups
+are started lazily, once per module, and each training group takes the same first SFT step and RL step on the same
+global batches when it starts, so the 1-rank vs 2-rank comparisons hold whatever tests are selected, in any order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+import torch
+
+from pear_ray.actors.learner import LearnerGroup, shard_bounds
+from pear_ray.config import LearnerResources, PearConfig, RlConfig
+from pear_ray.data import schema
+from pear_ray.objectives import pear_loss
+
+OPTIMIZER = dict(lr=1e-3, weight_decay=0.0, grad_clip=1.0, lr_schedule="cosine", total_steps=20, seed=0)
+PEAR = PearConfig(level="token", gamma=0.99)
+
+
+def make_batch(num_rows: int, seed: int, *, advantage: float | None = None) -> pa.Table:
+    """Rows of different prompt and response lengths; behaviour log-probs around the tiny model's own (~ -6) so
+    that PEAR's clipped log-ratios take both signs and the token weights are far from 1."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(num_rows):
+        prompt = rng.integers(3, 380, int(rng.integers(2, 7))).tolist()
+        response = rng.integers(3, 380, 2 + (5 * i + 3) % 11).tolist()
+        n = len(response)
+        rows.append({
+            schema.PROMPT_IDS: prompt,
+            schema.RESPONSE_IDS: response,
+            schema.BEHAVIOR_LOGPROBS: rng.uniform(-7.5, -4.5, n).tolist(),
+            schema.ROLLOUT_LOGPROBS: rng.uniform(-6.5, -5.5, n).tolist(),
+            schema.REF_LOGPROBS: rng.uniform(-6.5, -5.5, n).tolist(),
+            schema.ADVANTAGE: float(rng.normal()) if advantage is None else advantage,
+        })
+    return schema.validate(pa.Table.from_pylist(rows), vocab_size=384)
+
+
+FIRST_BATCH = make_batch(7, seed=1)  # 7 rows: uneven over 2 ranks (4 + 3)
+FIRST_RL_BATCH = make_batch(7, seed=11)
+# One minibatch (several would hold different rows at 1 and 2 ranks), two epochs, KL and TIS on.
+FIRST_RL = RlConfig(kl_coef=0.1, tis_cap=1.5, loss_aggregation="sequence-mean", epochs_per_batch=2)
+
+
+@dataclass
+class Learner:
+    group: LearnerGroup
+    first_step: dict | None  # the stats of the first SFT step on FIRST_BATCH
+    weights_after_first_step: dict | None
+    first_rl: dict | None  # then the stats of the first rl_step on FIRST_RL_BATCH
+    weights_after_first_rl: dict | None
+
+
+@pytest.fixture(scope="module")
+def learners(ray_cluster, tiny_model_dir):
+    """learners(ranks, zero_stage, first_step=True) -> Learner, started once per module."""
+    started: dict[tuple, Learner] = {}
+
+    def get(ranks: int, zero_stage: int, first_step: bool = True) -> Learner:
+        key = (ranks, zero_stage, first_step)
+        if key not in started:
+            # 0.25 CPU a rank: all 7 ranks fit beside the other modules' actors in the session's Ray
+            resources = LearnerResources(num_ranks=ranks, zero_stage=zero_stage, num_cpus=0.25)
+            group = LearnerGroup(tiny_model_dir, resources, pear=PEAR, **OPTIMIZER)
+            first = [None] * 4
+            if first_step:
+                first[0] = group.sft_step(ray.put(FIRST_BATCH))
+                first[1] = ray.get(group.weights_ref())
+                first[2] = group.rl_step(ray.put(FIRST_RL_BATCH), FIRST_RL)
+                first[3] = ray.get(group.weights_ref())
+            started[key] = Learner(group, *first)
+        return started[key]
+
+    yield get
+    for learner in started.values():
+        learner.group.shutdown()
+
+
+def hf_model(model_dir, weights: dict | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model.eval()
+
+
+def reference_token_logprobs(model, table: pa.Table) -> list[list[float]]:
+    """Plain transformers, one unpadded row at a time: log_softmax(logits) gathered at the next token."""
+    out = []
+    with torch.no_grad():
+        for prompt, response in zip(table.column(schema.PROMPT_IDS).to_pylist(),
+                                    table.column(schema.RESPONSE_IDS).to_pylist()):
+            ids = torch.tensor([prompt + response])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            picked = logp.gather(-1, ids[0, 1:, None])[:, 0]
+            out.append(picked[len(prompt) - 1:].tolist())
+    return out
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_shard_bounds_cover_rows_in_order():
+    assert [shard_bounds(7, 2, r) for r in range(2)] == [(0, 4), (4, 7)]
+    assert [shard_bounds(5, 3, r) for r in range(3)] == [(0, 2), (2, 4), (4, 5)]
+    assert [shard_bounds(1, 2, r) for r in range(2)] == [(0, 1), (1, 1)]
+
+
+def test_first_sft_step_loss_is_the_global_pear_loss(learners, tiny_model_dir):
+    """World size 1: the reported loss is PEAR's loss over the whole batch, computed by plain torch."""
+    one = learners(1, 0)
+    model = hf_model(tiny_model_dir)
+    logp = reference_token_logprobs(model, FIRST_BATCH)
+    flat = torch.tensor([v for row in logp for v in row])
+    behavior = torch.tensor(FIRST_BATCH.column(schema.BEHAVIOR_LOGPROBS).combine_chunks().flatten().to_numpy())
+    # pear_loss only sees [B, L] grids of response tokens under a mask: one row per sample, left-aligned.
+    lengths = [len(row) for row in logp]
+
+    def grid(values):
+        return torch.nn.utils.rnn.pad_sequence(list(torch.split(values, lengths)), batch_first=True)
+
+    mask = grid(torch.ones(len(flat))).bool()
+    expected, diag = pear_loss(grid(flat), grid(behavior), mask, level=PEAR.level, gamma=PEAR.gamma)
+    assert one.first_step["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert one.first_step["num_tokens"] == diag.num_tokens == len(flat)
+    assert one.first_step["mean_weight"] == pytest.approx(diag.mean_weight, rel=1e-5)
+    assert abs(diag.mean_weight - 1) > 0.05, "the test batch should give PEAR weights far from 1"
+
+
+def test_frozen_target_reads_ref_logprobs(learners):
+    """target_mode frozen: the PEAR log-ratio is ref - behaviour, whatever the current weights say."""
+    batch = make_batch(4, seed=9)
+    stats = learners(1, 0).group.sft_step(ray.put(batch), PEAR.model_copy(update={"target_mode": "frozen"}))
+    flat = lambda name: batch.column(name).combine_chunks().flatten().to_numpy()  # noqa: E731
+    expected = float(np.mean(flat(schema.REF_LOGPROBS).astype(np.float64) - flat(schema.BEHAVIOR_LOGPROBS)))
+    assert stats["mean_log_ratio"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_sft_step_on_two_ranks_matches_one_rank(learners, tiny_model_dir, zero_stage):
+    one, two = learners(1, 0), learners(2, zero_stage)
+    for key in ("loss", "grad_norm", "mean_weight", "ess", "frac_at_floor", "mean_log_ratio", "lr"):
+        assert two.first_step[key] == pytest.approx(one.first_step[key], rel=1e-5, abs=1e-7), key
+    assert two.first_step["num_tokens"] == one.first_step["num_tokens"]
+    initial = hf_model(tiny_model_dir).state_dict()
+    assert max_abs_diff(one.weights_after_first_step, initial) > 1e-4  # the step moved the weights
+    assert max_abs_diff(two.weights_after_first_step, one.weights_after_first_step) < 1e-5
+    checksums = two.group.parameter_checksums()
+    assert checksums[0] == checksums[1]  # both ranks hold the same parameters
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_rl_step_on_two_ranks_matches_one_rank(learners, zero_stage):
+    one, two = learners(1, 0), learners(2, zero_stage)
+    assert one.first_rl["updates"] == two.first_rl["updates"] == 2
+    for key, value in one.first_rl.items():
+        assert two.first_rl[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert max_abs_diff(one.weights_after_first_rl, one.weights_after_first_step) > 1e-4
+    assert max_abs_diff(two.weights_after_first_rl, one.weights_after_first_rl) < 2e-5
+
+
+def test_logprobs_match_plain_transformers(learners, tiny_model_dir):
+    """ZeRO-3 on 2 ranks, after a step; an uneven 5-row batch and a 1-row batch (rank 1 gets no rows)."""
+    learner = learners(2, 3)
+    weights = ray.get(learner.group.weights_ref())
+    model = hf_model(tiny_model_dir)
+    assert set(weights) == set(model.state_dict())  # HF names: what vLLM's load_weights expects
+    model.load_state_dict(weights)
+    for batch in (make_batch(5, seed=2), make_batch(1, seed=3)):
+        ref = learner.group.logprobs(ray.put(batch))
+        assert isinstance(ref, ray.ObjectRef)
+        got = ray.get(ref).to_pylist()
+        expected = reference_token_logprobs(model, batch)
+        assert [len(row) for row in got] == [len(row) for row in expected]
+        assert np.allclose(np.concatenate(got), np.concatenate(expected), atol=1e-5, rtol=0)
+
+
+def test_checkpoint_resume_is_exact(learners, tmp_path):
+    learner = learners(2, 2)
+    group = learner.group
+    sft_batch, rl_batch = make_batch(6, seed=4), make_batch(4, seed=5)
+    rl = RlConfig(kl_coef=0.05, tis_cap=2.0, minibatches=2)
+    step_before = group.step
+    tag = group.save_checkpoint(tmp_path / "ckpt", {"data_position": 7})
+
+    def continue_training():
+        sft = group.sft_step(ray.put(sft_batch))
+        rl_stats = group.rl_step(ray.put(rl_batch), rl)
+        return sft, rl_stats, ray.get(group.weights_ref())
+
+    first = continue_training()
+    assert group.step == step_before + 3
+    client_state = group.load_checkpoint(tmp_path / "ckpt")
+    assert client_state == {"data_position": 7}
+    assert group.step == step_before
+    second = continue_training()
+    assert second[0] == first[0]  # same loss, grad norm, lr (the cosine schedule was restored too)
+    assert second[1] == first[1]
+    assert max_abs_diff(second[2], first[2]) == 0.0
+    assert group.load_checkpoint(tmp_path / "ckpt", tag) == {"data_position": 7}
+
+
+@pytest.mark.parametrize("ranks, zero_stage", [(1, 0), (2, 3)])
+def test_export_hf_loads_with_identical_weights(learners, tiny_model_dir, tmp_path, ranks, zero_stage):
+    from transformers import AutoTokenizer
+
+    group = learners(ranks, zero_stage).group
+    out = group.export_hf(tmp_path / "export")
+    weights = ray.get(group.weights_ref())
+    exported = hf_model(out).state_dict()
+    assert max_abs_diff(exported, weights) == 0.0
+    text = "What is 12 + 7? The answer is 19."
+    assert AutoTokenizer.from_pretrained(out).encode(text) == AutoTokenizer.from_pretrained(tiny_model_dir).encode(text)
+
+
+def test_rl_step_moves_weights_only_with_signal(learners):
+    """ZeRO-1 on 2 ranks, fresh optimizer: zero advantages and no KL leave the weights exactly as they are."""
+    group = learners(2, 1, first_step=False).group
+    rl = RlConfig(kl_coef=0.0, tis_cap=2.0, minibatches=2, epochs_per_batch=1)
+    before = ray.get(group.weights_ref())
+    stats = group.rl_step(ray.put(make_batch(6, seed=6, advantage=0.0)), rl)
+    assert max_abs_diff(ray.get(group.weights_ref()), before) == 0.0
+    assert stats["updates"] == 2 and stats["loss"] == 0.0
+    with_signal = rl.model_copy(update={"kl_coef": 0.1, "loss_aggregation": "sequence-mean"})
+    stats = group.rl_step(ray.put(make_batch(6, seed=7)), with_signal)
+    assert max_abs_diff(ray.get(group.weights_ref()), before) > 1e-4
+    assert stats["mean_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert stats["kl_ref"] > 0 and np.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
+
+
+def test_batch_smaller_than_the_group_is_refused(learners):
+    group = learners(2, 2).group
+    with pytest.raises(ValueError, match="cannot be split over 2 ranks"):
+        group.sft_step(ray.put(make_batch(1, seed=8)))
+    with pytest.raises(ValueError, match="minibatches"):
+        group.rl_step(ray.put(make_batch(3, seed=8)), RlConfig(minibatches=2))
+
+
+def test_engine_accepts_exactly_the_pear_config_fields():
+    from pear_ray.engines.deepspeed_learner import PEAR_FIELDS
+
+    assert set(PEAR_FIELDS) == set(PearConfig.model_fields)
