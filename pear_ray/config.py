@@ -33,7 +33,7 @@ class ModelSource(Section):
     tiny: TinyModelSpec | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "ModelSource":
+    def _exactly_one(self) -> ModelSource:
         if (self.path is None) == (self.tiny is None):
             raise ValueError("give exactly one of 'path' (a model folder) or 'tiny' (a spec to build)")
         return self
@@ -60,6 +60,7 @@ class TaskConfig(Section):
     kind: Literal["reasoning_gym", "user"] = "reasoning_gym"
     name: str = "basic_arithmetic"
     args: dict[str, Any] = Field(default_factory=dict)
+    path: str | None = Field(None, description="kind user: the prompt + answer file (Parquet or JSONL)")
     verifier: Literal["task", "exact", "math"] = "task"
     num_train: int = Field(256, gt=0)
     num_eval: int = Field(64, gt=0)
@@ -116,7 +117,7 @@ class RlConfig(Section):
     clip_high: float = Field(0.28, ge=0)
     kl_coef: float = Field(0.0, ge=0)
     normalize_std: bool = True
-    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    loss_aggregation: Literal["token-mean", "sequence-mean"] = "token-mean"
     drop_constant_groups: bool = True
     tis_cap: float | None = Field(2.0, gt=0, description="truncated importance correction cap; null disables")
     minibatches: int = Field(1, ge=1)
@@ -132,7 +133,7 @@ class EvalConfig(Section):
     temperature: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
-    def _k_within_n(self) -> "EvalConfig":
+    def _k_within_n(self) -> EvalConfig:
         too_big = [k for k in self.k if k > self.n or k < 1]
         if too_big:
             raise ValueError(f"every k must be in 1..n={self.n}; got {too_big}")

@@ -114,3 +114,11 @@ def test_from_tensor_keeps_rows_with_no_response_positions():
     mask = torch.tensor([[False, True], [False, False]])
     values = torch.tensor([[0.0, -1.0], [0.0, 0.0]])
     assert from_tensor(values, mask).to_pylist() == [[-1.0], []]
+
+
+def test_jsonl_answers_mixing_numbers_and_text_read_as_text(tmp_path):
+    path = tmp_path / "user.jsonl"
+    path.write_text('{"id": 1, "prompt": "2+2?", "answer": 4}\n{"id": 2, "prompt": "Capital of France?", "answer": "Paris"}\n')
+    table = read_table(path)
+    assert table.column("answer").to_pylist() == ["4", "Paris"]
+    assert table.column("id").to_pylist() == ["1", "2"]

@@ -48,13 +48,21 @@ def _read_jsonl(path: Path) -> pa.Table:
                 raise DataError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append(_text_columns_as_str(row))
     if not rows:
         raise DataError(f"{path}: no rows")
     try:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
         raise DataError(f"{path}: rows disagree on a column's type ({error})") from None
+
+
+def _text_columns_as_str(row: dict) -> dict:
+    """JSON answers are often numbers on some lines and strings on others; text columns are text."""
+    for name in (schema.ID, schema.PROMPT, schema.RESPONSE, schema.ANSWER):
+        if row.get(name) is not None and not isinstance(row[name], str):
+            row[name] = json.dumps(row[name]) if isinstance(row[name], (dict, list)) else str(row[name])
+    return row
 
 
 def write_table(table: pa.Table, path: str | Path) -> None:
@@ -98,8 +106,8 @@ def tokenize(table: pa.Table, tokenizer, *, max_prompt_tokens: int, max_response
         long_rows = sum(len(ids) > limit for ids in rows)
         if long_rows:
             log.warning("truncating %d of %d rows of %s to %d tokens", long_rows, len(rows), name, limit)
-            keep = (lambda ids: ids[-limit:]) if name == schema.PROMPT_IDS else (lambda ids: ids[:limit])
-            table = schema.append_column(table, name, [keep(ids) for ids in rows])
+            kept = [ids[-limit:] if name == schema.PROMPT_IDS else ids[:limit] for ids in rows]
+            table = schema.append_column(table, name, kept)
             if name == schema.RESPONSE_IDS:
                 table = _truncate_per_token(table, limit)
     return table

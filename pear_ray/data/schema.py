@@ -33,13 +33,14 @@ TOKEN_COLUMNS = (PROMPT_IDS, RESPONSE_IDS)
 PER_TOKEN_COLUMNS = (BEHAVIOR_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS)
 SCALAR_FLOAT_COLUMNS = (REWARD, ADVANTAGE)
 
+LOGPROBS_TYPE = pa.list_(pa.float32())
 COLUMN_TYPES: dict[str, pa.DataType] = {
     ID: pa.string(),
     PROMPT: pa.string(),
     RESPONSE: pa.string(),
     PROMPT_IDS: pa.list_(pa.int32()),
     RESPONSE_IDS: pa.list_(pa.int32()),
-    **{name: pa.list_(pa.float32()) for name in PER_TOKEN_COLUMNS},
+    **{name: LOGPROBS_TYPE for name in PER_TOKEN_COLUMNS},
     REWARD: pa.float32(),
     ADVANTAGE: pa.float32(),
     GROUP_ID: pa.int64(),
@@ -147,9 +148,16 @@ def _first(mask: pa.Array) -> int:
     return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
 
 
-def append_column(table: pa.Table, name: str, values: pa.Array | list) -> pa.Table:
-    """Add (or replace) a schema column, typed as the schema says."""
-    array = pa.array(values, type=COLUMN_TYPES[name]) if not isinstance(values, pa.Array) else values
+def append_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray | list,
+                  type: pa.DataType | None = None) -> pa.Table:
+    """Add (or replace) a column, typed as the schema says (or as `type` says, for a column of the caller's)."""
+    wanted = type or COLUMN_TYPES[name]
+    array = values.cast(wanted) if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=wanted)
     if name in table.column_names:
-        return table.set_column(table.column_names.index(name), pa.field(name, COLUMN_TYPES[name]), array)
-    return table.append_column(pa.field(name, COLUMN_TYPES[name]), array)
+        return table.set_column(table.column_names.index(name), pa.field(name, wanted), array)
+    return table.append_column(pa.field(name, wanted), array)
+
+
+def response_token_count(table: pa.Table) -> int:
+    """Number of response tokens in a batch: PEAR's and GRPO's token-mean divisor."""
+    return int(pc.sum(pc.list_value_length(table.column(RESPONSE_IDS))).as_py() or 0)

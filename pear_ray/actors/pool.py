@@ -1,0 +1,138 @@
+"""A pool of rollout/scoring actors: balances batches across actors, bounds the work in flight, and survives an
+actor dying by replacing it and re-running its unfinished batches, so every batch comes back exactly once.
+
+The pool moves ObjectRefs only. Each call returns (batch_ref, stats_ref); the pool waits on the small stats
+object, which is also where an actor's death surfaces, and hands the caller the batch ref untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    actor: Any
+    in_flight: int = 0
+    restarts: int = 0
+
+
+@dataclass
+class _Work:
+    index: int
+    item: Any  # an ObjectRef (or small value) passed as the method's first argument
+    attempts: int = 0
+
+
+@dataclass
+class PoolStats:
+    submitted: int = 0
+    completed: int = 0
+    resubmitted: int = 0
+    actors_replaced: int = 0
+    per_actor_completed: dict[int, int] = field(default_factory=dict)
+
+
+def batch_stats(rows: int, tokens: int, started: float, **extra: Any) -> dict[str, Any]:
+    """The small object a pooled method returns beside its batch: what the driver logs and waits on."""
+    return {"rows": rows, "tokens": tokens, "seconds": time.perf_counter() - started, **extra}
+
+
+class ActorPool:
+    """`map` a method over items on N actors, yielding `(index, batch_ref, stats)` as each item finishes.
+
+    `make_actor(slot)` creates (or re-creates) the actor of a slot. At most `max_in_flight` items are queued
+    per actor; items are pulled from the iterable only as capacity frees up (back-pressure), so a large
+    dataset is never all in the object store at once.
+    """
+
+    def __init__(self, make_actor: Callable[[int], Any], size: int, *, max_in_flight: int = 2, max_attempts: int = 3):
+        if size < 1:
+            raise ValueError(f"a pool needs at least one actor, got size={size}")
+        self.make_actor = make_actor
+        self.slots = {slot: _Slot(make_actor(slot)) for slot in range(size)}
+        self.max_in_flight = max_in_flight
+        self.max_attempts = max_attempts
+        self.stats = PoolStats()
+
+    @property
+    def actors(self) -> list[Any]:
+        return [slot.actor for slot in self.slots.values()]
+
+    def map(self, method: str, items: Iterable[Any], **kwargs: Any) -> Iterator[tuple[int, ray.ObjectRef, dict]]:
+        source = enumerate(items)
+        retry: deque[_Work] = deque()
+        pending: dict[ray.ObjectRef, tuple[int, _Work, ray.ObjectRef]] = {}  # stats ref -> (slot, work, batch ref)
+        exhausted = False
+        while True:
+            while self._has_capacity() and (retry or not exhausted):
+                work = retry.popleft() if retry else self._next(source)
+                if work is None:
+                    exhausted = True
+                    break
+                slot_id = self._least_loaded()
+                batch_ref, stats_ref = getattr(self.slots[slot_id].actor, method).remote(work.item, **kwargs)
+                work.attempts += 1
+                self.slots[slot_id].in_flight += 1
+                self.stats.submitted += 1
+                pending[stats_ref] = (slot_id, work, batch_ref)
+            if not pending:
+                return
+            [ready], _ = ray.wait(list(pending), num_returns=1)
+            slot_id, work, batch_ref = pending.pop(ready)
+            self.slots[slot_id].in_flight -= 1
+            try:
+                stats = ray.get(ready)
+            except RayActorError as error:  # died or unreachable: its node left, or it was killed
+                retry.extend(self._replace(slot_id, work, pending, error))
+                continue
+            self.stats.completed += 1
+            self.stats.per_actor_completed[slot_id] = self.stats.per_actor_completed.get(slot_id, 0) + 1
+            yield work.index, batch_ref, stats
+
+    def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Run a method on every actor (e.g. a weight update) and wait for all of them."""
+        return ray.get([getattr(actor, method).remote(*args, **kwargs) for actor in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.slots.clear()
+
+    def _next(self, source) -> _Work | None:
+        try:
+            index, item = next(source)
+        except StopIteration:
+            return None
+        return _Work(index, item)
+
+    def _has_capacity(self) -> bool:
+        return any(slot.in_flight < self.max_in_flight for slot in self.slots.values())
+
+    def _least_loaded(self) -> int:
+        return min(self.slots, key=lambda slot_id: self.slots[slot_id].in_flight)
+
+    def _replace(self, slot_id: int, failed: _Work, pending: dict, error: Exception) -> list[_Work]:
+        """Start a new actor in a dead actor's slot; return its unfinished work (the failed item first)."""
+        same_actor = [ref for ref, (sid, _, _) in pending.items() if sid == slot_id]
+        lost = [failed] + [pending.pop(ref)[1] for ref in same_actor]
+        for work in lost:
+            if work.attempts >= self.max_attempts:
+                raise RuntimeError(f"item {work.index} failed on {work.attempts} actors; last error: {error}") from error
+        slot = self.slots[slot_id]
+        log.warning("rollout actor %d lost (%s); replacing it and re-running %d batches",
+                    slot_id, type(error).__name__, len(lost))
+        slot.actor, slot.in_flight, slot.restarts = self.make_actor(slot_id), 0, slot.restarts + 1
+        self.stats.actors_replaced += 1
+        self.stats.resubmitted += len(lost)
+        return lost

@@ -1,0 +1,29 @@
+"""The reference actor: a frozen model that adds a log-prob column to a batch (the RL KL reference, PEAR's
+frozen target, or the behaviour scorer when the data has none), with the learner's numerics."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+
+from pear_ray.actors.pool import batch_stats
+from pear_ray.data import schema
+from pear_ray.engines.hf_scorer import HfScorer
+
+
+class ReferenceWorker:
+    """Same `score` interface as the rollout service, so either can serve a scoring pool."""
+
+    def __init__(self, model_dir: str | Path, *, rows_per_forward: int = 32):
+        self.scorer = HfScorer(model_dir, rows_per_forward=rows_per_forward)
+        self.vocab_size = self.scorer.model.config.vocab_size
+
+    @ray.method(num_returns=2)
+    def score(self, table: pa.Table, column: str = schema.REF_LOGPROBS):
+        started = time.perf_counter()
+        table = schema.validate(table, vocab_size=self.vocab_size)
+        out = schema.append_column(table, column, self.scorer.logprobs(table), schema.LOGPROBS_TYPE)
+        return out, batch_stats(out.num_rows, schema.response_token_count(out), started)

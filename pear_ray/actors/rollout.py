@@ -1,0 +1,77 @@
+"""The rollout/scoring service: one vLLM engine per actor, Arrow batches in, Arrow batches out.
+
+Methods that return a batch return two objects, the batch and a small stats dict, so the driver can wait on
+(and learn of failures from) the stats without pulling the batch through itself.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pear_ray.actors.pool import batch_stats
+from pear_ray.data import schema
+
+GENERATED = (schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS, schema.FINISH_REASON, schema.POLICY_VERSION)
+
+
+class RolloutWorker:
+    """Generates responses with their sampled-token log-probs, scores given responses teacher-forced, and takes
+    new weights from the learner in place; every sample records the policy version that produced it."""
+
+    def __init__(self, model_dir: str | Path, *, seed: int = 0, engine_kwargs: dict[str, Any] | None = None):
+        from pear_ray.engines.vllm_engine import VllmEngine
+
+        self.engine = VllmEngine(model_dir, seed=seed, **(engine_kwargs or {}))
+        self.policy_version = 0
+
+    @ray.method(num_returns=2)
+    def generate(self, prompts: pa.Table, *, n: int = 1, seed: int | None = None, **sampling: Any):
+        """n samples per prompt row; the output has one row per sample, the prompt's columns repeated."""
+        started = time.perf_counter()
+        prompts = schema.validate(prompts, required=(schema.PROMPT_IDS,), vocab_size=self.engine.vocab_size)
+        samples = self.engine.generate(prompts.column(schema.PROMPT_IDS).to_pylist(), n=n, seed=seed, **sampling)
+        flat = [sample for row in samples for sample in row]
+        out = prompts.drop_columns([c for c in GENERATED if c in prompts.column_names])
+        out = out.take(np.repeat(np.arange(prompts.num_rows), n))
+        if schema.GROUP_ID not in out.column_names:
+            out = schema.append_column(out, schema.GROUP_ID, np.repeat(np.arange(prompts.num_rows), n))
+        sample_ids = [f"{row_id}/{j}" for row_id in _row_ids(prompts) for j in range(n)]
+        out = schema.append_column(out, schema.ID, sample_ids)
+        out = schema.append_column(out, schema.RESPONSE_IDS, [s.response_ids for s in flat])
+        out = schema.append_column(out, schema.ROLLOUT_LOGPROBS, [s.logprobs for s in flat])
+        out = schema.append_column(out, schema.FINISH_REASON, [s.finish_reason for s in flat])
+        out = schema.append_column(out, schema.POLICY_VERSION, [self.policy_version] * len(flat))
+        return out, batch_stats(out.num_rows, schema.response_token_count(out), started, policy_version=self.policy_version)
+
+    @ray.method(num_returns=2)
+    def score(self, table: pa.Table, column: str = schema.BEHAVIOR_LOGPROBS):
+        """Add `column`: the teacher-forced log-prob of every response token under this engine's weights."""
+        started = time.perf_counter()
+        table = schema.validate(table, vocab_size=self.engine.vocab_size)
+        prompts = table.column(schema.PROMPT_IDS).to_pylist()
+        responses = table.column(schema.RESPONSE_IDS).to_pylist()
+        out = schema.append_column(table, column, self.engine.score(prompts, responses), schema.LOGPROBS_TYPE)
+        return out, batch_stats(out.num_rows, schema.response_token_count(out), started, policy_version=self.policy_version)
+
+    def update_weights(self, weights: dict[str, Any], version: int) -> int:
+        """Load the learner's weights (HF names) without restarting the engine; samples after this carry
+        `version`."""
+        self.engine.update_weights(weights.items())
+        self.policy_version = version
+        return version
+
+    def health(self) -> dict[str, Any]:
+        return {**self.engine.health(), "policy_version": self.policy_version}
+
+
+def _row_ids(table: pa.Table) -> list[str]:
+    if schema.ID in table.column_names:
+        return table.column(schema.ID).to_pylist()
+    return [str(i) for i in range(table.num_rows)]
+

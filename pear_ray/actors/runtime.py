@@ -1,0 +1,64 @@
+"""Starting or joining Ray with the environment every pear_ray worker needs.
+
+The variables below are read at import time by vLLM, DeepSpeed and torch, so they are set for every
+worker through the job's runtime environment rather than inside actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# Read by Ray at import time: keeps the embedded instance's sockets on 127.0.0.1 (PLATFORM.md).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+import ray  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# PLATFORM.md: vLLM in-process with no CPU pinning and no C++ compile on first logprobs call;
+# DeepSpeed on the CPU accelerator.
+WORKER_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "TORCHDYNAMO_DISABLE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "WARNING",  # vLLM's per-engine INFO lines drown the driver's own log
+}
+CPU_ONLY_ENV = {"DS_ACCELERATOR": "cpu"}
+LOOPBACK = "127.0.0.1"
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment for every worker: user settings win over ours."""
+    wanted = {**WORKER_ENV, **({} if use_gpu else CPU_ONLY_ENV)}
+    return {key: os.environ.get(key, value) for key, value in wanted.items()}
+
+
+def init_ray(address: str | None = None, *, num_cpus: float | None = None, use_gpu: bool = False) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), or start an embedded one bound to loopback only.
+
+    A no-op when Ray is already initialised, so tests and the driver can share one instance.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env(use_gpu)}
+    os.environ.update(runtime_env["env_vars"])  # the driver imports the same libraries
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    log.info("starting an embedded Ray instance on %s", LOOPBACK)
+    ray.init(
+        num_cpus=num_cpus,
+        _node_ip_address=LOOPBACK,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+    )
+
+
+def actor_options(resources) -> dict:
+    """Ray options for one actor of a role (config.ActorResources): CPUs, GPUs and custom resources, which is
+    how a cluster puts rollout and learner actors on their own node groups."""
+    return {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": dict(resources.resources)}

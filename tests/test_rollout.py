@@ -1,0 +1,108 @@
+"""Rollout/scoring actors (real vLLM CPU) and the reference actor in real Ray, and the pool's fault tolerance."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+from transformers import AutoTokenizer
+
+from pear_ray.actors.pool import ActorPool
+from pear_ray.actors.reference import ReferenceWorker
+from pear_ray.actors.rollout import RolloutWorker
+from pear_ray.data import schema
+from pear_ray.data.io import encode_prompt
+
+QUESTIONS = [f"What is {a} + {b}?" for a in range(4) for b in range(3)]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model_dir) -> pa.Table:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = [encode_prompt(tokenizer, q) for q in QUESTIONS]
+    return pa.table({"id": [f"q{i}" for i in range(len(ids))], "prompt": QUESTIONS, "prompt_ids": ids})
+
+
+@pytest.fixture(scope="module")
+def rollout(ray_cluster, tiny_model_dir):
+    actor = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(tiny_model_dir, seed=0)
+    yield actor
+    ray.kill(actor)
+
+
+def generate(actor, prompts, **kwargs):
+    table, stats = actor.generate.remote(prompts, **kwargs)
+    return ray.get(table), ray.get(stats)
+
+
+def test_generate_gives_n_samples_per_prompt_with_groups_and_versions(rollout, prompts):
+    out, stats = generate(rollout, prompts, n=3, seed=7, max_tokens=8, temperature=1.0)
+    assert out.num_rows == stats["rows"] == 3 * prompts.num_rows
+    assert out.column("group_id").to_pylist() == list(np.repeat(np.arange(prompts.num_rows), 3))
+    assert out.column("id").to_pylist()[:4] == ["q0/0", "q0/1", "q0/2", "q1/0"]
+    assert out.column("prompt").to_pylist()[3] == QUESTIONS[1]  # prompt columns travel with the samples
+    assert set(out.column("finish_reason").to_pylist()) <= {"stop", "length"}
+    assert set(out.column("policy_version").to_pylist()) == {0}
+    schema.validate(out, required=(schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS))  # lengths agree, log-probs valid
+    again, _ = generate(rollout, prompts, n=3, seed=7, max_tokens=8, temperature=1.0)
+    assert again.column("response_ids").equals(out.column("response_ids"))  # seeded
+
+
+def test_generated_scored_and_reference_logprobs_agree(ray_cluster, rollout, prompts, tiny_model_dir):
+    generated, _ = generate(rollout, prompts, n=2, seed=1, max_tokens=12)
+    scored_ref, _ = rollout.score.remote(generated, column=schema.BEHAVIOR_LOGPROBS)
+    reference = ray.remote(ReferenceWorker).options(num_cpus=0.25).remote(tiny_model_dir)
+    referenced, _ = reference.score.remote(scored_ref, column=schema.REF_LOGPROBS)  # passed actor to actor
+    table = ray.get(referenced)
+    ray.kill(reference)
+    sampled = np.concatenate(table.column(schema.ROLLOUT_LOGPROBS).to_pylist())
+    scored = np.concatenate(table.column(schema.BEHAVIOR_LOGPROBS).to_pylist())
+    ref = np.concatenate(table.column(schema.REF_LOGPROBS).to_pylist())
+    assert len(sampled) == schema.response_token_count(table) > prompts.num_rows
+    np.testing.assert_allclose(scored, sampled, atol=1e-4)
+    np.testing.assert_allclose(ref, scored, atol=1e-4)
+
+
+def test_bad_model_folder_is_a_clear_error(ray_cluster, tmp_path):
+    actor = ray.remote(RolloutWorker).options(num_cpus=0.25).remote(tmp_path / "missing")
+    with pytest.raises(Exception, match="model folder .*missing does not exist"):
+        ray.get(actor.health.remote())
+
+
+def test_a_killed_rollout_actor_loses_and_duplicates_nothing(ray_cluster, prompts, tiny_model_dir):
+    def make_actor(slot):
+        return ray.remote(RolloutWorker).options(num_cpus=0.25).remote(tiny_model_dir, seed=slot)
+
+    pool = ActorPool(make_actor, size=2, max_in_flight=2)
+    batches = [prompts.slice(i, 2) for i in range(0, prompts.num_rows, 2)] * 2  # 12 batches
+    refs = [ray.put(b) for b in batches]
+    seen, killed = [], False
+    for index, batch_ref, _ in pool.map("generate", refs, n=2, max_tokens=4, seed=0):
+        seen.append(index)
+        out = ray.get(batch_ref)
+        assert out.column("id").to_pylist() == [f"{i}/{j}" for i in batches[index].column("id").to_pylist()
+                                                 for j in range(2)]
+        if not killed:
+            ray.kill(pool.slots[0].actor)  # mid-stream: it has work queued
+            killed = True
+    pool.shutdown()
+    assert sorted(seen) == list(range(len(batches)))  # every batch exactly once
+    assert pool.stats.actors_replaced >= 1
+    assert pool.stats.resubmitted >= 1
+
+
+def test_streaming_a_parquet_dataset_keeps_order_and_every_row(ray_cluster, rollout, prompts, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pear_ray.driver.streaming import stream_parquet
+
+    generated, _ = generate(rollout, prompts, n=2, seed=3, max_tokens=6)
+    source, target = tmp_path / "in.parquet", tmp_path / "out" / "scored.parquet"
+    pq.write_table(generated.drop_columns([schema.ROLLOUT_LOGPROBS]), source, row_group_size=5)  # 5 row groups
+    pool = ActorPool(lambda slot: rollout, size=1, max_in_flight=2)  # reuse the module's actor
+    totals = stream_parquet(pool, "score", source, target, column=schema.BEHAVIOR_LOGPROBS)
+    scored = pq.read_table(target)
+    assert totals["batches"] == 5 and totals["rows"] == scored.num_rows == generated.num_rows
+    assert scored.column("id").to_pylist() == generated.column("id").to_pylist()
+    np.testing.assert_allclose(np.concatenate(scored.column(schema.BEHAVIOR_LOGPROBS).to_pylist()),
+                               np.concatenate(generated.column(schema.ROLLOUT_LOGPROBS).to_pylist()), atol=1e-4)
+    assert not (tmp_path / "out" / "scored.parquet.partial").exists()
