@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,7 +20,7 @@ app = typer.Typer(
 
 JobArg = Annotated[Path, typer.Argument(help="job config YAML (see jobs/)")]
 OverridesArg = Annotated[
-    Optional[list[str]], typer.Argument(help="dotted overrides, e.g. sft.pear.level=block rl.group_size=4")
+    list[str] | None, typer.Argument(help="dotted overrides, e.g. sft.pear.level=block rl.group_size=4")
 ]
 
 
@@ -96,7 +97,7 @@ def tiny_model(
 def run(
     job_file: JobArg,
     overrides: OverridesArg = None,
-    run_dir: Annotated[Optional[Path], typer.Option(help="run folder (default: <output_dir>/<name>)")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="run folder (default: <output_dir>/<name>)")] = None,
 ) -> None:
     """Run the job's stages in order (score, sft, rl, eval) into one resumable run folder."""
     job = _load(job_file, overrides)
@@ -135,10 +136,21 @@ def eval_(job_file: JobArg, overrides: OverridesArg = None) -> None:
     _not_yet("eval", "end-to-end")
 
 
+DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
+
+
 @app.command()
-def demo() -> None:
-    """The embedded default job: tiny models built on the spot, local Ray, CPU."""
-    _not_yet("demo", "end-to-end")
+def demo(overrides: OverridesArg = None) -> None:
+    """The embedded default job (jobs/demo.yaml): tiny models built on the spot, local Ray, CPU.
+
+    Until the full job runner lands this runs the smallest real pipeline: teacher generation with vLLM,
+    PEAR-SFT steps on the DeepSpeed learner, and a weight sync back to the rollout service.
+    """
+    from pear_ray.driver.preview import run_preview
+
+    job = _load(DEMO_JOB, overrides)
+    last = run_preview(job, job.run_dir)
+    typer.echo(f"demo finished in {job.run_dir}: last step {json.dumps(last, indent=1)}")
 
 
 @app.command()

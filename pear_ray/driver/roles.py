@@ -1,0 +1,82 @@
+"""Starting the roles a job asks for, and keeping the rollout service's weights in step with the learner's."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from pear_ray.actors.learner import LearnerGroup
+from pear_ray.actors.pool import ActorPool
+from pear_ray.actors.reference import ReferenceWorker
+from pear_ray.actors.rollout import RolloutWorker
+from pear_ray.actors.runtime import actor_options
+from pear_ray.config import ActorResources, ModelSource, RolloutResources
+from pear_ray.data import schema
+
+log = logging.getLogger(__name__)
+PROBE_COLUMN = "probe_logprobs"
+
+
+def resolve_model(source: ModelSource, build_dir: Path) -> Path:
+    """A model folder: the given path, or a tiny model built (once) under build_dir."""
+    if source.path is not None:
+        return Path(source.path)
+    from pear_ray.models.tiny import build_tiny_model
+
+    return build_tiny_model(source.tiny, build_dir)
+
+
+def rollout_pool(model_dir: str | Path, resources: RolloutResources, *, seed: int) -> ActorPool:
+    """N vLLM rollout/scoring actors, each placed by the role's resources (N independent of the learner)."""
+    worker = ray.remote(RolloutWorker).options(**actor_options(resources))
+
+    def make_actor(slot: int):
+        return worker.remote(str(model_dir), seed=seed + slot)
+
+    return ActorPool(make_actor, resources.num_actors, max_in_flight=resources.max_in_flight)
+
+
+def reference_actor(model_dir: str | Path, resources: ActorResources):
+    return ray.remote(ReferenceWorker).options(**actor_options(resources)).remote(str(model_dir))
+
+
+def mismatch(learner: LearnerGroup, pool: ActorPool, probe_ref: ray.ObjectRef) -> dict[str, float]:
+    """Max and mean |rollout log-prob - learner log-prob| over a probe batch, across every rollout actor.
+
+    Near zero in fp32 right after a sync; anything else means the engines disagree (dtype, kernels, or a
+    sync that did not land) and the RL importance ratios are off by that much.
+    """
+    learner_logp = np.concatenate(ray.get(learner.logprobs(probe_ref)).to_pylist())
+    diffs = []
+    for actor in pool.actors:
+        scored, _ = actor.score.remote(probe_ref, column=PROBE_COLUMN)
+        rollout_logp = np.concatenate(ray.get(scored).column(PROBE_COLUMN).to_pylist())
+        diffs.append(np.abs(rollout_logp - learner_logp))
+    every = np.concatenate(diffs)
+    return {"mismatch_max": float(every.max()), "mismatch_mean": float(every.mean())}
+
+
+def sync_weights(learner: LearnerGroup, pool: ActorPool, version: int,
+                 probe_ref: ray.ObjectRef | None = None) -> dict[str, float]:
+    """Hand the learner's current weights to every rollout actor (actor to actor, by ObjectRef), then measure
+    the mismatch on the probe batch if one is given."""
+    started = time.perf_counter()
+    weights = learner.weights_ref()
+    pool.call_all("update_weights", weights, version)
+    metrics = {"sync_seconds": time.perf_counter() - started, "policy_version": version}
+    if probe_ref is not None:
+        metrics.update(mismatch(learner, pool, probe_ref))
+    log.info("weights v%d synced to %d rollout actor(s) in %.2f s%s", version, len(pool.actors),
+             metrics["sync_seconds"],
+             f"; mismatch max {metrics['mismatch_max']:.2e}" if probe_ref is not None else "")
+    return metrics
+
+
+def probe_batch(table, rows: int = 8) -> ray.ObjectRef:
+    """A small fixed (prompt, response) batch for the mismatch metric."""
+    keep = [c for c in (schema.ID, schema.PROMPT_IDS, schema.RESPONSE_IDS) if c in table.column_names]
+    return ray.put(table.select(keep).slice(0, rows))
