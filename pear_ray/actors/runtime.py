@@ -34,8 +34,10 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in wanted.items()}
 
 
-def init_ray(address: str | None = None, *, num_cpus: float | None = None, use_gpu: bool = False) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), or start an embedded one bound to loopback only.
+def init_ray(address: str | None = None, *, num_cpus: float | None = None, use_gpu: bool = False,
+             **ray_kwargs) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), or start an embedded one bound to loopback only
+    (`ray_kwargs`, e.g. object_store_memory, go to that embedded instance).
 
     A no-op when Ray is already initialised, so tests and the driver can share one instance.
     """
@@ -55,6 +57,7 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, use_g
         include_dashboard=False,
         runtime_env=runtime_env,
         log_to_driver=True,
+        **ray_kwargs,
     )
 
 

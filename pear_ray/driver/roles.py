@@ -50,13 +50,10 @@ def mismatch(learner: LearnerGroup, pool: ActorPool, probe_ref: ray.ObjectRef) -
     Near zero in fp32 right after a sync; anything else means the engines disagree (dtype, kernels, or a
     sync that did not land) and the RL importance ratios are off by that much.
     """
+    scored = [actor.score.remote(probe_ref, column=PROBE_COLUMN)[0] for actor in pool.actors]
     learner_logp = np.concatenate(ray.get(learner.logprobs(probe_ref)).to_pylist())
-    diffs = []
-    for actor in pool.actors:
-        scored, _ = actor.score.remote(probe_ref, column=PROBE_COLUMN)
-        rollout_logp = np.concatenate(ray.get(scored).column(PROBE_COLUMN).to_pylist())
-        diffs.append(np.abs(rollout_logp - learner_logp))
-    every = np.concatenate(diffs)
+    every = np.concatenate([np.abs(np.concatenate(table.column(PROBE_COLUMN).to_pylist()) - learner_logp)
+                            for table in ray.get(scored)])
     return {"mismatch_max": float(every.max()), "mismatch_mean": float(every.mean())}
 
 

@@ -1,0 +1,54 @@
+"""How busy the machine was during a benchmark: its figures assume an otherwise idle 2-core box."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+
+
+class MachineLoad(threading.Thread):
+    """CPU time of this benchmark's process tree (driver, Ray's processes, actors, children) and of the whole
+    machine over the run, sampled every `interval` s: what other processes took is the difference. The figures
+    assume an otherwise idle box; this line says how far from idle it was."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval, self.halt = interval, threading.Event()
+        self.ours: dict[int, float] = {}  # pid -> latest CPU seconds seen
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + t.irq + t.softirq
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            self.ours[p.pid] = t.user + t.system
+
+    def start(self) -> None:
+        self._sample()
+        self.base, self.wall, self.machine = dict(self.ours), time.perf_counter(), self._busy()
+        super().start()
+
+    def run(self) -> None:
+        while not self.halt.wait(self.interval):
+            self._sample()
+
+    def stop(self) -> str:
+        self.halt.set()
+        self.join()
+        self._sample()
+        ours = sum(v - self.base.get(pid, 0.0) for pid, v in self.ours.items())
+        wall, cores = time.perf_counter() - self.wall, psutil.cpu_count()
+        others = max(0.0, self._busy() - self.machine - ours)
+        return (f"CPU over the run ({wall:.0f} s x {cores} cores): this benchmark {ours:.0f} core-s, other processes "
+                f"{others:.0f} core-s ({100 * others / (wall * cores):.0f}% of the box)")
+
+
