@@ -31,9 +31,8 @@ import tempfile
 import time
 
 import numpy as np
-import psutil
 import pyarrow as pa
-from machine_load import MachineLoad  # benchmarks/ is on sys.path when a benchmark runs
+from machine_load import MachineLoad, other_load  # benchmarks/ is on sys.path when a benchmark runs
 
 from pear_ray.data import schema
 from pear_ray.models import TinyModelSpec, build_tiny_model
@@ -119,29 +118,6 @@ def _torch_threads(actor) -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def other_load() -> str:
-    """CPU use of processes outside this benchmark's process tree over one second, and the load average."""
-    me = psutil.Process()
-    mine = {me.pid} | {child.pid for child in me.children(recursive=True)}
-    procs = [p for p in psutil.process_iter(["cmdline", "name"]) if p.pid not in mine]
-    for p in procs:
-        try:
-            p.cpu_percent(None)
-        except psutil.Error:
-            pass
-    time.sleep(1.0)
-    busy = []
-    for p in procs:
-        try:
-            percent = p.cpu_percent(None)
-        except psutil.Error:
-            continue
-        if percent >= 20:
-            command = " ".join(p.info["cmdline"] or [p.info["name"] or "?"]).split()
-            busy.append(f"{percent:.0f}% {' '.join(command)[:70]}")
-    return f"load avg (1 min) {os.getloadavg()[0]:.2f}; other busy processes: {'; '.join(busy) or 'none'}"
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -52,3 +53,24 @@ class MachineLoad(threading.Thread):
                 f"{others:.0f} core-s ({100 * others / (wall * cores):.0f}% of the box)")
 
 
+def other_load() -> str:
+    """CPU use of processes outside this benchmark's process tree over one second, and the load average."""
+    me = psutil.Process()
+    mine = {me.pid} | {child.pid for child in me.children(recursive=True)}
+    procs = [p for p in psutil.process_iter(["cmdline", "name"]) if p.pid not in mine]
+    for p in procs:
+        try:
+            p.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(1.0)
+    busy = []
+    for p in procs:
+        try:
+            percent = p.cpu_percent(None)
+        except psutil.Error:
+            continue
+        if percent >= 20:
+            command = " ".join(p.info["cmdline"] or [p.info["name"] or "?"]).split()
+            busy.append(f"{percent:.0f}% {' '.join(command)[:70]}")
+    return f"load avg (1 min) {os.getloadavg()[0]:.2f}; other busy processes: {'; '.join(busy) or 'none'}"
