@@ -137,8 +137,11 @@ class VllmEngine:
 
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=0, detokenize=False)
+        outputs = []
+        for part in self._one_step_parts(prompts, n) if seed is not None else [prompts]:
+            outputs.extend(self._run(part, params))
         results = []
-        for out in self._run(prompts, params):
+        for out in outputs:
             results.append([
                 Sample(response_ids=list(c.token_ids),
                        logprobs=[_token_logprob(pos, t) for pos, t in zip(c.logprobs, c.token_ids, strict=True)],
@@ -146,6 +149,24 @@ class VllmEngine:
                 for c in out.outputs
             ])
         return results
+
+    def _one_step_parts(self, prompts: list[list[int]], n: int) -> list[list[list[int]]]:
+        """Prompts cut into calls whose prefills all fit in one scheduler step.
+
+        vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when a seeded request's prefill is
+        split over steps (it rewinds the request's generator, which CPU generators cannot do); a call whose
+        prompts fit the step's token and sequence budgets never splits one.
+        """
+        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
+        token_budget, seq_budget = scheduler.max_num_batched_tokens, scheduler.max_num_seqs
+        parts, part, tokens = [], [], 0
+        for prompt in prompts:
+            if part and (tokens + n * len(prompt) > token_budget or n * (len(part) + 1) > seq_budget):
+                parts.append(part)
+                part, tokens = [], 0
+            part.append(prompt)
+            tokens += n * len(prompt)
+        return [*parts, part] if part else parts
 
     def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
         """Teacher-forced log p(response_t | prompt, response_<t) for every response token, via prompt_logprobs."""
