@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pear_ray.config import ConfigError, JobConfig, dump_job, load_job
+from pear_ray.config import ConfigError, JobConfig, load_job
 
 app = typer.Typer(
     help="pear_ray: PEAR-weighted SFT, then GRPO, on Ray (vLLM rollouts, DeepSpeed learner).",
@@ -22,6 +21,8 @@ JobArg = Annotated[Path, typer.Argument(help="job config YAML (see jobs/)")]
 OverridesArg = Annotated[
     list[str] | None, typer.Argument(help="dotted overrides, e.g. sft.pear.level=block rl.group_size=4")
 ]
+
+RunDirOption = Annotated[Path | None, typer.Option(help="run folder (default: <output_dir>/<name>)")]
 
 
 def _load(job_file: Path, overrides: list[str] | None) -> JobConfig:
@@ -93,47 +94,49 @@ def tiny_model(
     typer.echo(str(path))
 
 
+def _run(job: JobConfig, run_dir: Path | None) -> None:
+    from pear_ray.driver.run import run_job
+
+    report = run_job(job, run_dir or job.run_dir)
+    typer.echo(f"report: {report}")
+
+
 @app.command()
 def run(
     job_file: JobArg,
     overrides: OverridesArg = None,
-    run_dir: Annotated[Path | None, typer.Option(help="run folder (default: <output_dir>/<name>)")] = None,
+    run_dir: RunDirOption = None,
 ) -> None:
-    """Run the job's stages in order (score, sft, rl, eval) into one resumable run folder."""
-    job = _load(job_file, overrides)
-    folder = run_dir or job.run_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    dump_job(job, folder / "config.yaml")
-    typer.echo(f"resolved config written to {folder / 'config.yaml'}", err=True)
-    _not_yet("run", "end-to-end")
+    """Run the job's stages in order (score, sft, rl, eval) into one run folder; rerun to resume it."""
+    _run(_load(job_file, overrides), run_dir)
+
+
+def _one_stage(stage: str, job_file: Path, overrides: list[str] | None, run_dir: Path | None) -> None:
+    _run(_load(job_file, [*(overrides or []), f"stages=[{stage}]"]), run_dir)
 
 
 @app.command()
-def score(job_file: JobArg, overrides: OverridesArg = None) -> None:
+def score(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None) -> None:
     """Stage 1: bring the SFT data to behaviour log-probs (from the data, or scored by the behaviour model)."""
-    _load(job_file, overrides)
-    _not_yet("score", "end-to-end")
+    _one_stage("score", job_file, overrides, run_dir)
 
 
 @app.command()
-def sft(job_file: JobArg, overrides: OverridesArg = None) -> None:
+def sft(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None) -> None:
     """Stage 2: PEAR-weighted SFT (level none = canonical SFT) on the DeepSpeed learner."""
-    _load(job_file, overrides)
-    _not_yet("sft", "end-to-end")
+    _one_stage("sft", job_file, overrides, run_dir)
 
 
 @app.command()
-def rl(job_file: JobArg, overrides: OverridesArg = None) -> None:
+def rl(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None) -> None:
     """Stage 3: GRPO from the SFT checkpoint, with vLLM rollouts and verifier rewards."""
-    _load(job_file, overrides)
-    _not_yet("rl", "end-to-end")
+    _one_stage("rl", job_file, overrides, run_dir)
 
 
 @app.command("eval")
-def eval_(job_file: JobArg, overrides: OverridesArg = None) -> None:
+def eval_(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None) -> None:
     """Stage 4: pass@1 and pass@k (unbiased, n samples per held-out prompt) after SFT and after RL."""
-    _load(job_file, overrides)
-    _not_yet("eval", "end-to-end")
+    _one_stage("eval", job_file, overrides, run_dir)
 
 
 DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
@@ -141,16 +144,8 @@ DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 
 @app.command()
 def demo(overrides: OverridesArg = None) -> None:
-    """The embedded default job (jobs/demo.yaml): tiny models built on the spot, local Ray, CPU.
-
-    Until the full job runner lands this runs the smallest real pipeline: teacher generation with vLLM,
-    PEAR-SFT steps on the DeepSpeed learner, and a weight sync back to the rollout service.
-    """
-    from pear_ray.driver.preview import run_preview
-
-    job = _load(DEMO_JOB, overrides)
-    last = run_preview(job, job.run_dir)
-    typer.echo(f"demo finished in {job.run_dir}: last step {json.dumps(last, indent=1)}")
+    """The embedded default job (jobs/demo.yaml): canonical SFT vs PEAR-SFT then GRPO, tiny models, local CPU."""
+    _run(_load(DEMO_JOB, overrides), None)
 
 
 @app.command()

@@ -74,8 +74,15 @@ class SamplingConfig(Section):
 
 
 class ScoreConfig(Section):
+    """Bringing SFT data to behaviour log-probs. Without `data.sft`, the behaviour model writes the data
+    from the task's train prompts (recording its log-probs as it samples), after `teacher_sft_steps` of
+    canonical SFT on the task's gold answers (a briefly trained teacher, off the student's distribution)."""
+
     batch_size: int = Field(64, gt=0)
-    column: Literal["behavior_logprobs"] = "behavior_logprobs"
+    samples_per_prompt: int = Field(1, ge=1)
+    keep: Literal["all", "correct"] = "all"
+    teacher_sft_steps: int = Field(0, ge=0)
+    teacher_lr: float = Field(1e-3, gt=0)
 
 
 class PearConfig(Section):
@@ -122,13 +129,13 @@ class RlConfig(Section):
     tis_cap: float | None = Field(2.0, gt=0, description="truncated importance correction cap; null disables")
     minibatches: int = Field(1, ge=1)
     epochs_per_batch: int = Field(1, ge=1)
-    off_policy_overlap: bool = False
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(5, gt=0)
 
 
 class EvalConfig(Section):
     n: int = Field(8, ge=1)
+    correct_threshold: float = Field(1.0, gt=0, le=1, description="a sample counts as correct at this reward")
     k: list[int] = Field(default_factory=lambda: [1, 8])
     temperature: float = Field(1.0, ge=0)
 
@@ -168,6 +175,7 @@ class JobConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     output_dir: str = "runs"
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
     stages: list[Stage] = Field(default_factory=lambda: ["score", "sft", "rl", "eval"])
     models: ModelsConfig
     data: DataConfig = Field(default_factory=DataConfig)
@@ -182,6 +190,11 @@ class JobConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+    @property
+    def sft_variants(self) -> list[str]:
+        """The PEAR levels to train and compare (comparison mode), or the one `sft.pear.level`."""
+        return list(self.sft.variants) or [self.sft.pear.level]
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:

@@ -1,0 +1,103 @@
+"""What the stages share: the run folder's layout, prompt tables, rollouts with rewards, batch references."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from transformers import AutoTokenizer
+
+from pear_ray.actors.pool import ActorPool
+from pear_ray.config import JobConfig
+from pear_ray.data import schema
+from pear_ray.data.io import encode_prompt
+from pear_ray.tasks import make_task
+from pear_ray.tasks.verify import score_rows
+from pear_ray.tracking import MetricsLogger
+
+
+@dataclass
+class Run:
+    """One job in its run folder: where each stage reads and writes."""
+
+    job: JobConfig
+    dir: Path
+    metrics: MetricsLogger
+    student: Path  # the student base model folder
+
+    def model(self, name: str) -> Path:
+        return self.dir / "models" / name
+
+    def checkpoints(self, name: str) -> Path:
+        return self.dir / "checkpoints" / name
+
+    def data(self, name: str) -> Path:
+        return self.dir / "data" / f"{name}.parquet"
+
+    @property
+    def task(self):
+        return make_task(self.job.task, self.job.data, seed=self.job.seed)
+
+    @property
+    def tokenizer(self):
+        return AutoTokenizer.from_pretrained(self.student)
+
+
+def prompt_table(run: Run, split: str) -> pa.Table:
+    """The task's prompts of a split, tokenized the one way every stage tokenizes."""
+    prompts = run.task.prompts(split)
+    tokenizer = run.tokenizer
+    ids = [encode_prompt(tokenizer, text)[-run.job.data.max_prompt_tokens:]
+           for text in prompts.column(schema.PROMPT).to_pylist()]
+    return schema.append_column(prompts, schema.PROMPT_IDS, ids)
+
+
+def rollouts(pool: ActorPool, prompts: pa.Table, *, n: int, seed: int, **sampling) -> pa.Table:
+    """n samples per prompt from the pool, the prompts split evenly over its actors, rows in prompt order;
+    a prompt's samples share its group id (its row number unless the table has group ids)."""
+    if schema.GROUP_ID not in prompts.column_names:
+        prompts = schema.append_column(prompts, schema.GROUP_ID, np.arange(prompts.num_rows))
+    chunk = -(-prompts.num_rows // len(pool.actors))
+    pieces = [ray.put(prompts.slice(start, chunk)) for start in range(0, prompts.num_rows, chunk)]
+    done = {index: ref for index, ref, _ in pool.map("generate", pieces, n=n, seed=seed, **sampling)}
+    return pa.concat_tables(ray.get([done[i] for i in range(len(pieces))]))
+
+
+def with_rewards(run: Run, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """Decode the responses and score them with the task's verifier (in Ray tasks, with a timeout)."""
+    texts = run.tokenizer.batch_decode(table.column(schema.RESPONSE_IDS).to_pylist(), skip_special_tokens=True)
+    table = schema.append_column(table, schema.RESPONSE, texts)
+    rewards, failures = score_rows(table, run.job.task, task=run.task)
+    return schema.append_column(table, schema.REWARD, rewards), failures
+
+
+def correct_counts(table: pa.Table, threshold: float) -> np.ndarray:
+    """Correct samples per group (prompt), in group order."""
+    groups = table.column(schema.GROUP_ID).to_numpy()
+    correct = table.column(schema.REWARD).to_numpy() >= threshold - 1e-6
+    _, index = np.unique(groups, return_inverse=True)
+    return np.bincount(index, weights=correct).astype(int)
+
+
+@ray.remote(num_cpus=0.1)
+def _take(table: pa.Table, indices: np.ndarray) -> pa.Table:
+    return table.take(indices)
+
+
+@ray.remote(num_cpus=0.1)
+def _read(path: str) -> pa.Table:
+    return pq.read_table(path)
+
+
+def dataset_ref(path: Path) -> tuple[ray.ObjectRef, int]:
+    """A Parquet dataset read into the object store by a task (not through the driver), and its row count."""
+    return _read.remote(str(path)), pq.ParquetFile(path).metadata.num_rows
+
+
+def batch_ref(dataset: ray.ObjectRef, indices: np.ndarray) -> ray.ObjectRef:
+    """Rows of a dataset in the object store, cut by a task: the driver only holds the indices."""
+    return _take.remote(dataset, indices)

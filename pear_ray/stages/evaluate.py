@@ -1,0 +1,32 @@
+"""Stage 4: pass@1 and pass@k on the held-out prompts (unbiased estimator over n samples per prompt)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pear_ray.data import schema
+from pear_ray.driver.roles import rollout_pool
+from pear_ray.objectives import mean_pass_at_k
+from pear_ray.stages.common import Run, correct_counts, prompt_table, rollouts, with_rewards
+from pear_ray.tracking import eval_stage
+
+
+def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float]:
+    """Evaluate `model` (the variant's checkpoint after stage `after`) and log `eval_<after>` metrics."""
+    job = run.job
+    prompts = prompt_table(run, "eval")
+    pool = rollout_pool(model, job.resources.rollout, seed=job.seed)
+    try:
+        sampling = job.sampling.model_dump() | {"temperature": job.eval.temperature}
+        table = rollouts(pool, prompts, n=job.eval.n, seed=job.seed, **sampling)
+    finally:
+        pool.shutdown()
+    table, failures = with_rewards(run, table)
+    correct = correct_counts(table, job.eval.correct_threshold)
+    results = {f"pass@{k}": mean_pass_at_k(correct.tolist(), job.eval.n, k) for k in job.eval.k}
+    results.update(num_prompts=len(correct), mean_reward=float(np.mean(table.column(schema.REWARD).to_numpy())),
+                   verifier_errors=failures["errors"], verifier_timeouts=failures["timeouts"])
+    run.metrics.log(eval_stage(after), 0, results, variant=variant)
+    return results

@@ -1,0 +1,114 @@
+"""Stage 1: an SFT dataset with behaviour log-probs, written to data/sft.parquet.
+
+Three cases, in order: the data file already carries `behavior_logprobs` (used as they are); it has none
+(scored teacher-forced by the behaviour model on the rollout/scoring pool, streaming Parquet in and out);
+there is no data file (the behaviour model writes it from the task's train prompts, recording the log-prob
+of every token it samples, optionally after a brief canonical SFT on the task's gold answers).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from tqdm import tqdm
+
+from pear_ray.actors.learner import LearnerGroup
+from pear_ray.config import SftConfig
+from pear_ray.data import schema
+from pear_ray.data.io import encode_response, load_sft_data, write_table
+from pear_ray.driver.roles import resolve_model, rollout_pool
+from pear_ray.driver.streaming import stream_parquet
+from pear_ray.stages.common import Run, prompt_table, rollouts, with_rewards
+
+log = logging.getLogger(__name__)
+
+
+def run_score(run: Run) -> Path:
+    job, target = run.job, run.data("sft")
+    if job.data.sft is not None:
+        table = load_sft_data(job.data.sft, run.tokenizer, max_prompt_tokens=job.data.max_prompt_tokens,
+                              max_response_tokens=job.data.max_response_tokens)
+        if schema.BEHAVIOR_LOGPROBS in table.column_names:
+            log.info("%s carries behaviour log-probs: using them as they are", job.data.sft)
+            write_table(table, target)
+            return target
+        return score_with_behavior(run, table, target)
+    return teacher_writes_data(run, target)
+
+
+def behavior_model(run: Run) -> Path:
+    if run.job.models.behavior is None:
+        raise ValueError("the SFT data needs behaviour log-probs: give data.sft with a behavior_logprobs column, "
+                         "or models.behavior to score or write it")
+    return resolve_model(run.job.models.behavior, run.model("behavior"))
+
+
+def score_with_behavior(run: Run, table: pa.Table, target: Path) -> Path:
+    """Teacher-forced behaviour log-probs for given data, streamed through the scoring pool."""
+    unscored = target.with_name("unscored.parquet")
+    pq.write_table(table, unscored, row_group_size=run.job.score.batch_size)
+    pool = rollout_pool(behavior_model(run), run.job.resources.rollout, seed=run.job.seed)
+    try:
+        with tqdm(total=table.num_rows, desc="score (behaviour log-probs)") as progress:
+            stream_parquet(pool, "score", unscored, target, progress=progress, column=schema.BEHAVIOR_LOGPROBS)
+    finally:
+        pool.shutdown()
+    return target
+
+
+def teacher_writes_data(run: Run, target: Path) -> Path:
+    """The behaviour model answers the task's train prompts; its sampled-token log-probs are the behaviour
+    log-probs (DESIGN.md: recorded at generation time)."""
+    job = run.job
+    teacher = behavior_model(run)
+    if job.score.teacher_sft_steps:
+        teacher = train_teacher(run, teacher)
+    prompts = prompt_table(run, "train")
+    pool = rollout_pool(teacher, job.resources.rollout, seed=job.seed)
+    try:
+        data = rollouts(pool, prompts, n=job.score.samples_per_prompt, seed=job.seed, **job.sampling.model_dump())
+    finally:
+        pool.shutdown()
+    data, failures = with_rewards(run, data)
+    accuracy = float(np.mean(data.column(schema.REWARD).to_numpy() >= job.eval.correct_threshold))
+    if job.score.keep == "correct":
+        data = data.filter(data.column(schema.REWARD).to_numpy() >= job.eval.correct_threshold)
+        if data.num_rows == 0:
+            raise RuntimeError("the teacher answered no train prompt correctly: nothing to keep (score.keep=correct)")
+    data = schema.append_column(data, schema.BEHAVIOR_LOGPROBS, data.column(schema.ROLLOUT_LOGPROBS))
+    run.metrics.log("score", 0, {"teacher_accuracy": accuracy, "rows": data.num_rows, **failures})
+    log.info("teacher wrote %d rows (accuracy %.3f)", data.num_rows, accuracy)
+    write_table(data, target)
+    return target
+
+
+def train_teacher(run: Run, base: Path) -> Path:
+    """A brief canonical SFT of the behaviour model on the task's gold answers, so the data it writes is
+    competent and off the student's distribution (as a stronger teacher's would be)."""
+    out = run.model("behavior-trained")
+    if (out / "config.json").is_file():
+        return out
+    job = run.job
+    prompts = prompt_table(run, "train")
+    tokenizer = run.tokenizer
+    gold = schema.append_column(prompts, schema.RESPONSE_IDS, [
+        encode_response(tokenizer, answer) for answer in prompts.column(schema.ANSWER).to_pylist()])
+    settings = SftConfig(lr=job.score.teacher_lr, batch_size=job.sft.batch_size, lr_schedule="constant",
+                         warmup_steps=0, pear={"level": "none"})
+    learner = LearnerGroup.for_sft(base, job.resources.learner, settings, total_steps=job.score.teacher_sft_steps,
+                                   seed=job.seed + 1)
+    try:
+        rng = np.random.default_rng(job.seed + 1)
+        for step in tqdm(range(job.score.teacher_sft_steps), desc="teacher SFT"):
+            rows = rng.choice(gold.num_rows, size=min(settings.batch_size, gold.num_rows), replace=False)
+            stats = learner.sft_step(ray.put(gold.take(rows)))
+            run.metrics.log("teacher_sft", step + 1, stats)
+        learner.export_hf(out)
+    finally:
+        learner.shutdown()
+    return out

@@ -1,0 +1,84 @@
+"""Stage 2: PEAR-weighted SFT (level `none` is canonical SFT) of the student on the scored data.
+
+Resumable: every `checkpoint_every` steps the learner saves model, optimizer, scheduler, RNG and the data
+position; a rerun loads the latest checkpoint and continues the same batch order, so the optimizer steps and
+samples seen equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from pear_ray.actors.learner import LearnerGroup
+from pear_ray.data import schema
+from pear_ray.data.tensors import to_tensors
+from pear_ray.objectives import pear_weights
+from pear_ray.stages.common import Run, batch_ref, dataset_ref
+
+log = logging.getLogger(__name__)
+
+
+def batch_plan(num_rows: int, batch_size: int, epochs: int, seed: int, min_rows: int) -> list[np.ndarray]:
+    """Row indices of every step: a fresh seeded shuffle per epoch; a last batch smaller than `min_rows` (the
+    learner's rank count) joins the one before it."""
+    plan = []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+        batches = [order[start:start + batch_size] for start in range(0, num_rows, batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < min_rows:
+            batches[-2:] = [np.concatenate(batches[-2:])]
+        plan.extend(batches)
+    return plan
+
+
+def latest_checkpoint(folder: Path) -> bool:
+    return (folder / "latest").is_file()
+
+
+def run_sft(run: Run, variant: str, data_path: Path) -> Path:
+    """Train one SFT variant from the student; returns the exported Hugging Face folder."""
+    job = run.job
+    name = f"sft-{variant}"
+    sft = job.sft.model_copy(update={"pear": job.sft.pear.model_copy(update={"level": variant})})
+    dataset, num_rows = dataset_ref(data_path)
+    plan = batch_plan(num_rows, sft.batch_size, sft.epochs, job.seed, job.resources.learner.num_ranks)
+    learner = LearnerGroup.for_sft(run.student, job.resources.learner, sft, total_steps=len(plan), seed=job.seed)
+    try:
+        start = 0
+        if latest_checkpoint(run.checkpoints(name)):
+            start = learner.load_checkpoint(run.checkpoints(name))["step"]
+            run.metrics.truncate_after("sft", variant, start)
+            log.info("%s: resuming at step %d of %d", name, start, len(plan))
+        samples = sum(len(rows) for rows in plan[:start])
+        for step in tqdm(range(start, len(plan)), desc=name, initial=start, total=len(plan)):
+            stats = learner.sft_step(batch_ref(dataset, plan[step]))
+            samples += len(plan[step])
+            run.metrics.log("sft", step + 1, {**stats, "samples_seen": samples}, variant=variant)
+            if (step + 1) % sft.checkpoint_every == 0 and step + 1 < len(plan):
+                learner.save_checkpoint(run.checkpoints(name), {"step": step + 1})
+        if variant != "none":
+            log_weight_histogram(run, learner, sft.pear, dataset, plan[-1], variant, len(plan))
+        learner.export_hf(run.model(name))
+    finally:
+        learner.shutdown()
+    return run.model(name)
+
+
+def log_weight_histogram(run: Run, learner: LearnerGroup, pear, dataset, rows: np.ndarray, variant: str,
+                         step: int) -> None:
+    """PEAR weights of the final batch under the trained model, for the weight-histogram plot."""
+    batch = batch_ref(dataset, rows)
+    table = ray.get(batch)
+    table = schema.append_column(table, schema.REF_LOGPROBS, ray.get(learner.logprobs(batch)))  # the target
+    tensors = to_tensors(table, pad_id=0, columns=(schema.REF_LOGPROBS, schema.BEHAVIOR_LOGPROBS))
+    settings = pear.model_dump(exclude={"level", "target_mode"})
+    weights = pear_weights(tensors[schema.REF_LOGPROBS], tensors[schema.BEHAVIOR_LOGPROBS],
+                           tensors["response_mask"], level=variant, **settings)
+    run.metrics.histogram("sft", step, "pear_weights", weights[tensors["response_mask"]].to(torch.float32),
+                          variant=variant)

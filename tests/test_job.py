@@ -1,0 +1,97 @@
+"""End to end: `pear-ray run` through score, SFT, RL and eval on tiny models, and resuming a killed run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoModelForCausalLM
+
+from pear_ray.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAR_RAY = str(Path(sys.executable).parent / "pear-ray")
+SMALL = [  # the smoke job made smaller still
+    "task.num_train=16", "task.num_eval=4", "score.teacher_sft_steps=20", "score.samples_per_prompt=2",
+    "sft.batch_size=8", "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=4", "eval.n=2", "eval.k=[1,2]",
+]
+
+
+def pear_ray(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([PEAR_RAY, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **kwargs)
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> str:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        stop_group(process)
+    assert process.returncode == 0, output[-5000:]
+    return output
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop what the test started: the CLI and everything it spawned (its session)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def steps(run_dir: Path, stage: str) -> list[dict]:
+    return sorted((r for r in read_metrics(run_dir) if r["stage"] == stage), key=lambda r: r["step"])
+
+
+def test_a_small_job_runs_every_stage(tmp_path):
+    run_dir = tmp_path / "run"
+    finish(pear_ray("run", "jobs/smoke.yaml", *SMALL, "--run-dir", str(run_dir)))
+    state = json.loads((run_dir / "state.json").read_text())["done"]
+    assert set(state) == {"score", "sft/token", "eval_sft/token", "rl/token", "eval_rl/token"}
+    data = pq.read_table(run_dir / "data" / "sft.parquet")
+    assert data.num_rows == 32  # 16 prompts x 2 teacher samples, behaviour log-probs recorded
+    assert data.column("behavior_logprobs").equals(data.column("rollout_logprobs"))
+    for name in ("sft-token", "rl-token"):
+        AutoModelForCausalLM.from_pretrained(run_dir / "models" / name)  # exported Hugging Face folders
+    assert [r["step"] for r in steps(run_dir, "sft")] == [1, 2, 3, 4]  # 32 rows / 8
+    assert [r["step"] for r in steps(run_dir, "rl")] == [1, 2]
+    for stage in ("eval_sft", "eval_rl"):
+        [result] = steps(run_dir, stage)
+        assert 0 <= result["pass@1"] <= result["pass@2"] <= 1 and result["num_prompts"] == 4
+    report = (run_dir / "report.md").read_text()
+    assert "| token |" in report and "pass@2 after RL" in report
+    assert (run_dir / "plots" / "sft_loss.png").stat().st_size > 1000
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_a_run_killed_during_sft_resumes_to_the_same_steps_and_samples(tmp_path):
+    job = ["jobs/smoke.yaml", *SMALL, "stages=[score,sft]", "sft.batch_size=2", "sft.epochs=2",
+           "sft.checkpoint_every=3", "models.student.tiny.hidden_size=256", "models.student.tiny.num_heads=8",
+           "models.student.tiny.num_kv_heads=8", "models.student.tiny.num_layers=4"]
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    finish(pear_ray("run", *job, "--run-dir", str(uninterrupted)))
+
+    process = pear_ray("run", *job, "--run-dir", str(interrupted))
+    deadline = time.monotonic() + 600
+    while not (interrupted / "checkpoints" / "sft-token" / "latest").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)  # as a scheduler or `kill` would
+    process.communicate(timeout=120)
+    stop_group(process)
+    done = json.loads((interrupted / "state.json").read_text())["done"]
+    assert "sft/token" not in done, "the kill came too late to test a resume"
+    killed_at = max(r["step"] for r in steps(interrupted, "sft"))
+
+    finish(pear_ray("run", *job, "--run-dir", str(interrupted)))
+    resumed, full = steps(interrupted, "sft"), steps(uninterrupted, "sft")
+    assert [r["step"] for r in resumed] == [r["step"] for r in full] == list(range(1, 33))  # 32 rows x 2 / 2
+    assert resumed[-1]["samples_seen"] == full[-1]["samples_seen"] == 64
+    assert killed_at < 32
+    for a, b in zip(resumed, full, strict=True):  # same batches, same optimizer state: same losses
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
