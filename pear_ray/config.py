@@ -158,11 +158,15 @@ class ActorResources(Section):
 class RolloutResources(ActorResources):
     num_actors: int = Field(1, ge=1)
     max_in_flight: int = Field(2, ge=1, description="batches queued per actor (back-pressure)")
+    # Extra vLLM engine arguments, e.g. on a GPU {dtype: bfloat16, kv_cache_memory_bytes: null,
+    # gpu_memory_utilization: 0.85}; the defaults (fp32, a 64 MiB KV cache) suit tiny models on CPU.
+    engine: dict[str, Any] = Field(default_factory=dict)
 
 
 class LearnerResources(ActorResources):
     num_ranks: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: bool = Field(False, description="bf16 training with fp32 master weights (GPU)")
 
 
 class ResourcesConfig(Section):

@@ -159,7 +159,6 @@ class LearnerGroup:
         total_steps: int | None = None,
         lr_schedule: str = "constant",
         seed: int = 0,
-        bf16: bool = False,
         pear: PearConfig | None = None,
         rl: RlConfig | None = None,
         ready_timeout_s: float = 600.0,
@@ -190,7 +189,7 @@ class LearnerGroup:
             master_addr, master_port = ray.get(self.actors[0].rendezvous.remote())
             engine_kwargs = dict(
                 zero_stage=self.resources.zero_stage, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
-                warmup_steps=warmup_steps, total_steps=total_steps, lr_schedule=lr_schedule, seed=seed, bf16=bf16,
+                warmup_steps=warmup_steps, total_steps=total_steps, lr_schedule=lr_schedule, seed=seed, bf16=self.resources.bf16,
                 local_rank=0,  # a GPU rank sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES per actor)
                 num_threads=max(1, int(self.resources.num_cpus)),
             )

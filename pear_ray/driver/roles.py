@@ -35,7 +35,7 @@ def rollout_pool(model_dir: str | Path, resources: RolloutResources, *, seed: in
     worker = ray.remote(RolloutWorker).options(**actor_options(resources))
 
     def make_actor(slot: int):
-        return worker.remote(str(model_dir), seed=seed + slot)
+        return worker.remote(str(model_dir), seed=seed + slot, engine_kwargs=resources.engine)
 
     return ActorPool(make_actor, resources.num_actors, max_in_flight=resources.max_in_flight)
 

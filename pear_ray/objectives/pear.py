@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from pear_ray.objectives.masked import masked_mean, masked_sum
+from pear_ray.objectives.masked import masked_sum
 
 PEAR_LEVELS = ("none", "sequence", "token", "block")
 TARGET_MODES = ("online", "frozen")
@@ -174,22 +174,23 @@ def _clipped_exp(log_g: torch.Tensor, mask: torch.Tensor, log_weight_clip: tuple
 @torch.no_grad()
 def _diagnostics(weights, log_g, logp_target, logp_behavior, mask, log_weight_clip) -> PearDiagnostics:
     mask = mask.bool()
-    weight_sum, weight_sq_sum = weights.sum(), weights.square().sum()  # weights are 0 off the response
-    log_ratio = logp_target.to(weights.dtype) - logp_behavior.to(weights.dtype)
-    num_tokens, weight_sum, ess, at_floor, at_ceiling, mean_log_ratio = torch.stack([  # one device sync
+    sums = torch.stack([  # one device sync for all of them; weights are 0 off the response
         mask.sum().to(weights.dtype),
-        weight_sum,
-        weight_sum.square() / weight_sq_sum.clamp(min=torch.finfo(weights.dtype).tiny),
-        masked_mean((log_g <= log_weight_clip[0]).to(weights.dtype), mask),
-        masked_mean((log_g >= log_weight_clip[1]).to(weights.dtype), mask),
-        masked_mean(log_ratio, mask),
+        weights.sum(),
+        weights.square().sum(),
+        (mask & (log_g <= log_weight_clip[0])).sum().to(weights.dtype),
+        (mask & (log_g >= log_weight_clip[1])).sum().to(weights.dtype),
+        masked_sum(logp_target.to(weights.dtype) - logp_behavior.to(weights.dtype), mask),
     ]).tolist()
+    num_tokens, weight_sum, weight_sq_sum, at_floor, at_ceiling, log_ratio_sum = sums
+    count = max(num_tokens, 1.0)
+    ess = weight_sum**2 / weight_sq_sum if weight_sq_sum > 0 else 0.0
     return PearDiagnostics(
-        mean_weight=weight_sum / max(num_tokens, 1),
+        mean_weight=weight_sum / count,
         ess=ess,
-        ess_fraction=ess / max(num_tokens, 1),
-        frac_at_floor=at_floor,
-        frac_at_ceiling=at_ceiling,
-        mean_log_ratio=mean_log_ratio,
+        ess_fraction=ess / count,
+        frac_at_floor=at_floor / count,
+        frac_at_ceiling=at_ceiling / count,
+        mean_log_ratio=log_ratio_sum / count,
         num_tokens=int(num_tokens),
     )

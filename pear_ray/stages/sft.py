@@ -22,6 +22,7 @@ from pear_ray.objectives import pear_weights
 from pear_ray.stages.common import Run, batch_ref, dataset_ref
 
 log = logging.getLogger(__name__)
+HISTOGRAM_ROWS = 256  # rows of the data whose PEAR weights under the trained model are plotted
 
 
 def batch_plan(num_rows: int, batch_size: int, epochs: int, seed: int, min_rows: int) -> list[np.ndarray]:
@@ -63,7 +64,8 @@ def run_sft(run: Run, variant: str, data_path: Path) -> Path:
             if (step + 1) % sft.checkpoint_every == 0 and step + 1 < len(plan):
                 learner.save_checkpoint(run.checkpoints(name), {"step": step + 1})
         if variant != "none":
-            log_weight_histogram(run, learner, sft.pear, dataset, plan[-1], variant, len(plan))
+            probe = np.arange(min(HISTOGRAM_ROWS, num_rows))
+            log_weight_histogram(run, learner, sft.pear, dataset, probe, variant, len(plan))
         learner.export_hf(run.model(name))
     finally:
         learner.shutdown()
@@ -72,7 +74,7 @@ def run_sft(run: Run, variant: str, data_path: Path) -> Path:
 
 def log_weight_histogram(run: Run, learner: LearnerGroup, pear, dataset, rows: np.ndarray, variant: str,
                          step: int) -> None:
-    """PEAR weights of the final batch under the trained model, for the weight-histogram plot."""
+    """PEAR weights of some data rows under the trained model, for the weight-histogram plot."""
     batch = batch_ref(dataset, rows)
     table = ray.get(batch)
     table = schema.append_column(table, schema.REF_LOGPROBS, ray.get(learner.logprobs(batch)))  # the target
