@@ -113,6 +113,10 @@ class DeepSpeedLearner:
         use_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
         if bf16 and not use_gpu:
             raise ValueError("bf16=True needs a GPU; the CPU learner trains in fp32")
+        if not use_gpu:
+            # PEAR weights at the floor (e^-10) make denormal gradients and Adam moments, which are very slow on
+            # CPU; flushing them to zero changes nothing measurable and keeps the step time flat.
+            torch.set_flush_denormal(True)
 
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
                           MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port))
