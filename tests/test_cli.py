@@ -53,8 +53,9 @@ def test_a_typo_exits_non_zero_naming_the_key():
     assert "sft.pear.levle: unknown key" in result.output
 
 
-@pytest.mark.parametrize("name", ["score", "sft", "rl", "eval"])
-def test_stage_commands_not_built_yet_say_so_and_fail(name):
-    result = runner.invoke(app, [name, SMOKE])
+@pytest.mark.parametrize("name", ["run", "score", "sft", "rl", "eval"])
+def test_stage_commands_refuse_a_bad_job_before_starting_anything(name, tmp_path):
+    result = runner.invoke(app, [name, SMOKE, "rl.group_size=1", "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 2
-    assert "not built yet" in result.output
+    assert "rl.group_size: Input should be greater than or equal to 2" in result.output
+    assert not (tmp_path / "run").exists()
