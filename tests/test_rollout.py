@@ -106,3 +106,11 @@ def test_streaming_a_parquet_dataset_keeps_order_and_every_row(ray_cluster, roll
     np.testing.assert_allclose(np.concatenate(scored.column(schema.BEHAVIOR_LOGPROBS).to_pylist()),
                                np.concatenate(generated.column(schema.ROLLOUT_LOGPROBS).to_pylist()), atol=1e-4)
     assert not (tmp_path / "out" / "scored.parquet.partial").exists()
+
+
+def test_prompts_of_one_call_do_not_share_random_draws(rollout, prompts):
+    same_prompt = pa.table({"prompt_ids": [prompts.column("prompt_ids")[0].as_py()] * 3, "group_id": [4, 5, 4]})
+    out, _ = generate(rollout, same_prompt, n=1, seed=11, max_tokens=8)
+    responses = out.column("response_ids").to_pylist()
+    assert responses[0] == responses[2]  # the same group (prompt) and seed: the same draws
+    assert responses[0] != responses[1]  # another prompt in the call: its own seed

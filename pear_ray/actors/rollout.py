@@ -35,6 +35,8 @@ class RolloutWorker:
         """n samples per prompt row; the output has one row per sample, the prompt's columns repeated."""
         started = time.perf_counter()
         prompts = schema.validate(prompts, required=(schema.PROMPT_IDS,), vocab_size=self.engine.vocab_size)
+        if seed is not None and schema.GROUP_ID in prompts.column_names:  # a seed per prompt, stable however split
+            seed = [seed + n * int(group) for group in prompts.column(schema.GROUP_ID).to_pylist()]
         samples = self.engine.generate(prompts.column(schema.PROMPT_IDS).to_pylist(), n=n, seed=seed, **sampling)
         flat = [sample for row in samples for sample in row]
         out = prompts.drop_columns([c for c in GENERATED if c in prompts.column_names])

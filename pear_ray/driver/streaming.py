@@ -2,7 +2,8 @@
 
 Row groups are read by Ray tasks, transformed by the pool, and written in order by a sink actor; the pool's
 in-flight bound and a bounded queue of pending writes keep object-store and driver memory flat however
-large the dataset.
+large the dataset. Size row groups so that about (2 x actors x max_in_flight + max_pending_writes) of them,
+inputs and outputs, fit in the object store, or Ray spills to disk (measured: benchmarks/bench_streaming.py).
 """
 
 from __future__ import annotations

@@ -129,17 +129,23 @@ class VllmEngine:
         return self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
 
     def generate(self, prompts: list[list[int]], *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                 max_tokens: int = 32, seed: int | None = None, stop_token_ids: list[int] | None = None,
+                 max_tokens: int = 32, seed: int | list[int] | None = None, stop_token_ids: list[int] | None = None,
                  ignore_eos: bool = False) -> list[list[Sample]]:
-        """n samples per prompt with the log-prob of every sampled token. With a seed, sample j of a prompt uses
-        seed + j (vLLM's parallel sampling), so the same call returns the same samples."""
+        """n samples per prompt with the log-prob of every sampled token. `seed` is one seed for every prompt or
+        one per prompt (so prompts do not share their random draws); sample j of a prompt uses its seed + j
+        (vLLM's parallel sampling), so the same call returns the same samples."""
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=0, detokenize=False)
-        outputs = []
+        seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s,
+                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=0, detokenize=False)
+                  for s in seeds]
+        outputs, start = [], 0
         for part in self._one_step_parts(prompts, n) if seed is not None else [prompts]:
-            outputs.extend(self._run(part, params))
+            outputs.extend(self._run(part, params[start:start + len(part)]))
+            start += len(part)
         results = []
         for out in outputs:
             results.append([

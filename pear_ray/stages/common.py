@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,11 @@ class Run:
     def data(self, name: str) -> Path:
         return self.dir / "data" / f"{name}.parquet"
 
-    @property
+    @cached_property
     def task(self):
         return make_task(self.job.task, self.job.data, seed=self.job.seed)
 
-    @property
+    @cached_property
     def tokenizer(self):
         return AutoTokenizer.from_pretrained(self.student)
 
