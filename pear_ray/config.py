@@ -156,11 +156,19 @@ class ActorResources(Section):
 
 
 class RolloutResources(ActorResources):
-    num_actors: int = Field(1, ge=1)
+    num_actors: int = Field(1, ge=1, description="actors to start with, and the fewest to keep")
+    max_actors: int | None = Field(None, ge=1, description="grow up to this many as the cluster has room; "
+                                   "null keeps the pool at num_actors")
     max_in_flight: int = Field(2, ge=1, description="batches queued per actor (back-pressure)")
     # Extra vLLM engine arguments, e.g. on a GPU {dtype: bfloat16, kv_cache_memory_bytes: null,
     # gpu_memory_utilization: 0.85}; the defaults (fp32, a 64 MiB KV cache) suit tiny models on CPU.
     engine: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _max_not_below_min(self) -> RolloutResources:
+        if self.max_actors is not None and self.max_actors < self.num_actors:
+            raise ValueError(f"max_actors={self.max_actors} is below num_actors={self.num_actors}")
+        return self
 
 
 class LearnerResources(ActorResources):

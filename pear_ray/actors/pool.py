@@ -40,6 +40,7 @@ class PoolStats:
     completed: int = 0
     resubmitted: int = 0
     actors_replaced: int = 0
+    actors_dropped: int = 0
     per_actor_completed: dict[int, int] = field(default_factory=dict)
 
 
@@ -56,14 +57,30 @@ class ActorPool:
     dataset is never all in the object store at once.
     """
 
-    def __init__(self, make_actor: Callable[[int], Any], size: int, *, max_in_flight: int = 2, max_attempts: int = 3):
+    def __init__(self, make_actor: Callable[[int], Any], size: int, *, max_in_flight: int = 2, max_attempts: int = 3,
+                 min_size: int | None = None):
         if size < 1:
             raise ValueError(f"a pool needs at least one actor, got size={size}")
         self.make_actor = make_actor
         self.slots = {slot: _Slot(make_actor(slot)) for slot in range(size)}
         self.max_in_flight = max_in_flight
         self.max_attempts = max_attempts
+        # Elastic pools (min_size given) let a lost actor go while above min_size (its node left the cluster)
+        # instead of starting a replacement that may have nowhere to run.
+        self.min_size = size if min_size is None else min_size
         self.stats = PoolStats()
+
+    def add_actor(self) -> int:
+        """One more actor (a node joined); it takes work from the next dispatch on. Returns its slot."""
+        slot_id = max(self.slots, default=-1) + 1
+        self.slots[slot_id] = _Slot(self.make_actor(slot_id))
+        return slot_id
+
+    def remove_actor(self, slot_id: int) -> None:
+        """Drop an idle actor (one with nothing in flight)."""
+        if self.slots[slot_id].in_flight:
+            raise RuntimeError(f"actor {slot_id} still has {self.slots[slot_id].in_flight} batches in flight")
+        ray.kill(self.slots.pop(slot_id).actor)
 
     @property
     def actors(self) -> list[Any]:
@@ -101,8 +118,18 @@ class ActorPool:
             yield work.index, batch_ref, stats
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """Run a method on every actor (e.g. a weight update) and wait for all of them."""
-        return ray.get([getattr(actor, method).remote(*args, **kwargs) for actor in self.actors])
+        """Run a method on every actor (e.g. a weight update) and wait for all of them. An actor lost meanwhile
+        is dropped (elastic pool above its minimum) or replaced and asked again."""
+        refs = {slot_id: getattr(slot.actor, method).remote(*args, **kwargs) for slot_id, slot in self.slots.items()}
+        results = []
+        for slot_id, ref in refs.items():
+            try:
+                results.append(ray.get(ref))
+            except RayActorError as error:
+                self._replace(slot_id, None, {}, error)
+                if slot_id in self.slots:
+                    results.append(ray.get(getattr(self.slots[slot_id].actor, method).remote(*args, **kwargs)))
+        return results
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -122,17 +149,24 @@ class ActorPool:
     def _least_loaded(self) -> int:
         return min(self.slots, key=lambda slot_id: self.slots[slot_id].in_flight)
 
-    def _replace(self, slot_id: int, failed: _Work, pending: dict, error: Exception) -> list[_Work]:
-        """Start a new actor in a dead actor's slot; return its unfinished work (the failed item first)."""
+    def _replace(self, slot_id: int, failed: _Work | None, pending: dict, error: Exception) -> list[_Work]:
+        """Drop a dead actor's slot (elastic, above minimum) or start a new actor in it; return the dead actor's
+        unfinished work (the failed item first)."""
         same_actor = [ref for ref, (sid, _, _) in pending.items() if sid == slot_id]
-        lost = [failed] + [pending.pop(ref)[1] for ref in same_actor]
+        lost = ([failed] if failed is not None else []) + [pending.pop(ref)[1] for ref in same_actor]
         for work in lost:
             if work.attempts >= self.max_attempts:
                 raise RuntimeError(f"item {work.index} failed on {work.attempts} actors; last error: {error}") from error
+        self.stats.resubmitted += len(lost)
+        if len(self.slots) > self.min_size:
+            log.warning("rollout actor %d lost (%s); going on with %d actors, re-running its %d batches",
+                        slot_id, type(error).__name__, len(self.slots) - 1, len(lost))
+            del self.slots[slot_id]
+            self.stats.actors_dropped += 1
+            return lost
         slot = self.slots[slot_id]
         log.warning("rollout actor %d lost (%s); replacing it and re-running %d batches",
                     slot_id, type(error).__name__, len(lost))
         slot.actor, slot.in_flight, slot.restarts = self.make_actor(slot_id), 0, slot.restarts + 1
         self.stats.actors_replaced += 1
-        self.stats.resubmitted += len(lost)
         return lost

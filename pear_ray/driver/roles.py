@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from ray.autoscaler.sdk import request_resources
 
 from pear_ray.actors.learner import LearnerGroup
 from pear_ray.actors.pool import ActorPool
@@ -37,7 +38,39 @@ def rollout_pool(model_dir: str | Path, resources: RolloutResources, *, seed: in
     def make_actor(slot: int):
         return worker.remote(str(model_dir), seed=seed + slot, engine_kwargs=resources.engine)
 
-    return ActorPool(make_actor, resources.num_actors, max_in_flight=resources.max_in_flight)
+    elastic = resources.max_actors is not None
+    if elastic:  # ask the autoscaler for the most the pool may use; a no-op without one
+        request_resources(bundles=[rollout_bundle(resources)] * resources.max_actors)
+    return ActorPool(make_actor, resources.num_actors, max_in_flight=resources.max_in_flight,
+                     min_size=resources.num_actors if elastic else None)
+
+
+def rollout_bundle(resources: RolloutResources) -> dict[str, float]:
+    """What one rollout actor occupies."""
+    bundle = {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.resources}
+    return {name: amount for name, amount in bundle.items() if amount > 0}
+
+
+def grow_rollout_pool(pool: ActorPool, resources: RolloutResources, ready_timeout_s: float = 120.0) -> int:
+    """Add rollout actors while the cluster has room for one more (a node joined), up to max_actors.
+
+    An actor that does not start within the timeout (the room was gone, or another job took it) is dropped.
+    Returns the pool's size. Shrinking needs no call: the pool lets an actor go when its node leaves.
+    """
+    bundle = rollout_bundle(resources)
+    while len(pool.slots) < (resources.max_actors or 0) and _fits(bundle, ray.available_resources()):
+        slot = pool.add_actor()
+        ready, _ = ray.wait([pool.slots[slot].actor.health.remote()], timeout=ready_timeout_s)
+        if not ready:
+            log.warning("a new rollout actor did not start within %.0f s; dropping it", ready_timeout_s)
+            pool.remove_actor(slot)
+            break
+        log.info("rollout pool grew to %d actors", len(pool.slots))
+    return len(pool.slots)
+
+
+def _fits(bundle: dict[str, float], available: dict[str, float]) -> bool:
+    return all(available.get(name, 0.0) >= amount for name, amount in bundle.items())
 
 
 def reference_actor(model_dir: str | Path, resources: ActorResources):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pear_ray.actors.learner import LearnerGroup
 from pear_ray.data import schema
-from pear_ray.driver.roles import probe_batch, reference_actor, rollout_pool, sync_weights
+from pear_ray.driver.roles import grow_rollout_pool, probe_batch, reference_actor, rollout_pool, sync_weights
 from pear_ray.objectives import group_advantages, informative_groups_mask
 from pear_ray.stages.common import Run, prompt_table, rollouts, with_rewards
 from pear_ray.stages.sft import latest_checkpoint
@@ -35,13 +35,16 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
     pool = rollout_pool(start_model, job.resources.rollout, seed=job.seed)
     reference = reference_actor(start_model, job.resources.reference) if rl.kl_coef > 0 else None
     try:
-        start = 0
+        start, rollout_actors = 0, len(pool.slots)
         if latest_checkpoint(run.checkpoints(name)):
             start = learner.load_checkpoint(run.checkpoints(name))["step"]
             run.metrics.truncate_after("rl", variant, start)
             sync_weights(learner, pool, version=start)
             log.info("%s: resuming at step %d of %d", name, start, rl.steps)
         for step in tqdm(range(start, rl.steps), desc=name, initial=start, total=rl.steps):
+            if grow_rollout_pool(pool, job.resources.rollout) > rollout_actors:  # new actors start from start_model
+                sync_weights(learner, pool, version=step)
+            rollout_actors = len(pool.slots)
             rng = np.random.default_rng([job.seed, step])
             chosen = prompts.take(rng.choice(prompts.num_rows, size=min(rl.prompts_per_step, prompts.num_rows),
                                              replace=False))
@@ -56,6 +59,7 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
                 stats.update(sync_weights(learner, pool, version=step + 1, probe_ref=probe_batch(batch)))
             else:
                 log.info("%s step %d: every group's rewards were equal; no update", name, step + 1)
+            stats["rollout_actors"] = len(pool.slots)
             run.metrics.log("rl", step + 1, stats, variant=variant)
             if (step + 1) % rl.checkpoint_every == 0 and step + 1 < rl.steps:
                 learner.save_checkpoint(run.checkpoints(name), {"step": step + 1})
