@@ -33,11 +33,6 @@ def _load(job_file: Path, overrides: list[str] | None) -> JobConfig:
         raise typer.Exit(2) from None
 
 
-def _not_yet(what: str, issue: str) -> None:
-    typer.echo(f"`pear-ray {what}` is not built yet: it arrives with the {issue} issue.", err=True)
-    raise typer.Exit(2)
-
-
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
     logging.basicConfig(
@@ -148,16 +143,83 @@ def demo(overrides: OverridesArg = None) -> None:
     _run(_load(DEMO_JOB, overrides), None)
 
 
+AddressOption = Annotated[
+    str | None,
+    typer.Option(help="Ray dashboard (Jobs API) address [default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS if a URL, "
+                 "or http://127.0.0.1:8265]"),
+]
+
+
 @app.command()
 def submit(
     job_file: JobArg,
     overrides: OverridesArg = None,
-    address: Annotated[str, typer.Option(help="Ray dashboard address, e.g. http://127.0.0.1:8265")] = "",
-    wait: Annotated[bool, typer.Option(help="follow the logs until the job ends")] = False,
+    address: AddressOption = None,
+    wait: Annotated[bool, typer.Option(help="follow the logs until the job ends; exit non-zero if it fails")] = True,
+    working_dir: Annotated[Path | None, typer.Option(help="folder shipped to the cluster [default: .]")] = None,
+    run_dir: RunDirOption = None,
 ) -> None:
-    """Submit the job to a Ray cluster through the Ray Jobs API."""
-    _load(job_file, overrides)
-    _not_yet("submit", "clusters-and-job-submission")
+    """Submit the job to a Ray cluster through the Ray Jobs API (`pear-ray run` there, this folder shipped)."""
+    from pear_ray.submit import SubmitError, submit_job
+
+    try:
+        job_id, status = submit_job(
+            job_file, overrides, address, wait=wait, working_dir=working_dir, run_dir=run_dir
+        )
+    except SubmitError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"job {job_id}: {status}")
+    if wait and status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+jobs_app = typer.Typer(help="Jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+JobIdArg = Annotated[str, typer.Argument(help="job id printed by `pear-ray submit`")]
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOption = None) -> None:
+    """List the cluster's jobs: id, status, entrypoint."""
+    from pear_ray.submit import list_jobs
+
+    for job in list_jobs(address):
+        typer.echo(f"{job.submission_id or job.job_id}\t{job.status.value}\t{job.entrypoint}")
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: JobIdArg, address: AddressOption = None) -> None:
+    """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from pear_ray.submit import job_status
+
+    typer.echo(job_status(job_id, address))
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: JobIdArg,
+    address: AddressOption = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="stream until the job ends")] = False,
+) -> None:
+    """Print a job's logs; with --follow, stream them until it ends and exit non-zero if it failed."""
+    from pear_ray.submit import job_logs
+
+    if not follow:
+        typer.echo(job_logs(job_id, address), nl=False)
+        return
+    status = job_logs(job_id, address, follow=True)
+    typer.echo(f"job {job_id}: {status}")
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: JobIdArg, address: AddressOption = None) -> None:
+    """Stop a running job."""
+    from pear_ray.submit import stop_job
+
+    typer.echo(f"job {job_id}: {'stop requested' if stop_job(job_id, address) else 'already ended'}")
 
 
 if __name__ == "__main__":

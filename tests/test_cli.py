@@ -18,7 +18,7 @@ runner = CliRunner()
 def test_console_script_is_installed_and_lists_every_subcommand():
     pear_ray = Path(sys.executable).parent / "pear-ray"
     result = subprocess.run([str(pear_ray), "--help"], capture_output=True, text=True, check=True)
-    for name in SUBCOMMANDS:
+    for name in [*SUBCOMMANDS, "jobs"]:
         assert name in result.stdout
 
 
@@ -29,6 +29,26 @@ def test_each_subcommand_explains_itself(name):
     assert "Usage:" in result.output
     first_words = " ".join(_docstring(name).split()[:3])
     assert first_words in " ".join(result.output.split())
+
+
+JOBS_SUBCOMMANDS = ["list", "status", "logs", "stop"]
+
+
+def test_jobs_group_lists_and_explains_its_subcommands():
+    result = runner.invoke(app, ["jobs", "--help"])
+    assert result.exit_code == 0, result.output
+    for name in JOBS_SUBCOMMANDS:
+        assert name in result.output
+        sub = runner.invoke(app, ["jobs", name, "--help"])
+        assert sub.exit_code == 0, sub.output
+        assert "--address" in sub.output
+
+
+def test_submit_help_offers_address_and_wait():
+    result = runner.invoke(app, ["submit", "--help"])
+    assert result.exit_code == 0, result.output
+    for option in ["--address", "--wait", "--no-wait", "--run-dir"]:
+        assert option in result.output
 
 
 def _docstring(name):
