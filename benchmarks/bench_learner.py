@@ -26,6 +26,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import torch
+from machine_load import rotating_rounds  # benchmarks/ is on sys.path when a benchmark runs
 
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
@@ -139,14 +140,8 @@ def main() -> None:
         for step in steps.values():
             time_steps(step, args.warmup)
         names = list(steps)
-        seconds = {name: [] for name in names}
-        ratios = {name: [] for name in names}
-        for round_ in range(args.rounds):
-            order = names[round_ % len(names):] + names[:round_ % len(names)]
-            timed = {name: time_steps(steps[name], args.steps_per_round) for name in order}
-            for name, t in timed.items():
-                seconds[name].append(t)
-                ratios[name].append(t / timed["plain torch"])
+        seconds, ratios = rotating_rounds(steps, args.rounds, lambda step: time_steps(step, args.steps_per_round),
+                                          baseline="plain torch")
         for group in groups:
             group.shutdown()
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from machine_load import MachineLoad  # benchmarks/ is on sys.path when a benchmark runs
+from machine_load import MachineLoad, rotating_rounds  # benchmarks/ is on sys.path when a benchmark runs
 from transformers import AutoModelForCausalLM
 
 from pear_ray.models import TinyModelSpec, build_tiny_model
@@ -81,21 +81,14 @@ def bench_step_ratio(args) -> None:
     steps = {name: make_step(model, optimizer, ids, mask, logp_behavior, level) for name, level in variants.items()}
     for step in steps.values():
         fastest_step(step, args.warmup)
-    seconds = {name: [] for name in steps}
-    ratios = {name: [] for name in steps}
-    names = list(steps)
-    for round_ in range(args.rounds):
-        order = names[round_ % len(names):] + names[:round_ % len(names)]
-        timed = {name: fastest_step(steps[name], args.steps_per_round) for name in order}
-        for name, t in timed.items():
-            seconds[name].append(t)
-            ratios[name].append(t / timed["canonical"])
+    seconds, ratios = rotating_rounds(steps, args.rounds, lambda step: fastest_step(step, args.steps_per_round),
+                                      baseline="canonical")
     params = sum(p.numel() for p in model.parameters())
     print(f"SFT step, tiny Qwen2 ({params / 1e6:.2f}M params, vocab {model.config.vocab_size}), batch "
           f"{args.batch} x {args.seq_len}, {int(mask[:, 1:].sum())} response tokens, {torch.get_num_threads()} "
           f"threads; median over {args.rounds} rounds of the fastest of {args.steps_per_round} steps")
     print(f"{'variant':<10} {'ms/step':>8} {'ratio':>6} {'ratio p25-p75':>14}  within {TARGET_RATIO}")
-    for name in names:
+    for name in steps:
         p25, ratio, p75 = statistics.quantiles(ratios[name], n=4)
         verdict = "" if name == "canonical" else ("yes" if ratio <= TARGET_RATIO else "NO")
         spread = f"{p25:.3f}-{p75:.3f}"

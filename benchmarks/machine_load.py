@@ -1,4 +1,5 @@
-"""How busy the machine was during a benchmark: its figures assume an otherwise idle 2-core box."""
+"""What the benchmarks share: how busy the machine was (their figures assume an otherwise idle 2-core box), and
+variants timed in rotating order so that drift from other processes hits every variant alike."""
 
 from __future__ import annotations
 
@@ -74,3 +75,18 @@ def other_load() -> str:
             command = " ".join(p.info["cmdline"] or [p.info["name"] or "?"]).split()
             busy.append(f"{percent:.0f}% {' '.join(command)[:70]}")
     return f"load avg (1 min) {os.getloadavg()[0]:.2f}; other busy processes: {'; '.join(busy) or 'none'}"
+
+
+def rotating_rounds(steps: dict, rounds: int, time_step, baseline: str) -> tuple[dict, dict]:
+    """Time every variant once per round, starting each round one variant later; returns per-variant seconds and
+    per-round ratios to `baseline` (each round's own baseline time), as {name: [one value per round]}."""
+    names = list(steps)
+    seconds = {name: [] for name in names}
+    ratios = {name: [] for name in names}
+    for round_ in range(rounds):
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        timed = {name: time_step(steps[name]) for name in order}
+        for name, t in timed.items():
+            seconds[name].append(t)
+            ratios[name].append(t / timed[baseline])
+    return seconds, ratios

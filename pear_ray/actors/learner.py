@@ -82,9 +82,7 @@ class _LearnerRank:
         return self.engine.rl_step(self._shard(batch, "rl_step", rl.get("minibatches", 1)), **rl)
 
     def logprobs(self, batch: pa.Table) -> pa.ListArray:
-        table = pa.table(batch) if isinstance(batch, pa.RecordBatch) else batch
-        start, end = shard_bounds(table.num_rows, self.world_size, self.rank)
-        return self.engine.logprobs(table.slice(start, end - start))
+        return self.engine.logprobs(self._shard(batch, "logprobs", min_rows_per_rank=0))  # a rank may get no rows
 
     def concat(self, *arrays: pa.Array) -> pa.Array:
         return pa.concat_arrays(list(arrays))
