@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Slot:
     actor: Any
+    ready: ray.ObjectRef  # resolves once the actor's constructor has run
+    active: bool = True  # takes work; an actor added to a running pool waits until activate_started()
+    started_at: float = field(default_factory=time.monotonic)
     in_flight: int = 0
-    restarts: int = 0
 
 
 @dataclass
@@ -62,7 +64,7 @@ class ActorPool:
         if size < 1:
             raise ValueError(f"a pool needs at least one actor, got size={size}")
         self.make_actor = make_actor
-        self.slots = {slot: _Slot(make_actor(slot)) for slot in range(size)}
+        self.slots = {slot: self._new_slot(slot, active=True) for slot in range(size)}
         self.max_in_flight = max_in_flight
         self.max_attempts = max_attempts
         # Elastic pools (min_size given) let a lost actor go while above min_size (its node left the cluster)
@@ -70,21 +72,46 @@ class ActorPool:
         self.min_size = size if min_size is None else min_size
         self.stats = PoolStats()
 
+    def _new_slot(self, slot_id: int, active: bool) -> _Slot:
+        actor = self.make_actor(slot_id)
+        return _Slot(actor, actor.__ray_ready__.remote(), active)
+
     def add_actor(self) -> int:
-        """One more actor (a node joined); it takes work from the next dispatch on. Returns its slot."""
+        """Start one more actor (a node joined) without waiting for it; it takes no work until
+        `activate_started()` finds it up, so the caller can give it state (weights) first. Returns its slot."""
         slot_id = max(self.slots, default=-1) + 1
-        self.slots[slot_id] = _Slot(self.make_actor(slot_id))
+        self.slots[slot_id] = self._new_slot(slot_id, active=False)
         return slot_id
 
-    def remove_actor(self, slot_id: int) -> None:
-        """Drop an idle actor (one with nothing in flight)."""
-        if self.slots[slot_id].in_flight:
-            raise RuntimeError(f"actor {slot_id} still has {self.slots[slot_id].in_flight} batches in flight")
-        ray.kill(self.slots.pop(slot_id).actor)
+    def activate_started(self, timeout_s: float) -> list[int]:
+        """Let the added actors that finished starting take work; drop any that failed to start or did not start
+        within `timeout_s` (the room it was meant for is gone). Returns the slots activated."""
+        activated = []
+        for slot_id, slot in list(self.slots.items()):
+            if slot.active:
+                continue
+            done, _ = ray.wait([slot.ready], timeout=0)
+            try:
+                if done:
+                    ray.get(slot.ready)
+                    slot.active = True
+                    activated.append(slot_id)
+                elif time.monotonic() - slot.started_at > timeout_s:
+                    raise TimeoutError(f"not started within {timeout_s:.0f} s")
+            except (RayActorError, TimeoutError) as error:
+                log.warning("new actor %d dropped: %s", slot_id, error)
+                ray.kill(self.slots.pop(slot_id).actor)
+        return activated
+
+    def settled(self) -> bool:
+        """Every actor has started (so the cluster's free resources no longer count ones about to be taken)."""
+        refs = [slot.ready for slot in self.slots.values()]
+        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs)
 
     @property
     def actors(self) -> list[Any]:
-        return [slot.actor for slot in self.slots.values()]
+        """The actors taking work."""
+        return [slot.actor for slot in self.slots.values() if slot.active]
 
     def map(self, method: str, items: Iterable[Any], **kwargs: Any) -> Iterator[tuple[int, ray.ObjectRef, dict]]:
         source = enumerate(items)
@@ -120,7 +147,8 @@ class ActorPool:
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Run a method on every actor (e.g. a weight update) and wait for all of them. An actor lost meanwhile
         is dropped (elastic pool above its minimum) or replaced and asked again."""
-        refs = {slot_id: getattr(slot.actor, method).remote(*args, **kwargs) for slot_id, slot in self.slots.items()}
+        refs = {slot_id: getattr(slot.actor, method).remote(*args, **kwargs)
+                for slot_id, slot in self.slots.items() if slot.active}
         results = []
         for slot_id, ref in refs.items():
             try:
@@ -132,8 +160,8 @@ class ActorPool:
         return results
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
+        for slot in self.slots.values():
+            ray.kill(slot.actor)
         self.slots.clear()
 
     def _next(self, source) -> _Work | None:
@@ -144,10 +172,11 @@ class ActorPool:
         return _Work(index, item)
 
     def _has_capacity(self) -> bool:
-        return any(slot.in_flight < self.max_in_flight for slot in self.slots.values())
+        return any(slot.active and slot.in_flight < self.max_in_flight for slot in self.slots.values())
 
     def _least_loaded(self) -> int:
-        return min(self.slots, key=lambda slot_id: self.slots[slot_id].in_flight)
+        return min((slot_id for slot_id, slot in self.slots.items() if slot.active),
+                   key=lambda slot_id: self.slots[slot_id].in_flight)
 
     def _replace(self, slot_id: int, failed: _Work | None, pending: dict, error: Exception) -> list[_Work]:
         """Drop a dead actor's slot (elastic, above minimum) or start a new actor in it; return the dead actor's
@@ -158,15 +187,15 @@ class ActorPool:
             if work.attempts >= self.max_attempts:
                 raise RuntimeError(f"item {work.index} failed on {work.attempts} actors; last error: {error}") from error
         self.stats.resubmitted += len(lost)
-        if len(self.slots) > self.min_size:
+        ray.kill(self.slots[slot_id].actor)  # unreachable rather than dead (a node cut off) must not hold resources
+        if len(self.actors) > self.min_size:
             log.warning("rollout actor %d lost (%s); going on with %d actors, re-running its %d batches",
-                        slot_id, type(error).__name__, len(self.slots) - 1, len(lost))
+                        slot_id, type(error).__name__, len(self.actors) - 1, len(lost))
             del self.slots[slot_id]
             self.stats.actors_dropped += 1
             return lost
-        slot = self.slots[slot_id]
         log.warning("rollout actor %d lost (%s); replacing it and re-running %d batches",
                     slot_id, type(error).__name__, len(lost))
-        slot.actor, slot.in_flight, slot.restarts = self.make_actor(slot_id), 0, slot.restarts + 1
+        self.slots[slot_id] = self._new_slot(slot_id, active=True)
         self.stats.actors_replaced += 1
         return lost

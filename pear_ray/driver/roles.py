@@ -51,22 +51,22 @@ def rollout_bundle(resources: RolloutResources) -> dict[str, float]:
     return {name: amount for name, amount in bundle.items() if amount > 0}
 
 
-def grow_rollout_pool(pool: ActorPool, resources: RolloutResources, ready_timeout_s: float = 120.0) -> int:
-    """Add rollout actors while the cluster has room for one more (a node joined), up to max_actors.
+def grow_rollout_pool(pool: ActorPool, resources: RolloutResources, start_timeout_s: float = 300.0) -> list[int]:
+    """Elastic pools: start one more rollout actor when the cluster has room for it (a node joined), up to
+    max_actors, without waiting for it to come up. Returns the slots of actors that have come up since the last
+    call: they take work from now on, and still hold the weights they started with.
 
-    An actor that does not start within the timeout (the room was gone, or another job took it) is dropped.
-    Returns the pool's size. Shrinking needs no call: the pool lets an actor go when its node leaves.
+    One actor starts at a time, and only once every other one has started: until then the cluster's free
+    resources still count what a starting actor is about to take. Shrinking needs no call: the pool lets an
+    actor go when its node leaves.
     """
-    bundle = rollout_bundle(resources)
-    while len(pool.slots) < (resources.max_actors or 0) and _fits(bundle, ray.available_resources()):
-        slot = pool.add_actor()
-        ready, _ = ray.wait([pool.slots[slot].actor.health.remote()], timeout=ready_timeout_s)
-        if not ready:
-            log.warning("a new rollout actor did not start within %.0f s; dropping it", ready_timeout_s)
-            pool.remove_actor(slot)
-            break
-        log.info("rollout pool grew to %d actors", len(pool.slots))
-    return len(pool.slots)
+    started = pool.activate_started(start_timeout_s)
+    for slot in started:
+        log.info("rollout actor %d is up: the pool has %d actors", slot, len(pool.actors))
+    room = _fits(rollout_bundle(resources), ray.available_resources())
+    if len(pool.slots) < (resources.max_actors or 0) and room and pool.settled():
+        log.info("the cluster has room for another rollout actor: starting actor %d", pool.add_actor())
+    return started
 
 
 def _fits(bundle: dict[str, float], available: dict[str, float]) -> bool:
@@ -83,10 +83,11 @@ def mismatch(learner: LearnerGroup, pool: ActorPool, probe_ref: ray.ObjectRef) -
     Near zero in fp32 right after a sync; anything else means the engines disagree (dtype, kernels, or a
     sync that did not land) and the RL importance ratios are off by that much.
     """
-    scored = [actor.score.remote(probe_ref, column=PROBE_COLUMN)[0] for actor in pool.actors]
-    learner_logp = np.concatenate(ray.get(learner.logprobs(probe_ref)).to_pylist())
+    learner_ref = learner.logprobs(probe_ref)
+    scored = [table for table, _ in pool.call_all("score", probe_ref, column=PROBE_COLUMN)]  # a few rows each
+    learner_logp = np.concatenate(ray.get(learner_ref).to_pylist())
     every = np.concatenate([np.abs(np.concatenate(table.column(PROBE_COLUMN).to_pylist()) - learner_logp)
-                            for table in ray.get(scored)])
+                            for table in scored])
     return {"mismatch_max": float(every.max()), "mismatch_mean": float(every.mean())}
 
 

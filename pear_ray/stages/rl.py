@@ -35,16 +35,15 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
     pool = rollout_pool(start_model, job.resources.rollout, seed=job.seed)
     reference = reference_actor(start_model, job.resources.reference) if rl.kl_coef > 0 else None
     try:
-        start, rollout_actors = 0, len(pool.slots)
+        start = 0
         if latest_checkpoint(run.checkpoints(name)):
             start = learner.load_checkpoint(run.checkpoints(name))["step"]
             run.metrics.truncate_after("rl", variant, start)
             sync_weights(learner, pool, version=start)
             log.info("%s: resuming at step %d of %d", name, start, rl.steps)
         for step in tqdm(range(start, rl.steps), desc=name, initial=start, total=rl.steps):
-            if grow_rollout_pool(pool, job.resources.rollout) > rollout_actors:  # new actors start from start_model
+            if grow_rollout_pool(pool, job.resources.rollout):  # actors that came up hold start_model's weights
                 sync_weights(learner, pool, version=step)
-            rollout_actors = len(pool.slots)
             rng = np.random.default_rng([job.seed, step])
             chosen = prompts.take(rng.choice(prompts.num_rows, size=min(rl.prompts_per_step, prompts.num_rows),
                                              replace=False))
@@ -59,7 +58,8 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
                 stats.update(sync_weights(learner, pool, version=step + 1, probe_ref=probe_batch(batch)))
             else:
                 log.info("%s step %d: every group's rewards were equal; no update", name, step + 1)
-            stats["rollout_actors"] = len(pool.slots)
+            stats.update(rollout_actors=len(pool.actors), rollout_actors_lost=pool.stats.actors_dropped
+                         + pool.stats.actors_replaced, rollout_batches_rerun=pool.stats.resubmitted)
             run.metrics.log("rl", step + 1, stats, variant=variant)
             if (step + 1) % rl.checkpoint_every == 0 and step + 1 < rl.steps:
                 learner.save_checkpoint(run.checkpoints(name), {"step": step + 1})
