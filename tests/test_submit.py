@@ -1,8 +1,10 @@
-"""`pear-ray submit` against a real `ray start --head` (token auth on, loopback only), started and stopped by
-this module alone: never `ray stop`, which would stop every Ray cluster of the user (PLATFORM.md)."""
+"""`pear-ray submit` against a real `ray start --head` (token auth on, loopback only), and a second node joining
+and leaving it during an RL job. Everything is started and stopped by this module alone: never `ray stop`, which
+would stop every Ray cluster of the user (PLATFORM.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -100,6 +102,7 @@ def ray_head():
     start = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=4",
+         f"--resources={json.dumps({'rollout': 1})}",  # room for one rollout actor; a joining node brings more
          f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
          f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
          f"--temp-dir={ray_temp}", "--disable-usage-stats"],
@@ -122,7 +125,7 @@ def ray_head():
                     raise
                 time.sleep(1)
         yield {"address": address, "token": token, "token_file": token_file, "temp": temp,
-               "headers": headers}
+               "headers": headers, "gcs_address": f"127.0.0.1:{gcs_port}"}
     finally:
         left = _kill_head(session_id, marker)
         shutil.rmtree(temp, ignore_errors=True)
@@ -213,3 +216,70 @@ def test_a_client_without_the_token_is_refused(ray_head, tmp_path, token):
     expected = "Authentication required" if token is None else "Authentication failed"
     assert expected in output
     assert ray_head["token"] not in output
+
+
+NODE_SCRIPT = str(Path(__file__).with_name("ray_worker_node.py"))
+# RL straight from the (untrained) student, long enough for a node to join and leave while it runs; the rollout
+# pool starts with the head's one `rollout` slot and may grow to two.
+RL_STEPS = 240  # about 40 s here: a node joining takes ~10 s (raylet, then a vLLM actor), leaving ~2 s
+ELASTIC = ["stages=[rl]", f"rl.steps={RL_STEPS}", "rl.prompts_per_step=8", "rl.group_size=4", "sampling.max_tokens=32",
+           "resources.rollout={num_actors: 1, max_actors: 2, num_cpus: 0.5, resources: {rollout: 1}}"]
+FINISHED = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def _rl_records(run_dir: Path) -> list[dict]:
+    from pear_ray.tracking import read_metrics
+
+    return [record for record in read_metrics(run_dir) if record["stage"] == "rl"]
+
+
+def _wait_for(condition, jobs, job_id: str, what: str, timeout: float = 240):
+    """Poll `condition` until it holds; fail at once, with the job's logs, if the job ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        status = str(jobs.get_job_status(job_id).value)
+        assert status not in FINISHED and time.monotonic() < deadline, (
+            f"job {status} before {what}:\n{jobs.get_job_logs(job_id)[-4000:]}")
+        time.sleep(0.5)
+
+
+def test_the_rollout_pool_grows_when_a_node_joins_mid_rl_and_goes_on_when_it_leaves(ray_head):
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = JobSubmissionClient(ray_head["address"], headers=ray_head["headers"])
+    out_dir = ray_head["temp"] / "elastic"
+    submitted = _pear_ray(ray_head, "submit", SMOKE, *ELASTIC, f"output_dir={out_dir}",
+                          "--address", ray_head["address"], "--no-wait")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = _job_id(submitted.stdout + submitted.stderr)
+    run_dir = out_dir / "smoke"
+
+    _wait_for(lambda: _rl_records(run_dir), jobs, job_id, "the first RL step")
+    assert _rl_records(run_dir)[0]["rollout_actors"] == 1  # the head has room for one rollout actor only
+    node_env = _base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(ray_head["token_file"]))
+    node = subprocess.Popen([sys.executable, NODE_SCRIPT, ray_head["gcs_address"], str(ray_head["temp"] / "r"),
+                             "1", json.dumps({"rollout": 1})], env=node_env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout.readline().startswith("NODE_ID"), "the second node did not join"
+        _wait_for(lambda: sum(r["rollout_actors"] == 2 for r in _rl_records(run_dir)) >= 3, jobs, job_id,
+                  "the pool grew onto the new node and ran three steps there")  # each step uses every actor
+    finally:
+        node.terminate()  # the node leaves: its raylet and the rollout actor on it die
+        node.wait(timeout=60)
+    steps_before_leaving = len(_rl_records(run_dir))
+
+    deadline = time.monotonic() + 300
+    while (status := str(jobs.get_job_status(job_id).value)) not in FINISHED and time.monotonic() < deadline:
+        time.sleep(1)
+    logs = jobs.get_job_logs(job_id)
+    assert status == "SUCCEEDED", logs[-4000:]
+    records = _rl_records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, RL_STEPS + 1))
+    assert all(r["samples"] == 8 * 4 for r in records)  # every prompt's group came back, once, every step
+    actors = [r["rollout_actors"] for r in records]
+    grew = actors.index(2)
+    assert set(actors[grew:]) <= {1, 2} and actors[-1] == 1, actors
+    assert steps_before_leaving < RL_STEPS, "the run ended before the node left; give it more steps"
+    assert records[-1]["rollout_actors_lost"] >= 1, actors
+    assert "the pool has 2 actors" in logs and "going on with 1 actors" in logs
+    assert (run_dir / "models" / "rl-token" / "config.json").is_file()
