@@ -243,6 +243,15 @@ def _wait_for(condition, jobs, job_id: str, what: str, timeout: float = 240):
         time.sleep(0.5)
 
 
+def _requested_rollout_bundles(head, env) -> str | None:
+    """How many rollout bundles the autoscaler was asked for, per `ray status` ("none" when nothing is asked)."""
+    status = subprocess.run([str(BIN / "ray"), "status", "--address", head["gcs_address"]], env=env,
+                            capture_output=True, text=True, timeout=60).stdout
+    section = status.partition("From request_resources:")[2]
+    match = re.search(r"'rollout': 1[^\n]*: (\d+) from request_resources|\(none\)", section)
+    return (match.group(1) or "none") if match else None
+
+
 def test_the_rollout_pool_grows_when_a_node_joins_mid_rl_and_goes_on_when_it_leaves(ray_head):
     from ray.job_submission import JobSubmissionClient
 
@@ -257,6 +266,8 @@ def test_the_rollout_pool_grows_when_a_node_joins_mid_rl_and_goes_on_when_it_lea
     _wait_for(lambda: _rl_records(run_dir), jobs, job_id, "the first RL step")
     assert _rl_records(run_dir)[0]["rollout_actors"] == 1  # the head has room for one rollout actor only
     node_env = _base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(ray_head["token_file"]))
+    _wait_for(lambda: _requested_rollout_bundles(ray_head, node_env) == "2", jobs, job_id,
+              "the autoscaler was asked for max_actors rollout bundles")
     node = subprocess.Popen([sys.executable, NODE_SCRIPT, ray_head["gcs_address"], str(ray_head["temp"] / "r"),
                              "1", json.dumps({"rollout": 1})], env=node_env, stdout=subprocess.PIPE, text=True)
     try:
@@ -283,3 +294,7 @@ def test_the_rollout_pool_grows_when_a_node_joins_mid_rl_and_goes_on_when_it_lea
     assert records[-1]["rollout_actors_lost"] >= 1, actors
     assert "the pool has 2 actors" in logs and "going on with 1 actors" in logs
     assert (run_dir / "models" / "rl-token" / "config.json").is_file()
+    deadline = time.monotonic() + 30  # the request is withdrawn, so an autoscaler may scale the group down
+    while _requested_rollout_bundles(ray_head, node_env) != "none" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _requested_rollout_bundles(ray_head, node_env) == "none"

@@ -29,7 +29,7 @@ def tb_scalars(run_dir, variant, stage, tag):
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-def write_synthetic_run(run_dir, *, rl=True, evals=True):
+def write_synthetic_run(run_dir, *, rl=True, evals=True, pool_sizes=None):
     """Three variants through SFT (loss, diagnostics, weight histogram), then RL and eval if asked."""
     rng = np.random.default_rng(0)
     with MetricsLogger(run_dir, resume=False, loggers=()) as logger:
@@ -42,8 +42,9 @@ def write_synthetic_run(run_dir, *, rl=True, evals=True):
             weights = np.ones(500) if variant == "none" else np.exp(rng.normal(-1.0 * i, 1.5, 500).clip(-10, 5))
             logger.histogram("sft", 20, "pear_weights", weights, variant=variant)
             for step in range(1, 11) if rl else ():
-                logger.log("rl", step, {"reward": 0.2 + 0.03 * step + 0.05 * i,
-                                        "response_length": 40 + step}, variant=variant)
+                logger.log("rl", step, {"reward": 0.2 + 0.03 * step + 0.05 * i, "response_length": 40 + step,
+                                        **({"rollout_actors": pool_sizes[step - 1]} if pool_sizes else {})},
+                           variant=variant)
             if evals:
                 logger.log(eval_stage("sft"), 20, {"pass@1": 0.2 + 0.1 * i, "pass@8": 0.5, "num_prompts": 64},
                            variant=variant)
@@ -153,6 +154,20 @@ def test_plot_run_writes_valid_pngs(tmp_path):
         assert path.parent == tmp_path / "plots"
         data = path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, path
+
+
+def _png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # IHDR's width field
+
+
+@pytest.mark.parametrize("sizes, panels", [([1] * 10, 2), ([1, 1, 1, 2, 2, 2, 1, 1, 1, 1], 3)],
+                         ids=["fixed-pool", "elastic-pool"])
+def test_rl_plot_shows_the_rollout_pool_size_only_when_it_changed(tmp_path, sizes, panels):
+    write_synthetic_run(tmp_path / "plain")
+    write_synthetic_run(tmp_path / "pool", pool_sizes=sizes)
+    [plain] = [p for p in plot_run(tmp_path / "plain") if p.name == "rl_reward_length.png"]
+    [pool] = [p for p in plot_run(tmp_path / "pool") if p.name == "rl_reward_length.png"]
+    assert _png_width(pool) / _png_width(plain) == pytest.approx(panels / 2, rel=0.02)
 
 
 def test_plot_run_skips_plots_without_metrics(tmp_path):

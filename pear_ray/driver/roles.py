@@ -39,10 +39,14 @@ def rollout_pool(model_dir: str | Path, resources: RolloutResources, *, seed: in
         return worker.remote(str(model_dir), seed=seed + slot, engine_kwargs=resources.engine)
 
     elastic = resources.max_actors is not None
-    if elastic:  # ask the autoscaler for the most the pool may use; a no-op without one
-        request_resources(bundles=[rollout_bundle(resources)] * resources.max_actors)
     return ActorPool(make_actor, resources.num_actors, max_in_flight=resources.max_in_flight,
                      min_size=resources.num_actors if elastic else None)
+
+
+def request_rollout_capacity(resources: RolloutResources, actors: int) -> None:
+    """Ask the autoscaler for room for `actors` rollout actors in all (0 withdraws the request, so it can
+    scale the rollout group back down); a no-op on a cluster without an autoscaler."""
+    request_resources(bundles=[rollout_bundle(resources)] * actors)
 
 
 def rollout_bundle(resources: RolloutResources) -> dict[str, float]:

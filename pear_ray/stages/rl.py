@@ -19,7 +19,14 @@ from tqdm import tqdm
 
 from pear_ray.actors.learner import LearnerGroup
 from pear_ray.data import schema
-from pear_ray.driver.roles import grow_rollout_pool, probe_batch, reference_actor, rollout_pool, sync_weights
+from pear_ray.driver.roles import (
+    grow_rollout_pool,
+    probe_batch,
+    reference_actor,
+    request_rollout_capacity,
+    rollout_pool,
+    sync_weights,
+)
 from pear_ray.objectives import group_advantages, informative_groups_mask
 from pear_ray.stages.common import Run, prompt_table, rollouts, with_rewards
 from pear_ray.stages.sft import latest_checkpoint
@@ -34,6 +41,9 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
     learner = LearnerGroup.for_rl(start_model, job.resources.learner, rl, seed=job.seed)
     pool = rollout_pool(start_model, job.resources.rollout, seed=job.seed)
     reference = reference_actor(start_model, job.resources.reference) if rl.kl_coef > 0 else None
+    max_actors = job.resources.rollout.max_actors
+    if max_actors:  # elastic: ask for the most the pool may use while RL runs
+        request_rollout_capacity(job.resources.rollout, max_actors)
     try:
         start = 0
         if latest_checkpoint(run.checkpoints(name)):
@@ -65,6 +75,8 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
                 learner.save_checkpoint(run.checkpoints(name), {"step": step + 1})
         learner.export_hf(run.model(name))
     finally:
+        if max_actors:
+            request_rollout_capacity(job.resources.rollout, 0)
         learner.shutdown()
         pool.shutdown()
         if reference is not None:

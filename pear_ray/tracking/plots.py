@@ -170,8 +170,12 @@ def plot_weight_histogram(histograms: list[Mapping[str, Any]], path: Path) -> Pa
 
 
 def plot_rl(records: list[Mapping[str, Any]], path: Path) -> Path | None:
+    """Reward and response length per RL step, and the rollout pool's size when it changed (elastic pool)."""
     panels = [(title, key, data) for title, keys in (("reward", RL_REWARD_KEYS), ("response length", RL_LENGTH_KEYS))
               for key, data in [_first_present(records, "rl", keys)] if data]
+    pool_size = series(records, "rl", "rollout_actors")
+    if any(len(set(values)) > 1 for _, values in pool_size.values()):
+        panels.append(("rollout actors", "rollout_actors", pool_size))
     if not panels:
         return None
     colors = _colors({v for _, _, data in panels for v in data})
@@ -179,7 +183,7 @@ def plot_rl(records: list[Mapping[str, Any]], path: Path) -> Path | None:
     for ax, (title, key, data) in zip(axes[0], panels):
         for variant, (steps, values) in data.items():
             _line(ax, steps, values, variant, colors[variant])
-        ax.set(title=f"RL {title}", xlabel="RL step", ylabel=key + (" (tokens)" if title != "reward" else ""))
+        ax.set(title=f"RL {title}", xlabel="RL step", ylabel=key + (" (tokens)" if title == "response length" else ""))
         ax.grid(alpha=0.3)
         ax.legend(title="SFT variant (RL start)")
     return _save(fig, path)
