@@ -143,7 +143,8 @@ def job_demands() -> dict[str, dict[str, Any]]:
     for path in JOB_FILES:
         job = load_job(path)
         res = job.resources
-        count = {"rollout": res.rollout.num_actors, "learner": res.learner.num_ranks, "reference": 1}
+        rollout_actors = res.rollout.max_actors or res.rollout.num_actors  # an elastic pool at its largest
+        count = {"rollout": rollout_actors, "learner": res.learner.num_ranks, "reference": 1}
         total: dict[str, float] = {}
         actors = {}
         for role in ROLES:
