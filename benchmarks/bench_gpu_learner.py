@@ -101,9 +101,9 @@ def reference_logprobs(model_dir: Path, table: pa.Table, device: str) -> list[np
 
 
 def with_columns(table: pa.Table, **columns) -> pa.Table:
+    """The table with schema columns added, each typed as the schema says."""
     for name, values in columns.items():
-        kind = pa.float32() if name == schema.ADVANTAGE else schema.LOGPROBS_TYPE
-        table = table.append_column(name, pa.array([np.asarray(v).tolist() for v in values], type=kind))
+        table = schema.append_column(table, name, [np.asarray(v).tolist() for v in values])
     return table
 
 

@@ -67,8 +67,8 @@ def grow_rollout_pool(pool: ActorPool, resources: RolloutResources, start_timeou
     started = pool.activate_started(start_timeout_s)
     for slot in started:
         log.info("rollout actor %d is up: the pool has %d actors", slot, len(pool.actors))
-    room = _fits(rollout_bundle(resources), ray.available_resources())
-    if len(pool.slots) < (resources.max_actors or 0) and room and pool.settled():
+    if (len(pool.slots) < (resources.max_actors or 0) and pool.settled()  # the cheap checks first: once per RL step
+            and _fits(rollout_bundle(resources), ray.available_resources())):
         log.info("the cluster has room for another rollout actor: starting actor %d", pool.add_actor())
     return started
 
