@@ -134,6 +134,17 @@ def eval_(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOptio
     _one_stage("eval", job_file, overrides, run_dir)
 
 
+@app.command("inspect")
+def inspect_(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None) -> None:
+    """Before training: how PEAR would weight the job's SFT data under the student as it is (runs score if needed)."""
+    from pear_ray.stages.inspect import format_table, run_inspect
+
+    job = _load(job_file, overrides)
+    figures, json_path, png_path = run_inspect(job, run_dir or job.run_dir)
+    typer.echo(format_table(figures))
+    typer.echo("\n".join(["", *figures["verdict"], "", f"figures: {json_path}", f"plot: {png_path}"]))
+
+
 DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 
 

@@ -28,6 +28,7 @@ FINISH_REASON = "finish_reason"
 TASK = "task"
 ANSWER = "answer"
 METADATA = "metadata"  # JSON text: whatever the task's verifier needs beyond the answer
+SOURCE = "source"  # which behaviour source wrote a row, e.g. "trace" / "bare" or a teacher's name
 
 TOKEN_COLUMNS = (PROMPT_IDS, RESPONSE_IDS)
 PER_TOKEN_COLUMNS = (BEHAVIOR_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS)
@@ -49,6 +50,7 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     TASK: pa.string(),
     ANSWER: pa.string(),
     METADATA: pa.string(),
+    SOURCE: pa.string(),
 }
 
 # A log-probability above this is not a log-probability (allows for float round-off).
