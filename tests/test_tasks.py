@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import reasoning_gym
@@ -15,6 +16,7 @@ import reasoning_gym
 from pear_ray.config import DataConfig, TaskConfig
 from pear_ray.data import schema
 from pear_ray.data.io import DataError, read_table, write_table
+from pear_ray.stages.common import correct_counts, correct_mask
 from pear_ray.tasks import TINY_ARGS, ReasoningGymTask, UserTask, extract_answer, make_task, math_score
 from pear_ray.tasks.base import PROMPT_COLUMNS, exact_score
 from pear_ray.tasks.verify import score_chunk, score_rows
@@ -149,6 +151,30 @@ def test_spell_backward_keeps_its_own_partial_credit():
     assert 0.0 < partial < 1.0
 
 
+def test_spell_backward_near_miss_is_not_correct(ray_cluster, tmp_path):
+    """spell_backward credits 1/n per matching letter and takes 0.2 off a wrong answer whose letters all match,
+    but only when the credits sum to exactly 1.0: for 6 letters they sum to 0.9999999999999999, so the reversed
+    word plus a letter scores that. Stored as float32 it would be 1.0 and count as correct."""
+    config = TaskConfig(name="spell_backward", args={"min_word_len": 6, "max_word_len": 6}, num_eval=4)
+    prompts = make_task(config).prompts("eval")
+    entry = json.loads(prompts[schema.METADATA][0].as_py())["entry"]
+    spell_backward = reasoning_gym.create_dataset("spell_backward", seed=0, size=1, min_word_len=6, max_word_len=6)
+    assert spell_backward.score_answer(entry["answer"] + "s", entry) == 0.9999999999999999
+    # two samples per prompt: the right answer, then the near miss
+    table = prompts.take(np.repeat(np.arange(prompts.num_rows), 2))
+    table = schema.append_column(table, schema.GROUP_ID, np.repeat(np.arange(prompts.num_rows), 2))
+    table = schema.append_column(table, schema.RESPONSE, [answer + suffix for answer in
+                                                          prompts[schema.ANSWER].to_pylist() for suffix in ("", "s")])
+    rewards, failures = score_rows(table, config)
+    assert failures == {"errors": 0, "timeouts": 0}
+    assert rewards == [1.0, 0.9999999999999999] * prompts.num_rows
+    write_table(schema.append_column(table, schema.REWARD, rewards), tmp_path / "scored.parquet")
+    scored = read_table(tmp_path / "scored.parquet")
+    assert scored[schema.REWARD].to_pylist() == rewards
+    assert correct_counts(scored, threshold=1.0).tolist() == [1] * prompts.num_rows
+    assert correct_mask(scored, threshold=1.0).tolist() == [True, False] * prompts.num_rows
+
+
 def test_reasoning_gym_task_with_exact_or_math_verifier():
     for verifier in ("exact", "math"):
         task = tiny_task("basic_arithmetic", verifier=verifier)
@@ -258,6 +284,19 @@ class MisbehavingTask:
         return 0.75
 
 
+@dataclass
+class NoisyTask:
+    """Test-only verifier whose full credit carries float noise: ten tenths sum to 0.9999999999999999."""
+
+    name: str = "noisy"
+
+    def prompts(self, split, n=None):
+        raise NotImplementedError
+
+    def score(self, response, answer, metadata):
+        return sum([0.1] * 10) if response == "noisy" else float(response == answer)
+
+
 # Ray workers cannot import this test module: ship the class by value.
 import ray.cloudpickle  # noqa: E402
 
@@ -298,3 +337,16 @@ def test_score_rows_real_tasks_in_ray(ray_cluster, tmp_path):
     assert failures == {"errors": 0, "timeouts": 0}
     assert rewards == [1.0 if i % 2 == 0 else 0.0 for i in range(len(answers))]
     assert score_rows(table.slice(0, 0), config) == ([], {"errors": 0, "timeouts": 0})
+
+
+def test_verifier_float_noise_is_kept_and_never_correct(ray_cluster, tmp_path):
+    """The verifier's value is stored exactly (float64) and correct means reward >= threshold, with no slack."""
+    table = pa.table({schema.RESPONSE: ["1", "noisy", "0"], schema.ANSWER: ["1"] * 3, schema.GROUP_ID: [0, 0, 0]})
+    rewards, _ = score_rows(table, TaskConfig(), task=NoisyTask())
+    assert rewards == [1.0, sum([0.1] * 10), 0.0] and rewards[1] < 1.0
+    write_table(schema.append_column(table, schema.REWARD, rewards), tmp_path / "scored.parquet")
+    scored = read_table(tmp_path / "scored.parquet")
+    assert scored[schema.REWARD].to_pylist() == rewards
+    assert correct_mask(scored, threshold=1.0).tolist() == [True, False, False]
+    assert correct_counts(scored, threshold=1.0).tolist() == [1]
+    assert correct_counts(scored, threshold=0.5).tolist() == [2]

@@ -42,7 +42,7 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     PROMPT_IDS: pa.list_(pa.int32()),
     RESPONSE_IDS: pa.list_(pa.int32()),
     **{name: LOGPROBS_TYPE for name in PER_TOKEN_COLUMNS},
-    REWARD: pa.float32(),
+    REWARD: pa.float64(),  # the verifier's value exactly: float32 rounds 0.9999999999999999 up to 1.0
     ADVANTAGE: pa.float32(),
     GROUP_ID: pa.int64(),
     POLICY_VERSION: pa.int64(),

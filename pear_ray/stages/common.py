@@ -76,10 +76,16 @@ def with_rewards(run: Run, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
     return schema.append_column(table, schema.REWARD, rewards), failures
 
 
+def correct_mask(table: pa.Table, threshold: float) -> np.ndarray:
+    """Which samples are correct: reward >= threshold, on the verifier's exact value. No slack: a partial credit a
+    float ulp below full (spell_backward's 6 x 1/6 = 0.9999999999999999 for a wrong answer) is not full credit."""
+    return table.column(schema.REWARD).to_numpy() >= threshold
+
+
 def correct_counts(table: pa.Table, threshold: float) -> np.ndarray:
     """Correct samples per group (prompt), in group order."""
     groups = table.column(schema.GROUP_ID).to_numpy()
-    correct = table.column(schema.REWARD).to_numpy() >= threshold - 1e-6
+    correct = correct_mask(table, threshold)
     _, index = np.unique(groups, return_inverse=True)
     return np.bincount(index, weights=correct).astype(int)
 

@@ -89,7 +89,7 @@ def rollout_batch(run: Run, pool, prompts, *, seed: int):
     rl = run.job.rl
     table = rollouts(pool, prompts, n=rl.group_size, seed=seed, **run.job.sampling.model_dump())
     table, failures = with_rewards(run, table)
-    rewards = torch.tensor(table.column(schema.REWARD).to_numpy(), dtype=torch.float32)
+    rewards = torch.tensor(table.column(schema.REWARD).to_numpy())  # float64: the verifier's exact values
     groups = torch.tensor(table.column(schema.GROUP_ID).to_numpy())
     advantages = group_advantages(rewards, groups, scale_by_std=rl.normalize_std)
     table = schema.append_column(table, schema.ADVANTAGE, advantages.numpy())

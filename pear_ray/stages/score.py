@@ -23,7 +23,7 @@ from pear_ray.data import schema
 from pear_ray.data.io import encode_response, load_sft_data, write_table
 from pear_ray.driver.roles import resolve_model, rollout_pool
 from pear_ray.driver.streaming import stream_parquet
-from pear_ray.stages.common import Run, prompt_table, rollouts, with_rewards
+from pear_ray.stages.common import Run, correct_mask, prompt_table, rollouts, with_rewards
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,10 @@ def teacher_writes_data(run: Run, target: Path) -> Path:
     finally:
         pool.shutdown()
     data, failures = with_rewards(run, data)
-    accuracy = float(np.mean(data.column(schema.REWARD).to_numpy() >= job.eval.correct_threshold))
+    correct = correct_mask(data, job.eval.correct_threshold)
+    accuracy = float(np.mean(correct))
     if job.score.keep == "correct":
-        data = data.filter(data.column(schema.REWARD).to_numpy() >= job.eval.correct_threshold)
+        data = data.filter(correct)
         if data.num_rows == 0:
             raise RuntimeError("the teacher answered no train prompt correctly: nothing to keep (score.keep=correct)")
     data = schema.append_column(data, schema.BEHAVIOR_LOGPROBS, data.column(schema.ROLLOUT_LOGPROBS))
