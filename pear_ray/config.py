@@ -64,6 +64,8 @@ class TaskConfig(Section):
     verifier: Literal["task", "exact", "math"] = "task"
     num_train: int = Field(256, gt=0)
     num_eval: int = Field(64, gt=0)
+    split_seed: int = Field(0, description="fixes the train/eval split and the prompts drawn, whatever job.seed (which "
+                            "varies initialisation, data order and sampling), so seeds are evaluated alike")
     verifier_timeout_s: float = Field(5.0, gt=0)
 
 

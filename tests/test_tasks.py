@@ -13,10 +13,10 @@ import pyarrow as pa
 import pytest
 import reasoning_gym
 
-from pear_ray.config import DataConfig, TaskConfig
+from pear_ray.config import DataConfig, TaskConfig, parse_job
 from pear_ray.data import schema
 from pear_ray.data.io import DataError, read_table, write_table
-from pear_ray.stages.common import correct_counts, correct_mask
+from pear_ray.stages.common import Run, correct_counts, correct_mask
 from pear_ray.tasks import TINY_ARGS, ReasoningGymTask, UserTask, extract_answer, make_task, math_score
 from pear_ray.tasks.base import PROMPT_COLUMNS, exact_score
 from pear_ray.tasks.verify import score_chunk, score_rows
@@ -182,6 +182,26 @@ def test_reasoning_gym_task_with_exact_or_math_verifier():
         assert json.loads(row[schema.METADATA])["verifier"] == verifier
         assert task.score(f"Answer: {row['answer']}", row["answer"], row["metadata"]) == 1.0
         assert task.score(wrong_answer(row["answer"]), row["answer"], row["metadata"]) == 0.0
+
+
+# ---------------------------------------------------------------- the split and the job's seed
+
+
+@pytest.mark.parametrize("kind", ["reasoning_gym", "user"])
+def test_the_split_does_not_move_with_the_job_seed(kind, user_file, tmp_path):
+    """Seeds of one experiment are evaluated on the same prompts: only task.split_seed moves the split."""
+    task = ({"args": TINY_ARGS["basic_arithmetic"], "num_train": 32, "num_eval": 8} if kind == "reasoning_gym"
+            else {"kind": "user", "path": str(user_file), "num_train": 15, "num_eval": 5})
+
+    def prompts(seed: int, split_seed: int = 0) -> dict[str, list[str]]:
+        job = parse_job({"name": "split", "seed": seed, "models": {"student": {"tiny": {}}},
+                         "task": {**task, "split_seed": split_seed}})
+        run = Run(job, tmp_path, metrics=None, student=None)
+        return {split: run.task.prompts(split)[schema.PROMPT].to_pylist() for split in ("train", "eval")}
+
+    assert prompts(seed=0) == prompts(seed=1)
+    moved = prompts(seed=0, split_seed=1)
+    assert moved["eval"] != prompts(seed=0)["eval"] and moved["train"] != prompts(seed=0)["train"]
 
 
 # ---------------------------------------------------------------- user data

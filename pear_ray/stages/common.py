@@ -41,7 +41,7 @@ class Run:
 
     @cached_property
     def task(self):
-        return make_task(self.job.task, self.job.data, seed=self.job.seed)
+        return make_task(self.job.task, self.job.data, seed=self.job.task.split_seed)
 
     @cached_property
     def tokenizer(self):

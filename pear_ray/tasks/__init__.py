@@ -1,6 +1,6 @@
 """Verifiable tasks: a prompt source plus a verifier returning a reward in [0, 1].
 
-- `make_task(task_config, data_config, seed=job.seed)` builds the job's task;
+- `make_task(task_config, data_config, seed=task_config.split_seed)` builds the job's task;
 - `task.prompts("train" | "eval", n)` gives rows id, prompt, answer, metadata (JSON text), task;
 - `task.score(response_text, answer, metadata_json)` scores one response;
 - `pear_ray.tasks.verify.score_rows(table, task_config)` scores a table in Ray tasks with a per-sample timeout.
@@ -26,7 +26,8 @@ USER_ARGS = ("ignore_case",)
 
 
 def make_task(task_config: TaskConfig, data_config: DataConfig | None = None, *, seed: int = 0) -> Task:
-    """The job's task. `data_config.eval`, when set, is the held-out prompt file; `seed` is the job's seed.
+    """The job's task. `data_config.eval`, when set, is the held-out prompt file; `seed` fixes the split (the job's
+    `task.split_seed`, not `job.seed`: every seed of an experiment sees the same prompts).
 
     Building a task reads no data file (files are read by `prompts`), so a verifier process can call this
     cheaply to score rows.

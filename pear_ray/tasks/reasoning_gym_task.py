@@ -101,7 +101,7 @@ class ReasoningGymTask:
             raise ValueError(f"task.name: reasoning-gym has no dataset {self.name!r} (known: {known})")
         reserved = {"seed", "size"} & set(self.args)
         if reserved:
-            raise ValueError(f"task.args: {sorted(reserved)} are set by pear_ray (the job's seed, num_train/num_eval)")
+            raise ValueError(f"task.args: {sorted(reserved)} are set by pear_ray (task.split_seed, num_train/num_eval)")
         try:
             self._dataset(self.seed, 1)
         except (TypeError, AssertionError, ValueError) as error:

@@ -2,7 +2,7 @@
 
 Splits: with a separate eval file (`data.eval`) that file's first num_eval rows are the eval split and the train
 split is every row of the task file whose prompt is not among them. Without one, `num_eval` distinct prompts of
-the task file, drawn with the job's seed, are held out for eval and the rest is train. Either way no eval prompt
+the task file, drawn with task.split_seed, are held out for eval and the rest is train. Either way no eval prompt
 equals a train prompt. Train returns `n` rows in file order, cycling when the file has fewer; eval returns at most
 the held-out rows.
 
