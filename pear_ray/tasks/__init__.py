@@ -6,7 +6,8 @@
 - `pear_ray.tasks.verify.score_rows(table, task_config)` scores a table in Ray tasks with a per-sample timeout.
 
 Tasks: any reasoning-gym dataset (`kind: reasoning_gym`, tested: basic_arithmetic, letter_counting,
-spell_backward; `TINY_ARGS` has argument presets a tiny model can learn), and user data (`kind: user`: a
+spell_backward; `TINY_ARGS` has argument presets a tiny model can learn), multi-digit addition (`kind: addition`,
+`task.args.digits`; with a scripted two-style behaviour policy, the PEAR experiment's task), and user data (`kind: user`: a
 Parquet/JSONL file of prompt + answer given as `task.path`, checked by exact match, `task.args.ignore_case`
 optional, or by math-verify with `task.verifier: math`).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pear_ray.tasks.addition import AdditionTask
 from pear_ray.tasks.base import Task, exact_score, explicit_answer, extract_answer, math_score, score_metadata
 from pear_ray.tasks.reasoning_gym_task import TINY_ARGS, ReasoningGymTask
 from pear_ray.tasks.user_task import UserTask
@@ -48,10 +50,17 @@ def make_task(task_config: TaskConfig, data_config: DataConfig | None = None, *,
                         verifier="exact" if task_config.verifier == "task" else task_config.verifier,
                         ignore_case=bool(args.get("ignore_case", False)), num_train=task_config.num_train,
                         num_eval=task_config.num_eval, seed=seed)
-    raise ValueError(f"task.kind must be 'reasoning_gym' or 'user', got {task_config.kind!r}")
+    if task_config.kind == "addition":
+        unknown = sorted(set(task_config.args) - {"digits"})
+        if unknown:
+            raise ValueError(f"task.args of the addition task accepts ['digits']; unknown {unknown}")
+        return AdditionTask(digits=int(task_config.args.get("digits", 3)), num_train=task_config.num_train,
+                            num_eval=task_config.num_eval, seed=seed)
+    raise ValueError(f"task.kind must be 'reasoning_gym', 'user' or 'addition', got {task_config.kind!r}")
 
 
 __all__ = [
+    "AdditionTask",
     "TINY_ARGS",
     "ReasoningGymTask",
     "Task",

@@ -1,0 +1,149 @@
+"""Multi-digit addition, and a scripted behaviour policy whose log-probs are known exactly: the PEAR experiment's
+miniature world (README, "The experiment").
+
+Task. `What is 345 + 678?`, answer `1023`, checked by exact match on the extracted answer. The eval split is
+drawn first from `seed`, the train split from the same seed's later stream, skipping every eval question, so no
+eval prompt is a train prompt and the split never depends on anything but `task.split_seed`.
+
+Two styles. For each prompt the scripted policy writes either a worked trace (digit sums from the right with
+their carries, then the answer) or the bare answer:
+
+    trace  Work: 5+8=13 4+7+1=12 3+6+1=10 Answer: 1023
+    bare   Answer: 1023
+
+A small transformer can learn to follow the trace (each step is a two-digit lookup plus a carry) but not to
+compute a bare multi-digit answer in one pass: the regime where canonical SFT imitates behaviour that RL cannot
+use. The two texts start with different tokens, so pi_beta picks the style on the first response token with the
+style's probability and every later token with probability 1; `exact_logprobs` computes that (and any other
+mixture over complete responses) from the token ids, so behaviour log-probs are exact, not estimated.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pear_ray.data import schema
+from pear_ray.tasks.base import Split, check_split, exact_score, load_metadata, prompt_table
+
+TRACE, BARE = "trace", "bare"
+MAX_TRIES_FACTOR = 20
+
+
+def _question(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def trace_text(a: int, b: int) -> str:
+    """Digit sums from the least significant digit, each with the carry it receives, then the answer."""
+    steps, carry = [], 0
+    da, db = str(a)[::-1], str(b)[::-1]
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        total = x + y + carry
+        steps.append(f"{x}+{y}+{carry}={total}" if carry else f"{x}+{y}={total}")
+        carry = total // 10
+    return f"Work: {' '.join(steps)} Answer: {a + b}"
+
+
+def bare_text(a: int, b: int) -> str:
+    return f"Answer: {a + b}"
+
+
+@dataclass
+class AdditionTask:
+    """`digits`-digit + `digits`-digit addition; `seed` is the split seed (task.split_seed)."""
+
+    name: str = "addition"
+    digits: int = 3
+    num_train: int = 256
+    num_eval: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.digits <= 9:
+            raise ValueError(f"task.args.digits must be in 1..9, got {self.digits}")
+
+    def _pairs(self, num_train: int) -> dict[str, list[tuple[int, int]]]:
+        """The eval questions, then `num_train` train questions from the same stream: a longer train split
+        extends a shorter one, so prompts after the train split (a prior's) are disjoint from both."""
+        rng = random.Random(f"addition-{self.digits}-{self.seed}")
+        low, high = (0 if self.digits == 1 else 10 ** (self.digits - 1)), 10**self.digits - 1
+        wanted = self.num_eval + num_train
+        seen: set[tuple[int, int]] = set()
+        pairs: list[tuple[int, int]] = []
+        for _ in range(MAX_TRIES_FACTOR * wanted):
+            pair = (rng.randint(low, high), rng.randint(low, high))
+            if pair not in seen:
+                seen.add(pair)
+                pairs.append(pair)
+                if len(pairs) == wanted:
+                    return {"eval": pairs[: self.num_eval], "train": pairs[self.num_eval:]}
+        raise ValueError(f"{self.digits}-digit addition gave only {len(pairs)} distinct questions of {wanted} wanted; "
+                         "lower task.num_train/num_eval or raise task.args.digits")
+
+    def prompts(self, split: Split, n: int | None = None) -> pa.Table:
+        """Eval: at most num_eval rows. Train: `n` rows (default num_train); more than num_train continues the
+        stream past the train split."""
+        check_split(split)
+        default = self.num_eval if split == "eval" else self.num_train
+        n = default if n is None else (min(n, self.num_eval) if split == "eval" else n)
+        pairs = self._pairs(n if split == "train" else 0)[split][:n]
+        meta = [{"verifier": "exact", "a": a, "b": b} for a, b in pairs]
+        return prompt_table([f"{self.name}-{split}-{i}" for i in range(len(pairs))], [_question(a, b) for a, b in pairs],
+                            [str(a + b) for a, b in pairs], meta, self.name)
+
+    def score(self, response: str, answer: str, metadata: str | None = None) -> float:
+        return exact_score(response, answer)
+
+
+def two_style_candidates(metadata: str | dict, p_trace: float) -> list[tuple[str, float, str]]:
+    """The scripted policy's complete responses for one prompt: (text, probability, source)."""
+    meta = load_metadata(metadata)
+    a, b = int(meta["a"]), int(meta["b"])
+    return [(trace_text(a, b), p_trace, TRACE), (bare_text(a, b), 1.0 - p_trace, BARE)]
+
+
+def exact_logprobs(candidates: list[list[int]], probs: list[float], chosen: int) -> list[float]:
+    """log pi(y_t | y_<t) of candidate `chosen`'s tokens under the mixture that writes candidate i with
+    probability probs[i]: the probability mass of candidates sharing the prefix through t over that through t-1."""
+    target = candidates[chosen]
+    logprobs, mass = [], sum(probs)
+    for t in range(len(target)):
+        through = sum(p for ids, p in zip(candidates, probs) if ids[: t + 1] == target[: t + 1])
+        logprobs.append(math.log(through / mass))
+        mass = through
+    return logprobs
+
+
+def scripted_rows(prompts: pa.Table, tokenizer, *, p_trace: float, seed: int, samples_per_prompt: int = 1,
+                  ) -> pa.Table:
+    """`samples_per_prompt` responses per prompt sampled from the two-style policy, with exact behaviour log-probs
+    and the style in the `source` column."""
+    from pear_ray.data.io import encode_response
+
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {name: [] for name in (schema.ID, schema.RESPONSE, schema.RESPONSE_IDS,
+                                                   schema.BEHAVIOR_LOGPROBS, schema.SOURCE)}
+    keep = []
+    for index, (row_id, meta) in enumerate(zip(prompts.column(schema.ID).to_pylist(),
+                                               prompts.column(schema.METADATA).to_pylist())):
+        candidates = two_style_candidates(meta, p_trace)
+        ids = [encode_response(tokenizer, text) for text, _, _ in candidates]
+        probs = [p for _, p, _ in candidates]
+        for j in range(samples_per_prompt):
+            chosen = int(rng.choice(len(candidates), p=probs))
+            keep.append(index)
+            rows[schema.ID].append(f"{row_id}/{j}")
+            rows[schema.RESPONSE].append(candidates[chosen][0])
+            rows[schema.RESPONSE_IDS].append(ids[chosen])
+            rows[schema.BEHAVIOR_LOGPROBS].append(exact_logprobs(ids, probs, chosen))
+            rows[schema.SOURCE].append(candidates[chosen][2])
+    table = prompts.take(keep)
+    for name, values in rows.items():
+        table = schema.append_column(table, name, values)
+    return table
