@@ -90,9 +90,11 @@ def tiny_model(
 
 
 def _run(job: JobConfig, run_dir: Path | None) -> None:
+    """One run folder, or for a job with seeds/grid an experiment: one folder per cell and an aggregated report."""
+    from pear_ray.driver.experiment import is_experiment, run_experiment
     from pear_ray.driver.run import run_job
 
-    report = run_job(job, run_dir or job.run_dir)
+    report = (run_experiment if is_experiment(job) else run_job)(job, run_dir or job.run_dir)
     typer.echo(f"report: {report}")
 
 

@@ -26,16 +26,41 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ScriptedPolicy(Section):
+    """A behaviour policy written as code, so its log-probs are exact: `two_style` writes, per prompt, a worked
+    trace with probability `p_trace` or the bare answer otherwise (pear_ray/tasks/addition.py)."""
+
+    name: Literal["two_style"] = "two_style"
+    p_trace: float = Field(0.5, ge=0, le=1)
+
+
+class PriorConfig(Section):
+    """Canonical SFT of a tiny model on a scripted policy's responses before the job uses it: the prior that
+    pre-training gives a real model. Its prompts follow the task's train split (disjoint from train and eval)."""
+
+    policy: ScriptedPolicy
+    steps: int = Field(gt=0)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, gt=0)
+    num_prompts: int = Field(2048, gt=0)
+
+
 class ModelSource(Section):
-    """A Hugging Face model folder, or a tiny model built on the spot from a spec (no downloads here)."""
+    """A Hugging Face model folder, a tiny model built on the spot from a spec (no downloads here), optionally
+    given a prior, or (behaviour only) a scripted policy."""
 
     path: str | None = None
     tiny: TinyModelSpec | None = None
+    scripted: ScriptedPolicy | None = None
+    prior: PriorConfig | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
-        if (self.path is None) == (self.tiny is None):
-            raise ValueError("give exactly one of 'path' (a model folder) or 'tiny' (a spec to build)")
+        if sum(source is not None for source in (self.path, self.tiny, self.scripted)) != 1:
+            raise ValueError("give exactly one of 'path' (a model folder), 'tiny' (a spec to build) or 'scripted' "
+                             "(a behaviour policy written as code)")
+        if self.prior is not None and self.tiny is None:
+            raise ValueError("'prior' trains a tiny model built on the spot: give it with 'tiny'")
         return self
 
 
@@ -57,7 +82,7 @@ class DataConfig(Section):
 class TaskConfig(Section):
     """A prompt source plus a verifier: a reasoning-gym dataset, or user data checked by exact match/math."""
 
-    kind: Literal["reasoning_gym", "user"] = "reasoning_gym"
+    kind: Literal["reasoning_gym", "user", "addition"] = "reasoning_gym"
     name: str = "basic_arithmetic"
     args: dict[str, Any] = Field(default_factory=dict)
     path: str | None = Field(None, description="kind user: the prompt + answer file (Parquet or JSONL)")
@@ -94,6 +119,9 @@ class PearConfig(Section):
     delta_clip: tuple[float, float] = (-0.08, 0.3)
     log_weight_clip: tuple[float, float] = (-10.0, 5.0)
     target_mode: Literal["online", "frozen"] = "online"
+    # The loss's divisor: the batch's response tokens (the step scales with the mean weight, an effective lr of
+    # lr x mean weight) or the sum of the weights over them (canonical SFT's step size, redistributed).
+    normalize: Literal["tokens", "weights"] = "tokens"
 
     @field_validator("delta_clip", "log_weight_clip")
     @classmethod
@@ -188,6 +216,10 @@ class ResourcesConfig(Section):
 class JobConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
+    # An experiment: one run folder per (grid point, seed) under the job's folder, then one aggregated report.
+    seeds: list[int] = Field(default_factory=list, description="run every cell with each of these seeds")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values, one cell per "
+                                       "combination, e.g. {sft.epochs: [1, 3, 12]}")
     output_dir: str = "runs"
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
     stages: list[Stage] = Field(default_factory=lambda: ["score", "sft", "rl", "eval"])
@@ -200,6 +232,15 @@ class JobConfig(Section):
     rl: RlConfig = Field(default_factory=RlConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @model_validator(mode="after")
+    def _scripted_needs_addition(self) -> JobConfig:
+        scripted = (self.models.behavior is not None and self.models.behavior.scripted is not None) or \
+            self.models.student.prior is not None
+        if scripted and self.task.kind != "addition":
+            raise ValueError("the scripted two_style policy (models.behavior.scripted, models.student.prior) writes "
+                             f"addition traces: it needs task.kind: addition, not {self.task.kind!r}")
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -216,6 +257,11 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
+    set_dotted(tree, key, yaml.safe_load(raw))
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, creating sections on the way."""
     *parents, leaf = key.split(".")
     node = tree
     for depth, part in enumerate(parents):
@@ -223,7 +269,7 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {key!r}: {'.'.join(parents[: depth + 1])!r} is a value, not a section")
         node = child
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = value
 
 
 def _describe(error: ValidationError, source: str) -> str:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM
 
+from pear_ray.objectives import mean_pass_at_k
 from pear_ray.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,10 @@ def test_a_small_job_runs_every_stage(tmp_path):
     for stage in ("eval_sft", "eval_rl"):
         [result] = steps(run_dir, stage)
         assert 0 <= result["pass@1"] <= result["pass@2"] <= 1 and result["num_prompts"] == 4
+        per_prompt = pq.read_table(run_dir / "eval" / f"{stage[5:]}-token.parquet").to_pydict()
+        assert per_prompt["stage"] == [stage[5:]] * 4 and per_prompt["variant"] == ["token"] * 4
+        for k in (1, 2):  # the per-prompt counts give back the logged pass@k
+            assert mean_pass_at_k(per_prompt["correct"], 2, k) == pytest.approx(result[f"pass@{k}"], abs=1e-12)
     report = (run_dir / "report.md").read_text()
     assert "| token |" in report and "pass@2 after RL" in report
     assert (run_dir / "plots" / "sft_loss.png").stat().st_size > 1000

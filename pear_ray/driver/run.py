@@ -1,9 +1,10 @@
 """The driver: a job's stages in order, into one run folder, resumable.
 
+    prior  -> models/student-prior                   (tiny students with a prior only)
     score  -> data/sft.parquet                       (behaviour log-probs)
     for each SFT variant (none, token, block, sequence...):
       sft  -> models/sft-<variant>                   (PEAR-weighted, from the student)
-      eval -> eval_sft metrics                       (pass@k before RL)
+      eval -> eval_sft metrics, eval/sft-<variant>.parquet (pass@k before RL, per-prompt counts)
       rl   -> models/rl-<variant>                    (GRPO from the SFT checkpoint)
       eval -> eval_rl metrics                        (pass@k after RL)
     report.md + plots/
@@ -26,7 +27,7 @@ from pear_ray.driver.roles import resolve_model
 from pear_ray.stages.common import Run
 from pear_ray.stages.evaluate import run_eval
 from pear_ray.stages.rl import run_rl
-from pear_ray.stages.score import run_score
+from pear_ray.stages.score import run_score, train_prior
 from pear_ray.stages.sft import run_sft
 from pear_ray.tracking import MetricsLogger, read_metrics, results_from_metrics, write_report
 
@@ -54,7 +55,16 @@ class RunState:
         return self.done[key]
 
 
-def run_job(job: JobConfig, run_dir: Path) -> Path:
+def prepare_student(run: Run, state: RunState, prior_dir: Path | None = None) -> None:
+    """Point `run.student` at the model SFT starts from: the given or built model, or that model after its prior
+    (trained once into `prior_dir`, default the run's models/student-prior; cells of an experiment that differ
+    only in later stages share one)."""
+    if run.job.models.student.prior is not None:
+        base = run.student
+        run.student = Path(state.once("prior", lambda: train_prior(run, base, prior_dir)))
+
+
+def run_job(job: JobConfig, run_dir: Path, prior_dir: Path | None = None) -> Path:
     """Run the job's stages into `run_dir`; returns the report's path."""
     run_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _exit_cleanly)  # a killed run still shuts its actors down
@@ -66,9 +76,10 @@ def run_job(job: JobConfig, run_dir: Path) -> Path:
     with MetricsLogger(run_dir, resume=True, loggers=job.loggers, run_name=job.name,
                        config=job.model_dump(mode="json")) as metrics:
         run = Run(job, run_dir, metrics, student)
+        prepare_student(run, state, prior_dir)
         data = Path(state.once("score", lambda: run_score(run))) if "score" in stages else run.data("sft")
         for variant in job.sft_variants:
-            model = student
+            model = run.student
             if "sft" in stages:
                 model = Path(state.once(f"sft/{variant}", lambda v=variant: run_sft(run, v, data)))
                 if "eval" in stages:

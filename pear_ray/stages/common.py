@@ -39,6 +39,10 @@ class Run:
     def data(self, name: str) -> Path:
         return self.dir / "data" / f"{name}.parquet"
 
+    def per_prompt(self, after: str, variant: str) -> Path:
+        """Per-prompt eval results of a variant after stage `after`."""
+        return self.dir / "eval" / f"{after}-{variant}.parquet"
+
     @cached_property
     def task(self):
         return make_task(self.job.task, self.job.data, seed=self.job.task.split_seed)
@@ -48,9 +52,10 @@ class Run:
         return AutoTokenizer.from_pretrained(self.student)
 
 
-def prompt_table(run: Run, split: str) -> pa.Table:
-    """The task's prompts of a split, tokenized the one way every stage tokenizes."""
-    prompts = run.task.prompts(split)
+def prompt_table(run: Run, split: str, n: int | None = None) -> pa.Table:
+    """The task's prompts of a split (`n` of them, default the config's count), tokenized the one way every stage
+    tokenizes."""
+    prompts = run.task.prompts(split, n)
     tokenizer = run.tokenizer
     ids = [encode_prompt(tokenizer, text)[-run.job.data.max_prompt_tokens:]
            for text in prompts.column(schema.PROMPT).to_pylist()]

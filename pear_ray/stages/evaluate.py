@@ -1,16 +1,35 @@
-"""Stage 4: pass@1 and pass@k on the held-out prompts (unbiased estimator over n samples per prompt)."""
+"""Stage 4: pass@1 and pass@k on the held-out prompts (unbiased estimator over n samples per prompt), and the
+per-prompt correct counts behind them as Parquet (`eval/<stage>-<variant>.parquet`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from pear_ray.data import schema
+from pear_ray.data.io import write_table
 from pear_ray.driver.roles import rollout_pool
 from pear_ray.objectives import mean_pass_at_k
 from pear_ray.stages.common import Run, correct_counts, prompt_table, rollouts, with_rewards
 from pear_ray.tracking import eval_stage
+
+PER_PROMPT_COLUMNS = ("prompt_id", "n", "correct", "stage", "variant", "seed")
+
+
+def write_per_prompt(path: Path, prompts: pa.Table, correct: np.ndarray, *, n: int, stage: str, variant: str,
+                     seed: int) -> None:
+    """Correct samples per held-out prompt, so paired tests and later analysis need no rerun."""
+    rows = prompts.num_rows
+    write_table(pa.table({
+        PER_PROMPT_COLUMNS[0]: prompts.column(schema.ID),
+        "n": pa.array([n] * rows, pa.int32()),
+        "correct": pa.array(correct, pa.int32()),
+        "stage": pa.array([stage] * rows),
+        "variant": pa.array([variant] * rows),
+        "seed": pa.array([seed] * rows, pa.int64()),
+    }), path)
 
 
 def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float]:
@@ -25,6 +44,8 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
         pool.shutdown()
     table, failures = with_rewards(run, table)
     correct = correct_counts(table, job.eval.correct_threshold)
+    write_per_prompt(run.per_prompt(after, variant), prompts, correct, n=job.eval.n, stage=after, variant=variant,
+                     seed=job.seed)
     results = {f"pass@{k}": mean_pass_at_k(correct.tolist(), job.eval.n, k) for k in job.eval.k}
     results.update(num_prompts=len(correct), mean_reward=float(np.mean(table.column(schema.REWARD).to_numpy())),
                    verifier_errors=failures["errors"], verifier_timeouts=failures["timeouts"])

@@ -22,7 +22,7 @@ from pear_ray.config import JobConfig, PearConfig
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
 from pear_ray.driver.roles import resolve_model
-from pear_ray.driver.run import RunState
+from pear_ray.driver.run import RunState, prepare_student
 from pear_ray.engines.hf_scorer import HfScorer
 from pear_ray.objectives import pear_loss, pear_weights
 from pear_ray.stages.common import Run
@@ -226,25 +226,26 @@ def verdict_levels(job: JobConfig) -> list[str]:
     return [level for level in job.sft_variants if level != "none"] or [DEFAULT_LEVEL]
 
 
-def scored_data(job: JobConfig, run_dir: Path, student: Path) -> Path:
-    """The run folder's scored SFT data; when it has none yet, the score stage makes it (recorded in state.json,
-    so a later `pear-ray run` reuses it)."""
-    existing = run_dir / "data" / "sft.parquet"  # Run.data("sft")
-    if existing.is_file():
-        return existing
+def scored_data(job: JobConfig, run_dir: Path) -> tuple[Path, Path]:
+    """The student SFT would start from and the run folder's scored SFT data. Stages not run yet (the student's
+    prior, score) run here and are recorded in state.json, so a later `pear-ray run` reuses them."""
+    state = RunState(run_dir)
+    student = resolve_model(job.models.student, run_dir / "models" / "student")
+    if "score" in state.done and (job.models.student.prior is None or "prior" in state.done):
+        return Path(state.done.get("prior", student)), Path(state.done["score"])
     init_ray()
     with MetricsLogger(run_dir, resume=True, loggers=job.loggers, run_name=job.name,
                        config=job.model_dump(mode="json")) as metrics:
         run = Run(job, run_dir, metrics, student)
-        return Path(RunState(run_dir).once("score", lambda: run_score(run)))
+        prepare_student(run, state)
+        return run.student, Path(state.once("score", lambda: run_score(run)))
 
 
 def run_inspect(job: JobConfig, run_dir: Path) -> tuple[dict, Path, Path]:
     """Score the job's SFT data under the base student, write inspect.json and plots/inspect.png; returns the
     figures (with the verdict) and both paths."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    student = resolve_model(job.models.student, run_dir / "models" / "student")
-    data = scored_data(job, run_dir, student)
+    student, data = scored_data(job, run_dir)
     columns = [schema.PROMPT_IDS, schema.RESPONSE_IDS, schema.BEHAVIOR_LOGPROBS]
     columns += [schema.SOURCE] if schema.SOURCE in pq.read_schema(data).names else []
     table = schema.validate(pq.read_table(data, columns=columns), required=columns[:3], source=str(data))

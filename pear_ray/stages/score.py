@@ -1,9 +1,12 @@
 """Stage 1: an SFT dataset with behaviour log-probs, written to data/sft.parquet.
 
-Three cases, in order: the data file already carries `behavior_logprobs` (used as they are); it has none
+Four cases, in order: the data file already carries `behavior_logprobs` (used as they are); it has none
 (scored teacher-forced by the behaviour model on the rollout/scoring pool, streaming Parquet in and out);
-there is no data file (the behaviour model writes it from the task's train prompts, recording the log-prob
-of every token it samples, optionally after a brief canonical SFT on the task's gold answers).
+there is no data file and the behaviour policy is scripted (it writes the data with exact log-probs); there is
+no data file (the behaviour model writes it from the task's train prompts, recording the log-prob of every
+token it samples, optionally after a brief canonical SFT on the task's gold answers).
+
+A tiny student with a `prior` is trained here too (`train_prior`), before any stage uses it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pear_ray.data.io import encode_response, load_sft_data, write_table
 from pear_ray.driver.roles import resolve_model, rollout_pool
 from pear_ray.driver.streaming import stream_parquet
 from pear_ray.stages.common import Run, correct_mask, prompt_table, rollouts, with_rewards
+from pear_ray.tasks.addition import TRACE, scripted_rows
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,8 @@ def run_score(run: Run) -> Path:
             write_table(table, target)
             return target
         return score_with_behavior(run, table, target)
+    if job.models.behavior is not None and job.models.behavior.scripted is not None:
+        return scripted_writes_data(run, target)
     return teacher_writes_data(run, target)
 
 
@@ -88,6 +94,18 @@ def teacher_writes_data(run: Run, target: Path) -> Path:
     return target
 
 
+def scripted_writes_data(run: Run, target: Path) -> Path:
+    """The scripted behaviour policy answers the task's train prompts; its log-probs are exact."""
+    job, policy = run.job, run.job.models.behavior.scripted
+    data = scripted_rows(prompt_table(run, "train"), run.tokenizer, p_trace=policy.p_trace, seed=job.seed,
+                         samples_per_prompt=job.score.samples_per_prompt)
+    trace_fraction = float(np.mean(np.array(data.column(schema.SOURCE).to_pylist()) == TRACE))
+    run.metrics.log("score", 0, {"rows": data.num_rows, "trace_fraction": trace_fraction})
+    log.info("scripted policy %s wrote %d rows (%.0f%% traces)", policy.name, data.num_rows, 100 * trace_fraction)
+    write_table(data, target)
+    return target
+
+
 def train_teacher(run: Run, base: Path) -> Path:
     """A brief canonical SFT of the behaviour model on the task's gold answers, so the data it writes is
     competent and off the student's distribution (as a stronger teacher's would be)."""
@@ -96,19 +114,36 @@ def train_teacher(run: Run, base: Path) -> Path:
         return out
     job = run.job
     prompts = prompt_table(run, "train")
-    tokenizer = run.tokenizer
     gold = schema.append_column(prompts, schema.RESPONSE_IDS, [
-        encode_response(tokenizer, answer) for answer in prompts.column(schema.ANSWER).to_pylist()])
-    settings = SftConfig(lr=job.score.teacher_lr, batch_size=job.sft.batch_size, lr_schedule="constant",
-                         warmup_steps=0, pear={"level": "none"})
-    learner = LearnerGroup.for_sft(base, job.resources.learner, settings, total_steps=job.score.teacher_sft_steps,
-                                   seed=job.seed + 1)
+        encode_response(run.tokenizer, answer) for answer in prompts.column(schema.ANSWER).to_pylist()])
+    return canonical_sft(run, base, gold, out, steps=job.score.teacher_sft_steps, lr=job.score.teacher_lr,
+                         batch_size=job.sft.batch_size, seed=job.seed + 1, stage="teacher_sft")
+
+
+def train_prior(run: Run, base: Path, out: Path | None = None) -> Path:
+    """The student's prior: canonical SFT of the freshly built tiny student on the scripted policy's responses to
+    prompts that follow the train split, as pre-training on similar text gives a real model its habits."""
+    job, prior = run.job, run.job.models.student.prior
+    out = out or run.model("student-prior")
+    if (out / "model.safetensors").is_file():  # written after config.json: a finished export
+        return out
+    prompts = prompt_table(run, "train", job.task.num_train + prior.num_prompts).slice(job.task.num_train)
+    rows = scripted_rows(prompts, run.tokenizer, p_trace=prior.policy.p_trace, seed=job.seed + 2)
+    return canonical_sft(run, base, rows, out, steps=prior.steps, lr=prior.lr, batch_size=prior.batch_size,
+                         seed=job.seed + 2, stage="prior_sft")
+
+
+def canonical_sft(run: Run, base: Path, rows: pa.Table, out: Path, *, steps: int, lr: float, batch_size: int,
+                  seed: int, stage: str) -> Path:
+    """`steps` of canonical SFT (constant lr, random batches) of `base` on `rows`, exported to `out`."""
+    settings = SftConfig(lr=lr, batch_size=batch_size, lr_schedule="constant", warmup_steps=0, pear={"level": "none"})
+    learner = LearnerGroup.for_sft(base, run.job.resources.learner, settings, total_steps=steps, seed=seed)
     try:
-        rng = np.random.default_rng(job.seed + 1)
-        for step in tqdm(range(job.score.teacher_sft_steps), desc="teacher SFT"):
-            rows = rng.choice(gold.num_rows, size=min(settings.batch_size, gold.num_rows), replace=False)
-            stats = learner.sft_step(ray.put(gold.take(rows)))
-            run.metrics.log("teacher_sft", step + 1, stats)
+        rng = np.random.default_rng(seed)
+        for step in tqdm(range(steps), desc=stage.replace("_", " ")):
+            chosen = rng.choice(rows.num_rows, size=min(batch_size, rows.num_rows), replace=False)
+            stats = learner.sft_step(ray.put(rows.take(chosen)))
+            run.metrics.log(stage, step + 1, stats)
         learner.export_hf(out)
     finally:
         learner.shutdown()

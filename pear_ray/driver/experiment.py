@@ -1,0 +1,97 @@
+"""An experiment: one job over several seeds (and a small grid of config values), one resumable run folder per
+cell under the job's folder, then one aggregated report with paired statistics.
+
+    <job folder>/seed0/ ...                     a job with `seeds: [0, 1, 2]`
+    <job folder>/sft.epochs=3/seed0/ ...        a job with `grid: {sft.epochs: [1, 3, 12]}` too
+    <job folder>/report.md, summary.json, plots/
+
+Every cell is an ordinary run (`run_job`): rerunning the command skips finished cells and resumes the unfinished
+one. Cells run one after another here; all of them are checked before the first starts, so a bad grid value is
+refused up front.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pear_ray.config import JobConfig, parse_job, set_dotted
+from pear_ray.driver.run import run_job
+from pear_ray.tracking import read_metrics
+from pear_ray.tracking.aggregate import aggregate, write_summary
+from pear_ray.tracking.experiment_report import write_experiment_report
+
+log = logging.getLogger(__name__)
+
+
+def is_experiment(job: JobConfig) -> bool:
+    return bool(job.seeds or job.grid)
+
+
+def cells(job: JobConfig) -> list[tuple[str, str, JobConfig]]:
+    """(grid point label, folder relative to the job's, config) of every cell, grid points outermost."""
+    keys = list(job.grid)
+    out = []
+    for values in itertools.product(*job.grid.values()):
+        point = ",".join(f"{key}={value}" for key, value in zip(keys, values))
+        for seed in job.seeds or [job.seed]:
+            tree = job.model_dump(mode="json") | {"seed": seed, "seeds": [], "grid": {}}
+            for key, value in zip(keys, values):
+                set_dotted(tree, key, value)
+            folder = f"{point}/seed{seed}" if point else f"seed{seed}"
+            out.append((point, folder, parse_job(tree, f"{job.name}, cell {folder}")))
+    return out
+
+
+def prior_key(job: JobConfig) -> str:
+    """What a student's prior depends on (the student, the task, the seed), as a folder name: grid cells that
+    change only SFT or RL settings share their seed's prior instead of training it again."""
+    inputs = json.dumps([job.models.student.model_dump(mode="json"), job.task.model_dump(mode="json"), job.seed],
+                        sort_keys=True)
+    return f"seed{job.seed}-{hashlib.sha256(inputs.encode()).hexdigest()[:12]}"
+
+
+def run_experiment(job: JobConfig, job_dir: Path) -> Path:
+    """Run every cell into `job_dir`, then write the aggregated report; returns its path."""
+    started = time.perf_counter()
+    planned = cells(job)  # every cell's config is valid before anything starts
+    for index, (_, folder, cell_job) in enumerate(planned):
+        log.info("experiment %s: cell %d of %d (%s)", job.name, index + 1, len(planned), folder)
+        run_job(cell_job, job_dir / folder, prior_dir=job_dir / "priors" / prior_key(cell_job))
+    per_prompt, weights = collect(job_dir, planned)
+    summary = aggregate(per_prompt, job.eval.k, mean_weights=weights)
+    write_summary(job_dir, summary)
+    return write_experiment_report(
+        job_dir, summary, job_name=job.name, seeds=job.seeds or [job.seed],
+        cells=[point for point in dict.fromkeys(point for point, _, _ in planned) if point],
+        extra={"task": f"{job.task.kind} {job.task.name} {job.task.args}",
+               "eval": f"{job.task.num_eval} held-out prompts, n={job.eval.n} samples each, k={job.eval.k}",
+               "variants": ", ".join(job.sft_variants)},
+        wall_seconds=time.perf_counter() - started)
+
+
+def collect(job_dir: Path, planned: list[tuple[str, str, JobConfig]]) -> tuple[pa.Table, dict]:
+    """Every cell's per-prompt eval results (with its grid point as `cell`), and each (cell, variant)'s mean PEAR
+    weight over its SFT steps."""
+    tables, weights = [], {}
+    for point, folder, _ in planned:
+        for path in sorted((job_dir / folder / "eval").glob("*.parquet")):
+            table = pq.read_table(path)
+            tables.append(table.append_column("cell", pa.array([point] * table.num_rows)))
+        by_variant: dict[str, list[float]] = {}
+        for record in read_metrics(job_dir / folder):
+            if record.get("stage") == "sft" and "mean_weight" in record:
+                by_variant.setdefault(record["variant"], []).append(record["mean_weight"])
+        for variant, values in by_variant.items():
+            weights.setdefault((point, variant), []).append(float(np.mean(values)))
+    if not tables:
+        raise RuntimeError(f"{job_dir}: no cell wrote per-prompt eval results (does the job have an eval stage?)")
+    return pa.concat_tables(tables), {key: float(np.mean(values)) for key, values in weights.items()}

@@ -1,0 +1,47 @@
+"""Experiments: one job over seeds and a grid, one run folder per cell, one aggregated report and summary.json."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from pear_ray.config import ConfigError, load_job
+from pear_ray.driver.experiment import cells
+from test_job import finish, pear_ray
+
+TINY_EXPERIMENT = [  # pear-vs-sft made tiny: no RL, a short prior, a handful of prompts
+    "seeds=[0,1]", "stages=[score,sft,eval]", "sft.variants=[none,token]", "task.num_train=32", "task.num_eval=6",
+    "models.student.prior.steps=4", "models.student.prior.num_prompts=32", "sft.epochs=1", "sft.batch_size=16",
+    "eval.n=2", "eval.k=[1,2]", "models.student.tiny.hidden_size=64", "models.student.tiny.num_heads=2",
+    "models.student.tiny.num_kv_heads=2", "models.student.tiny.intermediate_size=128",
+]
+
+
+def test_cells_cross_the_grid_with_the_seeds_and_refuse_a_bad_value_up_front():
+    job = load_job("jobs/pear-vs-sft.yaml", ["seeds=[3,4]", "grid={sft.epochs: [1, 12], rl.lr: [0.001]}"])
+    planned = cells(job)
+    assert [folder for _, folder, _ in planned] == [
+        "sft.epochs=1,rl.lr=0.001/seed3", "sft.epochs=1,rl.lr=0.001/seed4",
+        "sft.epochs=12,rl.lr=0.001/seed3", "sft.epochs=12,rl.lr=0.001/seed4"]
+    assert [(c.seed, c.sft.epochs, c.rl.lr, c.seeds, c.grid) for _, _, c in planned][1] == (4, 1, 0.001, [], {})
+    with pytest.raises(ConfigError, match="(?s)cell sft.epochs=0/seed3.*sft.epochs"):
+        cells(load_job("jobs/pear-vs-sft.yaml", ["seeds=[3]", "grid={sft.epochs: [2, 0]}"]))
+
+
+def test_an_experiment_runs_each_seed_on_the_same_eval_prompts_and_aggregates_them(tmp_path):
+    job_dir = tmp_path / "experiment"
+    output = finish(pear_ray("run", "jobs/pear-vs-sft.yaml", *TINY_EXPERIMENT, "--run-dir", str(job_dir)))
+    assert str(job_dir / "report.md") in output
+    per_seed = [pq.read_table(job_dir / f"seed{seed}" / "eval" / "sft-none.parquet").to_pydict() for seed in (0, 1)]
+    assert per_seed[0]["prompt_id"] == per_seed[1]["prompt_id"] and len(per_seed[0]["prompt_id"]) == 6
+    assert [table["seed"][0] for table in per_seed] == [0, 1]
+    data = [pq.read_table(job_dir / f"seed{seed}" / "data" / "sft.parquet") for seed in (0, 1)]
+    assert data[0].column("prompt").equals(data[1].column("prompt"))  # same train prompts too
+    assert data[0].column("source").to_pylist() != data[1].column("source").to_pylist()  # sampled per seed
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert set(summary) == {"token"} and set(summary["token"]) == {"sft"}
+    for figures in summary["token"]["sft"].values():
+        assert figures["n_seeds"] == 2 and 0 <= figures["seeds_positive"] <= 2
+        assert figures["ci95"][0] <= figures["mean_diff"] <= figures["ci95"][1]
+    report = (job_dir / "report.md").read_text()
+    assert "token" in report and "canonical" in report
