@@ -117,25 +117,42 @@ def test_shard_bounds_cover_rows_in_order():
     assert [shard_bounds(1, 2, r) for r in range(2)] == [(0, 1), (1, 1)]
 
 
-def test_first_sft_step_loss_is_the_global_pear_loss(learners, tiny_model_dir):
-    """World size 1: the reported loss is PEAR's loss over the whole batch, computed by plain torch."""
-    one = learners(1, 0)
-    model = hf_model(tiny_model_dir)
-    logp = reference_token_logprobs(model, FIRST_BATCH)
+def plain_pear_loss(model, table: pa.Table, **settings):
+    """PEAR's loss over the whole batch by plain torch: pear_loss on [B, L] grids of response tokens under a mask,
+    one row per sample, left-aligned."""
+    logp = reference_token_logprobs(model, table)
     flat = torch.tensor([v for row in logp for v in row])
-    behavior = torch.tensor(FIRST_BATCH.column(schema.BEHAVIOR_LOGPROBS).combine_chunks().flatten().to_numpy())
-    # pear_loss only sees [B, L] grids of response tokens under a mask: one row per sample, left-aligned.
+    behavior = torch.tensor(table.column(schema.BEHAVIOR_LOGPROBS).combine_chunks().flatten().to_numpy())
     lengths = [len(row) for row in logp]
 
     def grid(values):
         return torch.nn.utils.rnn.pad_sequence(list(torch.split(values, lengths)), batch_first=True)
 
-    mask = grid(torch.ones(len(flat))).bool()
-    expected, diag = pear_loss(grid(flat), grid(behavior), mask, level=PEAR.level, gamma=PEAR.gamma)
+    return pear_loss(grid(flat), grid(behavior), grid(torch.ones(len(flat))).bool(), **settings)
+
+
+def test_first_sft_step_loss_is_the_global_pear_loss(learners, tiny_model_dir):
+    """World size 1: the reported loss is PEAR's loss over the whole batch, computed by plain torch."""
+    one = learners(1, 0)
+    expected, diag = plain_pear_loss(hf_model(tiny_model_dir), FIRST_BATCH, level=PEAR.level, gamma=PEAR.gamma)
     assert one.first_step["loss"] == pytest.approx(float(expected), rel=1e-5)
-    assert one.first_step["num_tokens"] == diag.num_tokens == len(flat)
+    assert one.first_step["num_tokens"] == diag.num_tokens == schema.response_token_count(FIRST_BATCH)
     assert one.first_step["mean_weight"] == pytest.approx(diag.mean_weight, rel=1e-5)
     assert abs(diag.mean_weight - 1) > 0.05, "the test batch should give PEAR weights far from 1"
+
+
+def test_sft_step_normalized_by_the_weight_sum(learners, tiny_model_dir):
+    """normalize weights, world size 1: the reported loss is sum w l / sum w over the batch, by plain torch."""
+    group = learners(1, 0).group
+    batch = make_batch(5, seed=12)
+    model = hf_model(tiny_model_dir, ray.get(group.weights_ref()))
+    settings = dict(level=PEAR.level, gamma=PEAR.gamma)
+    by_weights, diag = plain_pear_loss(model, batch, **settings, normalize="weights")
+    by_tokens, _ = plain_pear_loss(model, batch, **settings)
+    assert abs(diag.mean_weight - 1) > 0.05  # so the two normalisations differ
+    stats = group.sft_step(ray.put(batch), PEAR.model_copy(update={"normalize": "weights"}))
+    assert stats["loss"] == pytest.approx(float(by_weights), rel=1e-5)
+    assert stats["loss"] == pytest.approx(float(by_tokens) / diag.mean_weight, rel=1e-5)
 
 
 def test_frozen_target_reads_ref_logprobs(learners):

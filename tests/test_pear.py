@@ -275,6 +275,27 @@ def test_explicit_token_count_is_the_divisor():
     torch.testing.assert_close(half, local * 2 * int(mask.sum()))
 
 
+def test_normalize_weights_divides_by_the_weight_sum_hand_computed():
+    """normalize tokens: sum w l / N, so the step scales with the mean weight; weights: sum w l / sum w."""
+    logp, lb, mask = (torch.tensor(x, dtype=torch.float64) for x in (HAND_LT, HAND_LB, HAND_MASK))
+    w = [0.25 * math.exp(0.22), 0.5 * math.exp(0.3), 1.0]  # HAND_EXPECTED["token"] at gamma 0.5
+    weighted = w[0] * 0.9 + w[1] * 1.5 + w[2] * 0.0  # l_t = -logp_t on the response: 0.9, 1.5, 0.0
+    settings = dict(level="token", gamma=0.5, mask=mask.bool())
+    tokens, _ = pear_loss(logp, lb, **settings)
+    weights, _ = pear_loss(logp, lb, **settings, normalize="weights")
+    assert tokens.item() == pytest.approx(weighted / 3, rel=1e-12)
+    assert weights.item() == pytest.approx(weighted / sum(w), rel=1e-12)
+    # under data parallelism the caller gives the global weight sum (over the world size, as for num_tokens)
+    share, _ = pear_loss(logp, lb, **settings, normalize="weights", weight_sum=0.5)
+    assert share.item() == pytest.approx(weighted / 0.5, rel=1e-12)
+    with pytest.raises(ValueError, match="num_tokens"):
+        pear_loss(logp, lb, **settings, normalize="weights", num_tokens=3)
+    with pytest.raises(ValueError, match="weight_sum"):
+        pear_loss(logp, lb, **settings, weight_sum=1.0)
+    with pytest.raises(ValueError, match="'sequences'"):
+        pear_loss(logp, lb, **settings, normalize="sequences")
+
+
 def test_diagnostics_hand_computed():
     # One row, T=20, gamma=1, d_raw = 1.0 -> d = 0.3: token-level log G_t = 0.3 (20 - t), which is >= 5 for
     # t = 1, 2, 3 (5.7, 5.4, 5.1), so 3 / 20 weights at the ceiling and none at the floor.

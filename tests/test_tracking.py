@@ -194,10 +194,12 @@ def test_report_table_and_deltas(tmp_path):
     for line in text.splitlines():
         if line.startswith("| "):
             rows.setdefault(line.split("|")[1].strip(), [c.strip() for c in line.split("|")[2:-1]])
-    # columns: pass@1 SFT, pass@8 SFT, pass@1 RL, pass@8 RL, Δ pass@1, Δ pass@8; noise margin 1/sqrt(400) = 0.05
-    assert rows["none (canonical SFT, baseline)"] == ["0.200", "0.450", "0.300", "0.600", "+0.100", "+0.150"]
-    assert rows["token"] == ["0.300", "0.520", "0.450", "0.530", "+0.150", "(+0.010)"]  # in parentheses: noise
-    assert rows["block"] == ["0.220", "0.480", "–", "–", "–", "–"]
+    # columns: mean PEAR weight over the SFT steps (the effective-lr confound: 1 - floor logged above, averaged),
+    # pass@1 SFT, pass@8 SFT, pass@1 RL, pass@8 RL, Δ pass@1, Δ pass@8; noise margin 1/sqrt(400) = 0.05
+    assert "| SFT variant | mean PEAR weight (SFT) |" in text
+    assert rows["none (canonical SFT, baseline)"] == ["1.000", "0.200", "0.450", "0.300", "0.600", "+0.100", "+0.150"]
+    assert rows["token"] == ["0.860", "0.300", "0.520", "0.450", "0.530", "+0.150", "(+0.010)"]  # (): noise
+    assert rows["block"] == ["0.790", "0.220", "0.480", "–", "–", "–", "–"]
     assert list(rows).index("none (canonical SFT, baseline)") < list(rows).index("block") < list(rows).index("token")
     assert "±0.050" in text and "N = 400" in text
     # the vs-canonical table: columns pass@1, pass@8 after SFT, then after RL
@@ -213,5 +215,6 @@ def test_report_says_when_everything_is_noise(tmp_path):
                "token": {"sft": {"pass@1": 0.01}, "rl": {"pass@1": 0.04}}}
     text = write_report(tmp_path, results, seed=0, job_name="tiny").read_text()
     assert "cannot tell the variants apart" in text and "solves almost nothing" in text
+    assert "| token | – | 0.010 |" in text  # no SFT metrics: no mean weight
     assert "config.yaml not" in text or "not in the run folder" in text
     assert "No PEAR diagnostics" in text

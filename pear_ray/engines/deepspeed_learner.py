@@ -7,6 +7,8 @@ group (gloo on CPU, nccl on GPU), so no launcher is involved (PLATFORM.md, "Deep
 Loss normalisation under data parallelism. DeepSpeed averages gradients over the ranks, so a rank whose loss is
 `sum_local / (N_global / world_size)` contributes exactly its share of the global-batch loss `sum_global / N_global`:
 the averaged gradient is the gradient of the global loss, whatever the split of rows or tokens over the ranks.
+N_global is a token count (known from the batch every rank holds) or, for PEAR's `normalize: weights`, the sum of
+the weights over the global batch's response tokens (depends on the model: all-reduced inside the step).
 DeepSpeed's own batch bookkeeping (train_batch_size, micro batch, gradient accumulation) is therefore set to
 1 row x 1 accumulation step x world size and never consulted: every `engine.step()` is one optimizer update on
 whatever rows the rank was given.
@@ -34,7 +36,7 @@ import torch
 from pear_ray.data import schema
 from pear_ray.data.tensors import from_tensor, to_tensors
 from pear_ray.engines.hf_scorer import forward_token_logprobs
-from pear_ray.objectives import aggregate, k3_kl, masked_mean, pear_loss, policy_loss
+from pear_ray.objectives import aggregate, k3_kl, masked_mean, pear_loss, pear_weights, policy_loss
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ _HF_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear
 # Files of a model folder that make up its tokenizer; export_hf copies them next to the weights.
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                       "chat_template*", "spiece.model")
-PEAR_FIELDS = ("level", "gamma", "block_size", "delta_clip", "log_weight_clip", "target_mode")  # PearConfig's
+PEAR_FIELDS = ("level", "gamma", "block_size", "delta_clip", "log_weight_clip", "target_mode", "normalize")  # PearConfig's
 _STATE_KEY = "pear_ray"  # our entry in DeepSpeed's client_state
 
 
@@ -207,8 +209,8 @@ class DeepSpeedLearner:
 
         global_num_tokens: response tokens in the whole global batch (all ranks); defaults to this shard's count,
         which is right only at world size 1. pear: PearConfig fields (level, gamma, block_size, delta_clip,
-        log_weight_clip, target_mode). Reads behavior_logprobs (not needed at level none) and, for target_mode
-        frozen, ref_logprobs.
+        log_weight_clip, target_mode, normalize). Reads behavior_logprobs (not needed at level none) and, for
+        target_mode frozen, ref_logprobs.
         """
         unknown = set(pear) - set(PEAR_FIELDS)
         if unknown:
@@ -228,17 +230,22 @@ class DeepSpeedLearner:
         mask = batch["response_mask"]
         logp = forward_token_logprobs(self.engine, batch)
         behavior = batch.get(schema.BEHAVIOR_LOGPROBS, torch.zeros_like(logp))
-        loss, diag = pear_loss(
-            logp, behavior, mask,
+        weighting = dict(
             level=level,
             gamma=pear.get("gamma", 0.999),
             block_size=pear.get("block_size", 4),
             delta_clip=tuple(pear.get("delta_clip", (-0.08, 0.3))),
             log_weight_clip=tuple(pear.get("log_weight_clip", (-10.0, 5.0))),
-            target_mode="frozen" if frozen else "online",
-            logp_target_frozen=batch[schema.REF_LOGPROBS] if frozen else None,
-            num_tokens=global_num_tokens / self.world_size,
         )
+        target = batch[schema.REF_LOGPROBS] if frozen else None
+        if pear.get("normalize", "tokens") == "weights":  # every rank needs the global weight sum before its loss
+            local_sum = float(pear_weights(logp.detach() if target is None else target, behavior, mask,
+                                           **weighting).sum())
+            divisor = {"normalize": "weights", "weight_sum": self._all_reduce_sum([local_sum])[0] / self.world_size}
+        else:
+            divisor = {"num_tokens": global_num_tokens / self.world_size}
+        loss, diag = pear_loss(logp, behavior, mask, **weighting, target_mode="frozen" if frozen else "online",
+                               logp_target_frozen=target, **divisor)
         grad_norm, lr = self._update(loss)
 
         # Global figures from per-rank sums: loss_r = sum_r / (N / W), so the global loss is sum_r(loss_r) / W.

@@ -9,6 +9,10 @@ On the response tokens t = 1..T of a row (counted along the mask, whatever the p
     block:      log G_t = (T - e_k) log(gamma) + sum_{j>e_k} d_j,  k = ceil(t / B), e_k = min(k B, T)
     w_t       = exp(clip(log G_t, lo, hi)), 0 off the response, a constant (no gradient)
     loss      = sum_t w_t l_t / N,  l_t the per-token base loss (NLL by default), N the batch's response tokens
+                                    (normalize tokens) or sum_t w_t over them (normalize weights)
+
+With `tokens` the step size scales with the mean weight, so a level whose weights average 0.3 trains at about
+0.3 x the learning rate of canonical SFT; `weights` keeps canonical SFT's step size and only redistributes it.
 
 The token level is the block level with B = 1, so both share one vectorised path.
 """
@@ -25,6 +29,7 @@ from pear_ray.objectives.masked import masked_sum
 
 PEAR_LEVELS = ("none", "sequence", "token", "block")
 TARGET_MODES = ("online", "frozen")
+NORMALIZE = ("tokens", "weights")
 DELTA_CLIP = (-0.08, 0.3)
 LOG_WEIGHT_CLIP = (-10.0, 5.0)
 
@@ -89,20 +94,32 @@ def pear_loss(
     target_mode: str = "online",
     logp_target_frozen: torch.Tensor | None = None,
     per_token_loss: torch.Tensor | None = None,
+    normalize: str = "tokens",
     num_tokens: int | torch.Tensor | None = None,
+    weight_sum: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PearDiagnostics]:
     """sum_t w_t l_t / N with l_t = per_token_loss (default -token_logp), and the weights' diagnostics.
 
     The target log-probs are token_logp detached (``online``) or ``logp_target_frozen`` (``frozen``). N is the
-    number of response tokens in ``mask`` unless ``num_tokens`` is given. Under data parallelism the global loss
-    needs the global count: pass N_global when the ranks' gradients are summed, N_global / world_size (it may be
+    number of response tokens in ``mask`` (``normalize='tokens'``) unless ``num_tokens`` is given, or the sum of the
+    weights over them (``normalize='weights'``) unless ``weight_sum`` is given. Under data parallelism the global
+    loss needs the global N: pass it when the ranks' gradients are summed, N_global / world_size (it may be
     fractional) when they are averaged (DeepSpeed, DDP). With level ``none`` this is exactly canonical SFT.
     """
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if num_tokens is not None and normalize != "tokens":
+        raise ValueError(f"num_tokens is the divisor of normalize='tokens'; normalize is {normalize!r}")
+    if weight_sum is not None and normalize != "weights":
+        raise ValueError(f"weight_sum is the divisor of normalize='weights'; normalize is {normalize!r}")
     logp_target = _target_logp(token_logp, target_mode, logp_target_frozen)
     log_g = _log_weights(logp_target, logp_behavior, mask, level, gamma, block_size, delta_clip)
     weights = _clipped_exp(log_g, mask, log_weight_clip)
     base_loss = -token_logp if per_token_loss is None else per_token_loss
-    divisor = mask.bool().sum() if num_tokens is None else torch.as_tensor(num_tokens, device=base_loss.device)
+    if normalize == "tokens":
+        divisor = mask.bool().sum() if num_tokens is None else torch.as_tensor(num_tokens, device=base_loss.device)
+    else:
+        divisor = weights.sum() if weight_sum is None else torch.as_tensor(weight_sum, device=base_loss.device)
     tiny = torch.finfo(weights.dtype).tiny  # a batch without response tokens gives 0 / tiny = 0, not NaN
     loss = masked_sum(weights * base_loss, mask) / divisor.to(weights.dtype).clamp(min=tiny)
     return loss, _diagnostics(weights, log_g, logp_target, logp_behavior, mask, log_weight_clip)

@@ -1,10 +1,11 @@
 """run_dir/report.md: the experiment's table (canonical SFT vs PEAR levels as the RL start, pass@k after SFT and
-after RL), an honest noise note, the plots, and the final PEAR diagnostics of each variant."""
+after RL, and each variant's mean PEAR weight), an honest noise note, the plots, and the final PEAR diagnostics of
+each variant."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,17 @@ def noise_margin(results: Results) -> tuple[float | None, int | None]:
     return 1 / math.sqrt(n), n
 
 
-def _results_section(results: Results) -> list[str]:
+def mean_pear_weights(records: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Each variant's logged `mean_weight` averaged over its SFT steps. With `sft.pear.normalize: tokens` the SFT
+    step scales with it (an effective lr of lr x mean weight), so it sits next to every result in the table."""
+    weights: dict[str, list[float]] = {}
+    for rec in records:
+        if rec.get("stage") == "sft" and rec.get("mean_weight") is not None:
+            weights.setdefault(variant_name(rec.get("variant")), []).append(float(rec["mean_weight"]))
+    return {variant: math.fsum(values) / len(values) for variant, values in weights.items()}
+
+
+def _results_section(results: Results, mean_weights: Mapping[str, float]) -> list[str]:
     variants = order_variants(results)
     names = pass_at_k_names(results)
     if not variants or not names:
@@ -80,7 +91,8 @@ def _results_section(results: Results) -> list[str]:
     margin, n = noise_margin(results)
     label = {BASELINE: f"{BASELINE} (canonical SFT, baseline)"}
 
-    head = ["SFT variant"] + [f"{k} after SFT" for k in names] + [f"{k} after RL" for k in names]
+    head = ["SFT variant", "mean PEAR weight (SFT)"] + [f"{k} after SFT" for k in names]
+    head += [f"{k} after RL" for k in names]
     head += [f"Δ {k} (RL − SFT)" for k in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     deltas: list[float] = []
@@ -89,9 +101,12 @@ def _results_section(results: Results) -> list[str]:
         rl = [_score(results, v, "rl", k) for k in names]
         change = [_delta(a, b) for a, b in zip(sft, rl)]
         deltas += [d for d in change if d is not None]
-        cells = [label.get(v, v)] + [_fmt(x) for x in sft + rl] + [_fmt_delta(d, margin) for d in change]
+        cells = [label.get(v, v), _fmt(mean_weights.get(v))] + [_fmt(x) for x in sft + rl]
+        cells += [_fmt_delta(d, margin) for d in change]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+    lines += ["", "The mean PEAR weight is averaged over the variant's SFT steps. With `sft.pear.normalize: tokens` (the "
+              "default) a variant's SFT trained at about lr x that weight, so a difference between variants may be "
+              "the step size rather than the weighting; `normalize: weights` removes that confound.", ""]
 
     others = [v for v in variants if v != BASELINE]
     if BASELINE in results and others:
@@ -183,7 +198,7 @@ def write_report(run_dir: str | Path, results: Results, *, seed: int, job_name: 
         "",
         "## Results: canonical SFT vs PEAR-SFT as the RL starting point",
         "",
-        *_results_section(results),
+        *_results_section(results, mean_pear_weights(read_metrics(run_dir))),
         "## Plots",
         "",
     ]
