@@ -142,7 +142,7 @@ def main() -> None:
             t0 = time.perf_counter()
             learner = LearnerGroup.for_rl(model_dir, LearnerResources(num_ranks=1, zero_stage=args.zero_stage,
                                                                       num_cpus=args.cpus),
-                                          RlConfig(lr=args.lr), seed=0)
+                                          RlConfig(lr=args.lr), temperature=1.0, seed=0)  # as generate samples
             startup["learner"] = time.perf_counter() - t0
             params = sum(t.numel() for t in ray.get(learner.weights_ref()).values())
             version, rng = 0, np.random.default_rng(0)

@@ -95,7 +95,11 @@ class TaskConfig(Section):
 
 
 class SamplingConfig(Section):
-    temperature: float = Field(1.0, ge=0)
+    """How the behaviour model writing SFT data and the RL rollouts sample. Each sample's recorded log-probs are of
+    that distribution (logits / temperature over the top-p nucleus); the RL learner scores logits / temperature, so
+    with top_p < 1 the truncated importance weight (rl.tis_cap) also corrects for the nucleus."""
+
+    temperature: float = Field(1.0, gt=0, description="> 0: greedy decoding has no distribution to record")
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(64, gt=0)
 

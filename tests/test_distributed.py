@@ -10,10 +10,17 @@ import ray
 from transformers import AutoTokenizer
 
 from pear_ray.actors.learner import LearnerGroup
-from pear_ray.config import load_job
+from pear_ray.config import RlConfig, load_job
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt
-from pear_ray.driver.roles import mismatch, probe_batch, resolve_model, rollout_pool, sync_weights
+from pear_ray.driver.roles import (
+    mismatch,
+    probe_batch,
+    reference_actor,
+    resolve_model,
+    rollout_pool,
+    sync_weights,
+)
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 
@@ -64,3 +71,36 @@ def test_generate_train_sync_roundtrip(ray_cluster, tmp_path_factory, rollout_ac
     finally:
         learner.shutdown()
         pool.shutdown()
+
+
+def test_rl_log_probs_are_at_the_sampling_temperature(ray_cluster, tmp_path_factory):
+    """At temperature 0.7 the rollout's log-probs are of logits / 0.7, and so are the learner's in RL (logp_old,
+    the policy, the mismatch probe) and the KL reference's: the importance ratios compare like with like."""
+    job = load_job(SMOKE, ["sampling.temperature=0.7"])
+    temperature = job.sampling.temperature
+    student = resolve_model(job.models.student, tmp_path_factory.mktemp("student"))
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    prompts = pa.table({"prompt_ids": [encode_prompt(tokenizer, f"Calculate {a} * 3.") for a in range(4)]})
+    pool = rollout_pool(student, job.resources.rollout, seed=job.seed)
+    learner = LearnerGroup.for_rl(student, job.resources.learner, job.rl, temperature=temperature, seed=job.seed)
+    reference = reference_actor(student, job.resources.reference)
+    try:
+        [(_, generated, _)] = pool.map("generate", [ray.put(prompts)], n=2, seed=0, max_tokens=8,
+                                       temperature=temperature)
+        batch = ray.get(generated)
+        batch = schema.append_column(batch, schema.ADVANTAGE, np.tile([1.0, -1.0], batch.num_rows // 2))
+        batch_ref = ray.put(batch)
+        rollout_logp = flat(batch.column(schema.ROLLOUT_LOGPROBS))
+        raw, _ = pool.actors[0].score.remote(batch_ref, column=schema.REF_LOGPROBS)  # temperature 1: the raw model
+        assert np.abs(flat(ray.get(raw).column(schema.REF_LOGPROBS)) - rollout_logp).max() > 0.05
+        np.testing.assert_allclose(flat(ray.get(learner.logprobs(batch_ref))), rollout_logp, atol=1e-4)
+        assert mismatch(learner, pool, probe_batch(batch))["mismatch_max"] < 1e-4
+        referenced, _ = reference.score.remote(batch_ref, column=schema.REF_LOGPROBS, temperature=temperature)
+        np.testing.assert_allclose(flat(ray.get(referenced).column(schema.REF_LOGPROBS)), rollout_logp, atol=1e-4)
+        # logp_old matches the rollout (no TIS weight leaves 1 +- 1e-4) and the policy the reference (no KL)
+        stats = learner.rl_step(referenced, RlConfig(tis_cap=1.0001, kl_coef=0.1))
+        assert stats["tis_capped_fraction"] == 0.0 and stats["kl_ref"] < 1e-8
+    finally:
+        learner.shutdown()
+        pool.shutdown()
+        ray.kill(reference)

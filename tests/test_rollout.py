@@ -1,16 +1,25 @@
 """Rollout/scoring actors (real vLLM CPU) and the reference actor in real Ray, and the pool's fault tolerance."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pear_ray.actors.pool import ActorPool
 from pear_ray.actors.reference import ReferenceWorker
 from pear_ray.actors.rollout import RolloutWorker
+from pear_ray.config import load_job
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt
+from pear_ray.driver.roles import resolve_model
+from pear_ray.stages.common import Run
+from pear_ray.stages.score import teacher_writes_data
+from pear_ray.tracking import MetricsLogger
 
 QUESTIONS = [f"What is {a} + {b}?" for a in range(4) for b in range(3)]
 
@@ -60,6 +69,26 @@ def test_generated_scored_and_reference_logprobs_agree(ray_cluster, rollout, pro
     assert len(sampled) == schema.response_token_count(table) > prompts.num_rows
     np.testing.assert_allclose(scored, sampled, atol=1e-4)
     np.testing.assert_allclose(ref, scored, atol=1e-4)
+
+
+def test_teacher_data_carries_the_log_probs_it_was_sampled_with(ray_cluster, tmp_path):
+    """The behaviour model writing SFT data at temperature 0.7: the behaviour log-probs are log_softmax(logits / 0.7)
+    of that model, teacher-forced by plain transformers, not the raw model's (what PEAR's weights divide by)."""
+    smoke = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
+    job = load_job(smoke, ["sampling.temperature=0.7", "sampling.max_tokens=6", "task.num_train=4",
+                           "score.teacher_sft_steps=0"])
+    student = resolve_model(job.models.student, tmp_path / "student")  # the tokenizer; the behaviour model writes
+    with MetricsLogger(tmp_path, resume=False, loggers=()) as metrics:
+        run = Run(job, tmp_path, metrics, student)
+        data = pq.read_table(teacher_writes_data(run, run.data("sft")))
+    assert data.num_rows == 4
+    behavior = AutoModelForCausalLM.from_pretrained(run.model("behavior"), dtype=torch.float32).eval()
+    for row in data.to_pylist():
+        prompt, response = row[schema.PROMPT_IDS], row[schema.RESPONSE_IDS]
+        with torch.no_grad():
+            logits = behavior(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double()
+        expected = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(response)[:, None])[:, 0]
+        assert np.abs(np.array(row[schema.BEHAVIOR_LOGPROBS]) - expected.numpy()).max() < 1e-4
 
 
 def test_bad_model_folder_is_a_clear_error(ray_cluster, tmp_path):

@@ -28,11 +28,16 @@ def prompts(tiny_model_dir):
     return [chat, tok.encode("How many times does the letter 'r' appear in \"strawberry\"?"), [5]]
 
 
-def hf_logprobs(model, prompt, response):
-    """log p(response_t | prompt, response_<t) from one transformers forward pass (log_softmax + gather)."""
+def hf_logprobs(model, prompt, response, temperature=1.0, top_p=1.0):
+    """log p(response_t | prompt, response_<t) from one transformers forward pass: log_softmax(logits / temperature),
+    renormalised over the top-p nucleus (the most likely tokens until their mass reaches top_p), then gather."""
     ids = torch.tensor([prompt + response])
     with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+        logp = torch.log_softmax(model(ids).logits[0].double() / temperature, dim=-1)
+    sorted_logp, order = logp.sort(dim=-1, descending=True)
+    mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()
+    nucleus = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, order, mass_before < top_p)
+    logp = torch.log_softmax(logp.masked_fill(~nucleus, -torch.inf), dim=-1)
     return [logp[len(prompt) + t - 1, tok].item() for t, tok in enumerate(response)]
 
 
@@ -57,17 +62,23 @@ def test_score_rejects_empty_rows(engine, prompts):
         engine.score([[]], [[1]])
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_generate_logprobs_are_teacher_forced_scores(engine, prompts, temperature):
-    # vLLM's default logprobs_mode is "raw_logprobs": the model's distribution before temperature / top-p.
-    out = engine.generate(prompts, n=3, temperature=temperature, max_tokens=12, seed=7, ignore_eos=True)
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 1.0), (0.7, 0.8)])
+def test_generate_logprobs_are_of_the_sampling_distribution(engine, tiny_model_dir, prompts, temperature, top_p):
+    """The log-prob recorded with each sampled token is of the distribution that sampled it (after temperature and
+    top-p), not of the raw model: what PEAR's behaviour log-probs and RL's importance ratios need."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    out = engine.generate(prompts, n=3, temperature=temperature, top_p=top_p, max_tokens=12, seed=7, ignore_eos=True)
     assert [len(samples) for samples in out] == [3, 3, 3]
     rows = [(p, s) for p, samples in zip(prompts, out) for s in samples]
-    for _, s in rows:
+    for p, s in rows:
         assert len(s.response_ids) == len(s.logprobs) == 12 and s.finish_reason == "length"
-    scores = engine.score([p for p, _ in rows], [s.response_ids for _, s in rows])
-    for (_, s), sc in zip(rows, scores):
-        assert max_diff(s.logprobs, sc) < TOL
+        assert max_diff(s.logprobs, hf_logprobs(model, p, s.response_ids, temperature, top_p)) < TOL
+    # teacher-forced scores at the temperature (no top-p: scoring samples nothing) agree with the samples' own
+    scores = engine.score([p for p, _ in rows], [s.response_ids for _, s in rows], temperature=temperature)
+    for (p, s), sc in zip(rows, scores):
+        assert max_diff(sc, hf_logprobs(model, p, s.response_ids, temperature)) < TOL
+        if top_p == 1.0:
+            assert max_diff(s.logprobs, sc) < TOL
     assert len({tuple(s.response_ids) for _, s in rows[:3]}) > 1  # n samples differ (seed + j per sample)
 
 

@@ -142,7 +142,8 @@ class LearnerGroup:
     """M learner ranks in one placement group, used like one learner.
 
     Optimizer settings are the group's (one AdamW and one LR schedule per group: SFT and RL build their own
-    groups, see `for_sft` / `for_rl`). `pear` / `rl` are the defaults of sft_step / rl_step.
+    groups, see `for_sft` / `for_rl`). `pear` / `rl` are the defaults of sft_step / rl_step; `temperature` is the
+    rollouts' sampling temperature, at which rl_step and logprobs see the policy (DeepSpeedLearner).
     """
 
     def __init__(
@@ -159,12 +160,14 @@ class LearnerGroup:
         seed: int = 0,
         pear: PearConfig | None = None,
         rl: RlConfig | None = None,
+        temperature: float = 1.0,
         ready_timeout_s: float = 600.0,
     ):
         self.resources = resources or LearnerResources()
         self.world_size = self.resources.num_ranks
         self.pear = pear or PearConfig()
         self.rl = rl or RlConfig()
+        self.temperature = temperature
         self.actors: list = []
         bundle = {"CPU": self.resources.num_cpus, "GPU": self.resources.num_gpus, **self.resources.resources}
         bundle = {key: value for key, value in bundle.items() if value > 0}
@@ -189,7 +192,7 @@ class LearnerGroup:
                 zero_stage=self.resources.zero_stage, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
                 warmup_steps=warmup_steps, total_steps=total_steps, lr_schedule=lr_schedule, seed=seed, bf16=self.resources.bf16,
                 local_rank=0,  # a GPU rank sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES per actor)
-                num_threads=max(1, int(self.resources.num_cpus)),
+                num_threads=max(1, int(self.resources.num_cpus)), temperature=temperature,
             )
             _get_all([actor.start.remote(str(model_dir), master_addr, master_port, **engine_kwargs)
                       for actor in self.actors])
@@ -207,10 +210,11 @@ class LearnerGroup:
                    pear=sft.pear, **kwargs)
 
     @classmethod
-    def for_rl(cls, model_dir: str | Path, resources: LearnerResources, rl: RlConfig, *, seed: int = 0,
-               **kwargs: Any) -> LearnerGroup:
+    def for_rl(cls, model_dir: str | Path, resources: LearnerResources, rl: RlConfig, *, temperature: float,
+               seed: int = 0, **kwargs: Any) -> LearnerGroup:
+        """`temperature`: the rollouts' (job.sampling.temperature)."""
         return cls(model_dir, resources, lr=rl.lr, grad_clip=rl.grad_clip, lr_schedule="constant", seed=seed,
-                   rl=rl, **kwargs)
+                   rl=rl, temperature=temperature, **kwargs)
 
     def _live_actors(self) -> list:
         if not self.actors:
@@ -235,7 +239,8 @@ class LearnerGroup:
         return self._all("rl_step", _as_ref(batch_ref), {k: rl[k] for k in RL_STEP_FIELDS if k in rl})[0]
 
     def logprobs(self, batch_ref: ray.ObjectRef) -> ray.ObjectRef:
-        """ObjectRef of the batch's per-response-token log-probs (list<float32>, one per row, in row order).
+        """ObjectRef of the batch's per-response-token log-probs (list<float32>, one per row, in row order), at
+        the group's temperature.
 
         Each rank scores its shard; rank 0 concatenates the pieces, so nothing passes through the driver.
         """

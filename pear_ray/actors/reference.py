@@ -22,8 +22,10 @@ class ReferenceWorker:
         self.vocab_size = self.scorer.model.config.vocab_size
 
     @ray.method(num_returns=2)
-    def score(self, table: pa.Table, column: str = schema.REF_LOGPROBS):
+    def score(self, table: pa.Table, column: str = schema.REF_LOGPROBS, temperature: float = 1.0):
+        """Add `column`: the teacher-forced log-prob of every response token under logits / temperature (RL's KL
+        reference at the rollouts' temperature, like the policy's log-probs it is compared with)."""
         started = time.perf_counter()
         table = schema.validate(table, vocab_size=self.vocab_size)
-        out = schema.append_column(table, column, self.scorer.logprobs(table), schema.LOGPROBS_TYPE)
+        out = schema.append_column(table, column, self.scorer.logprobs(table, temperature), schema.LOGPROBS_TYPE)
         return out, batch_stats(out.num_rows, schema.response_token_count(out), started)

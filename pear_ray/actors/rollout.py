@@ -52,13 +52,15 @@ class RolloutWorker:
         return out, batch_stats(out.num_rows, schema.response_token_count(out), started, policy_version=self.policy_version)
 
     @ray.method(num_returns=2)
-    def score(self, table: pa.Table, column: str = schema.BEHAVIOR_LOGPROBS):
-        """Add `column`: the teacher-forced log-prob of every response token under this engine's weights."""
+    def score(self, table: pa.Table, column: str = schema.BEHAVIOR_LOGPROBS, temperature: float = 1.0):
+        """Add `column`: the teacher-forced log-prob of every response token under this engine's weights, of
+        logits / temperature."""
         started = time.perf_counter()
         table = schema.validate(table, vocab_size=self.engine.vocab_size)
         prompts = table.column(schema.PROMPT_IDS).to_pylist()
         responses = table.column(schema.RESPONSE_IDS).to_pylist()
-        out = schema.append_column(table, column, self.engine.score(prompts, responses), schema.LOGPROBS_TYPE)
+        out = schema.append_column(table, column, self.engine.score(prompts, responses, temperature),
+                                   schema.LOGPROBS_TYPE)
         return out, batch_stats(out.num_rows, schema.response_token_count(out), started, policy_version=self.policy_version)
 
     def update_weights(self, weights: dict[str, Any], version: int) -> int:

@@ -84,11 +84,13 @@ def reference_actor(model_dir: str | Path, resources: ActorResources):
 def mismatch(learner: LearnerGroup, pool: ActorPool, probe_ref: ray.ObjectRef) -> dict[str, float]:
     """Max and mean |rollout log-prob - learner log-prob| over a probe batch, across every rollout actor.
 
-    Near zero in fp32 right after a sync; anything else means the engines disagree (dtype, kernels, or a
-    sync that did not land) and the RL importance ratios are off by that much.
+    Both sides at the learner's temperature (the rollouts'), as the importance ratios are. Near zero in fp32 right
+    after a sync; anything else means the engines disagree (dtype, kernels, or a sync that did not land) and the RL
+    importance ratios are off by that much.
     """
     learner_ref = learner.logprobs(probe_ref)
-    scored = [table for table, _ in pool.call_all("score", probe_ref, column=PROBE_COLUMN)]  # a few rows each
+    scored = [table for table, _ in pool.call_all("score", probe_ref, column=PROBE_COLUMN,  # a few rows each
+                                                  temperature=learner.temperature)]
     learner_logp = np.concatenate(ray.get(learner_ref).to_pylist())
     every = np.concatenate([np.abs(np.concatenate(table.column(PROBE_COLUMN).to_pylist()) - learner_logp)
                             for table in scored])

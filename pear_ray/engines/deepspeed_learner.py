@@ -46,7 +46,8 @@ _HF_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear
 # Files of a model folder that make up its tokenizer; export_hf copies them next to the weights.
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                       "chat_template*", "spiece.model")
-PEAR_FIELDS = ("level", "gamma", "block_size", "delta_clip", "log_weight_clip", "target_mode", "normalize")  # PearConfig's
+PEAR_FIELDS = ("level", "gamma", "block_size", "delta_clip", "log_weight_clip", "target_mode",  # PearConfig's
+               "normalize")
 _STATE_KEY = "pear_ray"  # our entry in DeepSpeed's client_state
 
 
@@ -74,7 +75,9 @@ class DeepSpeedLearner:
     `bf16=True` (GPU) DeepSpeed trains in bf16 with fp32 master weights. zero_stage 0-3. The optimizer is torch's
     AdamW (DeepSpeed's fused/CPU Adam would JIT-compile for ~40 s on CPU); gradient clipping is DeepSpeed's
     (`gradient_clipping`); the LR schedule warms up linearly over `warmup_steps`, then stays constant or decays
-    (cosine, linear) to 0 at `total_steps`.
+    (cosine, linear) to 0 at `total_steps`. `temperature` is the rollouts' sampling temperature: RL's log-probs
+    (logp_old, the policy in the surrogate, `logprobs`) are of logits / temperature, the distribution the rollout
+    sampled from, so the importance ratios compare like with like; SFT trains the model's own distribution.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class DeepSpeedLearner:
         num_threads: int | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        temperature: float = 1.0,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -109,6 +113,7 @@ class DeepSpeedLearner:
             raise ValueError(f"lr_schedule {lr_schedule!r} decays to 0 at total_steps: give total_steps > 0")
         self.model_dir = Path(model_dir)
         self.rank, self.world_size, self.zero_stage = rank, world_size, zero_stage
+        self.temperature = temperature
         self.step = 0  # optimizer updates applied (SFT steps and RL updates alike)
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -311,7 +316,7 @@ class DeepSpeedLearner:
             parts.append(batch)
         with torch.no_grad():
             for batch in parts:
-                batch["logp_old"] = forward_token_logprobs(self.engine, batch)
+                batch["logp_old"] = forward_token_logprobs(self.engine, batch, self.temperature)
 
         # Global size of each minibatch (tokens for token-mean, rows with a response for sequence-mean).
         local_sizes = [float(b["response_mask"].sum()) if aggregation == "token-mean"
@@ -323,7 +328,7 @@ class DeepSpeedLearner:
         for _ in range(epochs_per_batch):
             for batch, local_size, global_size in zip(parts, local_sizes, global_sizes):
                 mask = batch["response_mask"]
-                logp = forward_token_logprobs(self.engine, batch)
+                logp = forward_token_logprobs(self.engine, batch, self.temperature)
                 loss, stats = policy_loss(
                     logp, batch["logp_old"], batch["advantage"], mask, eps_low=clip_low, eps_high=clip_high,
                     logp_rollout=batch.get(schema.ROLLOUT_LOGPROBS), tis_cap=tis_cap or 0.0,
@@ -358,7 +363,7 @@ class DeepSpeedLearner:
 
     @torch.no_grad()
     def logprobs(self, table: pa.Table) -> pa.ListArray:
-        """log pi(response token | prefix) under the current weights, one list<float32> per row.
+        """log pi(response token | prefix) under the current weights and `temperature`, one list<float32> per row.
 
         A rank may get no rows (a batch smaller than the group): under ZeRO-3 it still runs a one-token forward,
         because every rank must take part in the parameter all-gathers.
@@ -369,7 +374,7 @@ class DeepSpeedLearner:
                 self.engine(input_ids=dummy, attention_mask=torch.ones_like(dummy))
             return pa.array([], type=pa.list_(pa.float32()))
         batch = self._tensors(table)
-        return from_tensor(forward_token_logprobs(self.engine, batch), batch["response_mask"])
+        return from_tensor(forward_token_logprobs(self.engine, batch, self.temperature), batch["response_mask"])
 
     # ------------------------------------------------------------------ weights out
 

@@ -14,10 +14,14 @@ from pear_ray.data.tensors import from_tensor, to_tensors
 from pear_ray.objectives import token_logprobs
 
 
-def forward_token_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B, L] log-prob of each token given the tokens before it (0 at position 0, which nothing predicts)."""
+def forward_token_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                           temperature: float = 1.0) -> torch.Tensor:
+    """[B, L] log-prob of each token given the tokens before it (0 at position 0, which nothing predicts), under
+    logits / temperature: the distribution vLLM samples from at that temperature."""
     input_ids = tensors["input_ids"]
     logits = model(input_ids=input_ids, attention_mask=tensors["attention_mask"], use_cache=False).logits
+    if temperature != 1.0:  # a division by 1 would only cost a copy of the logits
+        logits = logits / temperature
     return F.pad(token_logprobs(logits[:, :-1], input_ids[:, 1:]), (1, 0))
 
 
@@ -33,10 +37,11 @@ class HfScorer:
         self.rows_per_forward = rows_per_forward
 
     @torch.no_grad()
-    def logprobs(self, table: pa.Table) -> pa.ChunkedArray:
-        """One list<float32> per row: the log-prob of each response token."""
+    def logprobs(self, table: pa.Table, temperature: float = 1.0) -> pa.ChunkedArray:
+        """One list<float32> per row: the log-prob of each response token, under logits / temperature."""
         chunks = []
         for start in range(0, table.num_rows, self.rows_per_forward):
             tensors = to_tensors(table.slice(start, self.rows_per_forward), self.pad_id)
-            chunks.append(from_tensor(forward_token_logprobs(self.model, tensors), tensors["response_mask"]))
+            logprobs = forward_token_logprobs(self.model, tensors, temperature)
+            chunks.append(from_tensor(logprobs, tensors["response_mask"]))
         return pa.chunked_array(chunks, type=schema.LOGPROBS_TYPE)

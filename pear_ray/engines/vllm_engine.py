@@ -1,6 +1,10 @@
 """vLLM behind a small token-id interface: generate with sampled-token log-probs, teacher-forced scoring, and
 in-place weight reload. No Ray here; the rollout/scoring actor wraps this class.
 
+Log-probs are those of the distribution that sampled (vLLM's `processed_logprobs`: logits / temperature, renormalised
+over the top-p nucleus), not of the raw model, since PEAR's behaviour log-probs and RL's importance ratios are
+ratios against the sampler. Teacher-forced scores sample nothing: they are of logits / temperature.
+
 The engine runs in-process (no engine-core subprocess, "uni" executor, eager mode): on CPU that starts in ~2 s and
 ~0.7 GB instead of ~14 s and ~3 GB, and it is what lets `update_weights` hand tensors to the worker directly.
 The same settings are valid for the GPU build of vLLM. There, CUDA graphs and torch.compile are worth having for
@@ -13,6 +17,7 @@ import gc
 import os
 import weakref
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -35,7 +40,7 @@ class EngineError(RuntimeError):
 @dataclass
 class Sample:
     response_ids: list[int]
-    logprobs: list[float]  # log-prob of each sampled token under the raw model distribution (before temperature)
+    logprobs: list[float]  # log-prob of each sampled token under the distribution that sampled it (see the top)
     finish_reason: str  # "stop" (EOS / stop token) or "length"
 
 
@@ -82,6 +87,14 @@ def _check_weights(weights: list[tuple[str, torch.Tensor]], shapes: dict[str, tu
                          f"duplicates {len(weights) - len(got)} (nothing was loaded)")
 
 
+def _logit_scale(worker, scale: float | None) -> float:
+    """Runs on the worker: the factor vLLM's LogitsProcessor multiplies the logits by, set first when given."""
+    processor = worker.get_model().logits_processor
+    if scale is not None:
+        processor.scale = scale
+    return processor.scale
+
+
 def _refresh_tied_head(worker) -> None:
     """Runs on the worker after a reload of a model with tied embeddings. The layer-wise reload re-processes the
     embedding but not the LM head that shares its weight, and on CPU the head computes with a copy packed at
@@ -113,7 +126,7 @@ class VllmEngine:
         try:
             self.llm = LLM(model=str(self.model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
                            kv_cache_memory_bytes=kv_cache_memory_bytes, enforce_eager=enforce_eager,
-                           distributed_executor_backend="uni", **engine_kwargs)
+                           distributed_executor_backend="uni", logprobs_mode="processed_logprobs", **engine_kwargs)
         except Exception as exc:
             raise EngineError(f"vLLM failed to start on model folder {self.model_dir}: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -131,7 +144,8 @@ class VllmEngine:
     def generate(self, prompts: list[list[int]], *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 32, seed: int | list[int] | None = None, stop_token_ids: list[int] | None = None,
                  ignore_eos: bool = False) -> list[list[Sample]]:
-        """n samples per prompt with the log-prob of every sampled token. `seed` is one seed for every prompt or
+        """n samples per prompt with the log-prob of every sampled token under the distribution that sampled it (after
+        temperature and top-p; at temperature 0, greedy, the raw model's). `seed` is one seed for every prompt or
         one per prompt (so prompts do not share their random draws); sample j of a prompt uses its seed + j
         (vLLM's parallel sampling), so the same call returns the same samples."""
         from vllm import SamplingParams
@@ -174,8 +188,10 @@ class VllmEngine:
             tokens += n * len(prompt)
         return [*parts, part] if part else parts
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
-        """Teacher-forced log p(response_t | prompt, response_<t) for every response token, via prompt_logprobs."""
+    def score(self, prompts: list[list[int]], responses: list[list[int]],
+              temperature: float = 1.0) -> list[list[float]]:
+        """Teacher-forced log p(response_t | prompt, response_<t) for every response token, via prompt_logprobs, of
+        logits / temperature."""
         from vllm import SamplingParams
 
         if len(prompts) != len(responses):
@@ -187,9 +203,24 @@ class VllmEngine:
                 raise ValueError(f"score: row {i} has {len(p)} + {len(r)} tokens; at most max_model_len - 1 = "
                                  f"{self.max_model_len - 1} can be scored")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        outs = self._run([list(p) + list(r) for p, r in zip(prompts, responses, strict=True)], params)
+        with self._logits_divided_by(temperature):
+            outs = self._run([list(p) + list(r) for p, r in zip(prompts, responses, strict=True)], params)
         return [[_token_logprob(out.prompt_logprobs[len(p) + t], tok) for t, tok in enumerate(r)]
                 for out, p, r in zip(outs, prompts, responses, strict=True)]
+
+    @contextmanager
+    def _logits_divided_by(self, temperature: float):
+        """Prompt log-probs of logits / temperature inside: they skip the sampler (which divides only what it samples
+        from), so the model's logit scale, which vLLM's LogitsProcessor multiplies every logit by, is divided."""
+        if temperature == 1.0:
+            yield
+            return
+        [scale] = self.llm.collective_rpc(_logit_scale, args=(None,))
+        self.llm.collective_rpc(_logit_scale, args=(scale / temperature,))
+        try:
+            yield
+        finally:
+            self.llm.collective_rpc(_logit_scale, args=(scale,))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load new weights (Hugging Face checkpoint names, e.g. a trainer's state_dict items) in place.

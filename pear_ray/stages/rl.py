@@ -38,7 +38,8 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
     """GRPO from `start_model` (the variant's SFT export); returns the exported Hugging Face folder."""
     job, rl, name = run.job, run.job.rl, f"rl-{variant}"
     prompts = prompt_table(run, "train")
-    learner = LearnerGroup.for_rl(start_model, job.resources.learner, rl, seed=job.seed)
+    learner = LearnerGroup.for_rl(start_model, job.resources.learner, rl, temperature=job.sampling.temperature,
+                                  seed=job.seed)
     pool = rollout_pool(start_model, job.resources.rollout, seed=job.seed)
     reference = reference_actor(start_model, job.resources.reference) if rl.kl_coef > 0 else None
     max_actors = job.resources.rollout.max_actors
@@ -61,7 +62,8 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
             if batch.num_rows >= job.resources.learner.num_ranks * rl.minibatches:
                 batch_ref = ray.put(batch)
                 if reference is not None:
-                    batch_ref, _ = reference.score.remote(batch_ref, column=schema.REF_LOGPROBS)
+                    batch_ref, _ = reference.score.remote(batch_ref, column=schema.REF_LOGPROBS,
+                                                          temperature=job.sampling.temperature)
                 update = learner.rl_step(batch_ref)
                 update["learner_step"] = update.pop("step")  # optimizer updates so far; `step` is the RL step
                 stats.update(update)

@@ -104,9 +104,9 @@ def _results_section(results: Results, mean_weights: Mapping[str, float]) -> lis
         cells = [label.get(v, v), _fmt(mean_weights.get(v))] + [_fmt(x) for x in sft + rl]
         cells += [_fmt_delta(d, margin) for d in change]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "The mean PEAR weight is averaged over the variant's SFT steps. With `sft.pear.normalize: tokens` (the "
-              "default) a variant's SFT trained at about lr x that weight, so a difference between variants may be "
-              "the step size rather than the weighting; `normalize: weights` removes that confound.", ""]
+    lines += ["", "The mean PEAR weight is averaged over the variant's SFT steps. With `sft.pear.normalize: tokens` "
+              "(the default) a variant's SFT trained at about lr x that weight, so a difference between variants may "
+              "be the step size rather than the weighting; `normalize: weights` removes that confound.", ""]
 
     others = [v for v in variants if v != BASELINE]
     if BASELINE in results and others:
