@@ -79,7 +79,7 @@ def log_weight_histogram(run: Run, learner: LearnerGroup, pear, dataset, rows: n
     table = ray.get(batch)
     table = schema.append_column(table, schema.REF_LOGPROBS, ray.get(learner.logprobs(batch)))  # the target
     tensors = to_tensors(table, pad_id=0, columns=(schema.REF_LOGPROBS, schema.BEHAVIOR_LOGPROBS))
-    settings = pear.model_dump(exclude={"level", "target_mode"})
+    settings = pear.model_dump(exclude={"level", "target_mode", "normalize"})
     weights = pear_weights(tensors[schema.REF_LOGPROBS], tensors[schema.BEHAVIOR_LOGPROBS],
                            tensors["response_mask"], level=variant, **settings)
     run.metrics.histogram("sft", step, "pear_weights", weights[tensors["response_mask"]].to(torch.float32),
