@@ -49,9 +49,9 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
         start = 0
         if latest_checkpoint(run.checkpoints(name)):
             start = learner.load_checkpoint(run.checkpoints(name))["step"]
-            run.metrics.truncate_after("rl", variant, start)
             sync_weights(learner, pool, version=start)
             log.info("%s: resuming at step %d of %d", name, start, rl.steps)
+        run.metrics.truncate_after("rl", variant, start)  # rows past the checkpoint (all, from scratch) go
         for step in tqdm(range(start, rl.steps), desc=name, initial=start, total=rl.steps):
             if grow_rollout_pool(pool, job.resources.rollout):  # actors that came up hold start_model's weights
                 sync_weights(learner, pool, version=step)

@@ -54,9 +54,9 @@ def run_sft(run: Run, variant: str, data_path: Path) -> Path:
         start = 0
         if latest_checkpoint(run.checkpoints(name)):
             start = learner.load_checkpoint(run.checkpoints(name))["step"]
-            run.metrics.truncate_after("sft", variant, start)
             log.info("%s: resuming at step %d of %d", name, start, len(plan))
         samples = sum(len(rows) for rows in plan[:start])
+        run.metrics.truncate_after("sft", variant, start)  # rows past the checkpoint (all, from scratch) go
         for step in tqdm(range(start, len(plan)), desc=name, initial=start, total=len(plan)):
             stats = learner.sft_step(batch_ref(dataset, plan[step]))
             samples += len(plan[step])
