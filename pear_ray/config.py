@@ -68,7 +68,8 @@ class ModelsConfig(Section):
     student: ModelSource
     # The policy that wrote the SFT data; absent when the data already carries behaviour log-probs.
     behavior: ModelSource | None = None
-    # Frozen model for the RL KL term and PEAR's frozen target; defaults to the student.
+    # Frozen model for the RL KL term and PEAR's frozen target; defaults to RL's start model (the SFT checkpoint)
+    # and to the student before SFT respectively.
     reference: ModelSource | None = None
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM
@@ -100,3 +101,47 @@ def test_a_run_killed_during_sft_resumes_to_the_same_steps_and_samples(tmp_path)
     assert killed_at < 32
     for a, b in zip(resumed, full, strict=True):  # same batches, same optimizer state: same losses
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+
+
+def token_logprobs_by_transformers(model_dir: Path, table) -> list[float]:
+    """Every response token's log-prob under the model, one plain transformers forward per row."""
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt, response in zip(table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist()):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+        out += torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None])[:, 0].tolist()
+    return out
+
+
+def test_frozen_target_and_reference_model_end_to_end(tmp_path):
+    """sft.pear.target_mode frozen trains: models.reference scores the SFT data once, before SFT, into
+    data/sft-ref.parquet, and is also RL's KL reference (a different model from the RL start: KL > 0 at step 1)."""
+    run_dir = tmp_path / "run"
+    finish(pear_ray("run", "jobs/smoke.yaml", *SMALL, "stages=[score,sft,rl]", "sft.pear.target_mode=frozen",
+                    "models.reference.tiny.seed=3", "rl.kl_coef=0.1", "rl.drop_constant_groups=false",
+                    "--run-dir", str(run_dir)))
+    assert [r["step"] for r in steps(run_dir, "sft")] == [1, 2, 3, 4]
+    data = pq.read_table(run_dir / "data" / "sft-ref.parquet")
+    assert data.num_rows == 32
+    ref = np.concatenate(data.column("ref_logprobs").to_pylist())
+    np.testing.assert_allclose(ref, token_logprobs_by_transformers(run_dir / "models" / "reference", data), atol=1e-4)
+    student = token_logprobs_by_transformers(run_dir / "models" / "student", data)
+    assert np.abs(ref - student).max() > 0.01  # the reference's log-probs, not the student's
+    [first, _] = steps(run_dir, "rl")
+    assert first["kl_ref"] > 1e-3
+
+
+def test_a_stage_restarted_from_scratch_logs_each_step_once(tmp_path):
+    """A run that died in SFT before its first checkpoint trains the variant again from step 1: the rows the
+    first attempt logged go, instead of standing twice in metrics.jsonl."""
+    run_dir = tmp_path / "run"
+    job = ["jobs/smoke.yaml", *SMALL, "stages=[score,sft]"]
+    finish(pear_ray("run", *job, "--run-dir", str(run_dir)))
+    state = json.loads((run_dir / "state.json").read_text())
+    del state["done"]["sft/token"]  # as if killed after its last step, before the stage was recorded
+    (run_dir / "state.json").write_text(json.dumps(state))
+    finish(pear_ray("run", *job, "--run-dir", str(run_dir)))
+    assert [r["step"] for r in steps(run_dir, "sft")] == [1, 2, 3, 4]

@@ -13,12 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pear_ray.actors.pool import ActorPool
 from pear_ray.actors.reference import ReferenceWorker
 from pear_ray.actors.rollout import RolloutWorker
-from pear_ray.config import load_job
+from pear_ray.config import load_job, parse_job
 from pear_ray.data import schema
-from pear_ray.data.io import encode_prompt
+from pear_ray.data.io import encode_prompt, write_table
 from pear_ray.driver.roles import resolve_model
 from pear_ray.stages.common import Run
 from pear_ray.stages.score import teacher_writes_data
+from pear_ray.stages.sft import frozen_targets
 from pear_ray.tracking import MetricsLogger
 
 QUESTIONS = [f"What is {a} + {b}?" for a in range(4) for b in range(3)]
@@ -89,6 +90,22 @@ def test_teacher_data_carries_the_log_probs_it_was_sampled_with(ray_cluster, tmp
             logits = behavior(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double()
         expected = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(response)[:, None])[:, 0]
         assert np.abs(np.array(row[schema.BEHAVIOR_LOGPROBS]) - expected.numpy()).max() < 1e-4
+
+
+def test_frozen_targets_are_the_students_and_scored_once(ray_cluster, rollout, prompts, tiny_model_dir, tmp_path):
+    """Without models.reference, PEAR's frozen target is the student before SFT; the file is written once."""
+    job = parse_job({"name": "frozen", "models": {"student": {"path": str(tiny_model_dir)}},
+                     "sft": {"pear": {"target_mode": "frozen"}}, "resources": {"reference": {"num_cpus": 0.25}}})
+    run = Run(job, tmp_path, metrics=None, student=tiny_model_dir)
+    generated, _ = generate(rollout, prompts, n=1, seed=5, max_tokens=6)  # the student's samples at temperature 1
+    write_table(generated, run.data("sft"))
+    path = frozen_targets(run, run.data("sft"))
+    scored = pq.read_table(path)
+    assert path == run.data("sft-ref") and scored.column("id").equals(generated.column("id"))
+    np.testing.assert_allclose(np.concatenate(scored.column(schema.REF_LOGPROBS).to_pylist()),
+                               np.concatenate(generated.column(schema.ROLLOUT_LOGPROBS).to_pylist()), atol=1e-4)
+    written = path.stat().st_mtime_ns
+    assert frozen_targets(run, run.data("sft")) == path and path.stat().st_mtime_ns == written  # not recomputed
 
 
 def test_bad_model_folder_is_a_clear_error(ray_cluster, tmp_path):

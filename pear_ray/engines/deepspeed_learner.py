@@ -215,7 +215,7 @@ class DeepSpeedLearner:
         global_num_tokens: response tokens in the whole global batch (all ranks); defaults to this shard's count,
         which is right only at world size 1. pear: PearConfig fields (level, gamma, block_size, delta_clip,
         log_weight_clip, target_mode, normalize). Reads behavior_logprobs (not needed at level none) and, for
-        target_mode frozen, ref_logprobs.
+        target_mode frozen, ref_logprobs (not needed at level none either: no target is read).
         """
         unknown = set(pear) - set(PEAR_FIELDS)
         if unknown:
@@ -227,7 +227,7 @@ class DeepSpeedLearner:
                                  "world_size > 1")
             global_num_tokens = schema.response_token_count(table)
         level = pear.get("level", "token")
-        frozen = pear.get("target_mode", "online") == "frozen"
+        frozen = pear.get("target_mode", "online") == "frozen" and level != "none"
         has_behavior = schema.BEHAVIOR_LOGPROBS in table.column_names
         columns = (schema.BEHAVIOR_LOGPROBS,) if (level != "none" or has_behavior) else ()
         columns += (schema.REF_LOGPROBS,) if frozen else ()

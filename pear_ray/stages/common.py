@@ -16,6 +16,7 @@ from pear_ray.actors.pool import ActorPool
 from pear_ray.config import JobConfig
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt
+from pear_ray.driver.roles import resolve_model
 from pear_ray.tasks import make_task
 from pear_ray.tasks.verify import score_rows
 from pear_ray.tracking import MetricsLogger
@@ -42,6 +43,13 @@ class Run:
     def per_prompt(self, after: str, variant: str) -> Path:
         """Per-prompt eval results of a variant after stage `after`."""
         return self.dir / "eval" / f"{after}-{variant}.parquet"
+
+    def reference(self, default: Path) -> Path:
+        """The frozen reference model (RL's KL term, PEAR's frozen target): models.reference when the job gives one,
+        else `default` (the RL start model, the student before SFT)."""
+        if self.job.models.reference is None:
+            return default
+        return resolve_model(self.job.models.reference, self.model("reference"))
 
     @cached_property
     def task(self):

@@ -41,7 +41,7 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
     learner = LearnerGroup.for_rl(start_model, job.resources.learner, rl, temperature=job.sampling.temperature,
                                   seed=job.seed)
     pool = rollout_pool(start_model, job.resources.rollout, seed=job.seed)
-    reference = reference_actor(start_model, job.resources.reference) if rl.kl_coef > 0 else None
+    reference = reference_actor(run.reference(start_model), job.resources.reference) if rl.kl_coef > 0 else None
     max_actors = job.resources.rollout.max_actors
     if max_actors:  # elastic: ask for the most the pool may use while RL runs
         request_rollout_capacity(job.resources.rollout, max_actors)

@@ -3,6 +3,9 @@
 Resumable: every `checkpoint_every` steps the learner saves model, optimizer, scheduler, RNG and the data
 position; a rerun loads the latest checkpoint and continues the same batch order, so the optimizer steps and
 samples seen equal an uninterrupted run's.
+
+PEAR's frozen target (`sft.pear.target_mode: frozen`) is scored once per run, before the first variant that needs it,
+into data/sft-ref.parquet (the data plus `ref_logprobs`), which every variant and every rerun then reads.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import torch
 from tqdm import tqdm
 
 from pear_ray.actors.learner import LearnerGroup
+from pear_ray.actors.pool import ActorPool
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
+from pear_ray.driver.roles import reference_actor
+from pear_ray.driver.streaming import stream_parquet
 from pear_ray.objectives import pear_weights
 from pear_ray.stages.common import Run, batch_ref, dataset_ref
 
@@ -47,6 +53,8 @@ def run_sft(run: Run, variant: str, data_path: Path) -> Path:
     job = run.job
     name = f"sft-{variant}"
     sft = job.sft.model_copy(update={"pear": job.sft.pear.model_copy(update={"level": variant})})
+    if sft.pear.target_mode == "frozen" and variant != "none":  # level none reads no target
+        data_path = frozen_targets(run, data_path)
     dataset, num_rows = dataset_ref(data_path)
     plan = batch_plan(num_rows, sft.batch_size, sft.epochs, job.seed, job.resources.learner.num_ranks)
     learner = LearnerGroup.for_sft(run.student, job.resources.learner, sft, total_steps=len(plan), seed=job.seed)
@@ -72,12 +80,30 @@ def run_sft(run: Run, variant: str, data_path: Path) -> Path:
     return run.model(name)
 
 
+def frozen_targets(run: Run, data_path: Path) -> Path:
+    """The SFT data with PEAR's frozen target as `ref_logprobs`: the log-probs of the student before SFT (or of
+    models.reference), scored by the reference actor once per run; a finished file is reused, never recomputed."""
+    target = run.data("sft-ref")
+    if target.is_file():  # the sink moves only a finished file into place
+        return target
+    model = run.reference(run.student)
+    log.info("scoring PEAR's frozen target with %s into %s", model, target)
+    pool = ActorPool(lambda slot: reference_actor(model, run.job.resources.reference), size=1)
+    try:
+        stream_parquet(pool, "score", data_path, target, column=schema.REF_LOGPROBS)
+    finally:
+        pool.shutdown()
+    return target
+
+
 def log_weight_histogram(run: Run, learner: LearnerGroup, pear, dataset, rows: np.ndarray, variant: str,
                          step: int) -> None:
-    """PEAR weights of some data rows under the trained model, for the weight-histogram plot."""
+    """PEAR weights of some data rows at the end of SFT (online: under the trained model), for the weight-histogram
+    plot."""
     batch = batch_ref(dataset, rows)
     table = ray.get(batch)
-    table = schema.append_column(table, schema.REF_LOGPROBS, ray.get(learner.logprobs(batch)))  # the target
+    if pear.target_mode == "online":  # the target is the trained model; a frozen one is in the data
+        table = schema.append_column(table, schema.REF_LOGPROBS, ray.get(learner.logprobs(batch)))
     tensors = to_tensors(table, pad_id=0, columns=(schema.REF_LOGPROBS, schema.BEHAVIOR_LOGPROBS))
     settings = pear.model_dump(exclude={"level", "target_mode", "normalize"})
     weights = pear_weights(tensors[schema.REF_LOGPROBS], tensors[schema.BEHAVIOR_LOGPROBS],
