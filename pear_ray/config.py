@@ -225,6 +225,8 @@ class JobConfig(Section):
     seeds: list[int] = Field(default_factory=list, description="run every cell with each of these seeds")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values, one cell per "
                                        "combination, e.g. {sft.epochs: [1, 3, 12]}")
+    parallel_cells: int = Field(1, ge=1, description="cells run at once, each as a Ray task on this node; "
+                                "more than 1 suits a cluster with room for several cells' actors")
     output_dir: str = "runs"
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
     stages: list[Stage] = Field(default_factory=lambda: ["score", "sft", "rl", "eval"])

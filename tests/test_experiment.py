@@ -45,3 +45,18 @@ def test_an_experiment_runs_each_seed_on_the_same_eval_prompts_and_aggregates_th
         assert figures["ci95"][0] <= figures["mean_diff"] <= figures["ci95"][1]
     report = (job_dir / "report.md").read_text()
     assert "token" in report and "canonical" in report
+
+
+def test_cells_side_by_side_as_ray_tasks_give_the_sequential_results(tmp_path):
+    """Two cells at once, each driven by a Ray task; on CPU every run is deterministic, so each prompt's correct
+    count equals the sequential run's (test above, same settings)."""
+    sequential, parallel = tmp_path / "sequential", tmp_path / "parallel"
+    overrides = [*TINY_EXPERIMENT, "sft.variants=[none]"]
+    finish(pear_ray("run", "jobs/pear-vs-sft.yaml", *overrides, "--run-dir", str(sequential)))
+    output = finish(pear_ray("run", "jobs/pear-vs-sft.yaml", *overrides, "parallel_cells=2", "--run-dir",
+                             str(parallel)))
+    assert output.count("experiment: starting cell") == 2 and "(2 running)" in output
+    for seed in (0, 1):
+        a, b = (pq.read_table(d / f"seed{seed}" / "eval" / "sft-none.parquet") for d in (sequential, parallel))
+        assert a.equals(b)
+    assert (parallel / "report.md").is_file()

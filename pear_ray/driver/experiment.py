@@ -6,8 +6,9 @@ cell under the job's folder, then one aggregated report with paired statistics.
     <job folder>/report.md, summary.json, plots/
 
 Every cell is an ordinary run (`run_job`): rerunning the command skips finished cells and resumes the unfinished
-one. Cells run one after another here; all of them are checked before the first starts, so a bad grid value is
-refused up front.
+one. All cells are checked before the first starts, so a bad grid value is refused up front. Cells run one after
+another by default; with `parallel_cells: N` up to N run at once, each driven by a Ray task (on a cluster their
+actors spread over the nodes, as Ray places them).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from pear_ray.actors.runtime import init_ray
 from pear_ray.config import JobConfig, parse_job, set_dotted
 from pear_ray.driver.run import run_job
 from pear_ray.tracking import read_metrics
@@ -62,10 +67,14 @@ def prior_key(job: JobConfig) -> str:
 def run_experiment(job: JobConfig, job_dir: Path) -> Path:
     """Run every cell into `job_dir`, then write the aggregated report; returns its path."""
     started = time.perf_counter()
+    init_ray()
     planned = cells(job)  # every cell's config is valid before anything starts
-    for index, (_, folder, cell_job) in enumerate(planned):
-        log.info("experiment %s: cell %d of %d (%s)", job.name, index + 1, len(planned), folder)
-        run_job(cell_job, job_dir / folder, prior_dir=job_dir / "priors" / prior_key(cell_job))
+    if job.parallel_cells > 1:
+        run_side_by_side(planned, job_dir, job.parallel_cells)
+    else:
+        for index, (_, folder, cell_job) in enumerate(planned):
+            log.info("experiment %s: cell %d of %d (%s)", job.name, index + 1, len(planned), folder)
+            run_job(cell_job, job_dir / folder, prior_dir=job_dir / "priors" / prior_key(cell_job))
     per_prompt, weights = collect(job_dir, planned)
     summary = aggregate(per_prompt, job.eval.k, mean_weights=weights)
     write_summary(job_dir, summary)
@@ -76,6 +85,27 @@ def run_experiment(job: JobConfig, job_dir: Path) -> Path:
                "eval": f"{job.task.num_eval} held-out prompts, n={job.eval.n} samples each, k={job.eval.k}",
                "variants": ", ".join(job.sft_variants)},
         wall_seconds=time.perf_counter() - started)
+
+
+@ray.remote(num_cpus=0)
+def _run_cell(cell_job: JobConfig, run_dir: Path) -> str:
+    return str(run_job(cell_job, run_dir))
+
+
+def run_side_by_side(planned: list[tuple[str, str, JobConfig]], job_dir: Path, at_once: int) -> None:
+    """Up to `at_once` cells at a time, each driven by a Ray task pinned to this node (so every run folder lands
+    where a sequential run would put it), each cell's actors placed by Ray wherever the cluster has room. Cells
+    train their own prior here: two cells of one seed must not write one shared prior folder at the same time."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    waiting, running = list(planned), {}
+    while waiting or running:
+        while waiting and len(running) < at_once:
+            _, folder, cell_job = waiting.pop(0)
+            log.info("experiment: starting cell %s (%d running)", folder, len(running) + 1)
+            running[_run_cell.options(scheduling_strategy=here).remote(cell_job, job_dir / folder)] = folder
+        [done], _ = ray.wait(list(running), num_returns=1)
+        log.info("experiment: cell %s finished", running.pop(done))
+        ray.get(done)  # a failed cell fails the experiment here, with its own error
 
 
 def collect(job_dir: Path, planned: list[tuple[str, str, JobConfig]]) -> tuple[pa.Table, dict]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def prepare_student(run: Run, state: RunState, prior_dir: Path | None = None) ->
 def run_job(job: JobConfig, run_dir: Path, prior_dir: Path | None = None) -> Path:
     """Run the job's stages into `run_dir`; returns the report's path."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _exit_cleanly)  # a killed run still shuts its actors down
+    if threading.current_thread() is threading.main_thread():  # not so in a Ray task driving an experiment's cell
+        signal.signal(signal.SIGTERM, _exit_cleanly)  # a killed run still shuts its actors down
     state = RunState(run_dir)
     dump_job(job, run_dir / "config.yaml")
     init_ray()
