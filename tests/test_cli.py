@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from pear_ray.cli import app
 
-SUBCOMMANDS = ["run", "score", "sft", "rl", "eval", "demo", "submit", "config", "validate", "tiny-model"]
+SUBCOMMANDS = ["run", "score", "sft", "rl", "eval", "inspect", "demo", "submit", "config", "validate", "tiny-model"]
 SMOKE = str(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml")
 runner = CliRunner()
 
