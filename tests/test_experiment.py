@@ -47,6 +47,7 @@ def test_an_experiment_runs_each_seed_on_the_same_eval_prompts_and_aggregates_th
     assert "token" in report and "canonical" in report
 
 
+@pytest.mark.slow  # two tiny experiments, about 2 minutes
 def test_cells_side_by_side_as_ray_tasks_give_the_sequential_results(tmp_path):
     """Two cells at once, each driven by a Ray task; on CPU every run is deterministic, so each prompt's correct
     count equals the sequential run's (test above, same settings)."""
