@@ -33,6 +33,7 @@ from pear_ray.driver.run import run_job
 from pear_ray.tracking import read_metrics
 from pear_ray.tracking.aggregate import aggregate, write_summary
 from pear_ray.tracking.experiment_report import write_experiment_report
+from pear_ray.tracking.report import mean_pear_weights
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +117,8 @@ def collect(job_dir: Path, planned: list[tuple[str, str, JobConfig]]) -> tuple[p
         for path in sorted((job_dir / folder / "eval").glob("*.parquet")):
             table = pq.read_table(path)
             tables.append(table.append_column("cell", pa.array([point] * table.num_rows)))
-        by_variant: dict[str, list[float]] = {}
-        for record in read_metrics(job_dir / folder):
-            if record.get("stage") == "sft" and "mean_weight" in record:
-                by_variant.setdefault(record["variant"], []).append(record["mean_weight"])
-        for variant, values in by_variant.items():
-            weights.setdefault((point, variant), []).append(float(np.mean(values)))
+        for variant, weight in mean_pear_weights(read_metrics(job_dir / folder)).items():
+            weights.setdefault((point, variant), []).append(weight)
     if not tables:
         raise RuntimeError(f"{job_dir}: no cell wrote per-prompt eval results (does the job have an eval stage?)")
     return pa.concat_tables(tables), {key: float(np.mean(values)) for key, values in weights.items()}
