@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from pear_ray.tracking import aggregate, write_experiment_report, write_summary
-from pear_ray.tracking.aggregate import paired_bootstrap_ci
+from pear_ray.tracking.aggregate import Comparison, paired_bootstrap_ci, t_quantile_975
 from pear_ray.tracking.experiment_report import spearman
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -106,18 +106,21 @@ def test_bootstrap_interval_of_a_constant_difference_is_that_constant():
     comparison = aggregate(table(rows(shifted)), [1], n_boot=50).comparisons["token", "sft", 1]
     assert comparison.ci95 == (0.25, 0.25) and comparison.mean_diff == 0.25 and comparison.se_diff == 0.0
     assert comparison.conclusion == ("token-level PEAR beats canonical SFT after SFT in 3/3 seeds, "
-                                     "+0.250 ± 0.000 pass@1 (95% CI [+0.250, +0.250])")
+                                     "+0.250 ± 0.000 pass@1 (95% CI [+0.250, +0.250] over prompts, "
+                                     "[+0.250, +0.250] over seeds)")
 
 
 def test_conclusions_follow_from_the_numbers(summary):
     lo, hi = summary.comparisons["token", "sft", 1].ci95
+    half = 4.303 * (1 / 48)  # t(2) x the SE of the per-seed differences
     assert summary.comparisons["token", "sft", 1].conclusion == (
         f"token-level PEAR beats canonical SFT after SFT in 3/3 seeds, +0.146 ± 0.021 pass@1 "
-        f"(95% CI [{fmt(lo)}, {fmt(hi)}])")
+        f"(95% CI [{fmt(lo)}, {fmt(hi)}] over prompts, [{fmt(7 / 48 - half)}, {fmt(7 / 48 + half)}] over seeds)")
     lo, hi = summary.comparisons["token", "rl", 1].ci95
+    slo, shi = summary.comparisons["token", "rl", 1].seed_ci95
     assert summary.comparisons["token", "rl", 1].conclusion == (
         f"token-level PEAR vs canonical SFT after RL: no difference resolved (+0.021 ± 0.021 pass@1, "
-        f"95% CI [{fmt(lo)}, {fmt(hi)}], 1/3 seeds positive)")
+        f"95% CI [{fmt(lo)}, {fmt(hi)}] over prompts, [{fmt(slo)}, {fmt(shi)}] over seeds, 1/3 seeds positive)")
     flipped = aggregate(table(rows()), [1], baseline="token", n_boot=N_BOOT, boot_seed=7)
     comparison = flipped.comparisons["none", "sft", 1]
     assert (comparison.seeds_positive, comparison.seeds_negative) == (0, 3)
@@ -233,3 +236,17 @@ def test_report_with_grid_ranks_every_checkpoint(tmp_path):
             "labels.") in text
     assert "token-level PEAR beats canonical SFT at sft.epochs=3 after RL in 3/3 seeds" in text
     assert (tmp_path / "plots" / "paired_differences.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_difference_the_seeds_do_not_agree_on_is_not_resolved_however_narrow_the_prompt_interval():
+    """Per-seed differences +0.30, +0.05, +0.05 on every prompt: resampling prompts gives an interval far from 0,
+    but with 3 seeds the t interval, mean ± 4.303 SE, reaches below 0."""
+    diffs = {0: 0.30, 1: 0.05, 2: 0.05}
+    comparison = Comparison(label="token", variant="token", baseline="none", cell="", stage="sft", k=1,
+                            mean_diff=float(np.mean(list(diffs.values()))),
+                            se_diff=float(np.std(list(diffs.values()), ddof=1) / np.sqrt(3)), seeds_positive=3,
+                            seeds_negative=0, n_seeds=3, ci95=(0.12, 0.14))
+    lo, hi = comparison.seed_ci95
+    assert lo < 0 < hi and hi == pytest.approx(comparison.mean_diff + 4.303 * comparison.se_diff)
+    assert not comparison.resolved and "no difference resolved" in comparison.conclusion
+    assert t_quantile_975(2) == 4.303 and t_quantile_975(12) == 2.228 and t_quantile_975(500) == 1.980

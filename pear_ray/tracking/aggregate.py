@@ -74,9 +74,22 @@ class Comparison:
     ci95: tuple[float, float]
 
     @property
+    def seed_ci95(self) -> tuple[float, float] | None:
+        """95% t interval of the mean over seeds, mean ± t(S-1) SE: the training runs' own spread, which the
+        bootstrap over prompts does not see. None with one seed."""
+        if self.se_diff is None:
+            return None
+        half = t_quantile_975(self.n_seeds - 1) * self.se_diff
+        return self.mean_diff - half, self.mean_diff + half
+
+    @property
     def resolved(self) -> bool:
-        """The 95% interval excludes 0."""
-        return self.ci95[0] > 0 or self.ci95[1] < 0
+        """Both intervals exclude 0 on the same side: the prompts' (bootstrap) and the seeds' (t). A prompt
+        interval alone would call a difference real that another seed could reverse."""
+        seeds = self.seed_ci95
+        if seeds is None:
+            return False
+        return min(self.ci95[0], seeds[0]) > 0 or max(self.ci95[1], seeds[1]) < 0
 
     def as_json(self) -> dict:
         return {"mean_diff": self.mean_diff, "se_diff": self.se_diff, "seeds_positive": self.seeds_positive,
@@ -89,6 +102,9 @@ class Comparison:
         se = "n/a" if self.se_diff is None else f"{self.se_diff:.3f}"
         size = f"{signed(self.mean_diff)} ± {se} pass@{self.k}"
         ci = f"95% CI [{signed(self.ci95[0])}, {signed(self.ci95[1])}]"
+        seeds = self.seed_ci95
+        if seeds is not None:
+            ci += f" over prompts, [{signed(seeds[0])}, {signed(seeds[1])}] over seeds"
         if not self.resolved:
             return (f"{name} vs {base}{where}: no difference resolved ({size}, {ci}, "
                     f"{self.seeds_positive}/{self.n_seeds} seeds positive)")
@@ -119,6 +135,16 @@ class ExperimentSummary:
 
     def is_baseline(self, label: str) -> bool:
         return self.label_keys[label][1] == self.baseline
+
+
+# Student's t 97.5% quantiles by degrees of freedom; between entries the smaller df's (wider) value is used.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with `df` degrees of freedom, rounded up to the table's nearest df."""
+    return T_975[max(key for key in T_975 if key <= df)]
 
 
 def paired_bootstrap_ci(diffs: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:

@@ -95,10 +95,12 @@ def _differences_section(summary: ExperimentSummary) -> list[str]:
     rows = []
     for c in summary.comparisons.values():
         se = DASH if c.se_diff is None else f"{c.se_diff:.3f}"
+        seeds = DASH if c.seed_ci95 is None else f"[{signed(c.seed_ci95[0])}, {signed(c.seed_ci95[1])}]"
         rows.append([c.label, EVAL_STAGE_LABELS[c.stage], f"pass@{c.k}", f"{signed(c.mean_diff)} ± {se}",
-                     f"{c.seeds_positive}/{c.n_seeds}", f"[{signed(c.ci95[0])}, {signed(c.ci95[1])}]",
+                     f"{c.seeds_positive}/{c.n_seeds}", f"[{signed(c.ci95[0])}, {signed(c.ci95[1])}]", seeds,
                      "yes" if c.resolved else "no"])
-    head = ["label", "stage", "metric", "mean diff ± SE", "seeds positive", "95% CI", "resolved"]
+    head = ["label", "stage", "metric", "mean diff ± SE", "seeds positive", "95% CI over prompts",
+            "95% CI over seeds", "resolved"]
     lines = _table(head, rows)
     lines += ["### Conclusions", "", *(f"- {c.conclusion}." for c in summary.comparisons.values()), ""]
     return lines
@@ -111,8 +113,9 @@ def _noise_line(summary: ExperimentSummary) -> list[str]:
     spread = (f"reported as mean ± SE over {len(summary.seeds)} seeds ({seeds}); the SE is the seed-to-seed spread"
               if len(summary.seeds) > 1 else f"from a single seed ({seeds}), so there is no standard error")
     return [f"**Noise:** each score is a mean over N = {sizes} eval prompts, {spread}. The 95% CI resamples the "
-            f"prompts ({summary.n_boot} paired bootstrap draws, the same prompts for every seed), and a difference "
-            "counts as resolved only when that interval excludes 0.", ""]
+            f"prompts ({summary.n_boot} paired bootstrap draws, the same prompts for every seed); the CI over seeds is "
+            "mean ± t SE of the per-seed differences (the training runs' own spread, which resampling prompts does "
+            "not see). A difference counts as resolved only when both intervals exclude 0 on the same side.", ""]
 
 
 def _ranking_section(summary: ExperimentSummary) -> list[str]:
@@ -233,7 +236,7 @@ def write_experiment_report(job_dir: str | Path, summary: ExperimentSummary, *, 
         f"- seeds: {asked_seeds}",
         f"- grid cells: {asked_cells}",
         f"- baseline: `{summary.baseline}` ({display_name(summary.baseline)})",
-        f"- wall time: {_duration(wall_seconds)}",
+        f"- wall time: {_duration(wall_seconds)} (every invocation of the job, resumed ones included)",
         *(f"- {key}: {value}" for key, value in (extra or {}).items()),
         "",
         "## pass@k per label (mean ± SE over seeds)",
