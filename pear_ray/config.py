@@ -95,6 +95,13 @@ class TaskConfig(Section):
     verifier_timeout_s: float = Field(5.0, gt=0)
 
 
+    @property
+    def title(self) -> str:
+        """What a report calls the task: the reasoning-gym dataset, the user file, or `addition`, with its args."""
+        name = {"reasoning_gym": self.name, "user": self.path or self.name}.get(self.kind, self.kind)
+        return f"{name} {self.args}" if self.args else name
+
+
 class SamplingConfig(Section):
     """How the behaviour model writing SFT data and the RL rollouts sample. Each sample's recorded log-probs are of
     that distribution (logits / temperature over the top-p nucleus); the RL learner scores logits / temperature, so

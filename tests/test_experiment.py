@@ -45,6 +45,8 @@ def test_an_experiment_runs_each_seed_on_the_same_eval_prompts_and_aggregates_th
         assert figures["ci95"][0] <= figures["mean_diff"] <= figures["ci95"][1]
     report = (job_dir / "report.md").read_text()
     assert "token" in report and "canonical" in report
+    [seconds] = json.loads((job_dir / "wall_seconds.json").read_text())
+    assert seconds > 0 and "wall time:" in report
 
 
 @pytest.mark.slow  # two tiny experiments, about 2 minutes

@@ -36,6 +36,7 @@ from pear_ray.tracking.experiment_report import write_experiment_report
 from pear_ray.tracking.report import mean_pear_weights
 
 log = logging.getLogger(__name__)
+WALL_TIME_FILE = "wall_seconds.json"  # seconds of every invocation of the job, resumed ones included
 
 
 def is_experiment(job: JobConfig) -> bool:
@@ -57,6 +58,16 @@ def cells(job: JobConfig) -> list[tuple[str, str, JobConfig]]:
     return out
 
 
+def add_wall_time(job_dir: Path, seconds: float) -> float:
+    """Record one invocation's wall time (a failed or resumed one counts too); returns the total so far."""
+    path = job_dir / WALL_TIME_FILE
+    invocations = json.loads(path.read_text()) if path.is_file() else []
+    invocations.append(round(seconds, 1))
+    job_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(invocations))
+    return sum(invocations)
+
+
 def prior_key(job: JobConfig) -> str:
     """What a student's prior depends on (the student, the task, the seed), as a folder name: grid cells that
     change only SFT or RL settings share their seed's prior instead of training it again."""
@@ -68,24 +79,27 @@ def prior_key(job: JobConfig) -> str:
 def run_experiment(job: JobConfig, job_dir: Path) -> Path:
     """Run every cell into `job_dir`, then write the aggregated report; returns its path."""
     started = time.perf_counter()
-    init_ray()
     planned = cells(job)  # every cell's config is valid before anything starts
-    if job.parallel_cells > 1:
-        run_side_by_side(planned, job_dir, job.parallel_cells)
-    else:
-        for index, (_, folder, cell_job) in enumerate(planned):
-            log.info("experiment %s: cell %d of %d (%s)", job.name, index + 1, len(planned), folder)
-            run_job(cell_job, job_dir / folder, prior_dir=job_dir / "priors" / prior_key(cell_job))
+    init_ray()
+    try:
+        if job.parallel_cells > 1:
+            run_side_by_side(planned, job_dir, job.parallel_cells)
+        else:
+            for index, (_, folder, cell_job) in enumerate(planned):
+                log.info("experiment %s: cell %d of %d (%s)", job.name, index + 1, len(planned), folder)
+                run_job(cell_job, job_dir / folder, prior_dir=job_dir / "priors" / prior_key(cell_job))
+    finally:
+        wall_seconds = add_wall_time(job_dir, time.perf_counter() - started)
     per_prompt, weights = collect(job_dir, planned)
     summary = aggregate(per_prompt, job.eval.k, mean_weights=weights)
     write_summary(job_dir, summary)
     return write_experiment_report(
         job_dir, summary, job_name=job.name, seeds=job.seeds or [job.seed],
         cells=[point for point in dict.fromkeys(point for point, _, _ in planned) if point],
-        extra={"task": f"{job.task.kind} {job.task.name} {job.task.args}",
+        extra={"task": job.task.title,
                "eval": f"{job.task.num_eval} held-out prompts, n={job.eval.n} samples each, k={job.eval.k}",
                "variants": ", ".join(job.sft_variants)},
-        wall_seconds=time.perf_counter() - started)
+        wall_seconds=wall_seconds)
 
 
 @ray.remote(num_cpus=0)

@@ -91,7 +91,7 @@ def run_job(job: JobConfig, run_dir: Path, prior_dir: Path | None = None) -> Pat
                 if "eval" in stages:
                     state.once(f"eval_rl/{variant}", lambda v=variant, m=model: run_eval(run, v, m, "rl"))
     results = results_from_metrics(read_metrics(run_dir))
-    extra = {"student": job.models.student.model_dump(exclude_none=True), "task": job.task.name,
+    extra = {"student": job.models.student.model_dump(exclude_none=True), "task": job.task.title,
              "eval": f"n={job.eval.n} samples per prompt, k={job.eval.k}"}
     return write_report(run_dir, results, seed=job.seed, job_name=job.name, extra=extra)
 
