@@ -175,7 +175,8 @@ def plot_scores(summary: ExperimentSummary, path: Path) -> Path | None:
 
 
 def plot_differences(summary: ExperimentSummary, path: Path) -> Path | None:
-    """Mean paired difference against the baseline per label, its 95% bootstrap interval as the bar, zero line."""
+    """Mean paired difference against the baseline per label: its 95% interval over prompts (bootstrap) as the thick
+    bar, over seeds (t) as the thin one, and a zero line."""
     labels = list(dict.fromkeys(label for label, _, _ in summary.comparisons))
     if not labels:
         return None
@@ -190,11 +191,14 @@ def plot_differences(summary: ExperimentSummary, path: Path) -> Path | None:
             # The interval is drawn as it is (a percentile interval need not be centred on the mean).
             ax.vlines(xs, [c.ci95[0] for _, c in found], [c.ci95[1] for _, c in found], color=STAGE_COLORS[stage],
                       linewidth=2.5)
+            seeds = [(x, c.seed_ci95) for x, (_, c) in zip(xs, found) if c.seed_ci95 is not None]
+            ax.vlines([x for x, _ in seeds], [lo for _, (lo, _) in seeds], [hi for _, (_, hi) in seeds],
+                      color=STAGE_COLORS[stage], linewidth=0.8)
             ax.plot(xs, [c.mean_diff for _, c in found], "o", color=STAGE_COLORS[stage],
                     label=EVAL_STAGE_LABELS[stage])
         ax.set(ylabel=f"Δ pass@{k}")
-    _finish(fig, axes, labels, f"pass@k minus {display_name(summary.baseline)} (same cell, seeds and prompts), "
-                               "95% bootstrap interval")
+    _finish(fig, axes, labels, f"pass@k minus {display_name(summary.baseline)}, paired\n"
+                               "95% intervals: thick over prompts, thin over seeds")
     return _save(fig, path)
 
 
