@@ -122,6 +122,8 @@ class ScoreConfig(Section):
     keep: Literal["all", "correct"] = "all"
     teacher_sft_steps: int = Field(0, ge=0)
     teacher_lr: float = Field(1e-3, gt=0)
+    teacher_data: str | None = Field(None, description="what the teacher is trained on: a Parquet/JSONL file of "
+                                     "prompt + response texts (e.g. worked traces); default the task's gold answers")
 
 
 class PearConfig(Section):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pear_ray.objectives import mean_pass_at_k
 from pear_ray.tracking import read_metrics
@@ -145,3 +145,16 @@ def test_a_stage_restarted_from_scratch_logs_each_step_once(tmp_path):
     (run_dir / "state.json").write_text(json.dumps(state))
     finish(pear_ray("run", *job, "--run-dir", str(run_dir)))
     assert [r["step"] for r in steps(run_dir, "sft")] == [1, 2, 3, 4]
+
+
+def test_the_teacher_trains_on_response_texts_when_given(tmp_path):
+    """score.teacher_data: the teacher's SFT batches are the file's responses (worked traces), not the gold
+    answers, which are 2-3 tokens here."""
+    trace = "Work: add the digits, carry, then write the sum. Answer: 7"
+    lines = [json.dumps({"prompt": f"What is {a} + 3?", "response": trace}) for a in range(16)]
+    (tmp_path / "teacher.jsonl").write_text("\n".join(lines) + "\n")
+    run_dir = tmp_path / "run"
+    finish(pear_ray("run", "jobs/smoke.yaml", *SMALL, "stages=[score]", "score.teacher_sft_steps=3",
+                    f"score.teacher_data={tmp_path / 'teacher.jsonl'}", "--run-dir", str(run_dir)))
+    tokens_per_response = len(AutoTokenizer.from_pretrained(run_dir / "models" / "student").encode(trace, add_special_tokens=False)) + 1
+    assert [r["num_tokens"] for r in steps(run_dir, "teacher_sft")] == [8 * tokens_per_response] * 3

@@ -60,6 +60,11 @@ class Run:
         return AutoTokenizer.from_pretrained(self.student)
 
 
+def is_exported(folder: Path) -> bool:
+    """A Hugging Face folder whose weights were written (save_pretrained writes them after config.json)."""
+    return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+
+
 def prompt_table(run: Run, split: str, n: int | None = None) -> pa.Table:
     """The task's prompts of a split (`n` of them, default the config's count), tokenized the one way every stage
     tokenizes."""

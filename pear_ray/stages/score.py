@@ -26,7 +26,7 @@ from pear_ray.data import schema
 from pear_ray.data.io import encode_response, load_sft_data, write_table
 from pear_ray.driver.roles import resolve_model, rollout_pool
 from pear_ray.driver.streaming import stream_parquet
-from pear_ray.stages.common import Run, correct_mask, prompt_table, rollouts, with_rewards
+from pear_ray.stages.common import Run, correct_mask, is_exported, prompt_table, rollouts, with_rewards
 from pear_ray.tasks.addition import TRACE, scripted_rows
 
 log = logging.getLogger(__name__)
@@ -107,16 +107,21 @@ def scripted_writes_data(run: Run, target: Path) -> Path:
 
 
 def train_teacher(run: Run, base: Path) -> Path:
-    """A brief canonical SFT of the behaviour model on the task's gold answers, so the data it writes is
-    competent and off the student's distribution (as a stronger teacher's would be)."""
+    """A brief canonical SFT of the behaviour model on the task's gold answers, or on the response texts of
+    `score.teacher_data` (traces in a style of their own), so the data it writes is competent and off the
+    student's distribution (as a stronger teacher's would be)."""
     out = run.model("behavior-trained")
-    if (out / "config.json").is_file():
+    if is_exported(out):
         return out
     job = run.job
-    prompts = prompt_table(run, "train")
-    gold = schema.append_column(prompts, schema.RESPONSE_IDS, [
-        encode_response(run.tokenizer, answer) for answer in prompts.column(schema.ANSWER).to_pylist()])
-    return canonical_sft(run, base, gold, out, steps=job.score.teacher_sft_steps, lr=job.score.teacher_lr,
+    if job.score.teacher_data is not None:
+        rows = load_sft_data(job.score.teacher_data, run.tokenizer, max_prompt_tokens=job.data.max_prompt_tokens,
+                             max_response_tokens=job.data.max_response_tokens)
+    else:
+        prompts = prompt_table(run, "train")
+        rows = schema.append_column(prompts, schema.RESPONSE_IDS, [
+            encode_response(run.tokenizer, answer) for answer in prompts.column(schema.ANSWER).to_pylist()])
+    return canonical_sft(run, base, rows, out, steps=job.score.teacher_sft_steps, lr=job.score.teacher_lr,
                          batch_size=job.sft.batch_size, seed=job.seed + 1, stage="teacher_sft")
 
 
@@ -125,7 +130,7 @@ def train_prior(run: Run, base: Path, out: Path | None = None) -> Path:
     prompts that follow the train split, as pre-training on similar text gives a real model its habits."""
     job, prior = run.job, run.job.models.student.prior
     out = out or run.model("student-prior")
-    if (out / "model.safetensors").is_file():  # written after config.json: a finished export
+    if is_exported(out):
         return out
     prompts = prompt_table(run, "train", job.task.num_train + prior.num_prompts).slice(job.task.num_train)
     rows = scripted_rows(prompts, run.tokenizer, p_trace=prior.policy.p_trace, seed=job.seed + 2)
