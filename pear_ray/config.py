@@ -251,6 +251,11 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _scripted_needs_addition(self) -> JobConfig:
+        for role in ("student", "reference"):
+            source = getattr(self.models, role)
+            if source is not None and source.scripted is not None:
+                raise ValueError(f"models.{role}: a scripted policy is no model to train or score with; only "
+                                 "models.behavior can be scripted")
         scripted = (self.models.behavior is not None and self.models.behavior.scripted is not None) or \
             self.models.student.prior is not None
         if scripted and self.task.kind != "addition":

@@ -63,3 +63,14 @@ def test_cells_side_by_side_as_ray_tasks_give_the_sequential_results(tmp_path):
         a, b = (pq.read_table(d / f"seed{seed}" / "eval" / "sft-none.parquet") for d in (sequential, parallel))
         assert a.equals(b)
     assert (parallel / "report.md").is_file()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("task.kind=reasoning_gym", "needs task.kind: addition"),
+    ("models.student={scripted: {p_trace: 1.0}}", "only models.behavior can be scripted"),
+    ("models.behavior={scripted: {p_trace: 0.5}, tiny: {seed: 2}}", "exactly one of"),
+    ("models.student.prior.steps=0", "models.student.prior.steps"),
+])
+def test_scripted_policies_and_priors_are_checked_before_anything_starts(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job("jobs/pear-vs-sft.yaml", [override])
