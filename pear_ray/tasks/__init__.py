@@ -7,9 +7,9 @@
 
 Tasks: any reasoning-gym dataset (`kind: reasoning_gym`, tested: basic_arithmetic, letter_counting,
 spell_backward; `TINY_ARGS` has argument presets a tiny model can learn), multi-digit addition (`kind: addition`,
-`task.args.digits`; with a scripted two-style behaviour policy, the PEAR experiment's task), and user data (`kind: user`: a
-Parquet/JSONL file of prompt + answer given as `task.path`, checked by exact match, `task.args.ignore_case`
-optional, or by math-verify with `task.verifier: math`).
+`task.args.digits`; with a scripted two-style behaviour policy, the PEAR experiment's task), and user data
+(`kind: user`: a Parquet/JSONL file of prompt + answer given as `task.path`, checked by exact match,
+`task.args.ignore_case` optional, or by math-verify with `task.verifier: math`).
 """
 
 from __future__ import annotations

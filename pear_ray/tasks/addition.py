@@ -94,7 +94,8 @@ class AdditionTask:
         n = default if n is None else (min(n, self.num_eval) if split == "eval" else n)
         pairs = self._pairs(n if split == "train" else 0)[split][:n]
         meta = [{"verifier": "exact", "a": a, "b": b} for a, b in pairs]
-        return prompt_table([f"{self.name}-{split}-{i}" for i in range(len(pairs))], [_question(a, b) for a, b in pairs],
+        return prompt_table([f"{self.name}-{split}-{i}" for i in range(len(pairs))],
+                            [_question(a, b) for a, b in pairs],
                             [str(a + b) for a, b in pairs], meta, self.name)
 
     def score(self, response: str, answer: str, metadata: str | None = None) -> float:

@@ -22,7 +22,7 @@ from pear_ray.tracking.report import DASH, REPORT_FILE
 SCORES_PNG = "experiment_pass_at_k.png"
 DIFFERENCES_PNG = "paired_differences.png"
 PLOT_CAPTIONS = {SCORES_PNG: "pass@k per label, mean ± SE over seeds",
-                 DIFFERENCES_PNG: "paired differences against the baseline, with 95% bootstrap intervals"}
+                 DIFFERENCES_PNG: "paired differences against the baseline, 95% intervals over prompts and seeds"}
 STAGE_COLORS = {"sft": "C0", "rl": "C1"}
 
 
