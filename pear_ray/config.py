@@ -256,6 +256,9 @@ class JobConfig(Section):
             if source is not None and source.scripted is not None:
                 raise ValueError(f"models.{role}: a scripted policy is no model to train or score with; only "
                                  "models.behavior can be scripted")
+        if self.models.behavior is not None and self.models.behavior.scripted is not None and self.data.sft:
+            raise ValueError("models.behavior.scripted writes the SFT data itself and cannot score data.sft: drop "
+                             "data.sft, or give the behaviour model as a path")
         scripted = (self.models.behavior is not None and self.models.behavior.scripted is not None) or \
             self.models.student.prior is not None
         if scripted and self.task.kind != "addition":

@@ -70,6 +70,7 @@ def test_cells_side_by_side_as_ray_tasks_give_the_sequential_results(tmp_path):
     ("models.student={scripted: {p_trace: 1.0}}", "only models.behavior can be scripted"),
     ("models.behavior={scripted: {p_trace: 0.5}, tiny: {seed: 2}}", "exactly one of"),
     ("models.student.prior.steps=0", "models.student.prior.steps"),
+    ("data.sft=teacher.jsonl", "cannot score data.sft"),
 ])
 def test_scripted_policies_and_priors_are_checked_before_anything_starts(override, message):
     with pytest.raises(ConfigError, match=message):
