@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

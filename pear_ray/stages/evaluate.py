@@ -15,15 +15,13 @@ from pear_ray.objectives import mean_pass_at_k
 from pear_ray.stages.common import Run, correct_counts, prompt_table, rollouts, with_rewards
 from pear_ray.tracking import eval_stage
 
-PER_PROMPT_COLUMNS = ("prompt_id", "n", "correct", "stage", "variant", "seed")
-
 
 def write_per_prompt(path: Path, prompts: pa.Table, correct: np.ndarray, *, n: int, stage: str, variant: str,
                      seed: int) -> None:
     """Correct samples per held-out prompt, so paired tests and later analysis need no rerun."""
     rows = prompts.num_rows
     write_table(pa.table({
-        PER_PROMPT_COLUMNS[0]: prompts.column(schema.ID),
+        "prompt_id": prompts.column(schema.ID),
         "n": pa.array([n] * rows, pa.int32()),
         "correct": pa.array(correct, pa.int32()),
         "stage": pa.array([stage] * rows),
