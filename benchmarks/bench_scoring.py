@@ -4,7 +4,7 @@ Teacher-forced scoring of given (prompt, response) rows, the job's `score` stage
 
 - HF: a plain transformers fp32 forward in this process (`HfScorer`, padded chunks of --hf-rows-per-forward rows),
   no Ray: the baseline;
-- Ray xN: the rollout/scoring service, N vLLM actors from `driver.roles.rollout_pool`, `pool.map("score", ...)` over
+- Ray xN: the rollout/scoring service, N vLLM actors from `actors.roles.rollout_pool`, `pool.map("score", ...)` over
   Arrow batches of --batch-rows rows put in the object store once beforehand and passed by ObjectRef; timed from the
   first submit to the last batch done (the driver waits on the stats objects only, as the streaming stage does).
   Actor start-up (processes, vLLM engines, a first health call) and one warm-up batch per actor are excluded; start-up
@@ -75,13 +75,13 @@ class HfVariant:
 
 
 class PoolVariant:
-    """N vLLM actors from driver.roles.rollout_pool; a pass maps `score` over the pre-put batch refs."""
+    """N vLLM actors from actors.roles.rollout_pool; a pass maps `score` over the pre-put batch refs."""
 
     def __init__(self, model_dir: str, num_actors: int, actor_cpus: float, max_in_flight: int, warm_ref):
         import ray
 
         from pear_ray.config import RolloutResources
-        from pear_ray.driver.roles import rollout_pool
+        from pear_ray.actors.roles import rollout_pool
 
         started = time.perf_counter()
         self.pool = rollout_pool(model_dir, RolloutResources(num_actors=num_actors, num_cpus=actor_cpus,

@@ -1,6 +1,6 @@
 """Streaming memory benchmark (prints figures; not a test).
 
-The driver's resident memory while `driver.streaming.stream_parquet(pool, "score", ...)` pushes a Parquet dataset
+The driver's resident memory while `actors.streaming.stream_parquet(pool, "score", ...)` pushes a Parquet dataset
 several times larger than Ray's object store through a pool of vLLM scoring actors and back to Parquet. The rows are
 heavy in bytes (a random, incompressible `metadata` text column of --metadata-bytes per row) and light in tokens
 (short prompts and responses on the default tiny model), so the run measures the data path, not the model.
@@ -136,8 +136,8 @@ def main() -> None:
 
         from pear_ray.actors.runtime import init_ray
         from pear_ray.config import RolloutResources
-        from pear_ray.driver.roles import rollout_pool
-        from pear_ray.driver.streaming import stream_parquet
+        from pear_ray.actors.roles import rollout_pool
+        from pear_ray.actors.streaming import stream_parquet
 
         store = args.object_store_mib * MiB
         # +1 CPU: the read tasks and the sink take 0.1 each

@@ -1,6 +1,6 @@
 """Weight-sync benchmark (prints figures; not a test).
 
-Time to hand the learner's weights to every rollout actor (`driver.roles.sync_weights`: the learner's state dict
+Time to hand the learner's weights to every rollout actor (`actors.roles.sync_weights`: the learner's state dict
 put in the object store by rank 0, then `update_weights` on all actors, i.e. vLLM's in-place `reload_weights`),
 with 1 and 2 rollout actors, and its share of a GRPO step in a job-like setting:
 
@@ -64,7 +64,7 @@ def with_advantages(batch: pa.Table, rng: np.random.Generator) -> pa.Table:
 def run_steps(learner, pool, prompts: pa.Table, args, version: int, rng) -> tuple[list[dict], int]:
     import ray
 
-    from pear_ray.driver.roles import mismatch, probe_batch, sync_weights
+    from pear_ray.actors.roles import mismatch, probe_batch, sync_weights
 
     n = len(pool.actors)
     bounds = np.linspace(0, prompts.num_rows, n + 1).round().astype(int)  # one batch of prompts per actor
@@ -126,7 +126,7 @@ def main() -> None:
     from pear_ray.actors.learner import LearnerGroup
     from pear_ray.actors.runtime import init_ray
     from pear_ray.config import LearnerResources, RlConfig, RolloutResources
-    from pear_ray.driver.roles import rollout_pool
+    from pear_ray.actors.roles import rollout_pool
 
     load_before = other_load()
     machine = MachineLoad()

@@ -10,17 +10,11 @@ import ray
 from transformers import AutoTokenizer
 
 from pear_ray.actors.learner import LearnerGroup
+from pear_ray.actors.roles import mismatch, probe_batch, reference_actor, rollout_pool, sync_weights
 from pear_ray.config import RlConfig, load_job
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt
-from pear_ray.driver.roles import (
-    mismatch,
-    probe_batch,
-    reference_actor,
-    resolve_model,
-    rollout_pool,
-    sync_weights,
-)
+from pear_ray.models import resolve_model
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 

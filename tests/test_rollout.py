@@ -16,7 +16,7 @@ from pear_ray.actors.rollout import RolloutWorker
 from pear_ray.config import load_job, parse_job
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt, write_table
-from pear_ray.driver.roles import resolve_model
+from pear_ray.models import resolve_model
 from pear_ray.stages.common import Run
 from pear_ray.stages.score import teacher_writes_data
 from pear_ray.stages.sft import frozen_targets
@@ -139,7 +139,7 @@ def test_a_killed_rollout_actor_loses_and_duplicates_nothing(ray_cluster, prompt
 def test_streaming_a_parquet_dataset_keeps_order_and_every_row(ray_cluster, rollout, prompts, tmp_path):
     import pyarrow.parquet as pq
 
-    from pear_ray.driver.streaming import stream_parquet
+    from pear_ray.actors.streaming import stream_parquet
 
     generated, _ = generate(rollout, prompts, n=2, seed=3, max_tokens=6)
     source, target = tmp_path / "in.parquet", tmp_path / "out" / "scored.parquet"

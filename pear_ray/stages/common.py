@@ -16,7 +16,7 @@ from pear_ray.actors.pool import ActorPool
 from pear_ray.config import JobConfig
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt
-from pear_ray.driver.roles import resolve_model
+from pear_ray.models import resolve_model
 from pear_ray.tasks import make_task
 from pear_ray.tasks.verify import score_rows
 from pear_ray.tracking import MetricsLogger
@@ -63,6 +63,11 @@ class Run:
 def is_exported(folder: Path) -> bool:
     """A Hugging Face folder whose weights were written (save_pretrained writes them after config.json)."""
     return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+
+
+def latest_checkpoint(folder: Path) -> bool:
+    """A learner checkpoint folder with a finished checkpoint in it (DeepSpeed writes `latest` last)."""
+    return (folder / "latest").is_file()
 
 
 def prompt_table(run: Run, split: str, n: int | None = None) -> pa.Table:

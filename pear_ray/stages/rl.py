@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pear_ray.actors.learner import LearnerGroup
 from pear_ray.data import schema
-from pear_ray.driver.roles import (
+from pear_ray.actors.roles import (
     grow_rollout_pool,
     probe_batch,
     reference_actor,
@@ -28,8 +28,7 @@ from pear_ray.driver.roles import (
     sync_weights,
 )
 from pear_ray.objectives import group_advantages, informative_groups_mask
-from pear_ray.stages.common import Run, prompt_table, rollouts, with_rewards
-from pear_ray.stages.sft import latest_checkpoint
+from pear_ray.stages.common import Run, latest_checkpoint, prompt_table, rollouts, with_rewards
 
 log = logging.getLogger(__name__)
 

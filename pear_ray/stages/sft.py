@@ -22,10 +22,10 @@ from pear_ray.actors.learner import LearnerGroup
 from pear_ray.actors.pool import ActorPool
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
-from pear_ray.driver.roles import reference_actor
-from pear_ray.driver.streaming import stream_parquet
+from pear_ray.actors.roles import reference_actor
+from pear_ray.actors.streaming import stream_parquet
 from pear_ray.objectives import pear_weights
-from pear_ray.stages.common import Run, batch_ref, dataset_ref
+from pear_ray.stages.common import Run, batch_ref, dataset_ref, latest_checkpoint
 
 log = logging.getLogger(__name__)
 HISTOGRAM_ROWS = 256  # rows of the data whose PEAR weights under the trained model are plotted
@@ -42,10 +42,6 @@ def batch_plan(num_rows: int, batch_size: int, epochs: int, seed: int, min_rows:
             batches[-2:] = [np.concatenate(batches[-2:])]
         plan.extend(batches)
     return plan
-
-
-def latest_checkpoint(folder: Path) -> bool:
-    return (folder / "latest").is_file()
 
 
 def run_sft(run: Run, variant: str, data_path: Path) -> Path:

@@ -15,20 +15,11 @@ from pear_ray.actors.pool import ActorPool
 from pear_ray.actors.reference import ReferenceWorker
 from pear_ray.actors.rollout import RolloutWorker
 from pear_ray.actors.runtime import actor_options
-from pear_ray.config import ActorResources, ModelSource, RolloutResources
+from pear_ray.config import ActorResources, RolloutResources
 from pear_ray.data import schema
 
 log = logging.getLogger(__name__)
 PROBE_COLUMN = "probe_logprobs"
-
-
-def resolve_model(source: ModelSource, build_dir: Path) -> Path:
-    """A model folder: the given path, or a tiny model built (once) under build_dir."""
-    if source.path is not None:
-        return Path(source.path)
-    from pear_ray.models.tiny import build_tiny_model
-
-    return build_tiny_model(source.tiny, build_dir)
 
 
 def rollout_pool(model_dir: str | Path, resources: RolloutResources, *, seed: int) -> ActorPool:
