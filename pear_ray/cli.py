@@ -139,7 +139,7 @@ def eval_(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOptio
 @app.command("inspect")
 def inspect_(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None) -> None:
     """Before training: how PEAR would weight the job's SFT data under the student as it is (runs score if needed)."""
-    from pear_ray.stages.inspect import format_table, run_inspect
+    from pear_ray.driver.inspect import format_table, run_inspect
 
     job = _load(job_file, overrides)
     figures, json_path, png_path = run_inspect(job, run_dir or job.run_dir)

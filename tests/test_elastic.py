@@ -10,10 +10,10 @@ import ray
 from transformers import AutoTokenizer
 
 from pear_ray.actors.pool import ActorPool
+from pear_ray.actors.roles import grow_rollout_pool, rollout_pool
 from pear_ray.actors.rollout import RolloutWorker
 from pear_ray.config import RolloutResources
 from pear_ray.data.io import encode_prompt
-from pear_ray.actors.roles import grow_rollout_pool, rollout_pool
 
 ELASTIC = RolloutResources(num_actors=1, max_actors=2, num_cpus=0.25)
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from pear_ray.cli import app
 from pear_ray.config import PearConfig
+from pear_ray.driver.inspect import LEVELS, QUANTILES, format_table, verdict, weight_figures
 from pear_ray.engines.hf_scorer import HfScorer
-from pear_ray.stages.inspect import LEVELS, QUANTILES, format_table, verdict, weight_figures
 
 SETTINGS = PearConfig(gamma=0.9, block_size=4, delta_clip=(-0.1, 0.2), log_weight_clip=(-1.0, 1.0))
 # (source, response length T, raw log-ratio lt - lb on every token). With these settings the d of a row is

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pear_ray.actors.roles import rollout_pool
 from pear_ray.data import schema
 from pear_ray.data.io import write_table
-from pear_ray.actors.roles import rollout_pool
 from pear_ray.objectives import mean_pass_at_k
 from pear_ray.stages.common import Run, correct_counts, prompt_table, rollouts, with_rewards
 from pear_ray.tracking import eval_stage

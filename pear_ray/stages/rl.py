@@ -18,7 +18,6 @@ import torch
 from tqdm import tqdm
 
 from pear_ray.actors.learner import LearnerGroup
-from pear_ray.data import schema
 from pear_ray.actors.roles import (
     grow_rollout_pool,
     probe_batch,
@@ -27,6 +26,7 @@ from pear_ray.actors.roles import (
     rollout_pool,
     sync_weights,
 )
+from pear_ray.data import schema
 from pear_ray.objectives import group_advantages, informative_groups_mask
 from pear_ray.stages.common import Run, latest_checkpoint, prompt_table, rollouts, with_rewards
 

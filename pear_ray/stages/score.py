@@ -21,12 +21,12 @@ import ray
 from tqdm import tqdm
 
 from pear_ray.actors.learner import LearnerGroup
+from pear_ray.actors.roles import rollout_pool
+from pear_ray.actors.streaming import stream_parquet
 from pear_ray.config import SftConfig
 from pear_ray.data import schema
 from pear_ray.data.io import encode_response, load_sft_data, write_table
-from pear_ray.actors.roles import rollout_pool
 from pear_ray.models import resolve_model
-from pear_ray.actors.streaming import stream_parquet
 from pear_ray.stages.common import Run, correct_mask, is_exported, prompt_table, rollouts, with_rewards
 from pear_ray.tasks.addition import TRACE, scripted_rows
 

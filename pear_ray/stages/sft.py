@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from pear_ray.actors.learner import LearnerGroup
 from pear_ray.actors.pool import ActorPool
-from pear_ray.data import schema
-from pear_ray.data.tensors import to_tensors
 from pear_ray.actors.roles import reference_actor
 from pear_ray.actors.streaming import stream_parquet
+from pear_ray.data import schema
+from pear_ray.data.tensors import to_tensors
 from pear_ray.objectives import pear_weights
 from pear_ray.stages.common import Run, batch_ref, dataset_ref, latest_checkpoint
 
