@@ -43,7 +43,7 @@ import transformers
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
 from pear_ray.models import TinyModelSpec, build_tiny_model
-from pear_ray.objectives import PEAR_LEVELS
+from pear_ray.objectives import PEAR_LEVELS, Grpo, PearSft
 
 QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                   intermediate_size=4864, vocab_size=151936)
@@ -56,7 +56,7 @@ def build_model(folder: Path, shape: dict, max_len: int, device: str) -> tuple[P
     """A seeded Qwen2 of the given shape in a Hugging Face folder with the tiny tokenizer's files; (folder, params)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from pear_ray.engines.deepspeed_learner import TOKENIZER_PATTERNS
+    from pear_ray.engines.weights import TOKENIZER_PATTERNS
 
     tok_dir = build_tiny_model(TinyModelSpec(), folder / "tokenizer")
     config = Qwen2Config(**shape, max_position_embeddings=max(max_len, 512), tie_word_embeddings=True,
@@ -164,7 +164,7 @@ class Runner:
         return DeepSpeedLearner(self.model_dir, zero_stage=stage, bf16=bf16, lr=self.args.lr, master_port=self.port)
 
     def steps(self, learner, n: int, level: str = "token") -> list[float]:
-        return [learner.sft_step(self.table, level=level)["loss"] for _ in range(n)]
+        return [learner.step(self.table, PearSft(level=level))["loss"] for _ in range(n)]
 
     def run(self, stage: int, bf16: bool) -> None:
         table, precision = self.table, "bf16" if bf16 else "fp32"
@@ -190,9 +190,9 @@ class Runner:
         rollout = [np.minimum(x + self.rng.normal(0, 0.05, len(x)), 0.0) for x in learner.logprobs(table).to_pylist()]
         rl_table = with_columns(table, **{schema.ROLLOUT_LOGPROBS: rollout, schema.REF_LOGPROBS: self.reference,
                                           schema.ADVANTAGE: self.rng.normal(0, 1, table.num_rows)})
-        rl, rl_s, rl_gib = timed(lambda: learner.rl_step(rl_table, kl_coef=0.01, minibatches=2), self.cuda)
+        rl, rl_s, rl_gib = timed(lambda: learner.step(rl_table, Grpo(kl_coef=0.01, minibatches=2)), self.cuda)
         ok = all(math.isfinite(float(v)) for v in rl.values())
-        print(f"rl_step ({rl_s:.2f} s, peak {rl_gib:.2f} GiB, {'finite' if ok else 'NOT FINITE'}): "
+        print(f"GRPO step ({rl_s:.2f} s, peak {rl_gib:.2f} GiB, {'finite' if ok else 'NOT FINITE'}): "
               + " ".join(f"{k}={v:.4g}" for k, v in rl.items()))
 
         if f"{stage}:{precision}" not in self.args.ckpt.split(","):
@@ -202,13 +202,13 @@ class Runner:
         else:  # save, go on 2 steps, drop; then a fresh learner loads and takes the same 2 steps, twice
             ckpt = Path(self.args.workdir) / f"ckpt_{stage}_{precision}"
             (tag, save_s, _), saved = timed(lambda: learner.save_checkpoint(ckpt), self.cuda), learner.parameter_checksum()
-            step, uninterrupted = learner.get_step(), self.steps(learner, 2)
+            step, uninterrupted = learner.optimizer_steps, self.steps(learner, 2)
             drop(learner)
             del learner
             free_memory()
             learner = self.learner(stage, bf16)
             _, load_s, _ = timed(lambda: learner.load_checkpoint(ckpt), self.cuda)
-            loaded, loaded_step, resumed = learner.parameter_checksum(), learner.get_step(), self.steps(learner, 2)
+            loaded, loaded_step, resumed = learner.parameter_checksum(), learner.optimizer_steps, self.steps(learner, 2)
             learner.load_checkpoint(ckpt)
             again = self.steps(learner, 2)
             drop(learner)
@@ -231,10 +231,10 @@ class Runner:
         peak = dict.fromkeys(levels, 0.0 if self.cuda else math.nan)
         last, finite = {}, dict.fromkeys(levels, True)
         for level in levels:  # warm-up
-            learner.sft_step(table, level=level)
+            learner.step(table, PearSft(level=level))
         for r in range(rounds):
             for level in levels[r % len(levels):] + levels[:r % len(levels)]:
-                stats, dt, gib = timed(lambda level=level: learner.sft_step(table, level=level), self.cuda)
+                stats, dt, gib = timed(lambda level=level: learner.step(table, PearSft(level=level)), self.cuda)
                 seconds[level].append(dt)
                 peak[level], last[level] = max(peak[level], gib), stats
                 finite[level] &= math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])

@@ -31,7 +31,7 @@ from machine_load import rotating_rounds  # benchmarks/ is on sys.path when a be
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
 from pear_ray.models import TinyModelSpec, build_tiny_model
-from pear_ray.objectives import pear_loss, token_logprobs
+from pear_ray.objectives import PearSft, pear_loss, token_logprobs
 
 TARGET_RATIO = 1.2
 SPEC = TinyModelSpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=256)
@@ -119,23 +119,23 @@ def main() -> None:
             engine = DeepSpeedLearner(model_dir, zero_stage=stage, lr=LR, grad_clip=GRAD_CLIP, master_port=port,
                                       num_threads=threads)
             start_s[f"DS ZeRO-{stage}"] = time.perf_counter() - t0
-            steps[f"DS ZeRO-{stage}"] = (lambda e: lambda: e.sft_step(table, tokens, level=LEVEL))(engine)
+            steps[f"DS ZeRO-{stage}"] = (lambda e: lambda: e.step(table, PearSft(level=LEVEL)))(engine)
         if ray_stages:
             import ray
 
             from pear_ray.actors.learner import LearnerGroup
             from pear_ray.actors.runtime import init_ray
-            from pear_ray.config import LearnerResources, PearConfig
+            from pear_ray.config import LearnerResources
 
             init_ray(num_cpus=threads * len(ray_stages))
             table_ref = ray.put(table)
             for stage in ray_stages:
                 t0 = time.perf_counter()
                 group = LearnerGroup(model_dir, LearnerResources(num_ranks=1, zero_stage=stage, num_cpus=threads),
-                                     lr=LR, grad_clip=GRAD_CLIP, pear=PearConfig(level=LEVEL))
+                                     lr=LR, grad_clip=GRAD_CLIP)
                 start_s[f"Ray ZeRO-{stage}"] = time.perf_counter() - t0
                 groups.append(group)
-                steps[f"Ray ZeRO-{stage}"] = (lambda g: lambda: g.sft_step(table_ref))(group)
+                steps[f"Ray ZeRO-{stage}"] = (lambda g: lambda: g.step(table_ref, PearSft(level=LEVEL)))(group)
 
         for step in steps.values():
             time_steps(step, args.warmup)

@@ -13,9 +13,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pear_ray.models.tiny import TinyModelSpec
+from pear_ray.objectives import PEAR_LEVELS, Grpo, OnPolicyDistill, PearSft, RlObjective
 
-PearLevel = Literal["none", "sequence", "token", "block"]
 Stage = Literal["score", "sft", "rl", "eval"]
+VARIANT_MODIFIERS = ("distill", "opd")
 
 
 class ConfigError(ValueError):
@@ -126,29 +127,22 @@ class ScoreConfig(Section):
                                      "prompt + response texts (e.g. worked traces); default the task's gold answers")
 
 
-class PearConfig(Section):
-    level: PearLevel = "token"
-    gamma: float = Field(0.999, gt=0, le=1)
-    block_size: int = Field(4, ge=1)
-    delta_clip: tuple[float, float] = (-0.08, 0.3)
-    log_weight_clip: tuple[float, float] = (-10.0, 5.0)
-    target_mode: Literal["online", "frozen"] = "online"
-    # The loss's divisor: the batch's response tokens (the step scales with the mean weight, an effective lr of
-    # lr x mean weight) or the sum of the weights over them (canonical SFT's step size, redistributed).
-    normalize: Literal["tokens", "weights"] = "tokens"
-
-    @field_validator("delta_clip", "log_weight_clip")
-    @classmethod
-    def _ordered(cls, bounds: tuple[float, float]) -> tuple[float, float]:
-        if bounds[0] > bounds[1]:
-            raise ValueError(f"lower bound {bounds[0]} is above upper bound {bounds[1]}")
-        return bounds
+def parse_variant(label: str) -> tuple[str, set[str]]:
+    """(PEAR level, modifiers) of a variant label `level[+distill][+opd]`: `distill` makes the SFT base loss the
+    teacher's top-k KL instead of the NLL, `opd` makes the RL objective on-policy distillation instead of rl.objective
+    (e.g. `token+distill`, `none+opd`)."""
+    level, *modifiers = str(label).split("+")
+    if level not in PEAR_LEVELS or any(m not in VARIANT_MODIFIERS for m in modifiers) or \
+            len(set(modifiers)) != len(modifiers):
+        raise ValueError(f"variant {label!r} is not a PEAR level {PEAR_LEVELS} followed by any of "
+                         f"{['+' + m for m in VARIANT_MODIFIERS]}, e.g. 'token' or 'token+distill'")
+    return level, set(modifiers)
 
 
 class SftConfig(Section):
-    pear: PearConfig = Field(default_factory=PearConfig)
-    # Comparison mode: several PEAR levels trained from the same student on the same data.
-    variants: list[PearLevel] = Field(default_factory=list)
+    pear: PearSft = Field(default_factory=PearSft)
+    # Comparison mode: several variants trained from the same student on the same data, each then through RL.
+    variants: list[str] = Field(default_factory=list, description="labels level[+distill][+opd], see parse_variant")
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, gt=0)
     lr: float = Field(1e-5, gt=0)
@@ -158,21 +152,24 @@ class SftConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     checkpoint_every: int = Field(50, gt=0)
 
+    @field_validator("variants")
+    @classmethod
+    def _labels(cls, variants: list[str]) -> list[str]:
+        for label in variants:
+            parse_variant(label)
+        return variants
+
 
 class RlConfig(Section):
     steps: int = Field(10, ge=1)
     prompts_per_step: int = Field(8, gt=0)
     group_size: int = Field(8, ge=2)
     lr: float = Field(1e-6, gt=0)
-    clip_low: float = Field(0.2, ge=0)
-    clip_high: float = Field(0.28, ge=0)
-    kl_coef: float = Field(0.0, ge=0)
-    normalize_std: bool = True
-    loss_aggregation: Literal["token-mean", "sequence-mean"] = "token-mean"
-    drop_constant_groups: bool = True
-    tis_cap: float | None = Field(2.0, gt=0, description="truncated importance correction cap; null disables")
-    minibatches: int = Field(1, ge=1)
-    epochs_per_batch: int = Field(1, ge=1)
+    objective: RlObjective = Field(default_factory=Grpo, description="grpo (default), on_policy_distill or a "
+                                   "custom plug-in (kind: custom, function: module:function)")
+    normalize_std: bool = Field(True, description="group advantages divided by the group's reward std (GRPO)")
+    drop_constant_groups: bool = Field(True, description="drop groups whose rewards are all equal (no signal), "
+                                       "when the objective reads the advantage")
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(5, gt=0)
 
@@ -272,8 +269,25 @@ class JobConfig(Section):
 
     @property
     def sft_variants(self) -> list[str]:
-        """The PEAR levels to train and compare (comparison mode), or the one `sft.pear.level`."""
-        return list(self.sft.variants) or [self.sft.pear.level]
+        """The variants to train and compare (comparison mode), or the one `sft.pear` describes."""
+        return list(self.sft.variants) or [self.sft.pear.level + ("+distill" if self.sft.pear.base_loss == "distill"
+                                                                  else "")]
+
+    def sft_objective(self, variant: str) -> PearSft:
+        """The SFT objective of a variant: sft.pear at the variant's level, over the distillation loss with
+        `+distill`."""
+        level, modifiers = parse_variant(variant)
+        return self.sft.pear.model_copy(update={"level": level,
+                                                "base_loss": "distill" if "distill" in modifiers else "nll"})
+
+    def rl_objective(self, variant: str) -> RlObjective:
+        """The RL objective of a variant: rl.objective, or on-policy distillation with its surrogate settings
+        (clip ranges, TIS, aggregation, minibatches, epochs) with `+opd`."""
+        _, modifiers = parse_variant(variant)
+        if "opd" not in modifiers or isinstance(self.rl.objective, OnPolicyDistill):
+            return self.rl.objective
+        shared = set(OnPolicyDistill.model_fields) - {"kind"}
+        return OnPolicyDistill(**self.rl.objective.model_dump(include=shared))
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:

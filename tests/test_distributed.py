@@ -11,10 +11,11 @@ from transformers import AutoTokenizer
 
 from pear_ray.actors.learner import LearnerGroup
 from pear_ray.actors.roles import mismatch, probe_batch, reference_actor, rollout_pool, sync_weights
-from pear_ray.config import RlConfig, load_job
+from pear_ray.config import load_job
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt
 from pear_ray.models import resolve_model
+from pear_ray.objectives import Grpo, PearSft
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 
@@ -54,7 +55,7 @@ def test_generate_train_sync_roundtrip(ray_cluster, tmp_path_factory, rollout_ac
         probe = probe_batch(batch)
         before_step = mismatch(learner, pool, probe)
         assert before_step["mismatch_max"] < 1e-4
-        stats = learner.sft_step(batch_ref)
+        stats = learner.step(batch_ref, PearSft(level="token"))
         assert np.isfinite(stats["loss"])
         stale = mismatch(learner, pool, probe)
         assert stale["mismatch_max"] > 1e-3  # the learner moved, the rollout service has not yet
@@ -92,7 +93,7 @@ def test_rl_log_probs_are_at_the_sampling_temperature(ray_cluster, tmp_path_fact
         referenced, _ = reference.score.remote(batch_ref, column=schema.REF_LOGPROBS, temperature=temperature)
         np.testing.assert_allclose(flat(ray.get(referenced).column(schema.REF_LOGPROBS)), rollout_logp, atol=1e-4)
         # logp_old matches the rollout (no TIS weight leaves 1 +- 1e-4) and the policy the reference (no KL)
-        stats = learner.rl_step(referenced, RlConfig(tis_cap=1.0001, kl_coef=0.1))
+        stats = learner.step(referenced, Grpo(tis_cap=1.0001, kl_coef=0.1))
         assert stats["tis_capped_fraction"] == 0.0 and stats["kl_ref"] < 1e-8
     finally:
         learner.shutdown()

@@ -12,11 +12,11 @@ import yaml
 from typer.testing import CliRunner
 
 from pear_ray.cli import app
-from pear_ray.config import PearConfig
 from pear_ray.driver.inspect import LEVELS, QUANTILES, format_table, verdict, weight_figures
 from pear_ray.engines.hf_scorer import HfScorer
+from pear_ray.objectives import PearSft
 
-SETTINGS = PearConfig(gamma=0.9, block_size=4, delta_clip=(-0.1, 0.2), log_weight_clip=(-1.0, 1.0))
+SETTINGS = PearSft(gamma=0.9, block_size=4, delta_clip=(-0.1, 0.2), log_weight_clip=(-1.0, 1.0))
 # (source, response length T, raw log-ratio lt - lb on every token). With these settings the d of a row is
 # clip(raw) = 0, -0.1, 0.2, -0.05, and no log-weight falls within 0.02 of a clip bound (float32 stays on one side).
 ROWS = [("trace", 3, 0.0), ("bare", 11, -1.0), ("trace", 20, 1.0), ("bare", 5, -0.05)]
@@ -133,7 +133,7 @@ def test_table_has_a_line_per_level_and_group():
     assert lines[7].split()[:2] == ["token", "all"]
 
 
-def uniform_rows(rows, default=PearConfig()):
+def uniform_rows(rows, default=PearSft()):
     """A table whose rows (source, T, raw) share one log-ratio per row, and its figures under `default`."""
     table = pa.table({
         "prompt_ids": [[1]] * len(rows),
@@ -145,7 +145,7 @@ def uniform_rows(rows, default=PearConfig()):
 
 
 def test_verdict_close():
-    figures = uniform_rows([("trace", 30, 0.0), ("bare", 30, 0.001)], PearConfig(gamma=1.0))
+    figures = uniform_rows([("trace", 30, 0.0), ("bare", 30, 0.001)], PearSft(gamma=1.0))
     [line, sources] = verdict(figures, "token")
     assert line.startswith("token level: ESS 1.00 of tokens, 0% at the floor: the data sits close to the student")
     assert "almost like canonical SFT" in line
@@ -198,7 +198,7 @@ def test_inspect_command_end_to_end(tmp_path, tiny_model_dir, ray_cluster):
 
     table = pq.read_table(run_dir / "data" / "sft.parquet")
     assert table.column("source").to_pylist() == [row["source"] for row in rows]
-    settings = PearConfig(gamma=0.95, block_size=3)
+    settings = PearSft(gamma=0.95, block_size=3)
     expected = weight_figures(table, HfScorer(tiny_model_dir).logprobs(table), settings)
     assert saved["levels"] == json.loads(json.dumps(expected["levels"]))
     assert (saved["rows"], saved["tokens"]) == (8, sum(lengths))

@@ -121,7 +121,7 @@ def test_frozen_target_and_reference_model_end_to_end(tmp_path):
     data/sft-ref.parquet, and is also RL's KL reference (a different model from the RL start: KL > 0 at step 1)."""
     run_dir = tmp_path / "run"
     finish(pear_ray("run", "jobs/smoke.yaml", *SMALL, "stages=[score,sft,rl]", "sft.pear.target_mode=frozen",
-                    "models.reference.tiny.seed=3", "rl.kl_coef=0.1", "rl.drop_constant_groups=false",
+                    "models.reference.tiny.seed=3", "rl.objective.kl_coef=0.1", "rl.drop_constant_groups=false",
                     "--run-dir", str(run_dir)))
     assert [r["step"] for r in steps(run_dir, "sft")] == [1, 2, 3, 4]
     data = pq.read_table(run_dir / "data" / "sft-ref.parquet")

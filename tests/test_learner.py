@@ -16,12 +16,12 @@ import ray
 import torch
 
 from pear_ray.actors.learner import LearnerGroup, shard_bounds
-from pear_ray.config import LearnerResources, PearConfig, RlConfig
+from pear_ray.config import LearnerResources
 from pear_ray.data import schema
-from pear_ray.objectives import pear_loss
+from pear_ray.objectives import Grpo, PearSft, pear_loss
 
 OPTIMIZER = dict(lr=1e-3, weight_decay=0.0, grad_clip=1.0, lr_schedule="cosine", total_steps=20, seed=0)
-PEAR = PearConfig(level="token", gamma=0.99)
+PEAR = PearSft(level="token", gamma=0.99)
 
 
 def make_batch(num_rows: int, seed: int, *, advantage: float | None = None) -> pa.Table:
@@ -47,7 +47,7 @@ def make_batch(num_rows: int, seed: int, *, advantage: float | None = None) -> p
 FIRST_BATCH = make_batch(7, seed=1)  # 7 rows: uneven over 2 ranks (4 + 3)
 FIRST_RL_BATCH = make_batch(7, seed=11)
 # One minibatch (several would hold different rows at 1 and 2 ranks), two epochs, KL and TIS on.
-FIRST_RL = RlConfig(kl_coef=0.1, tis_cap=1.5, loss_aggregation="sequence-mean", epochs_per_batch=2)
+FIRST_RL = Grpo(kl_coef=0.1, tis_cap=1.5, loss_aggregation="sequence-mean", epochs_per_batch=2)
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Learner:
     group: LearnerGroup
     first_step: dict | None  # the stats of the first SFT step on FIRST_BATCH
     weights_after_first_step: dict | None
-    first_rl: dict | None  # then the stats of the first rl_step on FIRST_RL_BATCH
+    first_rl: dict | None  # then the stats of the first GRPO step on FIRST_RL_BATCH
     weights_after_first_rl: dict | None
 
 
@@ -69,12 +69,12 @@ def learners(ray_cluster, tiny_model_dir):
         if key not in started:
             # 0.25 CPU a rank: all 7 ranks fit beside the other modules' actors in the session's Ray
             resources = LearnerResources(num_ranks=ranks, zero_stage=zero_stage, num_cpus=0.25)
-            group = LearnerGroup(tiny_model_dir, resources, pear=PEAR, **OPTIMIZER)
+            group = LearnerGroup(tiny_model_dir, resources, **OPTIMIZER)
             first = [None] * 4
             if first_step:
-                first[0] = group.sft_step(ray.put(FIRST_BATCH))
+                first[0] = group.step(ray.put(FIRST_BATCH), PEAR)
                 first[1] = ray.get(group.weights_ref())
-                first[2] = group.rl_step(ray.put(FIRST_RL_BATCH), FIRST_RL)
+                first[2] = group.step(ray.put(FIRST_RL_BATCH), FIRST_RL)
                 first[3] = ray.get(group.weights_ref())
             started[key] = Learner(group, *first)
         return started[key]
@@ -150,7 +150,7 @@ def test_sft_step_normalized_by_the_weight_sum(learners, tiny_model_dir):
     by_weights, diag = plain_pear_loss(model, batch, **settings, normalize="weights")
     by_tokens, _ = plain_pear_loss(model, batch, **settings)
     assert abs(diag.mean_weight - 1) > 0.05  # so the two normalisations differ
-    stats = group.sft_step(ray.put(batch), PEAR.model_copy(update={"normalize": "weights"}))
+    stats = group.step(ray.put(batch), PEAR.model_copy(update={"normalize": "weights"}))
     assert stats["loss"] == pytest.approx(float(by_weights), rel=1e-5)
     assert stats["loss"] == pytest.approx(float(by_tokens) / diag.mean_weight, rel=1e-5)
 
@@ -158,7 +158,7 @@ def test_sft_step_normalized_by_the_weight_sum(learners, tiny_model_dir):
 def test_frozen_target_reads_ref_logprobs(learners):
     """target_mode frozen: the PEAR log-ratio is ref - behaviour, whatever the current weights say."""
     batch = make_batch(4, seed=9)
-    stats = learners(1, 0).group.sft_step(ray.put(batch), PEAR.model_copy(update={"target_mode": "frozen"}))
+    stats = learners(1, 0).group.step(ray.put(batch), PEAR.model_copy(update={"target_mode": "frozen"}))
     flat = lambda name: batch.column(name).combine_chunks().flatten().to_numpy()  # noqa: E731
     expected = float(np.mean(flat(schema.REF_LOGPROBS).astype(np.float64) - flat(schema.BEHAVIOR_LOGPROBS)))
     assert stats["mean_log_ratio"] == pytest.approx(expected, rel=1e-5)
@@ -207,20 +207,20 @@ def test_checkpoint_resume_is_exact(learners, tmp_path):
     learner = learners(2, 2)
     group = learner.group
     sft_batch, rl_batch = make_batch(6, seed=4), make_batch(4, seed=5)
-    rl = RlConfig(kl_coef=0.05, tis_cap=2.0, minibatches=2)
-    step_before = group.step
+    rl = Grpo(kl_coef=0.05, tis_cap=2.0, minibatches=2)
+    step_before = group.optimizer_steps
     tag = group.save_checkpoint(tmp_path / "ckpt", {"data_position": 7})
 
     def continue_training():
-        sft = group.sft_step(ray.put(sft_batch))
-        rl_stats = group.rl_step(ray.put(rl_batch), rl)
+        sft = group.step(ray.put(sft_batch), PEAR)
+        rl_stats = group.step(ray.put(rl_batch), rl)
         return sft, rl_stats, ray.get(group.weights_ref())
 
     first = continue_training()
-    assert group.step == step_before + 3
+    assert group.optimizer_steps == step_before + 3
     client_state = group.load_checkpoint(tmp_path / "ckpt")
     assert client_state == {"data_position": 7}
-    assert group.step == step_before
+    assert group.optimizer_steps == step_before
     second = continue_training()
     assert second[0] == first[0]  # same loss, grad norm, lr (the cosine schedule was restored too)
     assert second[1] == first[1]
@@ -244,13 +244,13 @@ def test_export_hf_loads_with_identical_weights(learners, tiny_model_dir, tmp_pa
 def test_rl_step_moves_weights_only_with_signal(learners):
     """ZeRO-1 on 2 ranks, fresh optimizer: zero advantages and no KL leave the weights exactly as they are."""
     group = learners(2, 1, first_step=False).group
-    rl = RlConfig(kl_coef=0.0, tis_cap=2.0, minibatches=2, epochs_per_batch=1)
+    rl = Grpo(kl_coef=0.0, tis_cap=2.0, minibatches=2, epochs_per_batch=1)
     before = ray.get(group.weights_ref())
-    stats = group.rl_step(ray.put(make_batch(6, seed=6, advantage=0.0)), rl)
+    stats = group.step(ray.put(make_batch(6, seed=6, advantage=0.0)), rl)
     assert max_abs_diff(ray.get(group.weights_ref()), before) == 0.0
     assert stats["updates"] == 2 and stats["loss"] == 0.0
     with_signal = rl.model_copy(update={"kl_coef": 0.1, "loss_aggregation": "sequence-mean"})
-    stats = group.rl_step(ray.put(make_batch(6, seed=7)), with_signal)
+    stats = group.step(ray.put(make_batch(6, seed=7)), with_signal)
     assert max_abs_diff(ray.get(group.weights_ref()), before) > 1e-4
     assert stats["mean_ratio"] == pytest.approx(1.0, abs=0.05)
     assert stats["kl_ref"] > 0 and np.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
@@ -259,12 +259,22 @@ def test_rl_step_moves_weights_only_with_signal(learners):
 def test_batch_smaller_than_the_group_is_refused(learners):
     group = learners(2, 2).group
     with pytest.raises(ValueError, match="cannot be split over 2 ranks"):
-        group.sft_step(ray.put(make_batch(1, seed=8)))
+        group.step(ray.put(make_batch(1, seed=8)), PEAR)
     with pytest.raises(ValueError, match="minibatches"):
-        group.rl_step(ray.put(make_batch(3, seed=8)), RlConfig(minibatches=2))
+        group.step(ray.put(make_batch(3, seed=8)), Grpo(minibatches=2))
 
 
-def test_engine_accepts_exactly_the_pear_config_fields():
-    from pear_ray.engines.deepspeed_learner import PEAR_FIELDS
-
-    assert set(PEAR_FIELDS) == set(PearConfig.model_fields)
+def test_missing_objective_column_is_named_before_the_forward_pass(learners):
+    """Each objective declares its columns; a batch without one is refused with the column's name, and nothing
+    trains."""
+    group = learners(1, 0).group
+    before = group.optimizer_steps
+    batch = make_batch(4, seed=10)
+    with pytest.raises(ValueError, match=r"pear_sft.*\['behavior_logprobs'\]"):
+        group.step(ray.put(batch.drop_columns([schema.BEHAVIOR_LOGPROBS])), PEAR)
+    with pytest.raises(ValueError, match=r"grpo.*\['ref_logprobs'\]"):
+        group.step(ray.put(batch.drop_columns([schema.REF_LOGPROBS])), Grpo(kl_coef=0.1))
+    assert group.optimizer_steps == before
+    # level none reads no behaviour log-probs: canonical SFT trains on data without them
+    stats = group.step(ray.put(batch.drop_columns([schema.BEHAVIOR_LOGPROBS])), PearSft(level="none"))
+    assert stats["mean_weight"] == 1.0 and group.optimizer_steps == before + 1

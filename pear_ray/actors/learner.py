@@ -8,9 +8,9 @@ is required: each engine method is collective.
 Batches. The driver passes an ObjectRef of a whole Arrow batch; Ray hands the same object to every rank (zero-copy
 from the node's object store; on a cluster each learner node fetches it once), and each rank trains on its
 contiguous shard. Split: with n rows over W ranks, rank r gets rows [r*q + min(r, m), (r+1)*q + min(r+1, m)) where
-q, m = divmod(n, W): the first m ranks take one row more (numpy's array_split). Training needs n >= W (and, for RL,
-n >= W * minibatches); `logprobs` accepts any n. The SFT loss's denominator (the batch's response tokens) is counted
-by each rank from the batch it already holds, so no metadata travels with the ref.
+q, m = divmod(n, W): the first m ranks take one row more (numpy's array_split). A step needs n >= W x the objective's
+minibatches; `logprobs` accepts any n. The objective travels with every step as itself (a typed config), and the
+ranks sum the loss's divisor among themselves, so no metadata travels with the ref.
 
 Bulk results stay in the object store: `logprobs` returns an ObjectRef of the concatenated column and `weights_ref`
 the ObjectRef of rank 0's full state dict, for the driver to hand to other actors without fetching them.
@@ -28,13 +28,10 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pear_ray.config import LearnerResources, PearConfig, RlConfig, SftConfig
-from pear_ray.data import schema
+from pear_ray.config import LearnerResources, RlConfig, SftConfig
+from pear_ray.objectives import ObjectiveConfig
 
 log = logging.getLogger(__name__)
-
-RL_STEP_FIELDS = ("clip_low", "clip_high", "kl_coef", "loss_aggregation", "tis_cap", "minibatches",
-                  "epochs_per_batch")
 
 
 def shard_bounds(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -74,12 +71,8 @@ class _LearnerRank:
         start, end = shard_bounds(table.num_rows, self.world_size, self.rank)
         return table.slice(start, end - start)
 
-    def sft_step(self, batch: pa.Table, pear: dict) -> dict:
-        shard = self._shard(batch, "sft_step")
-        return self.engine.sft_step(shard, schema.response_token_count(batch), **pear)
-
-    def rl_step(self, batch: pa.Table, rl: dict) -> dict:
-        return self.engine.rl_step(self._shard(batch, "rl_step", rl.get("minibatches", 1)), **rl)
+    def step(self, batch: pa.Table, objective: ObjectiveConfig) -> dict:
+        return self.engine.step(self._shard(batch, f"a {objective.kind} step", objective.updates()[0]), objective)
 
     def logprobs(self, batch: pa.Table) -> pa.ListArray:
         return self.engine.logprobs(self._shard(batch, "logprobs", min_rows_per_rank=0))  # a rank may get no rows
@@ -87,26 +80,10 @@ class _LearnerRank:
     def concat(self, *arrays: pa.Array) -> pa.Array:
         return pa.concat_arrays(list(arrays))
 
-    def state_dict_for_rollout(self):
-        return self.engine.state_dict_for_rollout()
-
-    def parameter_checksum(self) -> float:
-        return self.engine.parameter_checksum()
-
-    def export_hf(self, out_dir: str) -> str | None:
-        return self.engine.export_hf(out_dir)
-
-    def save_checkpoint(self, ckpt_dir: str, client_state: dict | None, tag: str | None) -> str:
-        return self.engine.save_checkpoint(ckpt_dir, client_state, tag)
-
-    def load_checkpoint(self, ckpt_dir: str, tag: str | None) -> dict:
-        return self.engine.load_checkpoint(ckpt_dir, tag)
-
-    def get_step(self) -> int:
-        return self.engine.step
-
-    def current_lr(self) -> float:
-        return self.engine.current_lr()
+    def call(self, name: str, *args: Any) -> Any:
+        """Any other engine method (weights, checkpoints) called on this rank, or an attribute's value."""
+        value = getattr(self.engine, name)
+        return value(*args) if callable(value) else value
 
 
 LearnerRank = ray.remote(_LearnerRank)
@@ -142,8 +119,8 @@ class LearnerGroup:
     """M learner ranks in one placement group, used like one learner.
 
     Optimizer settings are the group's (one AdamW and one LR schedule per group: SFT and RL build their own
-    groups, see `for_sft` / `for_rl`). `pear` / `rl` are the defaults of sft_step / rl_step; `temperature` is the
-    rollouts' sampling temperature, at which rl_step and logprobs see the policy (DeepSpeedLearner).
+    groups, see `for_sft` / `for_rl`); the objective comes with every step. `temperature` is the rollouts' sampling
+    temperature, at which on-policy objectives and `logprobs` see the policy (DeepSpeedLearner).
     """
 
     def __init__(
@@ -158,15 +135,11 @@ class LearnerGroup:
         total_steps: int | None = None,
         lr_schedule: str = "constant",
         seed: int = 0,
-        pear: PearConfig | None = None,
-        rl: RlConfig | None = None,
         temperature: float = 1.0,
         ready_timeout_s: float = 600.0,
     ):
         self.resources = resources or LearnerResources()
         self.world_size = self.resources.num_ranks
-        self.pear = pear or PearConfig()
-        self.rl = rl or RlConfig()
         self.temperature = temperature
         self.actors: list = []
         bundle = {"CPU": self.resources.num_cpus, "GPU": self.resources.num_gpus, **self.resources.resources}
@@ -190,7 +163,8 @@ class LearnerGroup:
             master_addr, master_port = ray.get(self.actors[0].rendezvous.remote())
             engine_kwargs = dict(
                 zero_stage=self.resources.zero_stage, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
-                warmup_steps=warmup_steps, total_steps=total_steps, lr_schedule=lr_schedule, seed=seed, bf16=self.resources.bf16,
+                warmup_steps=warmup_steps, total_steps=total_steps, lr_schedule=lr_schedule, seed=seed,
+                bf16=self.resources.bf16,
                 local_rank=0,  # a GPU rank sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES per actor)
                 num_threads=max(1, int(self.resources.num_cpus)), temperature=temperature,
             )
@@ -207,14 +181,14 @@ class LearnerGroup:
                 seed: int = 0, **kwargs: Any) -> LearnerGroup:
         return cls(model_dir, resources, lr=sft.lr, weight_decay=sft.weight_decay, grad_clip=sft.grad_clip,
                    warmup_steps=sft.warmup_steps, total_steps=total_steps, lr_schedule=sft.lr_schedule, seed=seed,
-                   pear=sft.pear, **kwargs)
+                   **kwargs)
 
     @classmethod
     def for_rl(cls, model_dir: str | Path, resources: LearnerResources, rl: RlConfig, *, temperature: float,
                seed: int = 0, **kwargs: Any) -> LearnerGroup:
         """`temperature`: the rollouts' (job.sampling.temperature)."""
         return cls(model_dir, resources, lr=rl.lr, grad_clip=rl.grad_clip, lr_schedule="constant", seed=seed,
-                   rl=rl, temperature=temperature, **kwargs)
+                   temperature=temperature, **kwargs)
 
     def _live_actors(self) -> list:
         if not self.actors:
@@ -226,17 +200,10 @@ class LearnerGroup:
 
     # ------------------------------------------------------------------ training
 
-    def sft_step(self, batch_ref: ray.ObjectRef, pear: PearConfig | dict | None = None) -> dict:
-        """One PEAR-SFT update on the whole batch; returns the global-batch loss, grad norm, lr, diagnostics."""
-        pear = pear if pear is not None else self.pear
-        pear = pear.model_dump() if isinstance(pear, PearConfig) else dict(pear)
-        return self._all("sft_step", _as_ref(batch_ref), pear)[0]
-
-    def rl_step(self, batch_ref: ray.ObjectRef, rl: RlConfig | dict | None = None) -> dict:
-        """GRPO updates on the batch (epochs_per_batch x minibatches); returns the averaged stats."""
-        rl = rl if rl is not None else self.rl
-        rl = rl.model_dump() if isinstance(rl, RlConfig) else dict(rl)
-        return self._all("rl_step", _as_ref(batch_ref), {k: rl[k] for k in RL_STEP_FIELDS if k in rl})[0]
+    def step(self, batch_ref: ray.ObjectRef, objective: ObjectiveConfig) -> dict:
+        """One step of `objective` on the whole batch (its minibatches x epochs updates); returns the global-batch
+        loss, grad norm, lr and the objective's figures."""
+        return self._all("step", _as_ref(batch_ref), objective)[0]
 
     def logprobs(self, batch_ref: ray.ObjectRef) -> ray.ObjectRef:
         """ObjectRef of the batch's per-response-token log-probs (list<float32>, one per row, in row order), at
@@ -256,33 +223,34 @@ class LearnerGroup:
     def weights_ref(self) -> ray.ObjectRef:
         """ObjectRef of the full weights {HF name: CPU tensor} from rank 0, for rollout actors' reload_weights.
         Returns once they are ready; the driver need not fetch them."""
-        refs = [actor.state_dict_for_rollout.remote() for actor in self._live_actors()]
+        refs = [actor.call.remote("state_dict_for_rollout") for actor in self._live_actors()]
         ray.get(refs[1:])  # None from ranks > 0; raises if one failed
         ray.wait(refs[:1], fetch_local=False)
         return refs[0]
 
     def export_hf(self, out_dir: str | Path) -> str:
         """Write a Hugging Face model folder (weights, config, tokenizer) and return its path."""
-        return self._all("export_hf", str(out_dir))[0]
+        return self._all("call", "export_hf", str(out_dir))[0]
 
     def save_checkpoint(self, ckpt_dir: str | Path, client_state: dict | None = None, tag: str | None = None) -> str:
         """Checkpoint all ranks (model, optimizer, scheduler, step, RNG) plus client_state; returns the tag."""
-        return self._all("save_checkpoint", str(ckpt_dir), client_state, tag)[0]
+        return self._all("call", "save_checkpoint", str(ckpt_dir), client_state, tag)[0]
 
     def load_checkpoint(self, ckpt_dir: str | Path, tag: str | None = None) -> dict:
         """Restore the latest (or the tagged) checkpoint on all ranks; returns the saved client_state."""
-        return self._all("load_checkpoint", str(ckpt_dir), tag)[0]
+        return self._all("call", "load_checkpoint", str(ckpt_dir), tag)[0]
 
     def parameter_checksums(self) -> list[float]:
         """Each rank's fingerprint of the full parameters (equal across ranks when they agree)."""
-        return self._all("parameter_checksum")
+        return self._all("call", "parameter_checksum")
 
     @property
-    def step(self) -> int:
-        return self._all("get_step")[0]
+    def optimizer_steps(self) -> int:
+        """Optimizer updates applied so far."""
+        return ray.get(self._live_actors()[0].call.remote("optimizer_steps"))
 
     def current_lr(self) -> float:
-        return self._all("current_lr")[0]
+        return self._all("call", "current_lr")[0]
 
     def shutdown(self) -> None:
         """Kill the ranks and free the placement group. Safe to call twice."""

@@ -33,7 +33,8 @@ def _ragged_positions(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarr
 
 
 def to_tensors(table: pa.Table, pad_id: int, columns: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Pad a batch: `input_ids`, `attention_mask`, `response_mask` [B, L], and each named per-token column."""
+    """Pad a batch: `input_ids`, `attention_mask`, `response_mask` [B, L], each named per-token column on the grid,
+    and each named per-row column as a float32 [B] tensor."""
     prompt, response = table.column(schema.PROMPT_IDS), table.column(schema.RESPONSE_IDS)
     prompt_len, response_len = _lengths(prompt), _lengths(response)
     total = prompt_len + response_len
@@ -51,8 +52,12 @@ def to_tensors(table: pa.Table, pad_id: int, columns: tuple[str, ...] = ()) -> d
         "response_mask": torch.from_numpy(response_mask),
     }
     for name in columns:
+        column = table.column(name)
+        if not pa.types.is_list(column.type):  # one value per row, e.g. the advantage
+            out[name] = torch.from_numpy(np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float32))
+            continue
         grid = np.zeros(shape, dtype=np.float32)
-        grid[response_rows, response_cols] = _flat(table.column(name))
+        grid[response_rows, response_cols] = _flat(column)
         out[name] = torch.from_numpy(grid)
     return out
 

@@ -18,13 +18,13 @@ import pyarrow.parquet as pq
 import torch
 
 from pear_ray.actors.runtime import init_ray
-from pear_ray.config import JobConfig, PearConfig
+from pear_ray.config import JobConfig, parse_variant
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
 from pear_ray.driver.run import RunState, prepare_student
 from pear_ray.engines.hf_scorer import HfScorer
 from pear_ray.models import resolve_model
-from pear_ray.objectives import pear_loss, pear_weights
+from pear_ray.objectives import PearSft, pear_loss, pear_weights
 from pear_ray.stages.common import Run
 from pear_ray.stages.score import run_score
 from pear_ray.tracking import MetricsLogger
@@ -51,7 +51,7 @@ NOTABLE_CEILING_FRACTION = 0.05  # at or above: the ceiling is worth a mention
 SOURCE_SHIFT_RATIO = 1.25  # one source's mean weight this many times another's: PEAR favours it
 
 
-def weight_figures(table: pa.Table, student_logprobs: pa.ChunkedArray | list, pear: PearConfig) -> dict:
+def weight_figures(table: pa.Table, student_logprobs: pa.ChunkedArray | list, pear: PearSft) -> dict:
     """PEAR's weights on `table` (prompt_ids, response_ids, behavior_logprobs, optional source) with the student's
     log-probs (one list per row), summed up per level with the job's gamma, block size and clips.
 
@@ -223,7 +223,8 @@ def _all_style(name: str) -> dict:
 
 def verdict_levels(job: JobConfig) -> list[str]:
     """The PEAR levels the job trains, or the default level when it trains canonical SFT only."""
-    return [level for level in job.sft_variants if level != "none"] or [DEFAULT_LEVEL]
+    levels = dict.fromkeys(parse_variant(label)[0] for label in job.sft_variants)
+    return [level for level in levels if level != "none"] or [DEFAULT_LEVEL]
 
 
 def scored_data(job: JobConfig, run_dir: Path) -> tuple[Path, Path]:

@@ -18,11 +18,21 @@ def forward_token_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tens
                            temperature: float = 1.0) -> torch.Tensor:
     """[B, L] log-prob of each token given the tokens before it (0 at position 0, which nothing predicts), under
     logits / temperature: the distribution vLLM samples from at that temperature."""
+    return forward(model, tensors, temperature)[0]
+
+
+def forward(model: torch.nn.Module, tensors: dict[str, torch.Tensor], temperature: float = 1.0):
+    """`forward_token_logprobs` and the logits [B, L, V] it came from (logits[:, i] predict token i + 1)."""
     input_ids = tensors["input_ids"]
     logits = model(input_ids=input_ids, attention_mask=tensors["attention_mask"], use_cache=False).logits
     if temperature != 1.0:  # a division by 1 would only cost a copy of the logits
         logits = logits / temperature
-    return F.pad(token_logprobs(logits[:, :-1], input_ids[:, 1:]), (1, 0))
+    return F.pad(token_logprobs(logits[:, :-1], input_ids[:, 1:]), (1, 0)), logits
+
+
+def logits_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B, L, K]: at each position t, the logits of candidate ids [B, L, K] for token t (0 at position 0)."""
+    return F.pad(logits[:, :-1].gather(-1, ids[:, 1:]), (0, 0, 1, 0))
 
 
 class HfScorer:

@@ -1,7 +1,19 @@
-"""The training objectives as pure torch functions (no Ray): PEAR-weighted SFT, the GRPO family, pass@k."""
+"""The training objectives as pure torch functions and typed configs (no Ray): PEAR-weighted SFT over the NLL or a
+top-k distillation loss, the GRPO family, on-policy distillation, plug-ins by import path, and pass@k.
 
+`Objective` is the tagged union the learner's `step(batch, objective)` takes (objectives/base.py says how).
+"""
+
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from pear_ray.objectives.base import LossTerms, ObjectiveConfig, ObjectiveInputs
+from pear_ray.objectives.custom import CustomObjective
+from pear_ray.objectives.distill import TEACHER_LOGPROBS, TEACHER_TOPK, OnPolicyDistill, topk_forward_kl
 from pear_ray.objectives.grpo import (
     AGGREGATIONS,
+    Grpo,
     PolicyLossStats,
     aggregate,
     group_advantages,
@@ -17,10 +29,14 @@ from pear_ray.objectives.pear import (
     PEAR_LEVELS,
     TARGET_MODES,
     PearDiagnostics,
+    PearSft,
     pear_loss,
     pear_weights,
     token_logprobs,
 )
+
+Objective = Annotated[Union[PearSft, Grpo, OnPolicyDistill, CustomObjective], Field(discriminator="kind")]
+RlObjective = Annotated[Union[Grpo, OnPolicyDistill, CustomObjective], Field(discriminator="kind")]
 
 __all__ = [
     "AGGREGATIONS",
@@ -28,8 +44,19 @@ __all__ = [
     "LOG_WEIGHT_CLIP",
     "PEAR_LEVELS",
     "TARGET_MODES",
+    "TEACHER_LOGPROBS",
+    "TEACHER_TOPK",
+    "CustomObjective",
+    "Grpo",
+    "LossTerms",
+    "Objective",
+    "ObjectiveConfig",
+    "ObjectiveInputs",
+    "OnPolicyDistill",
     "PearDiagnostics",
+    "PearSft",
     "PolicyLossStats",
+    "RlObjective",
     "aggregate",
     "group_advantages",
     "informative_groups_mask",

@@ -8,12 +8,20 @@ Samples are rows and response tokens are columns of [B, L] tensors; a sample's g
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from pear_ray.objectives.masked import masked_mean
+from pear_ray.objectives.base import LossTerms, ObjectiveConfig, ObjectiveInputs
+from pear_ray.objectives.masked import masked_mean, masked_sum
 
 AGGREGATIONS = ("token-mean", "sequence-mean")
+CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # DAPO's clip-higher: a wider upper range keeps low-probability tokens explorable
+TIS_CAP = 2.0
+ADVANTAGE = "advantage"  # the batch's columns (pear_ray.data.schema names them the same)
+ROLLOUT_LOGPROBS = "rollout_logprobs"
+REF_LOGPROBS = "ref_logprobs"
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,12 @@ class PolicyLossStats:
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
+    @classmethod
+    def from_sums(cls, sums: dict[str, float]) -> PolicyLossStats:
+        """From `surrogate`'s sums (of one batch, or added up over ranks and updates)."""
+        n = max(sums["num_tokens"], 1.0)
+        return cls(sums["clipped"] / n, sums["approx_kl_sum"] / n, sums["ratio_sum"] / n, sums["tis_capped"] / n)
+
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
     """Reduce per-token values [B, L] over the response tokens to a scalar.
@@ -36,10 +50,18 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     sequence-mean:  mean_b (sum_t v / sum_t 1)          every sample weighs the same (GRPO paper); rows with no
                                                         response token are left out
     """
+    total, size = aggregate_terms(values, mask, mode)
+    return total / size.clamp(min=1)
+
+
+def aggregate_terms(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"):
+    """`aggregate` as (sum, count) before the division: the count is response tokens (token-mean) or rows with a
+    response (sequence-mean), so sums and counts from several ranks add up to the global mean."""
     if mode == "token-mean":
-        return masked_mean(values, mask)
+        return masked_sum(values, mask), mask.bool().sum()
     if mode == "sequence-mean":
-        return masked_mean(masked_mean(values, mask, dim=1), mask.bool().any(1))
+        rows = mask.bool().any(1)
+        return masked_sum(masked_mean(values, mask, dim=1), rows), rows.sum()
     raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
 
 
@@ -87,10 +109,10 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
+    eps_low: float = CLIP_LOW,
+    eps_high: float = CLIP_HIGH,
     logp_rollout: torch.Tensor | None = None,
-    tis_cap: float = 2.0,
+    tis_cap: float = TIS_CAP,
     aggregation: str = "token-mean",
 ) -> tuple[torch.Tensor, PolicyLossStats]:
     """Clipped surrogate, aggregated over the response tokens, and its stats.
@@ -102,6 +124,13 @@ def policy_loss(
     which corrects for the engine and the learner not computing the same distribution. advantages is [B] (one per
     sample) or [B, L].
     """
+    per_token, sums = surrogate(logp, logp_old, advantages, mask, eps_low=eps_low, eps_high=eps_high,
+                                logp_rollout=logp_rollout, tis_cap=tis_cap)
+    return aggregate(per_token, mask, aggregation), PolicyLossStats.from_sums(sums)
+
+
+def surrogate(logp, logp_old, advantages, mask, *, eps_low, eps_high, logp_rollout, tis_cap):
+    """`policy_loss`'s per-token losses l_t [B, L] before aggregation, and additive sums of its statistics."""
     advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     ratio = (logp - logp_old).exp()
     unclipped = ratio * advantages
@@ -114,15 +143,70 @@ def policy_loss(
         tis_weight = (logp_old - logp_rollout).detach().exp()
         tis_capped = tis_weight > tis_cap
         per_token = per_token * tis_weight.clamp(max=tis_cap)
-    loss = aggregate(per_token, mask, aggregation)
     with torch.no_grad():
-        clip_fraction, approx_kl, mean_ratio, tis_capped_fraction = torch.stack([
-            masked_mean((clipped < unclipped).to(ratio.dtype), mask),
-            masked_mean(k3_kl(logp_old, logp), mask),
-            masked_mean(ratio, mask),
-            masked_mean(tis_capped.to(ratio.dtype), mask),
+        values = torch.stack([
+            mask.bool().sum().to(ratio.dtype),
+            masked_sum((clipped < unclipped).to(ratio.dtype), mask),
+            masked_sum(k3_kl(logp_old, logp), mask),
+            masked_sum(ratio, mask),
+            masked_sum(tis_capped.to(ratio.dtype), mask),
         ]).tolist()
-    return loss, PolicyLossStats(clip_fraction, approx_kl, mean_ratio, tis_capped_fraction)
+    return per_token, dict(zip(("num_tokens", "clipped", "approx_kl_sum", "ratio_sum", "tis_capped"), values))
+
+
+class ClippedSurrogate(ObjectiveConfig):
+    """The settings of the clipped policy-gradient surrogate that GRPO and on-policy distillation share."""
+
+    clip_low: float = Field(CLIP_LOW, ge=0)
+    clip_high: float = Field(CLIP_HIGH, ge=0)
+    tis_cap: float | None = Field(TIS_CAP, gt=0, description="truncated importance correction cap; null disables")
+    loss_aggregation: Literal["token-mean", "sequence-mean"] = "token-mean"
+    minibatches: int = Field(1, ge=1, description="optimizer updates per pass over a step's samples")
+    epochs_per_batch: int = Field(1, ge=1, description="passes over a step's samples")
+
+    def columns(self) -> tuple[str, ...]:
+        return (ROLLOUT_LOGPROBS,) if self.tis_cap is not None else ()
+
+    def on_policy(self) -> bool:
+        return True
+
+    def updates(self) -> tuple[int, int]:
+        return self.minibatches, self.epochs_per_batch
+
+    def surrogate_terms(self, inputs: ObjectiveInputs, advantages: torch.Tensor) -> LossTerms:
+        """The aggregated surrogate of `advantages` ([B] or [B, L]) as loss terms, with its statistics."""
+        per_token, sums = surrogate(inputs.logp, inputs.logp_old, advantages, inputs.mask, eps_low=self.clip_low,
+                                    eps_high=self.clip_high, logp_rollout=inputs.columns.get(ROLLOUT_LOGPROBS),
+                                    tis_cap=self.tis_cap or 0.0)
+        total, size = aggregate_terms(per_token, inputs.mask, self.loss_aggregation)
+        return LossTerms(total, size, sums)
+
+    def report(self, stats: dict[str, float]) -> dict[str, float]:
+        return PolicyLossStats.from_sums(stats).as_dict()
+
+
+class Grpo(ClippedSurrogate):
+    """GRPO's clipped surrogate on one advantage per sample (group-normalised by the RL stage), with DAPO's clip
+    ranges, truncated importance sampling against the rollout engine, and an optional k3 KL penalty to the
+    reference model."""
+
+    kind: Literal["grpo"] = "grpo"
+    kl_coef: float = Field(0.0, ge=0)
+
+    def columns(self) -> tuple[str, ...]:
+        return (ADVANTAGE, *super().columns(), *((REF_LOGPROBS,) if self.kl_coef > 0 else ()))
+
+    def loss(self, inputs: ObjectiveInputs) -> LossTerms:
+        terms = self.surrogate_terms(inputs, inputs.columns[ADVANTAGE])
+        if self.kl_coef > 0:
+            kl = k3_kl(inputs.logp, inputs.columns[REF_LOGPROBS])
+            kl_total, _ = aggregate_terms(kl, inputs.mask, self.loss_aggregation)
+            terms.total = terms.total + self.kl_coef * kl_total
+            terms.stats["kl_ref_sum"] = float(masked_sum(kl.detach(), inputs.mask))
+        return terms
+
+    def report(self, stats: dict[str, float]) -> dict[str, float]:
+        return {**super().report(stats), "kl_ref": stats.get("kl_ref_sum", 0.0) / max(stats["num_tokens"], 1.0)}
 
 
 def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:

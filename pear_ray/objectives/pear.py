@@ -21,17 +21,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 
+from pear_ray.objectives.base import LossTerms, ObjectiveConfig, ObjectiveInputs
+from pear_ray.objectives.distill import TEACHER_TOPK, TOPK_IDS, TOPK_LOGPROBS, topk_forward_kl
 from pear_ray.objectives.masked import masked_sum
 
 PEAR_LEVELS = ("none", "sequence", "token", "block")
 TARGET_MODES = ("online", "frozen")
 NORMALIZE = ("tokens", "weights")
+GAMMA = 0.999
+BLOCK_SIZE = 4
 DELTA_CLIP = (-0.08, 0.3)
 LOG_WEIGHT_CLIP = (-10.0, 5.0)
+BEHAVIOR_LOGPROBS = "behavior_logprobs"  # the data's columns (pear_ray.data.schema names them the same)
+REF_LOGPROBS = "ref_logprobs"
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,15 @@ class PearDiagnostics:
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
+    @classmethod
+    def from_sums(cls, sums: dict[str, float]) -> PearDiagnostics:
+        """From `weight_sums` (of one batch, or added up over ranks and updates)."""
+        count = max(sums["num_tokens"], 1.0)
+        ess = sums["weight_sum"] ** 2 / sums["weight_sq_sum"] if sums["weight_sq_sum"] > 0 else 0.0
+        return cls(mean_weight=sums["weight_sum"] / count, ess=ess, ess_fraction=ess / count,
+                   frac_at_floor=sums["at_floor"] / count, frac_at_ceiling=sums["at_ceiling"] / count,
+                   mean_log_ratio=sums["log_ratio_sum"] / count, num_tokens=int(round(sums["num_tokens"])))
+
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log pi(labels_i | ...) for logits [..., V] already aligned with labels [...], in at least float32.
@@ -70,8 +87,8 @@ def pear_weights(
     logp_behavior: torch.Tensor,
     mask: torch.Tensor,
     level: str = "token",
-    gamma: float = 0.999,
-    block_size: int = 4,
+    gamma: float = GAMMA,
+    block_size: int = BLOCK_SIZE,
     delta_clip: tuple[float, float] = DELTA_CLIP,
     log_weight_clip: tuple[float, float] = LOG_WEIGHT_CLIP,
 ) -> torch.Tensor:
@@ -87,8 +104,8 @@ def pear_loss(
     mask: torch.Tensor,
     *,
     level: str = "token",
-    gamma: float = 0.999,
-    block_size: int = 4,
+    gamma: float = GAMMA,
+    block_size: int = BLOCK_SIZE,
     delta_clip: tuple[float, float] = DELTA_CLIP,
     log_weight_clip: tuple[float, float] = LOG_WEIGHT_CLIP,
     target_mode: str = "online",
@@ -112,17 +129,32 @@ def pear_loss(
         raise ValueError(f"num_tokens is the divisor of normalize='tokens'; normalize is {normalize!r}")
     if weight_sum is not None and normalize != "weights":
         raise ValueError(f"weight_sum is the divisor of normalize='weights'; normalize is {normalize!r}")
+    total, weights, sums = pear_terms(token_logp, logp_behavior, mask, level=level, gamma=gamma,
+                                      block_size=block_size, delta_clip=delta_clip, log_weight_clip=log_weight_clip,
+                                      target_mode=target_mode, logp_target_frozen=logp_target_frozen,
+                                      per_token_loss=per_token_loss)
+    if normalize == "tokens":
+        divisor = mask.bool().sum() if num_tokens is None else torch.as_tensor(num_tokens, device=total.device)
+    else:
+        divisor = weights.sum() if weight_sum is None else torch.as_tensor(weight_sum, device=total.device)
+    return divide(total, divisor), PearDiagnostics.from_sums(sums)
+
+
+def pear_terms(token_logp, logp_behavior, mask, *, level, gamma, block_size, delta_clip, log_weight_clip,
+               target_mode, logp_target_frozen, per_token_loss):
+    """sum_t w_t l_t (with grad), the weights w [B, L], and the weights' `weight_sums`: pear_loss before dividing."""
     logp_target = _target_logp(token_logp, target_mode, logp_target_frozen)
     log_g = _log_weights(logp_target, logp_behavior, mask, level, gamma, block_size, delta_clip)
     weights = _clipped_exp(log_g, mask, log_weight_clip)
     base_loss = -token_logp if per_token_loss is None else per_token_loss
-    if normalize == "tokens":
-        divisor = mask.bool().sum() if num_tokens is None else torch.as_tensor(num_tokens, device=base_loss.device)
-    else:
-        divisor = weights.sum() if weight_sum is None else torch.as_tensor(weight_sum, device=base_loss.device)
-    tiny = torch.finfo(weights.dtype).tiny  # a batch without response tokens gives 0 / tiny = 0, not NaN
-    loss = masked_sum(weights * base_loss, mask) / divisor.to(weights.dtype).clamp(min=tiny)
-    return loss, _diagnostics(weights, log_g, logp_target, logp_behavior, mask, log_weight_clip)
+    total = masked_sum(weights * base_loss, mask)
+    return total, weights, weight_sums(weights, log_g, logp_target, logp_behavior, mask, log_weight_clip)
+
+
+def divide(total: torch.Tensor, divisor: torch.Tensor | float) -> torch.Tensor:
+    """total / divisor in total's dtype; a batch without response tokens (divisor 0) gives 0 / tiny = 0, not NaN."""
+    divisor = torch.as_tensor(divisor, device=total.device).to(total.dtype)
+    return total / divisor.clamp(min=torch.finfo(total.dtype).tiny)
 
 
 def _target_logp(token_logp: torch.Tensor, target_mode: str, frozen: torch.Tensor | None) -> torch.Tensor:
@@ -189,7 +221,8 @@ def _clipped_exp(log_g: torch.Tensor, mask: torch.Tensor, log_weight_clip: tuple
 
 
 @torch.no_grad()
-def _diagnostics(weights, log_g, logp_target, logp_behavior, mask, log_weight_clip) -> PearDiagnostics:
+def weight_sums(weights, log_g, logp_target, logp_behavior, mask, log_weight_clip) -> dict[str, float]:
+    """Additive sums over the response tokens that `PearDiagnostics.from_sums` turns into the logged figures."""
     mask = mask.bool()
     sums = torch.stack([  # one device sync for all of them; weights are 0 off the response
         mask.sum().to(weights.dtype),
@@ -199,15 +232,66 @@ def _diagnostics(weights, log_g, logp_target, logp_behavior, mask, log_weight_cl
         (mask & (log_g >= log_weight_clip[1])).sum().to(weights.dtype),
         masked_sum(logp_target.to(weights.dtype) - logp_behavior.to(weights.dtype), mask),
     ]).tolist()
-    num_tokens, weight_sum, weight_sq_sum, at_floor, at_ceiling, log_ratio_sum = sums
-    count = max(num_tokens, 1.0)
-    ess = weight_sum**2 / weight_sq_sum if weight_sq_sum > 0 else 0.0
-    return PearDiagnostics(
-        mean_weight=weight_sum / count,
-        ess=ess,
-        ess_fraction=ess / count,
-        frac_at_floor=at_floor / count,
-        frac_at_ceiling=at_ceiling / count,
-        mean_log_ratio=log_ratio_sum / count,
-        num_tokens=int(num_tokens),
-    )
+    return dict(zip(("num_tokens", "weight_sum", "weight_sq_sum", "at_floor", "at_ceiling", "log_ratio_sum"), sums))
+
+
+class PearSft(ObjectiveConfig):
+    """PEAR-weighted SFT (level `none` is canonical SFT) over a per-token base loss: the NLL of the data's tokens,
+    or (`base_loss: distill`) the forward KL from the teacher's top-k distribution (objectives/distill.py), which
+    the weights multiply exactly as they multiply the NLL."""
+
+    kind: Literal["pear_sft"] = "pear_sft"
+    level: Literal["none", "sequence", "token", "block"] = "token"
+    gamma: float = Field(GAMMA, gt=0, le=1)
+    block_size: int = Field(BLOCK_SIZE, ge=1)
+    delta_clip: tuple[float, float] = DELTA_CLIP
+    log_weight_clip: tuple[float, float] = LOG_WEIGHT_CLIP
+    target_mode: Literal["online", "frozen"] = "online"
+    # The loss's divisor: the batch's response tokens (the step scales with the mean weight, an effective lr of
+    # lr x mean weight) or the sum of the weights over them (canonical SFT's step size, redistributed).
+    normalize: Literal["tokens", "weights"] = "tokens"
+    base_loss: Literal["nll", "distill"] = "nll"
+
+    @field_validator("delta_clip", "log_weight_clip")
+    @classmethod
+    def _ordered(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if bounds[0] > bounds[1]:
+            raise ValueError(f"lower bound {bounds[0]} is above upper bound {bounds[1]}")
+        return bounds
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the weights depend on the data (every level but none)."""
+        return self.level != "none"
+
+    @property
+    def weight_settings(self) -> dict:
+        """The settings `pear_weights` takes."""
+        return self.model_dump(include={"level", "gamma", "block_size", "delta_clip", "log_weight_clip"})
+
+    def columns(self) -> tuple[str, ...]:
+        frozen = (REF_LOGPROBS,) if self.weighted and self.target_mode == "frozen" else ()
+        teacher = (TEACHER_TOPK,) if self.base_loss == "distill" else ()
+        return ((BEHAVIOR_LOGPROBS,) if self.weighted else ()) + frozen + teacher
+
+    def optional_columns(self) -> tuple[str, ...]:
+        return (BEHAVIOR_LOGPROBS,)  # level none reads none, but its diagnostics use them when the data has them
+
+    def loss(self, inputs: ObjectiveInputs) -> LossTerms:
+        logp, mask = inputs.logp, inputs.mask
+        behavior = inputs.columns.get(BEHAVIOR_LOGPROBS, torch.zeros_like(logp))
+        frozen = self.weighted and self.target_mode == "frozen"
+        per_token = None
+        if self.base_loss == "distill":
+            student = inputs.logits_at(inputs.columns[TOPK_IDS])
+            per_token = topk_forward_kl(student, inputs.columns[TOPK_LOGPROBS], mask)
+        total, weights, sums = pear_terms(
+            logp, behavior, mask, **self.weight_settings, target_mode="frozen" if frozen else "online",
+            logp_target_frozen=inputs.columns[REF_LOGPROBS] if frozen else None, per_token_loss=per_token)
+        size = float(mask.sum()) if self.normalize == "tokens" else float(weights.sum())
+        return LossTerms(total, size, sums)
+
+    def report(self, stats: dict[str, float]) -> dict[str, float]:
+        figures = PearDiagnostics.from_sums(stats).as_dict()
+        figures["num_tokens"] = int(round(stats["num_tokens"]))
+        return figures

@@ -51,6 +51,27 @@ class Run:
             return default
         return resolve_model(self.job.models.reference, self.model("reference"))
 
+    def behavior(self) -> Path:
+        """The behaviour model's folder (given, or built once)."""
+        if self.job.models.behavior is None or self.job.models.behavior.scripted is not None:
+            raise ValueError("this needs a behaviour model: give models.behavior as a path or a tiny spec (data.sft "
+                             "with a behavior_logprobs column needs none for SFT)")
+        return resolve_model(self.job.models.behavior, self.model("behavior"))
+
+    @property
+    def teacher_dir(self) -> Path:
+        """Where the score stage exports the behaviour model after its brief SFT (score.teacher_sft_steps)."""
+        return self.model("behavior-trained")
+
+    def teacher(self) -> Path:
+        """The model that wrote the SFT data, for distillation: the behaviour model after its brief SFT when the
+        score stage gives it one."""
+        if not self.job.score.teacher_sft_steps:
+            return self.behavior()
+        if not is_exported(self.teacher_dir):
+            raise FileNotFoundError(f"the trained teacher {self.teacher_dir} is not there: run the score stage first")
+        return self.teacher_dir
+
     @cached_property
     def task(self):
         return make_task(self.job.task, self.job.data, seed=self.job.task.split_seed)

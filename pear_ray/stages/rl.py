@@ -1,10 +1,11 @@
-"""Stage 3: GRPO from an SFT checkpoint.
+"""Stage 3: RL from an SFT checkpoint: GRPO, on-policy distillation, or a plug-in objective.
 
 Each step: G samples for each of `prompts_per_step` train prompts from the rollout service, verifier rewards
-in Ray tasks, group-normalised advantages, groups whose rewards are all equal dropped, the reference's
-log-probs when there is a KL term, clipped-surrogate updates on the learner, then the new weights go to the
-rollout service. Resumable from the checkpoint of every `checkpoint_every` steps: a step's prompts and
-sampling seed depend only on (seed, step), so a resumed run sees what an uninterrupted one would.
+in Ray tasks, group-normalised advantages, groups whose rewards are all equal dropped (when the objective reads
+the advantage), the frozen models' log-probs the objective reads (the reference's for a KL term, the teacher's for
+on-policy distillation), the objective's updates on the learner, then the new weights go to the rollout service.
+Resumable from the checkpoint of every `checkpoint_every` steps: a step's prompts and sampling seed depend only on
+(seed, step), so a resumed run sees what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pear_ray.actors.roles import (
     sync_weights,
 )
 from pear_ray.data import schema
-from pear_ray.objectives import group_advantages, informative_groups_mask
+from pear_ray.objectives import TEACHER_LOGPROBS, group_advantages, informative_groups_mask
 from pear_ray.stages.common import Run, latest_checkpoint, prompt_table, rollouts, with_rewards
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,14 @@ log = logging.getLogger(__name__)
 def run_rl(run: Run, variant: str, start_model: Path) -> Path:
     """GRPO from `start_model` (the variant's SFT export); returns the exported Hugging Face folder."""
     job, rl, name = run.job, run.job.rl, f"rl-{variant}"
+    objective = job.rl_objective(variant)
     prompts = prompt_table(run, "train")
+    frozen_models = {schema.REF_LOGPROBS: lambda: run.reference(start_model), TEACHER_LOGPROBS: run.teacher}
+    scorers = {column: reference_actor(model(), job.resources.reference)
+               for column, model in frozen_models.items() if column in objective.columns()}
     learner = LearnerGroup.for_rl(start_model, job.resources.learner, rl, temperature=job.sampling.temperature,
                                   seed=job.seed)
     pool = rollout_pool(start_model, job.resources.rollout, seed=job.seed)
-    reference = reference_actor(run.reference(start_model), job.resources.reference) if rl.kl_coef > 0 else None
     max_actors = job.resources.rollout.max_actors
     if max_actors:  # elastic: ask for the most the pool may use while RL runs
         request_rollout_capacity(job.resources.rollout, max_actors)
@@ -57,13 +61,13 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
             rng = np.random.default_rng([job.seed, step])
             chosen = prompts.take(rng.choice(prompts.num_rows, size=min(rl.prompts_per_step, prompts.num_rows),
                                              replace=False))
-            batch, stats = rollout_batch(run, pool, chosen, seed=int(rng.integers(2**31)))
-            if batch.num_rows >= job.resources.learner.num_ranks * rl.minibatches:
+            batch, stats = rollout_batch(run, pool, chosen, seed=int(rng.integers(2**31)),
+                                         drop_constant=rl.drop_constant_groups and schema.ADVANTAGE in objective.columns())
+            if batch.num_rows >= job.resources.learner.num_ranks * objective.updates()[0]:
                 batch_ref = ray.put(batch)
-                if reference is not None:
-                    batch_ref, _ = reference.score.remote(batch_ref, column=schema.REF_LOGPROBS,
-                                                          temperature=job.sampling.temperature)
-                update = learner.rl_step(batch_ref)
+                for column, scorer in scorers.items():  # at the rollouts' temperature, as the policy is scored
+                    batch_ref, _ = scorer.score.remote(batch_ref, column=column, temperature=job.sampling.temperature)
+                update = learner.step(batch_ref, objective)
                 update["learner_step"] = update.pop("step")  # optimizer updates so far; `step` is the RL step
                 stats.update(update)
                 stats.update(sync_weights(learner, pool, version=step + 1, probe_ref=probe_batch(batch)))
@@ -80,13 +84,13 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
             request_rollout_capacity(job.resources.rollout, 0)
         learner.shutdown()
         pool.shutdown()
-        if reference is not None:
-            ray.kill(reference)
+        for scorer in scorers.values():
+            ray.kill(scorer)
     return run.model(name)
 
 
-def rollout_batch(run: Run, pool, prompts, *, seed: int):
-    """Samples with rewards and advantages; groups with no signal are dropped when the job asks."""
+def rollout_batch(run: Run, pool, prompts, *, seed: int, drop_constant: bool):
+    """Samples with rewards and advantages; groups with no signal dropped when `drop_constant`."""
     rl = run.job.rl
     table = rollouts(pool, prompts, n=rl.group_size, seed=seed, **run.job.sampling.model_dump())
     table, failures = with_rewards(run, table)
@@ -94,7 +98,7 @@ def rollout_batch(run: Run, pool, prompts, *, seed: int):
     groups = torch.tensor(table.column(schema.GROUP_ID).to_numpy())
     advantages = group_advantages(rewards, groups, scale_by_std=rl.normalize_std)
     table = schema.append_column(table, schema.ADVANTAGE, advantages.numpy())
-    keep = informative_groups_mask(rewards, groups) if rl.drop_constant_groups else torch.ones_like(groups, dtype=bool)
+    keep = informative_groups_mask(rewards, groups) if drop_constant else torch.ones_like(groups, dtype=bool)
     lengths = np.array([len(ids) for ids in table.column(schema.RESPONSE_IDS).to_pylist()])
     stats = {
         "reward": float(rewards.mean()),

@@ -26,7 +26,7 @@ from pear_ray.actors.streaming import stream_parquet
 from pear_ray.config import SftConfig
 from pear_ray.data import schema
 from pear_ray.data.io import encode_response, load_sft_data, write_table
-from pear_ray.models import resolve_model
+from pear_ray.objectives import PearSft
 from pear_ray.stages.common import Run, correct_mask, is_exported, prompt_table, rollouts, with_rewards
 from pear_ray.tasks.addition import TRACE, scripted_rows
 
@@ -48,18 +48,11 @@ def run_score(run: Run) -> Path:
     return teacher_writes_data(run, target)
 
 
-def behavior_model(run: Run) -> Path:
-    if run.job.models.behavior is None:
-        raise ValueError("the SFT data needs behaviour log-probs: give data.sft with a behavior_logprobs column, "
-                         "or models.behavior to score or write it")
-    return resolve_model(run.job.models.behavior, run.model("behavior"))
-
-
 def score_with_behavior(run: Run, table: pa.Table, target: Path) -> Path:
     """Teacher-forced behaviour log-probs for given data, streamed through the scoring pool."""
     unscored = target.with_name("unscored.parquet")
     pq.write_table(table, unscored, row_group_size=run.job.score.batch_size)
-    pool = rollout_pool(behavior_model(run), run.job.resources.rollout, seed=run.job.seed)
+    pool = rollout_pool(run.behavior(), run.job.resources.rollout, seed=run.job.seed)
     try:
         with tqdm(total=table.num_rows, desc="score (behaviour log-probs)") as progress:
             stream_parquet(pool, "score", unscored, target, progress=progress, column=schema.BEHAVIOR_LOGPROBS)
@@ -72,7 +65,7 @@ def teacher_writes_data(run: Run, target: Path) -> Path:
     """The behaviour model answers the task's train prompts; its sampled-token log-probs are the behaviour
     log-probs (DESIGN.md: recorded at generation time)."""
     job = run.job
-    teacher = behavior_model(run)
+    teacher = run.behavior()
     if job.score.teacher_sft_steps:
         teacher = train_teacher(run, teacher)
     prompts = prompt_table(run, "train")
@@ -111,7 +104,7 @@ def train_teacher(run: Run, base: Path) -> Path:
     """A brief canonical SFT of the behaviour model on the task's gold answers, or on the response texts of
     `score.teacher_data` (traces in a style of their own), so the data it writes is competent and off the
     student's distribution (as a stronger teacher's would be)."""
-    out = run.model("behavior-trained")
+    out = run.teacher_dir
     if is_exported(out):
         return out
     job = run.job
@@ -142,13 +135,14 @@ def train_prior(run: Run, base: Path, out: Path | None = None) -> Path:
 def canonical_sft(run: Run, base: Path, rows: pa.Table, out: Path, *, steps: int, lr: float, batch_size: int,
                   seed: int, stage: str) -> Path:
     """`steps` of canonical SFT (constant lr, random batches) of `base` on `rows`, exported to `out`."""
-    settings = SftConfig(lr=lr, batch_size=batch_size, lr_schedule="constant", warmup_steps=0, pear={"level": "none"})
+    settings = SftConfig(lr=lr, batch_size=batch_size, lr_schedule="constant", warmup_steps=0)
     learner = LearnerGroup.for_sft(base, run.job.resources.learner, settings, total_steps=steps, seed=seed)
+    objective = PearSft(level="none")
     try:
         rng = np.random.default_rng(seed)
         for step in tqdm(range(steps), desc=stage.replace("_", " ")):
             chosen = rng.choice(rows.num_rows, size=min(batch_size, rows.num_rows), replace=False)
-            stats = learner.sft_step(ray.put(rows.take(chosen)))
+            stats = learner.step(ray.put(rows.take(chosen)), objective)
             run.metrics.log(stage, step + 1, stats)
         learner.export_hf(out)
     finally:

@@ -24,7 +24,7 @@ from pear_ray.actors.roles import reference_actor
 from pear_ray.actors.streaming import stream_parquet
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
-from pear_ray.objectives import pear_weights
+from pear_ray.objectives import PearSft, pear_weights
 from pear_ray.stages.common import Run, batch_ref, dataset_ref, latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,10 @@ def batch_plan(num_rows: int, batch_size: int, epochs: int, seed: int, min_rows:
 
 def run_sft(run: Run, variant: str, data_path: Path) -> Path:
     """Train one SFT variant from the student; returns the exported Hugging Face folder."""
-    job = run.job
+    job, sft = run.job, run.job.sft
     name = f"sft-{variant}"
-    sft = job.sft.model_copy(update={"pear": job.sft.pear.model_copy(update={"level": variant})})
-    if sft.pear.target_mode == "frozen" and variant != "none":  # level none reads no target
+    objective = job.sft_objective(variant)
+    if schema.REF_LOGPROBS in objective.columns():  # PEAR's frozen target
         data_path = frozen_targets(run, data_path)
     dataset, num_rows = dataset_ref(data_path)
     plan = batch_plan(num_rows, sft.batch_size, sft.epochs, job.seed, job.resources.learner.num_ranks)
@@ -62,14 +62,14 @@ def run_sft(run: Run, variant: str, data_path: Path) -> Path:
         samples = sum(len(rows) for rows in plan[:start])
         run.metrics.truncate_after("sft", variant, start)  # rows past the checkpoint (all, from scratch) go
         for step in tqdm(range(start, len(plan)), desc=name, initial=start, total=len(plan)):
-            stats = learner.sft_step(batch_ref(dataset, plan[step]))
+            stats = learner.step(batch_ref(dataset, plan[step]), objective)
             samples += len(plan[step])
             run.metrics.log("sft", step + 1, {**stats, "samples_seen": samples}, variant=variant)
             if (step + 1) % sft.checkpoint_every == 0 and step + 1 < len(plan):
                 learner.save_checkpoint(run.checkpoints(name), {"step": step + 1})
-        if variant != "none":
+        if objective.weighted:
             probe = np.arange(min(HISTOGRAM_ROWS, num_rows))
-            log_weight_histogram(run, learner, sft.pear, dataset, probe, variant, len(plan))
+            log_weight_histogram(run, learner, objective, dataset, probe, variant, len(plan))
         learner.export_hf(run.model(name))
     finally:
         learner.shutdown()
@@ -92,17 +92,16 @@ def frozen_targets(run: Run, data_path: Path) -> Path:
     return target
 
 
-def log_weight_histogram(run: Run, learner: LearnerGroup, pear, dataset, rows: np.ndarray, variant: str,
-                         step: int) -> None:
+def log_weight_histogram(run: Run, learner: LearnerGroup, objective: PearSft, dataset, rows: np.ndarray,
+                         variant: str, step: int) -> None:
     """PEAR weights of some data rows at the end of SFT (online: under the trained model), for the weight-histogram
     plot."""
     batch = batch_ref(dataset, rows)
     table = ray.get(batch)
-    if pear.target_mode == "online":  # the target is the trained model; a frozen one is in the data
+    if objective.target_mode == "online":  # the target is the trained model; a frozen one is in the data
         table = schema.append_column(table, schema.REF_LOGPROBS, ray.get(learner.logprobs(batch)))
     tensors = to_tensors(table, pad_id=0, columns=(schema.REF_LOGPROBS, schema.BEHAVIOR_LOGPROBS))
-    settings = pear.model_dump(exclude={"level", "target_mode", "normalize"})
     weights = pear_weights(tensors[schema.REF_LOGPROBS], tensors[schema.BEHAVIOR_LOGPROBS],
-                           tensors["response_mask"], level=variant, **settings)
+                           tensors["response_mask"], **objective.weight_settings)
     run.metrics.histogram("sft", step, "pear_weights", weights[tensors["response_mask"]].to(torch.float32),
                           variant=variant)

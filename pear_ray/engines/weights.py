@@ -1,0 +1,67 @@
+"""The learner's weights out of the engine: for the rollout service, as a Hugging Face folder, as a fingerprint.
+
+Under ZeRO-3 each parameter is gathered on its own (one all-gather each), so every rank must iterate to the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+# Files of a model folder that make up its tokenizer; export_hf copies them next to the weights.
+TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                      "chat_template*", "spiece.model")
+
+
+def gathered_params(learner, to_all: bool = False):
+    """Yield (HF name, full tensor) per parameter, then persistent buffers; on rank 0 only unless to_all."""
+    module = learner.engine.module
+    emit = to_all or learner.rank == 0
+    for name, param in module.named_parameters():
+        gather = (learner.deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+                  if learner.zero_stage == 3 else nullcontext())
+        with gather:
+            if emit:
+                yield name, param.detach()
+    if emit:  # buffers are never partitioned; only persistent ones belong in a state dict
+        for name, buffer in module.named_buffers():
+            owner, _, leaf = name.rpartition(".")
+            if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
+                yield name, buffer.detach()
+
+
+def state_dict(learner) -> dict[str, torch.Tensor] | None:
+    """Full weights on rank 0 as {HF name: CPU contiguous tensor} (copies, not views of the live parameters), in
+    the training dtype; None on other ranks."""
+    out = {name: tensor.to("cpu", copy=True).contiguous() for name, tensor in gathered_params(learner)}
+    return out if learner.rank == 0 else None
+
+
+@torch.no_grad()
+def checksum(learner) -> float:
+    """A position-sensitive float64 fingerprint of the full parameters: sum_i p_i cos(i) per tensor, summed. Every
+    rank returns it; for tests comparing ranks and runs."""
+    total = 0.0
+    for _, tensor in gathered_params(learner, to_all=True):
+        flat = tensor.reshape(-1).double()
+        total += float(flat @ torch.cos(torch.arange(flat.numel(), dtype=torch.float64, device=flat.device)))
+    return total
+
+
+def export_hf(learner, out_dir: str | Path) -> str | None:
+    """Write a Hugging Face model folder (safetensors, config, generation config, the tokenizer files of the model
+    folder the learner started from) from rank 0. Returns the folder on rank 0, None elsewhere."""
+    weights = state_dict(learner)
+    if learner.rank != 0:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    learner.engine.module.save_pretrained(str(out), state_dict=weights)
+    for pattern in TOKENIZER_PATTERNS:
+        for source in learner.model_dir.glob(pattern):
+            if source.is_file():
+                shutil.copy2(source, out / source.name)
+    return str(out)
