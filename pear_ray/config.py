@@ -81,9 +81,10 @@ class DataConfig(Section):
 
 
 class TaskConfig(Section):
-    """A prompt source plus a verifier: a reasoning-gym dataset, or user data checked by exact match/math."""
+    """A prompt source plus a verifier: a task kind registered in pear_ray/tasks/ (a reasoning-gym dataset, user
+    data checked by exact match/math, addition)."""
 
-    kind: Literal["reasoning_gym", "user", "addition"] = "reasoning_gym"
+    kind: str = Field("reasoning_gym", description="a registered task kind: reasoning_gym, user, addition, ...")
     name: str = "basic_arithmetic"
     args: dict[str, Any] = Field(default_factory=dict)
     path: str | None = Field(None, description="kind user: the prompt + answer file (Parquet or JSONL)")
@@ -94,6 +95,14 @@ class TaskConfig(Section):
                             "varies initialisation, data order and sampling), so seeds are evaluated alike")
     verifier_timeout_s: float = Field(5.0, gt=0)
 
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, kind: str) -> str:
+        from pear_ray.tasks.registry import KINDS  # lazily: the tasks package builds tasks from this config
+
+        if kind not in KINDS:
+            raise ValueError(f"unknown task kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
+        return kind
 
     @property
     def title(self) -> str:
