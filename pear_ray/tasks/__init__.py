@@ -12,7 +12,8 @@ spell_backward; `TINY_ARGS` has argument presets a tiny model can learn), multi-
 `task.args.ignore_case` optional, or by math-verify with `task.verifier: math`).
 
 A new task is one new module here that registers its kind (and its verifier, if it has its own) with
-pear_ray.tasks.registry.
+pear_ray.tasks.registry. A job's `task.reward` (a function by import path) replaces the task's verifier: see
+pear_ray.tasks.build.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pkgutil
 
 from pear_ray.tasks.addition import AdditionTask
 from pear_ray.tasks.base import Task, exact_score, explicit_answer, extract_answer, math_score, score_metadata
-from pear_ray.tasks.build import make_task
+from pear_ray.tasks.build import CustomReward, make_task
 from pear_ray.tasks.reasoning_gym_task import TINY_ARGS, ReasoningGymTask
 from pear_ray.tasks.registry import KINDS, VERIFIERS, register_kind, register_verifier
 from pear_ray.tasks.user_task import UserTask
@@ -33,6 +34,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "AdditionTask",
+    "CustomReward",
     "KINDS",
     "TINY_ARGS",
     "ReasoningGymTask",

@@ -16,7 +16,7 @@ integer power); killing a process always works. Ray runs plain tasks in the work
 Ray 2.60), but forking does not depend on that. math-verify's own signal timeouts are disabled by our calls
 (`parsing_timeout=None`, `timeout_seconds=None`) since the child enforces the deadline. The fork costs a few
 milliseconds per chunk (and one more per timeout); what the verifiers register as warm-ups (math-verify's imports,
-reasoning-gym datasets) is loaded in the Ray worker first, so children start with it
+reasoning-gym datasets), or the job's custom reward, is loaded in the Ray worker first, so children start with it
 loaded and worker reuse amortises the warm-up.
 """
 
@@ -31,8 +31,9 @@ import pyarrow as pa
 import ray
 
 from pear_ray.data import schema
+from pear_ray.plugins import load_callable
 from pear_ray.tasks.base import Task, load_metadata
-from pear_ray.tasks.build import make_task
+from pear_ray.tasks.build import CustomReward, make_task
 from pear_ray.tasks.registry import WARM_UPS
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,10 @@ def _child(task: Task, rows: Sequence[Row], conn) -> None:
 
 def _warm(task: Task, rows: Sequence[Row]) -> None:
     """Load what scoring will use before forking, so each child starts with it instead of spending a sample's
-    timeout on imports: the warm-ups registered by the verifiers the rows name."""
+    timeout on imports: the job's custom reward, or else the warm-ups registered by the verifiers the rows name."""
+    if isinstance(task, CustomReward):
+        _quietly(load_callable, task.reward)
+        return
     for name, metadatas in _metadata_by_verifier(rows).items():
         if name in WARM_UPS:
             _quietly(WARM_UPS[name], metadatas)
