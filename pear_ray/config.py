@@ -82,9 +82,10 @@ class DataConfig(Section):
 
 
 class TaskConfig(Section):
-    """A prompt source plus a verifier: a reasoning-gym dataset, or user data checked by exact match/math."""
+    """A prompt source plus a verifier: a task kind registered in pear_ray/tasks/ (a reasoning-gym dataset, user
+    data checked by exact match/math, addition), optionally scored by the job's own reward function instead."""
 
-    kind: Literal["reasoning_gym", "user", "addition"] = "reasoning_gym"
+    kind: str = Field("reasoning_gym", description="a registered task kind: reasoning_gym, user, addition, ...")
     name: str = "basic_arithmetic"
     args: dict[str, Any] = Field(default_factory=dict)
     path: str | None = Field(None, description="kind user: the prompt + answer file (Parquet or JSONL)")
@@ -94,7 +95,25 @@ class TaskConfig(Section):
     split_seed: int = Field(0, description="fixes the train/eval split and the prompts drawn, whatever job.seed (which "
                             "varies initialisation, data order and sampling), so seeds are evaluated alike")
     verifier_timeout_s: float = Field(5.0, gt=0)
+    reward: str | None = Field(None, description="'package.module:function' or 'path/to/file.py:function': "
+                               "reward(response: str, answer: str, metadata: dict) -> float replaces the task's "
+                               "verifier (pear_ray/tasks/build.py)")
 
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, kind: str) -> str:
+        from pear_ray.tasks.registry import KINDS  # lazily: the tasks package builds tasks from this config
+
+        if kind not in KINDS:
+            raise ValueError(f"unknown task kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
+        return kind
+
+    @field_validator("reward")
+    @classmethod
+    def _loadable_reward(cls, spec: str | None) -> str | None:
+        from pear_ray.plugins import checked_spec
+
+        return None if spec is None else checked_spec(spec)
 
     @property
     def title(self) -> str:

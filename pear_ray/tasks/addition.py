@@ -23,12 +23,17 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from pear_ray.data import schema
 from pear_ray.tasks.base import Split, check_split, exact_score, load_metadata, prompt_table
+from pear_ray.tasks.registry import register_kind
+
+if TYPE_CHECKING:
+    from pear_ray.config import DataConfig, TaskConfig
 
 TRACE, BARE = "trace", "bare"
 MAX_TRIES_FACTOR = 20
@@ -100,6 +105,15 @@ class AdditionTask:
 
     def score(self, response: str, answer: str, metadata: str | None = None) -> float:
         return exact_score(response, answer)
+
+
+@register_kind("addition")
+def build_addition_task(task_config: TaskConfig, data_config: DataConfig, seed: int) -> AdditionTask:
+    unknown = sorted(set(task_config.args) - {"digits"})
+    if unknown:
+        raise ValueError(f"task.args of the addition task accepts ['digits']; unknown {unknown}")
+    return AdditionTask(digits=int(task_config.args.get("digits", 3)), num_train=task_config.num_train,
+                        num_eval=task_config.num_eval, seed=seed)
 
 
 def two_style_candidates(metadata: str | dict, p_trace: float) -> list[tuple[str, float, str]]:

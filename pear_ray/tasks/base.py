@@ -5,8 +5,9 @@ A task is a prompt source plus a verifier returning a reward in [0, 1]:
 - `score(response, answer, metadata_json)` gives the reward of one response text.
 
 Rewards are computed in separate Ray tasks on rows read back from Parquet, so everything a verifier needs is in
-the row: the `metadata` JSON always carries a `verifier` key (`reasoning_gym`, `exact` or `math`) plus that
-verifier's inputs, and `score_metadata` scores any row from its own columns alone.
+the row: the `metadata` JSON always carries a `verifier` key (`reasoning_gym`, `exact`, `math`: a name in the
+registry, pear_ray.tasks.registry) plus that verifier's inputs, and `score_metadata` scores any row from its own
+columns alone. This module registers the generic verifiers, `exact` and `math`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import pyarrow as pa
 
 from pear_ray.data import schema
+from pear_ray.tasks.registry import VERIFIERS, register_verifier
 
 log = logging.getLogger(__name__)
 
@@ -260,17 +262,26 @@ def clamp_reward(value: Any) -> float:
     return min(1.0, max(0.0, reward))
 
 
-def score_metadata(response: str, answer: str, metadata: str | dict | None, *, default_verifier: str = "exact",
-                   ignore_case: bool = False) -> float:
-    """Score a row from its own columns: the verifier named in its metadata (or `default_verifier`)."""
+def score_metadata(response: str, answer: str, metadata: str | dict | None) -> float:
+    """Score a row from its own columns: the registered verifier its metadata names (`exact` when it names none)."""
     meta = load_metadata(metadata)
-    verifier = meta.get("verifier", default_verifier)
-    if verifier == "reasoning_gym":
-        from pear_ray.tasks.reasoning_gym_task import score_reasoning_gym
+    name = meta.get("verifier", "exact")
+    verifier = VERIFIERS.get(name) if isinstance(name, str) else None
+    if verifier is None:
+        raise ValueError(f"unknown verifier {name!r} in task metadata (known: {', '.join(sorted(VERIFIERS))})")
+    return verifier(response, answer, meta)
 
-        return score_reasoning_gym(response, answer, meta)
-    if verifier == "math":
-        return math_score(response, answer)
-    if verifier == "exact":
-        return exact_score(response, answer, ignore_case=bool(meta.get("ignore_case", ignore_case)))
-    raise ValueError(f"unknown verifier {verifier!r} in task metadata (expected reasoning_gym, exact or math)")
+
+@register_verifier("exact")
+def _exact_verifier(response: str, answer: str, meta: dict[str, Any]) -> float:
+    return exact_score(response, answer, ignore_case=bool(meta.get("ignore_case", False)))
+
+
+def _import_math_verify(metadatas: list[dict[str, Any]]) -> None:
+    """Import math-verify and sympy (seconds) once, rather than in each scoring process."""
+    math_score("$1$", "1")
+
+
+@register_verifier("math", warm_up=_import_math_verify)
+def _math_verifier(response: str, answer: str, meta: dict[str, Any]) -> float:
+    return math_score(response, answer)

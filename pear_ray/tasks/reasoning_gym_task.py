@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
@@ -37,6 +37,10 @@ from pear_ray.tasks.base import (
     score_metadata,
     to_json,
 )
+from pear_ray.tasks.registry import register_kind, register_verifier
+
+if TYPE_CHECKING:
+    from pear_ray.config import DataConfig, TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,14 @@ def _has_own_scorer(dataset) -> bool:
     return type(dataset).score_answer is not ProceduralDataset.score_answer
 
 
+def _build_scoring_datasets(metadatas: list[dict[str, Any]]) -> None:
+    """Build the datasets the rows name (cached per process) before the verifier worker forks its scorers."""
+    for name, args_json in {(meta["dataset"], to_json(meta.get("args") or {})) for meta in metadatas
+                            if isinstance(meta.get("dataset"), str)}:
+        _scoring_dataset(name, args_json)
+
+
+@register_verifier("reasoning_gym", warm_up=_build_scoring_datasets)
 def score_reasoning_gym(response: str, answer: str, meta: dict[str, Any]) -> float:
     """Reward of one response for a row whose metadata names a reasoning-gym dataset (see module docstring)."""
     name = meta["dataset"]
@@ -209,3 +221,10 @@ class ReasoningGymTask:
         meta.setdefault("dataset", self.name)
         meta.setdefault("args", self.args)
         return score_metadata(response, answer, meta)
+
+
+@register_kind("reasoning_gym")
+def build_reasoning_gym_task(task_config: TaskConfig, data_config: DataConfig, seed: int) -> ReasoningGymTask:
+    return ReasoningGymTask(name=task_config.name, args=dict(task_config.args), num_train=task_config.num_train,
+                            num_eval=task_config.num_eval, seed=seed, verifier=task_config.verifier,
+                            eval_path=data_config.eval)

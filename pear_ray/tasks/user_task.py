@@ -16,15 +16,21 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
 from pear_ray.data import schema
 from pear_ray.data.io import DataError, read_table
 from pear_ray.tasks.base import Split, check_split, load_metadata, prompt_table, score_metadata
+from pear_ray.tasks.registry import register_kind
+
+if TYPE_CHECKING:
+    from pear_ray.config import DataConfig, TaskConfig
 
 log = logging.getLogger(__name__)
+
+USER_ARGS = ("ignore_case",)
 
 
 def read_prompt_answer_file(path: str) -> list[dict[str, Any]]:
@@ -115,3 +121,17 @@ class UserTask:
         meta.setdefault("verifier", self.verifier)
         meta.setdefault("ignore_case", self.ignore_case)
         return score_metadata(response, answer, meta)
+
+
+@register_kind("user")
+def build_user_task(task_config: TaskConfig, data_config: DataConfig, seed: int) -> UserTask:
+    args = dict(task_config.args)
+    unknown = sorted(set(args) - set(USER_ARGS))
+    if unknown:
+        raise ValueError(f"task.args of a user task accepts {list(USER_ARGS)}; unknown {unknown}")
+    # `name` defaults to a reasoning-gym dataset name; a user task that does not set one is called "user".
+    name = task_config.name if "name" in task_config.model_fields_set else "user"
+    return UserTask(name=name, path=task_config.path, eval_path=data_config.eval,
+                    verifier="exact" if task_config.verifier == "task" else task_config.verifier,
+                    ignore_case=bool(args.get("ignore_case", False)), num_train=task_config.num_train,
+                    num_eval=task_config.num_eval, seed=seed)

@@ -15,8 +15,9 @@ process's main thread and cannot interrupt a long computation in native code (a 
 integer power); killing a process always works. Ray runs plain tasks in the worker's main thread (checked with
 Ray 2.60), but forking does not depend on that. math-verify's own signal timeouts are disabled by our calls
 (`parsing_timeout=None`, `timeout_seconds=None`) since the child enforces the deadline. The fork costs a few
-milliseconds per chunk (and one more per timeout); heavy imports and reasoning-gym datasets are warmed in the Ray
-worker first, so children start with them loaded and worker reuse amortises the warm-up.
+milliseconds per chunk (and one more per timeout); what the verifiers register as warm-ups (math-verify's imports,
+reasoning-gym datasets), or the job's custom reward, is loaded in the Ray worker first, so children start with it
+loaded and worker reuse amortises the warm-up.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ import pyarrow as pa
 import ray
 
 from pear_ray.data import schema
+from pear_ray.plugins import load_callable
 from pear_ray.tasks.base import Task, load_metadata
+from pear_ray.tasks.build import CustomReward, make_task
+from pear_ray.tasks.registry import WARM_UPS
 
 log = logging.getLogger(__name__)
 
@@ -51,38 +55,41 @@ def _child(task: Task, rows: Sequence[Row], conn) -> None:
     conn.close()
 
 
-def _warm(rows: Sequence[Row]) -> None:
-    """Import what verifiers use and build the reasoning-gym datasets the rows name, before forking."""
+def _warm(task: Task, rows: Sequence[Row]) -> None:
+    """Load what scoring will use before forking, so each child starts with it instead of spending a sample's
+    timeout on imports: the job's custom reward, or else the warm-ups registered by the verifiers the rows name."""
+    if isinstance(task, CustomReward):
+        _quietly(load_callable, task.reward)
+        return
+    for name, metadatas in _metadata_by_verifier(rows).items():
+        if name in WARM_UPS:
+            _quietly(WARM_UPS[name], metadatas)
+
+
+def _quietly(warm_up, *args) -> None:
+    """Run a warm-up; a real problem shows up in the child, as an error of the rows it concerns."""
     try:
-        from pear_ray.tasks.base import math_score
-
-        math_score("$1$", "1")
-    except Exception:  # noqa: BLE001 - a real problem shows up as an error in the child
-        pass
-    from pear_ray.tasks.reasoning_gym_task import _scoring_dataset
-
-    for key in {_dataset_key(metadata) for _, _, metadata in rows} - {None}:
-        try:
-            _scoring_dataset(*key)
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def _dataset_key(metadata: str | None) -> tuple[str, str] | None:
-    from pear_ray.tasks.base import to_json
-
-    try:
-        meta = load_metadata(metadata)
+        warm_up(*args)
     except Exception:  # noqa: BLE001
-        return None
-    if meta.get("verifier") == "reasoning_gym" and isinstance(meta.get("dataset"), str):
-        return meta["dataset"], to_json(meta.get("args") or {})
-    return None
+        pass
+
+
+def _metadata_by_verifier(rows: Sequence[Row]) -> dict[str, list[dict]]:
+    """The rows' metadata grouped by the verifier it names; metadata that does not parse is the child's to report."""
+    grouped: dict[str, list[dict]] = {}
+    for _, _, metadata in rows:
+        try:
+            meta = load_metadata(metadata)
+        except ValueError:
+            continue
+        if isinstance(meta.get("verifier"), str):
+            grouped.setdefault(meta["verifier"], []).append(meta)
+    return grouped
 
 
 def score_chunk(task: Task, rows: Sequence[Row], timeout_s: float) -> tuple[list[float], int, int, list[str]]:
     """(rewards, errors, timeouts, first error messages) of one chunk; see the module docstring. No Ray here."""
-    _warm(rows)
+    _warm(task, rows)
     context = multiprocessing.get_context("fork")
     rewards: list[float] = []
     errors = timeouts = 0
@@ -145,8 +152,6 @@ def score_rows(
     if missing:
         raise ValueError(f"score_rows needs columns {missing} (the table has {table.column_names})")
     if task is None:
-        from pear_ray.tasks import make_task
-
         task = make_task(task_config)
     responses = [r or "" for r in table.column(response_column).to_pylist()]
     answers = [str(a) if a is not None else "" for a in table.column(schema.ANSWER).to_pylist()]

@@ -1,0 +1,51 @@
+"""The job's task from its config: the registered builder of `task.kind`, scored by the job's custom reward
+(`task.reward`) instead of the task's verifier when the job names one.
+
+A custom reward is a function `reward(response: str, answer: str, metadata: dict) -> float`, given by import path
+(`package.module:function` or `path/to/file.py:function`, see pear_ray.plugins): the response text, the gold answer
+and the row's task metadata (the dict its `metadata` JSON holds). It runs where verifiers run (pear_ray.tasks.verify:
+a Ray task's child process, under `task.verifier_timeout_s` per sample); its value is clamped to [0, 1], and a
+raise, a hang or a value that is not a finite number gives 0 and is counted, as for any verifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pear_ray.config import DataConfig, TaskConfig
+from pear_ray.plugins import load_callable
+from pear_ray.tasks.base import Split, Task, load_metadata
+from pear_ray.tasks.registry import KINDS
+
+
+@dataclass
+class CustomReward:
+    """A task whose rewards come from the function `reward` names. The spec, not the function, is shipped to the
+    scoring processes (which load it once each): a function defined in a file loaded by path cannot be pickled by
+    reference."""
+
+    task: Task
+    reward: str
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    def prompts(self, split: Split, n: int | None = None) -> pa.Table:
+        return self.task.prompts(split, n)
+
+    def score(self, response: str, answer: str, metadata: str | None = None) -> float:
+        return load_callable(self.reward)(response, answer, load_metadata(metadata))
+
+
+def make_task(task_config: TaskConfig, data_config: DataConfig | None = None, *, seed: int = 0) -> Task:
+    """The job's task. `data_config.eval`, when set, is the held-out prompt file; `seed` fixes the split (the job's
+    `task.split_seed`, not `job.seed`: every seed of an experiment sees the same prompts).
+
+    Building a task reads no data file (files are read by `prompts`), so a verifier process can call this
+    cheaply to score rows.
+    """
+    task = KINDS[task_config.kind](task_config, data_config if data_config is not None else DataConfig(), seed)
+    return CustomReward(task, task_config.reward) if task_config.reward is not None else task
