@@ -151,7 +151,7 @@ def main() -> None:
 
         import ray
 
-        from pear_ray.actors.runtime import init_ray
+        from pear_ray.runtime import init_ray
         from pear_ray.engines.hf_scorer import HfScorer
 
         scorer = HfScorer(model_dir, rows_per_forward=args.hf_rows_per_forward)

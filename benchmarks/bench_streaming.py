@@ -134,7 +134,7 @@ def main() -> None:
 
         import ray
 
-        from pear_ray.actors.runtime import init_ray
+        from pear_ray.runtime import init_ray
         from pear_ray.config import RolloutResources
         from pear_ray.actors.roles import rollout_pool
         from pear_ray.actors.streaming import stream_parquet

@@ -124,7 +124,7 @@ def main() -> None:
     import ray
 
     from pear_ray.actors.learner import LearnerGroup
-    from pear_ray.actors.runtime import init_ray
+    from pear_ray.runtime import init_ray
     from pear_ray.config import LearnerResources, RlConfig, RolloutResources
     from pear_ray.actors.roles import rollout_pool
 

@@ -18,7 +18,7 @@ def ray_cluster():
     """One embedded Ray instance on loopback for the whole session; shut down only if this session started it."""
     import ray
 
-    from pear_ray.actors.runtime import init_ray
+    from pear_ray.runtime import init_ray
 
     started = not ray.is_initialized()
     init_ray(num_cpus=4)

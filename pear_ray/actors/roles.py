@@ -14,9 +14,9 @@ from pear_ray.actors.learner import LearnerGroup
 from pear_ray.actors.pool import ActorPool
 from pear_ray.actors.reference import ReferenceWorker
 from pear_ray.actors.rollout import RolloutWorker
-from pear_ray.actors.runtime import actor_options
 from pear_ray.config import ActorResources, RolloutResources
 from pear_ray.data import schema
+from pear_ray.runtime import actor_options
 
 log = logging.getLogger(__name__)
 PROBE_COLUMN = "probe_logprobs"

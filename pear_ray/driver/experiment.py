@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pear_ray.actors.runtime import init_ray
 from pear_ray.config import JobConfig, parse_job, set_dotted
 from pear_ray.driver.run import run_job
+from pear_ray.runtime import init_ray
 from pear_ray.tracking import read_metrics
 from pear_ray.tracking.aggregate import aggregate, write_summary
 from pear_ray.tracking.experiment_report import write_experiment_report

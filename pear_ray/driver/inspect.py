@@ -17,7 +17,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pear_ray.actors.runtime import init_ray
 from pear_ray.config import JobConfig, parse_variant
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
@@ -25,6 +24,7 @@ from pear_ray.driver.run import RunState, prepare_student
 from pear_ray.engines.hf_scorer import HfScorer
 from pear_ray.models import resolve_model
 from pear_ray.objectives import PearSft, pear_loss, pear_weights
+from pear_ray.runtime import init_ray
 from pear_ray.stages.common import Run
 from pear_ray.stages.score import run_score
 from pear_ray.tracking import MetricsLogger

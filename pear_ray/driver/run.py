@@ -22,9 +22,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from pear_ray.actors.runtime import init_ray
 from pear_ray.config import JobConfig, dump_job
 from pear_ray.models import resolve_model
+from pear_ray.runtime import init_ray
 from pear_ray.stages.common import Run
 from pear_ray.stages.evaluate import run_eval
 from pear_ray.stages.rl import run_rl

@@ -160,7 +160,7 @@ def score_rows(
     rows = list(zip(responses, answers, metadata))
 
     if not ray.is_initialized():
-        from pear_ray.actors.runtime import init_ray
+        from pear_ray.runtime import init_ray
 
         init_ray()
     task_ref = ray.put(task)
