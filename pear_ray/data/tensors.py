@@ -4,6 +4,11 @@ A row becomes `prompt + response` right-padded to the batch's longest row. Per-t
 on the same [B, L] grid at the response positions (0 elsewhere), so `response_mask` selects them.
 Position i's token is predicted by the logits at i - 1: prompts are never empty, so no response token
 sits at position 0.
+
+`teacher_topk` becomes two tensors on the same grid with a last axis of K slots, K the most entries any token
+has in the batch: `teacher_topk_ids` int64 and `teacher_topk_logprobs` float32 [B, L, K], a token's entries in
+its first slots (best first, as stored); unused slots and non-response positions hold id 0 and log-prob -inf,
+so exp(log-prob) is 0 there.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ def _ragged_positions(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarr
 
 
 def to_tensors(table: pa.Table, pad_id: int, columns: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Pad a batch: `input_ids`, `attention_mask`, `response_mask` [B, L], and each named per-token column."""
+    """Pad a batch: `input_ids`, `attention_mask`, `response_mask` [B, L], and each named per-token column
+    (`teacher_topk` as the two [B, L, K] tensors above)."""
     prompt, response = table.column(schema.PROMPT_IDS), table.column(schema.RESPONSE_IDS)
     prompt_len, response_len = _lengths(prompt), _lengths(response)
     total = prompt_len + response_len
@@ -51,10 +57,27 @@ def to_tensors(table: pa.Table, pad_id: int, columns: tuple[str, ...] = ()) -> d
         "response_mask": torch.from_numpy(response_mask),
     }
     for name in columns:
+        if name == schema.TEACHER_TOPK:
+            out |= _topk_grids(table.column(name), shape, response_rows, response_cols)
+            continue
         grid = np.zeros(shape, dtype=np.float32)
         grid[response_rows, response_cols] = _flat(table.column(name))
         out[name] = torch.from_numpy(grid)
     return out
+
+
+def _topk_grids(column: pa.ChunkedArray, shape: tuple[int, int], rows: np.ndarray,
+                cols: np.ndarray) -> dict[str, torch.Tensor]:
+    """The top-k entries of the response token at grid cell (rows[t], cols[t]) in that cell's first slots."""
+    tokens = pc.list_flatten(column)  # one list of entries per response token, in grid order
+    counts = _lengths(tokens)
+    token, slot = _ragged_positions(np.zeros_like(counts), counts)
+    entries = pc.list_flatten(tokens)
+    ids = np.zeros((*shape, int(counts.max(initial=0))), dtype=np.int64)
+    logprobs = np.full(ids.shape, -np.inf, dtype=np.float32)
+    ids[rows[token], cols[token], slot] = pc.struct_field(entries, "id").to_numpy()
+    logprobs[rows[token], cols[token], slot] = pc.struct_field(entries, "logprob").to_numpy()
+    return {"teacher_topk_ids": torch.from_numpy(ids), "teacher_topk_logprobs": torch.from_numpy(logprobs)}
 
 
 def from_tensor(values: torch.Tensor, response_mask: torch.Tensor) -> pa.ListArray:
