@@ -58,6 +58,7 @@ def behavior_model(run: Run) -> Path:
 def score_with_behavior(run: Run, table: pa.Table, target: Path) -> Path:
     """Teacher-forced behaviour log-probs for given data, streamed through the scoring pool."""
     unscored = target.with_name("unscored.parquet")
+    unscored.parent.mkdir(parents=True, exist_ok=True)  # a fresh run has no data/ folder yet
     pq.write_table(table, unscored, row_group_size=run.job.score.batch_size)
     pool = rollout_pool(behavior_model(run), run.job.resources.rollout, seed=run.job.seed)
     try:
