@@ -113,9 +113,10 @@ class SamplingConfig(Section):
 
 
 class ScoreConfig(Section):
-    """Bringing SFT data to behaviour log-probs. Without `data.sft`, the behaviour model writes the data
-    from the task's train prompts (recording its log-probs as it samples), after `teacher_sft_steps` of
-    canonical SFT on the task's gold answers (a briefly trained teacher, off the student's distribution)."""
+    """Bringing SFT data to behaviour log-probs (and, with `teacher_topk`, the teacher's top-k). Without `data.sft`,
+    the behaviour model writes the data from the task's train prompts (recording its log-probs as it samples), after
+    `teacher_sft_steps` of canonical SFT on the task's gold answers (a briefly trained teacher, off the student's
+    distribution)."""
 
     batch_size: int = Field(64, gt=0)
     samples_per_prompt: int = Field(1, ge=1)
@@ -124,6 +125,9 @@ class ScoreConfig(Section):
     teacher_lr: float = Field(1e-3, gt=0)
     teacher_data: str | None = Field(None, description="what the teacher is trained on: a Parquet/JSONL file of "
                                      "prompt + response texts (e.g. worked traces); default the task's gold answers")
+    teacher_topk: int = Field(0, ge=0, description="> 0: data/sft.parquet also carries the behaviour model's k most "
+                              "likely next tokens at every response token (column teacher_topk), for a distillation "
+                              "loss; recorded as it samples or scores, exact for a scripted policy. 0: none")
 
 
 class PearConfig(Section):

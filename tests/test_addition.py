@@ -5,15 +5,19 @@ import math
 import re
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from pear_ray.config import TaskConfig
+from pear_ray.config import TaskConfig, parse_job
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt, encode_response
+from pear_ray.stages.common import Run
+from pear_ray.stages.score import run_score
 from pear_ray.tasks import make_task
 from pear_ray.tasks.addition import (BARE, TRACE, AdditionTask, bare_text, exact_logprobs, exact_topk, scripted_rows,
                                      trace_text)
+from pear_ray.tracking import MetricsLogger
 
 
 def test_splits_are_disjoint_and_a_longer_train_split_extends_a_shorter_one():
@@ -114,3 +118,17 @@ def test_scripted_rows_carry_the_policys_exact_topk(tiny_model_dir):
     assert sources == {TRACE, BARE}
     assert schema.TEACHER_TOPK not in scripted_rows(prompts, tokenizer, p_trace=0.5, seed=0).column_names
 
+
+def test_the_score_stage_writes_the_scripted_policys_topk(tiny_model_dir, tmp_path):
+    job = parse_job({"name": "topk", "models": {"student": {"path": str(tiny_model_dir)},
+                                                "behavior": {"scripted": {"p_trace": 0.3}}},
+                     "task": {"kind": "addition", "num_train": 12, "num_eval": 2},
+                     "score": {"teacher_topk": 4, "samples_per_prompt": 2}})
+    with MetricsLogger(tmp_path, resume=False, loggers=()) as metrics:
+        path = run_score(Run(job, tmp_path, metrics, tiny_model_dir))
+    data = schema.validate(pq.read_table(path), vocab_size=len(AutoTokenizer.from_pretrained(tiny_model_dir)))
+    assert data.num_rows == 24 and data.schema.field(schema.TEACHER_TOPK).type == schema.TOPK_TYPE
+    for topk, logprobs, source in zip(*(data.column(c).to_pylist() for c in (
+            schema.TEACHER_TOPK, schema.BEHAVIOR_LOGPROBS, schema.SOURCE))):
+        assert sorted(e["logprob"] for e in topk[0]) == pytest.approx([math.log(0.3), math.log(0.7)])
+        assert logprobs[0] == pytest.approx(math.log(0.3 if source == TRACE else 0.7))
