@@ -133,9 +133,10 @@ class SamplingConfig(Section):
 
 
 class ScoreConfig(Section):
-    """Bringing SFT data to behaviour log-probs. Without `data.sft`, the behaviour model writes the data
-    from the task's train prompts (recording its log-probs as it samples), after `teacher_sft_steps` of
-    canonical SFT on the task's gold answers (a briefly trained teacher, off the student's distribution)."""
+    """Bringing SFT data to behaviour log-probs (and, with `teacher_topk`, the teacher's top-k). Without `data.sft`,
+    the behaviour model writes the data from the task's train prompts (recording its log-probs as it samples), after
+    `teacher_sft_steps` of canonical SFT on the task's gold answers (a briefly trained teacher, off the student's
+    distribution)."""
 
     batch_size: int = Field(64, gt=0)
     samples_per_prompt: int = Field(1, ge=1)
@@ -144,6 +145,9 @@ class ScoreConfig(Section):
     teacher_lr: float = Field(1e-3, gt=0)
     teacher_data: str | None = Field(None, description="what the teacher is trained on: a Parquet/JSONL file of "
                                      "prompt + response texts (e.g. worked traces); default the task's gold answers")
+    teacher_topk: int = Field(0, ge=0, description="> 0: data/sft.parquet also carries the behaviour model's k most "
+                              "likely next tokens at every response token (column teacher_topk), for a distillation "
+                              "loss; recorded as it samples or scores, exact for a scripted policy. 0: none")
 
 
 def parse_variant(label: str) -> tuple[str, set[str]]:
@@ -282,6 +286,24 @@ class JobConfig(Section):
                              f"addition traces: it needs task.kind: addition, not {self.task.kind!r}")
         return self
 
+    @model_validator(mode="after")
+    def _distillation_has_a_teacher(self) -> JobConfig:
+        """Distillation variants need what they read: the teacher's top-k in the SFT data (+distill), a teacher
+        model to score the student's samples (+opd), and GRPO-like surrogate settings to carry over (+opd)."""
+        modifiers = set().union(*(parse_variant(label)[1] for label in self.sft_variants))
+        if "distill" in modifiers and self.data.sft is None and not self.score.teacher_topk:
+            raise ValueError("a +distill variant trains on the teacher's top-k log-probs: set score.teacher_topk "
+                             "(e.g. 8) so the score stage records them")
+        on_policy_distill = "opd" in modifiers or isinstance(self.rl.objective, OnPolicyDistill)
+        behavior = self.models.behavior
+        if on_policy_distill and (behavior is None or behavior.scripted is not None):
+            raise ValueError("on-policy distillation scores the student's samples with the teacher model: give "
+                             "models.behavior as a path or a tiny spec (a scripted policy is no model)")
+        if "opd" in modifiers and not isinstance(self.rl.objective, (Grpo, OnPolicyDistill)):
+            raise ValueError(f"a +opd variant takes its surrogate settings from rl.objective, which is "
+                             f"{self.rl.objective.kind!r}: use kind grpo or on_policy_distill")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -335,6 +357,8 @@ def _describe(error: ValidationError, source: str) -> str:
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check the spelling; see the section's fields in pear_ray/config.py)")
+        elif not item["loc"]:  # a check across sections: the input is the whole job, not worth repeating
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)

@@ -1,17 +1,23 @@
 """The experiment's task and scripted behaviour policy: splits, traces, and behaviour log-probs that are exact."""
 
+import json
 import math
 import re
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from pear_ray.config import TaskConfig
+from pear_ray.config import TaskConfig, parse_job
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt, encode_response
+from pear_ray.stages.common import Run
+from pear_ray.stages.score import run_score
 from pear_ray.tasks import make_task
-from pear_ray.tasks.addition import BARE, TRACE, AdditionTask, exact_logprobs, scripted_rows, trace_text
+from pear_ray.tasks.addition import (BARE, TRACE, AdditionTask, bare_text, exact_logprobs, exact_topk, scripted_rows,
+                                     trace_text)
+from pear_ray.tracking import MetricsLogger
 
 
 def test_splits_are_disjoint_and_a_longer_train_split_extends_a_shorter_one():
@@ -75,3 +81,54 @@ def test_scripted_rows_carry_exact_behaviour_logprobs_and_their_style(tiny_model
         assert lp[1:] == [0.0] * (len(lp) - 1)  # the style fixes every later token
         assert text.startswith("Work:") == (source == TRACE) and (source == BARE) == text.startswith("Answer:")
     schema.validate(rows, vocab_size=len(tokenizer))
+
+
+def test_exact_topk_is_the_mixtures_next_token_distribution():
+    candidates = [[5, 6, 7, 0], [5, 6, 8, 0], [9, 0]]
+    probs = [0.1, 0.3, 0.6]
+    for chosen in range(len(candidates)):
+        full = exact_topk(candidates, probs, chosen, k=10)
+        assert len(full) == len(candidates[chosen])
+        for t, position in enumerate(full):
+            assert math.isclose(sum(math.exp(lp) for _, lp in position), 1.0, abs_tol=1e-12)
+            assert [lp for _, lp in position] == sorted((lp for _, lp in position), reverse=True)
+            assert dict(position)[candidates[chosen][t]] == exact_logprobs(candidates, probs, chosen)[t]
+    [(best, best_lp), (other, other_lp)] = exact_topk(candidates, probs, 0, k=10)[2]  # after [5, 6]: 8 or 7
+    assert (best, other) == (8, 7) and (best_lp, other_lp) == pytest.approx((math.log(0.75), math.log(0.25)))
+    truncated = exact_topk(candidates, probs, 0, k=1)
+    assert [[token for token, _ in position] for position in truncated] == [[9], [6], [8], [0]]  # the best only
+
+
+def test_scripted_rows_carry_the_policys_exact_topk(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = AdditionTask(num_train=20, num_eval=4).prompts("train")
+    prompts = schema.append_column(prompts, schema.PROMPT_IDS,
+                                   [encode_prompt(tokenizer, t) for t in prompts.column("prompt").to_pylist()])
+    rows = schema.validate(scripted_rows(prompts, tokenizer, p_trace=0.5, seed=0, topk=4), vocab_size=len(tokenizer))
+    sources = set()
+    for row in rows.to_pylist():
+        meta = json.loads(row[schema.METADATA])
+        starts = {encode_response(tokenizer, text(meta["a"], meta["b"]))[0] for text in (trace_text, bare_text)}
+        first, *later = row[schema.TEACHER_TOPK]
+        assert {e["id"] for e in first} == starts and len(starts) == 2  # the style's choice: trace or bare start
+        assert [e["logprob"] for e in first] == pytest.approx([math.log(0.5)] * 2)
+        assert [[(e["id"], e["logprob"]) for e in token] for token in later] == \
+            [[(token, 0.0)] for token in row[schema.RESPONSE_IDS][1:]]  # the style fixes every later token
+        sources.add(row[schema.SOURCE])
+    assert sources == {TRACE, BARE}
+    assert schema.TEACHER_TOPK not in scripted_rows(prompts, tokenizer, p_trace=0.5, seed=0).column_names
+
+
+def test_the_score_stage_writes_the_scripted_policys_topk(tiny_model_dir, tmp_path):
+    job = parse_job({"name": "topk", "models": {"student": {"path": str(tiny_model_dir)},
+                                                "behavior": {"scripted": {"p_trace": 0.3}}},
+                     "task": {"kind": "addition", "num_train": 12, "num_eval": 2},
+                     "score": {"teacher_topk": 4, "samples_per_prompt": 2}})
+    with MetricsLogger(tmp_path, resume=False, loggers=()) as metrics:
+        path = run_score(Run(job, tmp_path, metrics, tiny_model_dir))
+    data = schema.validate(pq.read_table(path), vocab_size=len(AutoTokenizer.from_pretrained(tiny_model_dir)))
+    assert data.num_rows == 24 and data.schema.field(schema.TEACHER_TOPK).type == schema.TOPK_TYPE
+    for topk, logprobs, source in zip(*(data.column(c).to_pylist() for c in (
+            schema.TEACHER_TOPK, schema.BEHAVIOR_LOGPROBS, schema.SOURCE))):
+        assert sorted(e["logprob"] for e in topk[0]) == pytest.approx([math.log(0.3), math.log(0.7)])
+        assert logprobs[0] == pytest.approx(math.log(0.3 if source == TRACE else 0.7))

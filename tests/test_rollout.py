@@ -1,5 +1,6 @@
 """Rollout/scoring actors (real vLLM CPU) and the reference actor in real Ray, and the pool's fault tolerance."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt, write_table
 from pear_ray.models import resolve_model
 from pear_ray.stages.common import Run
-from pear_ray.stages.score import teacher_writes_data
+from pear_ray.stages.score import run_score, teacher_writes_data
 from pear_ray.stages.sft import frozen_targets
 from pear_ray.tracking import MetricsLogger
 
@@ -42,6 +43,17 @@ def rollout(ray_cluster, tiny_model_dir):
 def generate(actor, prompts, **kwargs):
     table, stats = actor.generate.remote(prompts, **kwargs)
     return ray.get(table), ray.get(stats)
+
+
+def assert_hf_topk(model, row, k, temperature=1.0):
+    """A row's teacher_topk is the top-k of log_softmax(logits / temperature) of a transformers forward pass."""
+    prompt, response = row[schema.PROMPT_IDS], row[schema.RESPONSE_IDS]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double()
+    logprobs, ids = torch.topk(torch.log_softmax(logits / temperature, dim=-1), k, dim=-1)
+    topk = row[schema.TEACHER_TOPK]
+    assert [[e["id"] for e in token] for token in topk] == ids.tolist()
+    np.testing.assert_allclose([[e["logprob"] for e in token] for token in topk], logprobs.numpy(), atol=1e-4)
 
 
 def test_generate_gives_n_samples_per_prompt_with_groups_and_versions(rollout, prompts):
@@ -72,12 +84,34 @@ def test_generated_scored_and_reference_logprobs_agree(ray_cluster, rollout, pro
     np.testing.assert_allclose(ref, scored, atol=1e-4)
 
 
+def test_topk_adds_teacher_topk_and_changes_nothing_else(rollout, prompts):
+    plain, _ = generate(rollout, prompts, n=2, seed=9, max_tokens=6)
+    out, _ = generate(rollout, prompts, n=2, seed=9, max_tokens=6, topk=4)
+    assert schema.TEACHER_TOPK not in plain.column_names
+    assert out.drop_columns([schema.TEACHER_TOPK]).equals(plain)
+    schema.validate(out, vocab_size=384)  # one entry list per response token, valid ids and log-probs
+    for topk, logprobs in zip(*(out.column(c).to_pylist() for c in (schema.TEACHER_TOPK, schema.ROLLOUT_LOGPROBS))):
+        assert all(len(token) == 4 and token[0]["logprob"] >= lp - 1e-6 for token, lp in zip(topk, logprobs))
+    scored, _ = rollout.score.remote(plain, topk=4)  # teacher-forced at temperature 1, as sampled
+    only_topk, _ = rollout.score.remote(plain, column=None, topk=4)  # for data whose behaviour log-probs are given
+    scored, only_topk = ray.get([scored, only_topk])
+    assert only_topk.column_names == [*plain.column_names, schema.TEACHER_TOPK]
+    def entries(table, field):
+        return [[[e[field] for e in token] for token in row] for row in table.column(schema.TEACHER_TOPK).to_pylist()]
+
+    for table in (scored, only_topk):  # the distribution sampled from at temperature 1 is the one scored
+        assert entries(table, "id") == entries(out, "id")
+        np.testing.assert_allclose(np.concatenate(sum(entries(table, "logprob"), [])),
+                                   np.concatenate(sum(entries(out, "logprob"), [])), atol=1e-4)
+
+
 def test_teacher_data_carries_the_log_probs_it_was_sampled_with(ray_cluster, tmp_path):
     """The behaviour model writing SFT data at temperature 0.7: the behaviour log-probs are log_softmax(logits / 0.7)
-    of that model, teacher-forced by plain transformers, not the raw model's (what PEAR's weights divide by)."""
+    of that model, teacher-forced by plain transformers, not the raw model's (what PEAR's weights divide by); so is
+    the teacher top-k it records (k above vLLM's default cap of 20 log-probs, which the stage raises)."""
     smoke = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
     job = load_job(smoke, ["sampling.temperature=0.7", "sampling.max_tokens=6", "task.num_train=4",
-                           "score.teacher_sft_steps=0"])
+                           "score.teacher_sft_steps=0", "score.teacher_topk=24"])
     student = resolve_model(job.models.student, tmp_path / "student")  # the tokenizer; the behaviour model writes
     with MetricsLogger(tmp_path, resume=False, loggers=()) as metrics:
         run = Run(job, tmp_path, metrics, student)
@@ -90,6 +124,27 @@ def test_teacher_data_carries_the_log_probs_it_was_sampled_with(ray_cluster, tmp
             logits = behavior(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double()
         expected = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(response)[:, None])[:, 0]
         assert np.abs(np.array(row[schema.BEHAVIOR_LOGPROBS]) - expected.numpy()).max() < 1e-4
+        assert_hf_topk(behavior, row, 24, temperature=0.7)
+    schema.validate(data, vocab_size=behavior.config.vocab_size)
+
+
+def test_given_data_is_scored_for_the_topk_it_lacks(ray_cluster, tiny_model_dir, tmp_path):
+    """Data with behaviour log-probs but no top-k: the behaviour model adds the top-k and leaves the log-probs as
+    given; without a behaviour model that is refused, naming what to give."""
+    rng = np.random.default_rng(0)
+    rows = [{"prompt_ids": rng.integers(3, 384, 4).tolist(), "response_ids": rng.integers(3, 384, n).tolist(),
+             "behavior_logprobs": rng.uniform(-8.0, -4.0, n).tolist()} for n in (3, 7, 1)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    job = {"name": "given", "data": {"sft": str(tmp_path / "sft.jsonl")}, "score": {"teacher_topk": 4},
+           "models": {"student": {"path": str(tiny_model_dir)}}, "resources": {"rollout": {"num_cpus": 0.25}}}
+    with pytest.raises(ValueError, match="has behaviour log-probs but no teacher_topk column: give models.behavior"):
+        run_score(Run(parse_job(job), tmp_path / "none", metrics=None, student=tiny_model_dir))
+    job["models"]["behavior"] = {"path": str(tiny_model_dir)}
+    data = pq.read_table(run_score(Run(parse_job(job), tmp_path / "run", metrics=None, student=tiny_model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for row, given in zip(data.to_pylist(), rows):
+        np.testing.assert_allclose(row[schema.BEHAVIOR_LOGPROBS], given["behavior_logprobs"], rtol=1e-6)
+        assert_hf_topk(model, row, 4)
 
 
 def test_frozen_targets_are_the_students_and_scored_once(ray_cluster, rollout, prompts, tiny_model_dir, tmp_path):

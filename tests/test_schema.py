@@ -1,5 +1,7 @@
 """The Arrow data plane: bad batches are refused naming file, row and column; padding round-trips."""
 
+import copy
+
 import math
 
 import numpy as np
@@ -22,6 +24,26 @@ def make_batch(**overrides):
     }
     columns.update(overrides)
     return pa.table(columns)
+
+
+def entries(*pairs):
+    return [{"id": token, "logprob": logprob} for token, logprob in pairs]
+
+
+# A teacher_topk for make_batch's responses (3, 1 and 2 tokens): per token, (id, log-prob) entries, best first.
+TOPK = [[entries((7, -0.1), (3, -2.5)), entries((8, -0.2)), entries((9, -0.3), (1, -1.4))],
+        [entries((10, -1.0))],
+        [entries((11, -0.5)), entries((12, -0.6), (0, -0.9), (5, -3.0))]]
+
+
+def topk_with(row, token, value):
+    """TOPK with one token's entries replaced (value None: the token removed)."""
+    topk = copy.deepcopy(TOPK)
+    if value is None:
+        del topk[row][token]
+    else:
+        topk[row][token] = value
+    return topk
 
 
 def test_a_good_batch_is_conformed_to_schema_types():
@@ -52,6 +74,14 @@ def test_missing_column_is_named():
          "response_ids", 1, "is empty"),
         ({"prompt_ids": [[1, 2], [3], None]}, "prompt_ids", 2, "is null"),
         ({"reward": [1.0, math.inf, 0.5]}, "reward", 1, "value inf is not finite"),
+        ({"teacher_topk": topk_with(2, 1, None)}, "teacher_topk", 2, "has 1 values but response_ids has 2 tokens"),
+        ({"teacher_topk": topk_with(2, 1, entries((12, -0.6), (99, -0.9)))}, "teacher_topk", 2,
+         "id 99 at response token 1 is outside the vocabulary [0, 16)"),
+        ({"teacher_topk": topk_with(0, 2, entries((9, 0.5)))}, "teacher_topk", 0,
+         "log-prob 0.5 at response token 2 is not a log-probability"),
+        ({"teacher_topk": topk_with(0, 1, entries((8, -math.inf)))}, "teacher_topk", 0,
+         "log-prob -inf at response token 1 is not a log-probability"),
+        ({"teacher_topk": topk_with(1, 0, [])}, "teacher_topk", 1, "has no entries at response token 0"),
     ],
 )
 def test_bad_batches_name_row_and_column(overrides, column, row, message):
@@ -61,6 +91,14 @@ def test_bad_batches_name_row_and_column(overrides, column, row, message):
     assert (error.column, error.row) == (column, 100 + row)
     assert str(error).startswith(f"data.parquet, column '{column}', row {100 + row}: ")
     assert message in str(error)
+
+
+def test_teacher_topk_keeps_its_type_through_parquet(tmp_path):
+    write_table(schema.validate(make_batch(teacher_topk=TOPK), vocab_size=16), tmp_path / "data.parquet")
+    table = read_table(tmp_path / "data.parquet")
+    assert table.schema.field("teacher_topk").type == schema.TOPK_TYPE
+    assert table.column("teacher_topk").to_pylist() == [
+        [[{"id": e["id"], "logprob": pytest.approx(e["logprob"])} for e in token] for token in row] for row in TOPK]
 
 
 def test_uncastable_column_type_is_named():
@@ -108,6 +146,26 @@ def test_padding_lays_tokens_and_per_token_columns_on_one_grid():
     np.testing.assert_allclose(tensors["behavior_logprobs"][2].numpy(), [0, 0, 0, -0.5, -0.6], rtol=1e-6)
     back = from_tensor(tensors["behavior_logprobs"], tensors["response_mask"])
     assert back.equals(table.column("behavior_logprobs").combine_chunks())
+
+
+def test_teacher_topk_lies_on_the_response_grid_padded_with_minus_infinity():
+    table = pa.table({"prompt_ids": [[1, 2], [3]], "response_ids": [[7, 8], [9, 10, 11]],
+                      "teacher_topk": [[entries((7, -0.1), (5, -2.5)), entries((8, -0.01))],
+                                       [entries((9, -0.3), (1, -1.5), (2, -3.0)), entries((10, -0.2)),
+                                        entries((11, -0.7), (4, -0.9))]]})
+    table = schema.validate(table, vocab_size=16)
+    table = pa.concat_tables([table.slice(0, 1), table.slice(1, 1)])  # two chunks, as read in row groups
+    tensors = to_tensors(table, pad_id=0, columns=(schema.TEACHER_TOPK,))
+    ids, logprobs = tensors["teacher_topk_ids"], tensors["teacher_topk_logprobs"]
+    assert ids.dtype == torch.int64 and logprobs.dtype == torch.float32
+    assert ids.shape == logprobs.shape == (2, 4, 3)  # [B, L, K], K the most entries of any token
+    assert ids.tolist() == [[[0, 0, 0], [0, 0, 0], [7, 5, 0], [8, 0, 0]],
+                            [[0, 0, 0], [9, 1, 2], [10, 0, 0], [11, 4, 0]]]
+    inf = -math.inf
+    expected = [[[inf, inf, inf], [inf, inf, inf], [-0.1, -2.5, inf], [-0.01, inf, inf]],
+                [[inf, inf, inf], [-0.3, -1.5, -3.0], [-0.2, inf, inf], [-0.7, -0.9, inf]]]
+    np.testing.assert_allclose(logprobs.numpy(), expected, rtol=1e-6)
+    assert (torch.isfinite(logprobs).any(-1) == tensors["response_mask"]).all()
 
 
 def test_from_tensor_keeps_rows_with_no_response_positions():

@@ -1,6 +1,7 @@
 """VllmEngine on the tiny model: vLLM log-probs against a plain transformers fp32 forward pass, generation,
 reproducibility, in-place weight reload, and readable errors for bad model folders. One engine for the module."""
 
+import math
 import shutil
 
 import pytest
@@ -15,7 +16,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    eng = VllmEngine(tiny_model_dir, seed=0)
+    eng = VllmEngine(tiny_model_dir, seed=0, max_logprobs=-1)  # no cap: a top-k test asks for the whole vocabulary
     yield eng
     eng.shutdown()
 
@@ -28,17 +29,31 @@ def prompts(tiny_model_dir):
     return [chat, tok.encode("How many times does the letter 'r' appear in \"strawberry\"?"), [5]]
 
 
-def hf_logprobs(model, prompt, response, temperature=1.0, top_p=1.0):
-    """log p(response_t | prompt, response_<t) from one transformers forward pass: log_softmax(logits / temperature),
-    renormalised over the top-p nucleus (the most likely tokens until their mass reaches top_p), then gather."""
+def hf_distribution(model, prompt, response, temperature=1.0, top_p=1.0):
+    """[len(response), vocab] log p(. | prompt, response_<t) from one transformers forward pass: log_softmax(logits /
+    temperature), renormalised over the top-p nucleus (the most likely tokens until their mass reaches top_p)."""
     ids = torch.tensor([prompt + response])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0].double() / temperature, dim=-1)
     sorted_logp, order = logp.sort(dim=-1, descending=True)
     mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()
     nucleus = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, order, mass_before < top_p)
-    logp = torch.log_softmax(logp.masked_fill(~nucleus, -torch.inf), dim=-1)
-    return [logp[len(prompt) + t - 1, tok].item() for t, tok in enumerate(response)]
+    return torch.log_softmax(logp.masked_fill(~nucleus, -torch.inf), dim=-1)[len(prompt) - 1:-1]
+
+
+def hf_logprobs(model, prompt, response, temperature=1.0, top_p=1.0):
+    """log p(response_t | prompt, response_<t) under `hf_distribution`."""
+    logp = hf_distribution(model, prompt, response, temperature, top_p)
+    return logp.gather(1, torch.tensor(response)[:, None])[:, 0].tolist()
+
+
+def assert_topk_matches(topk, logp, k):
+    """vLLM's top-k of each position against torch.topk of the transformers distribution: same ids, same values."""
+    assert len(topk) == len(logp)
+    expected_logprobs, expected_ids = torch.topk(logp, k, dim=-1)
+    for position, ids, logprobs in zip(topk, expected_ids.tolist(), expected_logprobs.tolist()):
+        assert [token for token, _ in position] == ids
+        assert max_diff([lp for _, lp in position], logprobs) < TOL
 
 
 def max_diff(a, b):
@@ -53,6 +68,17 @@ def test_score_matches_transformers(engine, tiny_model_dir, prompts):
     for p, r, s in zip(prompts, responses, scores):
         assert len(s) == len(r)
         assert max_diff(s, hf_logprobs(model, p, r)) < TOL
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_score_topk_matches_transformers(engine, tiny_model_dir, prompts, temperature):
+    """The teacher's top-k when scoring: that of logits / temperature, as the log-probs scored with it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    responses = [[10, 200, 3, 3, 57], [300], list(range(40, 70))]
+    logprobs, topk = engine.score(prompts, responses, temperature=temperature, topk=8)
+    assert logprobs == engine.score(prompts, responses, temperature=temperature)  # topk changes nothing else
+    for p, r, row in zip(prompts, responses, topk):
+        assert_topk_matches(row, hf_distribution(model, p, r, temperature), 8)
 
 
 def test_score_rejects_empty_rows(engine, prompts):
@@ -80,6 +106,42 @@ def test_generate_logprobs_are_of_the_sampling_distribution(engine, tiny_model_d
         if top_p == 1.0:
             assert max_diff(s.logprobs, sc) < TOL
     assert len({tuple(s.response_ids) for _, s in rows[:3]}) > 1  # n samples differ (seed + j per sample)
+
+
+def test_generate_topk_is_of_the_sampling_distribution(engine, tiny_model_dir, prompts):
+    """At generation the top-k is of the distribution that sampled (temperature and top-p applied), holds the sampled
+    token's recorded log-prob whenever that token is in it, and asking for it changes no sample."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    kwargs = dict(n=2, temperature=0.7, top_p=0.9, max_tokens=12, seed=3, ignore_eos=True)
+    plain = engine.generate(prompts, **kwargs)
+    out = engine.generate(prompts, **kwargs, topk=8)
+    hits = 0
+    for p, samples, plain_samples in zip(prompts, out, plain):
+        for s, s0 in zip(samples, plain_samples):
+            assert (s.response_ids, s.logprobs, s0.topk) == (s0.response_ids, s0.logprobs, [])
+            assert_topk_matches(s.topk, hf_distribution(model, p, s.response_ids, 0.7, 0.9), 8)
+            for position, token, logprob in zip(s.topk, s.response_ids, s.logprobs):
+                assert len(position) == 8
+                assert [lp for _, lp in position] == sorted((lp for _, lp in position), reverse=True)
+                if token in dict(position):
+                    assert dict(position)[token] == logprob
+                    hits += 1
+    assert hits > 0  # the sampled token's entry was checked
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_a_full_vocabulary_topk_is_the_whole_distribution(engine, prompts, top_p):
+    """k = the vocabulary: every token with probability > 0 once, summing to 1; top-p leaves out the tokens outside
+    the nucleus rather than giving them -inf."""
+    [samples] = engine.generate(prompts[:1], n=2, temperature=0.7, top_p=top_p, max_tokens=6, seed=2,
+                                ignore_eos=True, topk=engine.vocab_size)
+    _, [scored] = engine.score(prompts[:1], [samples[0].response_ids], temperature=0.7, topk=engine.vocab_size)
+    for topk in [s.topk for s in samples] + ([scored] if top_p == 1.0 else []):
+        for position in topk:
+            ids, logprobs = zip(*position)
+            assert len(set(ids)) == len(ids) and all(math.isfinite(lp) for lp in logprobs)
+            assert (len(ids) == engine.vocab_size) == (top_p == 1.0)
+            assert abs(torch.logsumexp(torch.tensor(logprobs, dtype=torch.float64), 0).item()) < 1e-4
 
 
 def test_generate_is_reproducible_with_seed(engine, prompts):

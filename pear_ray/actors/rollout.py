@@ -17,12 +17,14 @@ import ray
 from pear_ray.actors.pool import batch_stats
 from pear_ray.data import schema
 
-GENERATED = (schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS, schema.FINISH_REASON, schema.POLICY_VERSION)
+GENERATED = (schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS, schema.FINISH_REASON, schema.POLICY_VERSION,
+             schema.TEACHER_TOPK)
 
 
 class RolloutWorker:
     """Generates responses with their sampled-token log-probs, scores given responses teacher-forced, and takes
-    new weights from the learner in place; every sample records the policy version that produced it."""
+    new weights from the learner in place; every sample records the policy version that produced it. With
+    topk > 0 either also records this model's top-k next tokens at every response token (`teacher_topk`)."""
 
     def __init__(self, model_dir: str | Path, *, seed: int = 0, engine_kwargs: dict[str, Any] | None = None):
         from pear_ray.engines.vllm_engine import VllmEngine
@@ -31,13 +33,14 @@ class RolloutWorker:
         self.policy_version = 0
 
     @ray.method(num_returns=2)
-    def generate(self, prompts: pa.Table, *, n: int = 1, seed: int | None = None, **sampling: Any):
+    def generate(self, prompts: pa.Table, *, n: int = 1, seed: int | None = None, topk: int = 0, **sampling: Any):
         """n samples per prompt row; the output has one row per sample, the prompt's columns repeated."""
         started = time.perf_counter()
         prompts = schema.validate(prompts, required=(schema.PROMPT_IDS,), vocab_size=self.engine.vocab_size)
         if seed is not None and schema.GROUP_ID in prompts.column_names:  # a seed per prompt, stable however split
             seed = [seed + n * int(group) for group in prompts.column(schema.GROUP_ID).to_pylist()]
-        samples = self.engine.generate(prompts.column(schema.PROMPT_IDS).to_pylist(), n=n, seed=seed, **sampling)
+        samples = self.engine.generate(prompts.column(schema.PROMPT_IDS).to_pylist(), n=n, seed=seed, topk=topk,
+                                       **sampling)
         flat = [sample for row in samples for sample in row]
         out = prompts.drop_columns([c for c in GENERATED if c in prompts.column_names])
         out = out.take(np.repeat(np.arange(prompts.num_rows), n))
@@ -49,18 +52,27 @@ class RolloutWorker:
         out = schema.append_column(out, schema.ROLLOUT_LOGPROBS, [s.logprobs for s in flat])
         out = schema.append_column(out, schema.FINISH_REASON, [s.finish_reason for s in flat])
         out = schema.append_column(out, schema.POLICY_VERSION, [self.policy_version] * len(flat))
+        if topk:
+            out = schema.append_column(out, schema.TEACHER_TOPK, [s.topk for s in flat])
         return out, batch_stats(out.num_rows, schema.response_token_count(out), started, policy_version=self.policy_version)
 
     @ray.method(num_returns=2)
-    def score(self, table: pa.Table, column: str = schema.BEHAVIOR_LOGPROBS, temperature: float = 1.0):
+    def score(self, table: pa.Table, column: str | None = schema.BEHAVIOR_LOGPROBS, temperature: float = 1.0,
+              topk: int = 0):
         """Add `column`: the teacher-forced log-prob of every response token under this engine's weights, of
-        logits / temperature."""
+        logits / temperature; with topk > 0 also `teacher_topk` (column None: that alone, e.g. for data whose
+        behaviour log-probs are given)."""
         started = time.perf_counter()
         table = schema.validate(table, vocab_size=self.engine.vocab_size)
         prompts = table.column(schema.PROMPT_IDS).to_pylist()
         responses = table.column(schema.RESPONSE_IDS).to_pylist()
-        out = schema.append_column(table, column, self.engine.score(prompts, responses, temperature),
-                                   schema.LOGPROBS_TYPE)
+        scored = self.engine.score(prompts, responses, temperature, topk)
+        logprobs, topks = scored if topk else (scored, None)
+        out = table
+        if column is not None:
+            out = schema.append_column(out, column, logprobs, schema.LOGPROBS_TYPE)
+        if topk:
+            out = schema.append_column(out, schema.TEACHER_TOPK, topks)
         return out, batch_stats(out.num_rows, schema.response_token_count(out), started, policy_version=self.policy_version)
 
     def update_weights(self, weights: dict[str, Any], version: int) -> int:

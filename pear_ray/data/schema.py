@@ -29,12 +29,18 @@ TASK = "task"
 ANSWER = "answer"
 METADATA = "metadata"  # JSON text: whatever the task's verifier needs beyond the answer
 SOURCE = "source"  # which behaviour source wrote a row, e.g. "trace" / "bare" or a teacher's name
+# Per response token, the teacher's most likely next tokens at that position as (id, log-prob), best first: at most
+# k of them (fewer where the teacher's support is smaller), for a distillation loss over the teacher's top-k.
+TEACHER_TOPK = "teacher_topk"
+TOPK_IDS, TOPK_LOGPROBS = "teacher_topk_ids", "teacher_topk_logprobs"  # its [B, L, K] tensors (data/tensors.py)
+TEACHER_LOGPROBS = "teacher_logprobs"  # the teacher's log-prob of each sampled token (on-policy distillation)
 
 TOKEN_COLUMNS = (PROMPT_IDS, RESPONSE_IDS)
-PER_TOKEN_COLUMNS = (BEHAVIOR_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS)
+PER_TOKEN_COLUMNS = (BEHAVIOR_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS, TEACHER_LOGPROBS)
 SCALAR_FLOAT_COLUMNS = (REWARD, ADVANTAGE)
 
 LOGPROBS_TYPE = pa.list_(pa.float32())
+TOPK_TYPE = pa.list_(pa.list_(pa.struct([("id", pa.int32()), ("logprob", pa.float32())])))
 COLUMN_TYPES: dict[str, pa.DataType] = {
     ID: pa.string(),
     PROMPT: pa.string(),
@@ -51,6 +57,7 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     ANSWER: pa.string(),
     METADATA: pa.string(),
     SOURCE: pa.string(),
+    TEACHER_TOPK: TOPK_TYPE,
 }
 
 # A log-probability above this is not a log-probability (allows for float round-off).
@@ -92,8 +99,9 @@ def validate(
     """Conform a batch to the schema and refuse it, naming row and column, if it cannot train a model.
 
     Checks: required columns present; no nulls; non-empty prompts and responses; token ids in
-    [0, vocab_size); every per-token column as long as the response; log-probs finite and <= 0;
-    rewards and advantages finite. Returns the conformed table.
+    [0, vocab_size); every per-token column (and teacher_topk) as long as the response; log-probs finite and <= 0;
+    at least one top-k entry per token, its ids in the vocabulary; rewards and advantages finite. Returns the
+    conformed table.
     """
     table = conform(table, source)
     missing = [name for name in required if name not in table.column_names]
@@ -106,7 +114,7 @@ def validate(
     present = [name for name in COLUMN_TYPES if name in table.column_names]
     for name in present:
         column = table.column(name).combine_chunks()
-        if column.null_count and name in (*required, *TOKEN_COLUMNS, *PER_TOKEN_COLUMNS):
+        if column.null_count and name in (*required, *TOKEN_COLUMNS, *PER_TOKEN_COLUMNS, TEACHER_TOPK):
             fail("is null", name, _first(pc.is_null(column)))
         if name in TOKEN_COLUMNS:
             lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
@@ -121,6 +129,8 @@ def validate(
                     fail(f"token id {value} is outside the vocabulary [0, {vocab_size})", name, row)
         elif name in PER_TOKEN_COLUMNS:
             _check_per_token(column, table, name, fail)
+        elif name == TEACHER_TOPK:
+            _check_topk(column, table, vocab_size, fail)
         elif name in SCALAR_FLOAT_COLUMNS:
             values = column.to_numpy(zero_copy_only=False)
             if not np.isfinite(values).all():
@@ -130,20 +140,55 @@ def validate(
 
 
 def _check_per_token(column: pa.ListArray, table: pa.Table, name: str, fail) -> None:
+    _check_length(column, table, name, fail)
+    values = pc.list_flatten(column).to_numpy()
+    bad = ~np.isfinite(values) | (values > MAX_LOGPROB)
+    if bad.any():
+        first = np.flatnonzero(bad)[0]
+        row, position = _locate(column, first)
+        fail(f"value {values[first]} at response token {position} is not a log-probability", name, row)
+
+
+def _check_topk(column: pa.ListArray, table: pa.Table, vocab_size: int | None, fail) -> None:
+    """One non-empty list of (id, log-prob) entries per response token, ids in the vocabulary: what the
+    distillation loss indexes the student's log-probs with."""
+    _check_length(column, table, TEACHER_TOPK, fail)
+    tokens = pc.list_flatten(column)  # one list of (id, log-prob) entries per response token
+    counts = pc.fill_null(pc.list_value_length(tokens), 0).to_numpy(zero_copy_only=False)
+    if (counts == 0).any():
+        row, position = _locate(column, np.flatnonzero(counts == 0)[0])
+        fail(f"has no entries at response token {position}", TEACHER_TOPK, row)
+    entries = pc.list_flatten(tokens)
+    token_of_entry = pc.list_parent_indices(tokens).to_numpy()
+    ids = pc.struct_field(entries, "id").to_numpy(zero_copy_only=False)
+    logprobs = pc.struct_field(entries, "logprob").to_numpy(zero_copy_only=False)
+    if vocab_size is not None and not ((ids >= 0) & (ids < vocab_size)).all():  # a null id (nan) fails too
+        first = np.flatnonzero(~((ids >= 0) & (ids < vocab_size)))[0]
+        row, position = _locate(column, token_of_entry[first])
+        fail(f"id {ids[first]} at response token {position} is outside the vocabulary [0, {vocab_size})",
+             TEACHER_TOPK, row)
+    bad = ~np.isfinite(logprobs) | (logprobs > MAX_LOGPROB)
+    if bad.any():
+        first = np.flatnonzero(bad)[0]
+        row, position = _locate(column, token_of_entry[first])
+        fail(f"log-prob {logprobs[first]} at response token {position} is not a log-probability", TEACHER_TOPK, row)
+
+
+def _check_length(column: pa.ListArray, table: pa.Table, name: str, fail) -> None:
+    """A per-token column has one value per response token."""
     if RESPONSE_IDS in table.column_names:
         expected = pc.list_value_length(table.column(RESPONSE_IDS).combine_chunks()).to_numpy(zero_copy_only=False)
         actual = pc.list_value_length(column).to_numpy(zero_copy_only=False)
         if (expected != actual).any():
             row = np.flatnonzero(expected != actual)[0]
             fail(f"has {actual[row]} values but response_ids has {expected[row]} tokens", name, row)
-    values = pc.list_flatten(column).to_numpy()
-    bad = ~np.isfinite(values) | (values > MAX_LOGPROB)
-    if bad.any():
-        first = np.flatnonzero(bad)[0]
-        parents = pc.list_parent_indices(column).to_numpy()
-        row = parents[first]
-        position = first - np.flatnonzero(parents == row)[0]
-        fail(f"value {values[first]} at response token {position} is not a log-probability", name, row)
+
+
+def _locate(column: pa.ListArray, token: int) -> tuple[int, int]:
+    """Row and response-token position of a per-token column's `token`-th value, counted over all rows."""
+    parents = pc.list_parent_indices(column).to_numpy()
+    row = parents[token]
+    return row, token - np.flatnonzero(parents == row)[0]
 
 
 def _first(mask: pa.Array) -> int:

@@ -4,6 +4,11 @@ A row becomes `prompt + response` right-padded to the batch's longest row. Per-t
 on the same [B, L] grid at the response positions (0 elsewhere), so `response_mask` selects them.
 Position i's token is predicted by the logits at i - 1: prompts are never empty, so no response token
 sits at position 0.
+
+`teacher_topk` becomes two tensors on the same grid with a last axis of K slots, K the most entries any token
+has in the batch: `teacher_topk_ids` int64 and `teacher_topk_logprobs` float32 [B, L, K], a token's entries in
+its first slots (best first, as stored); unused slots and non-response positions hold id 0 and log-prob -inf,
+so exp(log-prob) is 0 there.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ def _ragged_positions(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarr
 
 
 def to_tensors(table: pa.Table, pad_id: int, columns: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Pad a batch: `input_ids`, `attention_mask`, `response_mask` [B, L], each named per-token column on the grid,
-    and each named per-row column as a float32 [B] tensor."""
+    """Pad a batch: `input_ids`, `attention_mask`, `response_mask` [B, L], each named per-token column on the grid
+    (`teacher_topk` as the two [B, L, K] tensors above), and each named per-row column as a float32 [B] tensor."""
     prompt, response = table.column(schema.PROMPT_IDS), table.column(schema.RESPONSE_IDS)
     prompt_len, response_len = _lengths(prompt), _lengths(response)
     total = prompt_len + response_len
@@ -53,6 +58,9 @@ def to_tensors(table: pa.Table, pad_id: int, columns: tuple[str, ...] = ()) -> d
     }
     for name in columns:
         column = table.column(name)
+        if name == schema.TEACHER_TOPK:
+            out |= _topk_grids(column, shape, response_rows, response_cols)
+            continue
         if not pa.types.is_list(column.type):  # one value per row, e.g. the advantage
             out[name] = torch.from_numpy(np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float32))
             continue
@@ -60,6 +68,20 @@ def to_tensors(table: pa.Table, pad_id: int, columns: tuple[str, ...] = ()) -> d
         grid[response_rows, response_cols] = _flat(column)
         out[name] = torch.from_numpy(grid)
     return out
+
+
+def _topk_grids(column: pa.ChunkedArray, shape: tuple[int, int], rows: np.ndarray,
+                cols: np.ndarray) -> dict[str, torch.Tensor]:
+    """The top-k entries of the response token at grid cell (rows[t], cols[t]) in that cell's first slots."""
+    tokens = pc.list_flatten(column)  # one list of entries per response token, in grid order
+    counts = _lengths(tokens)
+    token, slot = _ragged_positions(np.zeros_like(counts), counts)
+    entries = pc.list_flatten(tokens)
+    ids = np.zeros((*shape, int(counts.max(initial=0))), dtype=np.int64)
+    logprobs = np.full(ids.shape, -np.inf, dtype=np.float32)
+    ids[rows[token], cols[token], slot] = pc.struct_field(entries, "id").to_numpy()
+    logprobs[rows[token], cols[token], slot] = pc.struct_field(entries, "logprob").to_numpy()
+    return {schema.TOPK_IDS: torch.from_numpy(ids), schema.TOPK_LOGPROBS: torch.from_numpy(logprobs)}
 
 
 def from_tensor(values: torch.Tensor, response_mask: torch.Tensor) -> pa.ListArray:

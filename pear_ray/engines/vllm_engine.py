@@ -3,7 +3,9 @@ in-place weight reload. No Ray here; the rollout/scoring actor wraps this class.
 
 Log-probs are those of the distribution that sampled (vLLM's `processed_logprobs`: logits / temperature, renormalised
 over the top-p nucleus), not of the raw model, since PEAR's behaviour log-probs and RL's importance ratios are
-ratios against the sampler. Teacher-forced scores sample nothing: they are of logits / temperature.
+ratios against the sampler. Teacher-forced scores sample nothing: they are of logits / temperature. Either can also
+return each response token's top-k next tokens under that same distribution (`topk`), for a distillation loss; vLLM
+refuses more than the engine's `max_logprobs` (default 20) per position.
 
 The engine runs in-process (no engine-core subprocess, "uni" executor, eager mode): on CPU that starts in ~2 s and
 ~0.7 GB instead of ~14 s and ~3 GB, and it is what lets `update_weights` hand tensors to the worker directly.
@@ -14,11 +16,12 @@ throughput: pass `enforce_eager=False` and export TORCHDYNAMO_DISABLE=0 before i
 from __future__ import annotations
 
 import gc
+import math
 import os
 import weakref
 from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+TopK = list[tuple[int, float]]  # one position's top-k next tokens as (id, log-prob), best first
 
 
 class EngineError(RuntimeError):
@@ -42,6 +46,14 @@ class Sample:
     response_ids: list[int]
     logprobs: list[float]  # log-prob of each sampled token under the distribution that sampled it (see the top)
     finish_reason: str  # "stop" (EOS / stop token) or "length"
+    topk: list[TopK] = field(default_factory=list)  # with generate(topk=k > 0): one per response token
+
+
+def _topk(position: dict, k: int) -> TopK:
+    """The k best (id, log-prob) of a position, best first. vLLM adds the actual token to its top k whatever its
+    rank, so keep ranks 1..k; drop -inf entries (outside the top-p nucleus: not in the distribution's support)."""
+    best = sorted(position.items(), key=lambda item: item[1].rank)[:k]
+    return [(int(token), float(entry.logprob)) for token, entry in best if entry.logprob > -math.inf]
 
 
 def _token_logprob(position: dict, token_id: int) -> float:
@@ -143,18 +155,19 @@ class VllmEngine:
 
     def generate(self, prompts: list[list[int]], *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 32, seed: int | list[int] | None = None, stop_token_ids: list[int] | None = None,
-                 ignore_eos: bool = False) -> list[list[Sample]]:
+                 ignore_eos: bool = False, topk: int = 0) -> list[list[Sample]]:
         """n samples per prompt with the log-prob of every sampled token under the distribution that sampled it (after
-        temperature and top-p; at temperature 0, greedy, the raw model's). `seed` is one seed for every prompt or
-        one per prompt (so prompts do not share their random draws); sample j of a prompt uses its seed + j
-        (vLLM's parallel sampling), so the same call returns the same samples."""
+        temperature and top-p; at temperature 0, greedy, the raw model's), and with topk > 0 that distribution's
+        top-k at every position. `seed` is one seed for every prompt or one per prompt (so prompts do not share
+        their random draws); sample j of a prompt uses its seed + j (vLLM's parallel sampling), so the same call
+        returns the same samples."""
         from vllm import SamplingParams
 
         seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s,
-                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=0, detokenize=False)
+                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=topk, detokenize=False)
                   for s in seeds]
         outputs, start = [], 0
         for part in self._one_step_parts(prompts, n) if seed is not None else [prompts]:
@@ -165,7 +178,8 @@ class VllmEngine:
             results.append([
                 Sample(response_ids=list(c.token_ids),
                        logprobs=[_token_logprob(pos, t) for pos, t in zip(c.logprobs, c.token_ids, strict=True)],
-                       finish_reason=str(c.finish_reason))
+                       finish_reason=str(c.finish_reason),
+                       topk=[_topk(pos, topk) for pos in c.logprobs] if topk else [])
                 for c in out.outputs
             ])
         return results
@@ -188,10 +202,10 @@ class VllmEngine:
             tokens += n * len(prompt)
         return [*parts, part] if part else parts
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]],
-              temperature: float = 1.0) -> list[list[float]]:
+    def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0,
+              topk: int = 0) -> list[list[float]] | tuple[list[list[float]], list[list[TopK]]]:
         """Teacher-forced log p(response_t | prompt, response_<t) for every response token, via prompt_logprobs, of
-        logits / temperature."""
+        logits / temperature; with topk > 0, (those, each response token's top-k as in `Sample.topk`)."""
         from vllm import SamplingParams
 
         if len(prompts) != len(responses):
@@ -202,11 +216,15 @@ class VllmEngine:
             if len(p) + len(r) >= self.max_model_len:  # vLLM needs room for the one (discarded) output token
                 raise ValueError(f"score: row {i} has {len(p)} + {len(r)} tokens; at most max_model_len - 1 = "
                                  f"{self.max_model_len - 1} can be scored")
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False)
         with self._logits_divided_by(temperature):
             outs = self._run([list(p) + list(r) for p, r in zip(prompts, responses, strict=True)], params)
-        return [[_token_logprob(out.prompt_logprobs[len(p) + t], tok) for t, tok in enumerate(r)]
-                for out, p, r in zip(outs, prompts, responses, strict=True)]
+        positions = [out.prompt_logprobs[len(p):] for out, p in zip(outs, prompts, strict=True)]
+        logprobs = [[_token_logprob(pos, tok) for pos, tok in zip(row, r, strict=True)]
+                    for row, r in zip(positions, responses, strict=True)]
+        if not topk:
+            return logprobs
+        return logprobs, [[_topk(pos, topk) for pos in row] for row in positions]
 
     @contextmanager
     def _logits_divided_by(self, temperature: float):

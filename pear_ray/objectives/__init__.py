@@ -10,7 +10,7 @@ from pydantic import Field
 
 from pear_ray.objectives.base import LossTerms, ObjectiveConfig, ObjectiveInputs
 from pear_ray.objectives.custom import CustomObjective
-from pear_ray.objectives.distill import TEACHER_LOGPROBS, TEACHER_TOPK, OnPolicyDistill, topk_forward_kl
+from pear_ray.objectives.distill import OnPolicyDistill, topk_forward_kl
 from pear_ray.objectives.grpo import (
     AGGREGATIONS,
     Grpo,
@@ -44,8 +44,6 @@ __all__ = [
     "LOG_WEIGHT_CLIP",
     "PEAR_LEVELS",
     "TARGET_MODES",
-    "TEACHER_LOGPROBS",
-    "TEACHER_TOPK",
     "CustomObjective",
     "Grpo",
     "LossTerms",

@@ -27,13 +27,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from pear_ray.data.schema import ADVANTAGE, TEACHER_LOGPROBS
 from pear_ray.objectives.base import LossTerms, ObjectiveInputs
-from pear_ray.objectives.grpo import ADVANTAGE, ClippedSurrogate
+from pear_ray.objectives.grpo import ClippedSurrogate
 from pear_ray.objectives.masked import masked_sum
-
-TEACHER_TOPK = "teacher_topk"  # the data column: per response token, the teacher's top-k (id, log-prob)
-TOPK_IDS, TOPK_LOGPROBS = "teacher_topk_ids", "teacher_topk_logprobs"  # its [B, L, K] tensors (-inf: no candidate)
-TEACHER_LOGPROBS = "teacher_logprobs"  # per-token: the teacher's log-prob of each sampled token
 
 
 def topk_forward_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

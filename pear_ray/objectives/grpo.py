@@ -13,15 +13,13 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from pear_ray.data.schema import ADVANTAGE, REF_LOGPROBS, ROLLOUT_LOGPROBS
 from pear_ray.objectives.base import LossTerms, ObjectiveConfig, ObjectiveInputs
 from pear_ray.objectives.masked import masked_mean, masked_sum
 
 AGGREGATIONS = ("token-mean", "sequence-mean")
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # DAPO's clip-higher: a wider upper range keeps low-probability tokens explorable
 TIS_CAP = 2.0
-ADVANTAGE = "advantage"  # the batch's columns (pear_ray.data.schema names them the same)
-ROLLOUT_LOGPROBS = "rollout_logprobs"
-REF_LOGPROBS = "ref_logprobs"
 
 
 @dataclass(frozen=True)

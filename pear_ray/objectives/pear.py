@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
+from pear_ray.data.schema import BEHAVIOR_LOGPROBS, REF_LOGPROBS, TEACHER_TOPK, TOPK_IDS, TOPK_LOGPROBS
 from pear_ray.objectives.base import LossTerms, ObjectiveConfig, ObjectiveInputs
-from pear_ray.objectives.distill import TEACHER_TOPK, TOPK_IDS, TOPK_LOGPROBS, topk_forward_kl
+from pear_ray.objectives.distill import topk_forward_kl
 from pear_ray.objectives.masked import masked_sum
 
 PEAR_LEVELS = ("none", "sequence", "token", "block")
@@ -38,8 +39,6 @@ GAMMA = 0.999
 BLOCK_SIZE = 4
 DELTA_CLIP = (-0.08, 0.3)
 LOG_WEIGHT_CLIP = (-10.0, 5.0)
-BEHAVIOR_LOGPROBS = "behavior_logprobs"  # the data's columns (pear_ray.data.schema names them the same)
-REF_LOGPROBS = "ref_logprobs"
 
 
 @dataclass(frozen=True)

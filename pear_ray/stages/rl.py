@@ -28,7 +28,7 @@ from pear_ray.actors.roles import (
     sync_weights,
 )
 from pear_ray.data import schema
-from pear_ray.objectives import TEACHER_LOGPROBS, group_advantages, informative_groups_mask
+from pear_ray.objectives import group_advantages, informative_groups_mask
 from pear_ray.stages.common import Run, latest_checkpoint, prompt_table, rollouts, with_rewards
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
     job, rl, name = run.job, run.job.rl, f"rl-{variant}"
     objective = job.rl_objective(variant)
     prompts = prompt_table(run, "train")
-    frozen_models = {schema.REF_LOGPROBS: lambda: run.reference(start_model), TEACHER_LOGPROBS: run.teacher}
+    frozen_models = {schema.REF_LOGPROBS: lambda: run.reference(start_model), schema.TEACHER_LOGPROBS: run.teacher}
     scorers = {column: reference_actor(model(), job.resources.reference)
                for column, model in frozen_models.items() if column in objective.columns()}
     learner = LearnerGroup.for_rl(start_model, job.resources.learner, rl, temperature=job.sampling.temperature,

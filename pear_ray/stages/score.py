@@ -6,6 +6,11 @@ there is no data file and the behaviour policy is scripted (it writes the data w
 no data file (the behaviour model writes it from the task's train prompts, recording the log-prob of every
 token it samples, optionally after a brief canonical SFT on the task's gold answers).
 
+With `score.teacher_topk` = k > 0 the data also carries `teacher_topk`, the behaviour model's k most likely next
+tokens at every response token, in every case: recorded as it samples or scores, exact for the scripted policy, and
+for given data with behaviour log-probs but no top-k, scored by the behaviour model for the top-k alone. Columns the
+data already has are used as they are.
+
 A tiny student with a `prior` is trained here too (`train_prior`), before any stage uses it.
 """
 
@@ -34,31 +39,49 @@ log = logging.getLogger(__name__)
 
 
 def run_score(run: Run) -> Path:
-    job, target = run.job, run.data("sft")
+    job, target, k = run.job, run.data("sft"), run.job.score.teacher_topk
     if job.data.sft is not None:
         table = load_sft_data(job.data.sft, run.tokenizer, max_prompt_tokens=job.data.max_prompt_tokens,
                               max_response_tokens=job.data.max_response_tokens)
-        if schema.BEHAVIOR_LOGPROBS in table.column_names:
+        has_logprobs = schema.BEHAVIOR_LOGPROBS in table.column_names
+        topk = k if schema.TEACHER_TOPK not in table.column_names else 0
+        if has_logprobs and not topk:
             log.info("%s carries behaviour log-probs: using them as they are", job.data.sft)
             write_table(table, target)
             return target
-        return score_with_behavior(run, table, target)
+        if has_logprobs and job.models.behavior is None:
+            raise ValueError(f"score.teacher_topk={k} needs the teacher's top-k at every response token, and "
+                             f"{job.data.sft} has behaviour log-probs but no teacher_topk column: give "
+                             "models.behavior to score it, data with a teacher_topk column, or score.teacher_topk=0")
+        return score_with_behavior(run, table, target, column=None if has_logprobs else schema.BEHAVIOR_LOGPROBS,
+                                   topk=topk)
     if job.models.behavior is not None and job.models.behavior.scripted is not None:
         return scripted_writes_data(run, target)
     return teacher_writes_data(run, target)
 
 
-def score_with_behavior(run: Run, table: pa.Table, target: Path) -> Path:
-    """Teacher-forced behaviour log-probs for given data, streamed through the scoring pool."""
+def score_with_behavior(run: Run, table: pa.Table, target: Path, *, column: str | None, topk: int) -> Path:
+    """Teacher-forced behaviour log-probs (`column`, or None for none) and top-k (topk > 0) for given data,
+    streamed through the scoring pool."""
     unscored = target.with_name("unscored.parquet")
+    unscored.parent.mkdir(parents=True, exist_ok=True)  # a fresh run has no data/ folder yet
     pq.write_table(table, unscored, row_group_size=run.job.score.batch_size)
-    pool = rollout_pool(run.behavior(), run.job.resources.rollout, seed=run.job.seed)
+    pool = behavior_pool(run, run.behavior())
     try:
-        with tqdm(total=table.num_rows, desc="score (behaviour log-probs)") as progress:
-            stream_parquet(pool, "score", unscored, target, progress=progress, column=schema.BEHAVIOR_LOGPROBS)
+        with tqdm(total=table.num_rows, desc=f"score ({column or schema.TEACHER_TOPK})") as progress:
+            stream_parquet(pool, "score", unscored, target, progress=progress, column=column, topk=topk)
     finally:
         pool.shutdown()
     return target
+
+
+def behavior_pool(run: Run, model: Path):
+    """The rollout pool on the behaviour model. vLLM refuses more log-probs per position than the engine's
+    max_logprobs (default 20), so with score.teacher_topk that is k (unless resources.rollout.engine sets it)."""
+    resources, k = run.job.resources.rollout, run.job.score.teacher_topk
+    if k:
+        resources = resources.model_copy(update={"engine": {"max_logprobs": k, **resources.engine}})
+    return rollout_pool(model, resources, seed=run.job.seed)
 
 
 def teacher_writes_data(run: Run, target: Path) -> Path:
@@ -69,9 +92,10 @@ def teacher_writes_data(run: Run, target: Path) -> Path:
     if job.score.teacher_sft_steps:
         teacher = train_teacher(run, teacher)
     prompts = prompt_table(run, "train")
-    pool = rollout_pool(teacher, job.resources.rollout, seed=job.seed)
+    pool = behavior_pool(run, teacher)
     try:
-        data = rollouts(pool, prompts, n=job.score.samples_per_prompt, seed=job.seed, **job.sampling.model_dump())
+        data = rollouts(pool, prompts, n=job.score.samples_per_prompt, seed=job.seed, topk=job.score.teacher_topk,
+                        **job.sampling.model_dump())
     finally:
         pool.shutdown()
     data, failures = with_rewards(run, data)
@@ -92,7 +116,7 @@ def scripted_writes_data(run: Run, target: Path) -> Path:
     """The scripted behaviour policy answers the task's train prompts; its log-probs are exact."""
     job, policy = run.job, run.job.models.behavior.scripted
     data = scripted_rows(prompt_table(run, "train"), run.tokenizer, p_trace=policy.p_trace, seed=job.seed,
-                         samples_per_prompt=job.score.samples_per_prompt)
+                         samples_per_prompt=job.score.samples_per_prompt, topk=job.score.teacher_topk)
     trace_fraction = float(np.mean(np.array(data.column(schema.SOURCE).to_pylist()) == TRACE))
     run.metrics.log("score", 0, {"rows": data.num_rows, "trace_fraction": trace_fraction})
     log.info("scripted policy %s wrote %d rows (%.0f%% traces)", policy.name, data.num_rows, 100 * trace_fraction)

@@ -15,7 +15,8 @@ A small transformer can learn to follow the trace (each step is a two-digit look
 compute a bare multi-digit answer in one pass: the regime where canonical SFT imitates behaviour that RL cannot
 use. The two texts start with different tokens, so pi_beta picks the style on the first response token with the
 style's probability and every later token with probability 1; `exact_logprobs` computes that (and any other
-mixture over complete responses) from the token ids, so behaviour log-probs are exact, not estimated.
+mixture over complete responses) from the token ids, so behaviour log-probs are exact, not estimated, and
+`exact_topk` the policy's whole next-token distribution at each token (a distillation loss's teacher top-k).
 """
 
 from __future__ import annotations
@@ -123,27 +124,43 @@ def two_style_candidates(metadata: str | dict, p_trace: float) -> list[tuple[str
     return [(trace_text(a, b), p_trace, TRACE), (bare_text(a, b), 1.0 - p_trace, BARE)]
 
 
+def _next_token_logprobs(candidates: list[list[int]], probs: list[float], prefix: list[int]) -> dict[int, float]:
+    """log pi(y | prefix) of every next token y with probability > 0 under the mixture that writes candidate i with
+    probability probs[i]: the mass of the candidates continuing the prefix with y over the mass of those sharing it."""
+    sharing = [(ids, p) for ids, p in zip(candidates, probs) if ids[: len(prefix)] == prefix]
+    mass = sum(p for _, p in sharing)
+    through: dict[int, float] = {}
+    for ids, p in sharing:
+        if len(ids) > len(prefix):
+            through[ids[len(prefix)]] = through.get(ids[len(prefix)], 0.0) + p
+    return {token: math.log(m / mass) for token, m in through.items() if m > 0}
+
+
 def exact_logprobs(candidates: list[list[int]], probs: list[float], chosen: int) -> list[float]:
-    """log pi(y_t | y_<t) of candidate `chosen`'s tokens under the mixture that writes candidate i with
-    probability probs[i]: the probability mass of candidates sharing the prefix through t over that through t-1."""
+    """log pi(y_t | y_<t) of candidate `chosen`'s tokens under the mixture (see `_next_token_logprobs`)."""
     target = candidates[chosen]
-    logprobs, mass = [], sum(probs)
-    for t in range(len(target)):
-        through = sum(p for ids, p in zip(candidates, probs) if ids[: t + 1] == target[: t + 1])
-        logprobs.append(math.log(through / mass))
-        mass = through
-    return logprobs
+    return [_next_token_logprobs(candidates, probs, target[:t])[token] for t, token in enumerate(target)]
+
+
+def exact_topk(candidates: list[list[int]], probs: list[float], chosen: int, k: int) -> list[list[tuple[int, float]]]:
+    """At each of candidate `chosen`'s tokens, the mixture's k most likely next tokens given the tokens before it,
+    as (id, log-prob), best first: the scripted teacher's exact top-k for a distillation loss."""
+    target = candidates[chosen]
+    return [sorted(_next_token_logprobs(candidates, probs, target[:t]).items(), key=lambda entry: -entry[1])[:k]
+            for t in range(len(target))]
 
 
 def scripted_rows(prompts: pa.Table, tokenizer, *, p_trace: float, seed: int, samples_per_prompt: int = 1,
-                  ) -> pa.Table:
+                  topk: int = 0) -> pa.Table:
     """`samples_per_prompt` responses per prompt sampled from the two-style policy, with exact behaviour log-probs
-    and the style in the `source` column."""
+    (and with topk > 0 the policy's exact top-k, `teacher_topk`) and the style in the `source` column."""
     from pear_ray.data.io import encode_response
 
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {name: [] for name in (schema.ID, schema.RESPONSE, schema.RESPONSE_IDS,
                                                    schema.BEHAVIOR_LOGPROBS, schema.SOURCE)}
+    if topk:
+        rows[schema.TEACHER_TOPK] = []
     keep = []
     for index, (row_id, meta) in enumerate(zip(prompts.column(schema.ID).to_pylist(),
                                                prompts.column(schema.METADATA).to_pylist())):
@@ -158,6 +175,8 @@ def scripted_rows(prompts: pa.Table, tokenizer, *, p_trace: float, seed: int, sa
             rows[schema.RESPONSE_IDS].append(ids[chosen])
             rows[schema.BEHAVIOR_LOGPROBS].append(exact_logprobs(ids, probs, chosen))
             rows[schema.SOURCE].append(candidates[chosen][2])
+            if topk:
+                rows[schema.TEACHER_TOPK].append(exact_topk(ids, probs, chosen, topk))
     table = prompts.take(keep)
     for name, values in rows.items():
         table = schema.append_column(table, name, values)
