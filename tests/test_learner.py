@@ -278,3 +278,46 @@ def test_missing_objective_column_is_named_before_the_forward_pass(learners):
     # level none reads no behaviour log-probs: canonical SFT trains on data without them
     stats = group.step(ray.put(batch.drop_columns([schema.BEHAVIOR_LOGPROBS])), PearSft(level="none"))
     assert stats["mean_weight"] == 1.0 and group.optimizer_steps == before + 1
+
+
+def with_teacher_topk(table: pa.Table, k: int, seed: int) -> pa.Table:
+    """A teacher_topk column: k random candidate ids per response token with log-softmax'd random log-probs."""
+    rng = np.random.default_rng(seed)
+    topk = []
+    for response in table.column(schema.RESPONSE_IDS).to_pylist():
+        rows = []
+        for _ in response:
+            ids = rng.choice(384, k, replace=False)
+            logits = rng.normal(size=k)
+            logprobs = np.sort(logits - np.log(np.exp(logits).sum()))[::-1]
+            rows.append([{"id": int(i), "logprob": float(v)} for i, v in zip(ids, logprobs)])
+        topk.append(rows)
+    return schema.append_column(table, schema.TEACHER_TOPK, topk)
+
+
+def test_pear_over_the_distillation_loss_matches_plain_torch(learners, tiny_model_dir):
+    """World size 1: the step's loss is sum_t w_t KL_t / N, with the student's logits for token t taken at position
+    t - 1 (plain transformers, one row at a time) and PEAR's weights from the student's log-probs of the data."""
+    from pear_ray.objectives import pear_weights, topk_forward_kl
+
+    group = learners(1, 0).group
+    batch = with_teacher_topk(make_batch(4, seed=13), k=3, seed=13)
+    model = hf_model(tiny_model_dir, ray.get(group.weights_ref()))
+    objective = PearSft(level="token", gamma=0.9, base_loss="distill")
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in batch.to_pylist():
+            prompt, response = row[schema.PROMPT_IDS], row[schema.RESPONSE_IDS]
+            logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+            ids = torch.tensor([[c["id"] for c in token] for token in row[schema.TEACHER_TOPK]])
+            teacher = torch.tensor([[c["logprob"] for c in token] for token in row[schema.TEACHER_TOPK]])
+            mask = torch.ones(1, len(response), dtype=torch.bool)
+            kl = topk_forward_kl(logits.gather(-1, ids)[None], teacher[None], mask)
+            logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+            weights = pear_weights(logp[None], torch.tensor(row[schema.BEHAVIOR_LOGPROBS])[None], mask,
+                                   level="token", gamma=0.9)
+            total += float((weights * kl).sum())
+            tokens += len(response)
+    stats = group.step(ray.put(batch), objective)
+    assert stats["loss"] == pytest.approx(total / tokens, rel=1e-5)
+    assert stats["loss"] > 0 and stats["num_tokens"] == tokens

@@ -6,7 +6,7 @@ top-k distillation loss, the GRPO family, on-policy distillation, plug-ins by im
 
 from typing import Annotated, Union
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from pear_ray.objectives.base import LossTerms, ObjectiveConfig, ObjectiveInputs
 from pear_ray.objectives.custom import CustomObjective
@@ -36,7 +36,15 @@ from pear_ray.objectives.pear import (
 )
 
 Objective = Annotated[Union[PearSft, Grpo, OnPolicyDistill, CustomObjective], Field(discriminator="kind")]
-RlObjective = Annotated[Union[Grpo, OnPolicyDistill, CustomObjective], Field(discriminator="kind")]
+
+
+def _rl_kind(value) -> str:
+    """An RL objective without a `kind` is GRPO, so `rl.objective.kl_coef=0.1` alone works as an override."""
+    return value.get("kind", "grpo") if isinstance(value, dict) else value.kind
+
+
+RlObjective = Annotated[Union[Annotated[Grpo, Tag("grpo")], Annotated[OnPolicyDistill, Tag("on_policy_distill")],
+                              Annotated[CustomObjective, Tag("custom")]], Discriminator(_rl_kind)]
 
 __all__ = [
     "AGGREGATIONS",
