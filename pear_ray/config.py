@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pear_ray.models.tiny import TinyModelSpec
 from pear_ray.objectives import PEAR_LEVELS, Grpo, OnPolicyDistill, PearSft, RlObjective
+from pear_ray.plugins import checked_spec
 
 Stage = Literal["score", "sft", "rl", "eval"]
 VARIANT_MODIFIERS = ("distill", "opd")
@@ -111,8 +112,6 @@ class TaskConfig(Section):
     @field_validator("reward")
     @classmethod
     def _loadable_reward(cls, spec: str | None) -> str | None:
-        from pear_ray.plugins import checked_spec
-
         return None if spec is None else checked_spec(spec)
 
     @property

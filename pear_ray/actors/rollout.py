@@ -54,7 +54,8 @@ class RolloutWorker:
         out = schema.append_column(out, schema.POLICY_VERSION, [self.policy_version] * len(flat))
         if topk:
             out = schema.append_column(out, schema.TEACHER_TOPK, [s.topk for s in flat])
-        return out, batch_stats(out.num_rows, schema.response_token_count(out), started, policy_version=self.policy_version)
+        return out, batch_stats(out.num_rows, schema.response_token_count(out), started,
+                                policy_version=self.policy_version)
 
     @ray.method(num_returns=2)
     def score(self, table: pa.Table, column: str | None = schema.BEHAVIOR_LOGPROBS, temperature: float = 1.0,
@@ -73,7 +74,8 @@ class RolloutWorker:
             out = schema.append_column(out, column, logprobs, schema.LOGPROBS_TYPE)
         if topk:
             out = schema.append_column(out, schema.TEACHER_TOPK, topks)
-        return out, batch_stats(out.num_rows, schema.response_token_count(out), started, policy_version=self.policy_version)
+        return out, batch_stats(out.num_rows, schema.response_token_count(out), started,
+                                policy_version=self.policy_version)
 
     def update_weights(self, weights: dict[str, Any], version: int) -> int:
         """Load the learner's weights (HF names) without restarting the engine; samples after this carry

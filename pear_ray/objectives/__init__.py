@@ -75,4 +75,5 @@ __all__ = [
     "pear_weights",
     "policy_loss",
     "token_logprobs",
+    "topk_forward_kl",
 ]

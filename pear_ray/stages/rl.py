@@ -38,6 +38,7 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
     """GRPO from `start_model` (the variant's SFT export); returns the exported Hugging Face folder."""
     job, rl, name = run.job, run.job.rl, f"rl-{variant}"
     objective = job.rl_objective(variant)
+    drop_constant = rl.drop_constant_groups and schema.ADVANTAGE in objective.columns()  # else no signal is lost
     prompts = prompt_table(run, "train")
     frozen_models = {schema.REF_LOGPROBS: lambda: run.reference(start_model), schema.TEACHER_LOGPROBS: run.teacher}
     scorers = {column: reference_actor(model(), job.resources.reference)
@@ -61,8 +62,7 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
             rng = np.random.default_rng([job.seed, step])
             chosen = prompts.take(rng.choice(prompts.num_rows, size=min(rl.prompts_per_step, prompts.num_rows),
                                              replace=False))
-            batch, stats = rollout_batch(run, pool, chosen, seed=int(rng.integers(2**31)),
-                                         drop_constant=rl.drop_constant_groups and schema.ADVANTAGE in objective.columns())
+            batch, stats = rollout_batch(run, pool, chosen, seed=int(rng.integers(2**31)), drop_constant=drop_constant)
             if batch.num_rows >= job.resources.learner.num_ranks * objective.updates()[0]:
                 batch_ref = ray.put(batch)
                 for column, scorer in scorers.items():  # at the rollouts' temperature, as the policy is scored
