@@ -123,24 +123,12 @@ class LearnerGroup:
     temperature, at which on-policy objectives and `logprobs` see the policy (DeepSpeedLearner).
     """
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        resources: LearnerResources | None = None,
-        *,
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        grad_clip: float = 1.0,
-        warmup_steps: int = 0,
-        total_steps: int | None = None,
-        lr_schedule: str = "constant",
-        seed: int = 0,
-        temperature: float = 1.0,
-        ready_timeout_s: float = 600.0,
-    ):
+    def __init__(self, model_dir: str | Path, resources: LearnerResources | None = None, *,
+                 ready_timeout_s: float = 600.0, **optimizer: Any):
+        """`optimizer`: DeepSpeedLearner's settings (lr, weight_decay, grad_clip, warmup_steps, total_steps,
+        lr_schedule, seed, temperature); the resources give the rest."""
         self.resources = resources or LearnerResources()
         self.world_size = self.resources.num_ranks
-        self.temperature = temperature
         self.actors: list = []
         bundle = {"CPU": self.resources.num_cpus, "GPU": self.resources.num_gpus, **self.resources.resources}
         bundle = {key: value for key, value in bundle.items() if value > 0}
@@ -162,14 +150,13 @@ class LearnerGroup:
             ]
             master_addr, master_port = ray.get(self.actors[0].rendezvous.remote())
             engine_kwargs = dict(
-                zero_stage=self.resources.zero_stage, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
-                warmup_steps=warmup_steps, total_steps=total_steps, lr_schedule=lr_schedule, seed=seed,
-                bf16=self.resources.bf16,
+                zero_stage=self.resources.zero_stage, bf16=self.resources.bf16,
                 local_rank=0,  # a GPU rank sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES per actor)
-                num_threads=max(1, int(self.resources.num_cpus)), temperature=temperature,
+                num_threads=max(1, int(self.resources.num_cpus)), **optimizer,
             )
             _get_all([actor.start.remote(str(model_dir), master_addr, master_port, **engine_kwargs)
                       for actor in self.actors])
+            self.temperature = ray.get(self.actors[0].call.remote("temperature"))
         except BaseException:
             self.shutdown()
             raise
