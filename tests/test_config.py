@@ -79,3 +79,30 @@ def test_missing_file_and_bad_yaml(tmp_path):
     listy.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_job(listy)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["sft.variants=[tok]"], "variant 'tok' is not a PEAR level"),
+    (["sft.variants=[token+distill+distill]"], r"variant 'token\+distill\+distill'"),
+    (["sft.variants=[token+distill]"], "set score.teacher_topk"),
+    (["sft.variants=[none+opd]", "task.kind=addition", "task.args={}", "models.behavior={scripted: {p_trace: 0.5}}"],
+     "on-policy distillation scores the student's samples with the teacher model"),
+    (["sft.variants=[none+opd]", "rl.objective={kind: custom, function: 'json:dumps'}"],
+     "takes its surrogate settings from rl.objective, which is 'custom'"),
+    (["rl.objective.kind=ppo"], "does not match any of the expected tags: 'grpo', 'on_policy_distill', 'custom'"),
+])
+def test_objective_settings_that_cannot_run_are_refused_when_the_job_loads(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_job(JOBS / "smoke.yaml", overrides)
+
+
+def test_variant_labels_choose_the_objectives():
+    job = load_job(JOBS / "smoke.yaml", ["sft.variants=[none,token+distill,block+opd]", "score.teacher_topk=4",
+                                         "rl.objective.clip_high=0.3", "sft.pear.gamma=0.9"])
+    token = job.sft_objective("token+distill")
+    assert (token.level, token.base_loss, token.gamma) == ("token", "distill", 0.9)
+    assert job.sft_objective("none").base_loss == "nll"
+    assert job.rl_objective("none").kind == "grpo"
+    opd = job.rl_objective("block+opd")
+    assert opd.kind == "on_policy_distill" and opd.clip_high == 0.3  # the surrogate settings carry over
+    assert load_job(JOBS / "smoke.yaml", ["rl.objective.kl_coef=0.1"]).rl.objective.kl_coef == 0.1  # kind grpo
