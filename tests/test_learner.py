@@ -309,15 +309,33 @@ def test_pear_over_the_distillation_loss_matches_plain_torch(learners, tiny_mode
         for row in batch.to_pylist():
             prompt, response = row[schema.PROMPT_IDS], row[schema.RESPONSE_IDS]
             logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+            student = torch.log_softmax(logits, -1)
             ids = torch.tensor([[c["id"] for c in token] for token in row[schema.TEACHER_TOPK]])
             teacher = torch.tensor([[c["logprob"] for c in token] for token in row[schema.TEACHER_TOPK]])
             mask = torch.ones(1, len(response), dtype=torch.bool)
-            kl = topk_forward_kl(logits.gather(-1, ids)[None], teacher[None], mask)
-            logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+            kl = topk_forward_kl(student.gather(-1, ids)[None], teacher[None], mask)
+            logp = student.gather(-1, torch.tensor(response)[:, None])[:, 0]
             weights = pear_weights(logp[None], torch.tensor(row[schema.BEHAVIOR_LOGPROBS])[None], mask,
                                    level="token", gamma=0.9)
             total += float((weights * kl).sum())
             tokens += len(response)
+    before = ray.get(group.weights_ref())
     stats = group.step(ray.put(batch), objective)
     assert stats["loss"] == pytest.approx(total / tokens, rel=1e-5)
     assert stats["loss"] > 0 and stats["num_tokens"] == tokens
+    # padded rows (-inf top-k off the response) leave the gradient finite, and the step trains
+    assert np.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
+    assert max_abs_diff(ray.get(group.weights_ref()), before) > 1e-5
+
+
+def test_a_non_finite_gradient_stops_the_step_loudly(learners):
+    """fp32 has no loss scaling to skip a bad step: an objective whose gradient is infinite fails the step with
+    the step named, rather than training on (a first distillation loss did so silently, with NaN gradients)."""
+    from pathlib import Path
+
+    from pear_ray.objectives import CustomObjective
+
+    plugin = Path(__file__).parent / "plugins" / "objective_example.py"
+    group = learners(1, 1, first_step=False).group
+    with pytest.raises(FloatingPointError, match="gradient norm is (inf|nan)"):
+        group.step(ray.put(make_batch(2, seed=14)), CustomObjective(function=f"{plugin}:exploding"))

@@ -25,41 +25,49 @@ NEG_INF = float("-inf")
 
 
 def test_topk_forward_kl_by_hand():
-    """Row 0: a 3-candidate token and a 2-candidate one (third slot empty); row 1: one token, then padding."""
-    teacher = torch.tensor([[[0.0] * 3, [-0.5, -1.5, -2.0], [-0.2, -1.8, NEG_INF]],
-                            [[0.0] * 3, [-0.1, -3.0, -4.0], [NEG_INF] * 3]])
-    student = torch.tensor([[[9.0] * 3, [1.0, 2.0, 0.5], [3.0, 1.0, 7.0]],
-                            [[9.0] * 3, [0.0, 0.0, 0.0], [5.0, 5.0, 5.0]]])
+    """Row 0: a 3-candidate token and a 2-candidate one (third slot empty); row 1: one token, then padding. The
+    teacher is renormalised over its candidates, the student (log-softmax over a 5-token vocabulary) is not."""
+    teacher = torch.tensor([[[NEG_INF] * 3, [-0.5, -1.5, -2.0], [-0.2, -1.8, NEG_INF]],
+                            [[NEG_INF] * 3, [-0.1, -3.0, -4.0], [NEG_INF] * 3]])
+    vocab_logits = torch.tensor([[[0.0] * 5, [1.0, 2.0, 0.5, 3.0, -1.0], [3.0, 1.0, 7.0, 0.0, 0.0]],
+                                 [[0.0] * 5, [0.0, 0.0, 0.0, 2.0, 2.0], [0.0] * 5]])
+    student = torch.log_softmax(vocab_logits, -1)[..., :3]  # candidates are ids 0, 1, 2
     mask = torch.tensor([[False, True, True], [False, True, False]])
 
     def by_hand(lt, z):
         p = [math.exp(v) for v in lt]
         p = [v / sum(p) for v in p]
-        q = [math.exp(v) for v in z]
-        q = [v / sum(q) for v in q]
+        q = [math.exp(v) / sum(math.exp(w) for w in z) for v in z[:len(p)]]
         return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
 
-    expected = torch.tensor([[0.0, by_hand([-0.5, -1.5, -2.0], [1.0, 2.0, 0.5]), by_hand([-0.2, -1.8], [3.0, 1.0])],
-                             [0.0, by_hand([-0.1, -3.0, -4.0], [0.0, 0.0, 0.0]), 0.0]])
+    expected = torch.tensor([[0.0, by_hand([-0.5, -1.5, -2.0], [1.0, 2.0, 0.5, 3.0, -1.0]),
+                              by_hand([-0.2, -1.8], [3.0, 1.0, 7.0, 0.0, 0.0])],
+                             [0.0, by_hand([-0.1, -3.0, -4.0], [0.0, 0.0, 0.0, 2.0, 2.0]), 0.0]])
     got = topk_forward_kl(student, teacher, mask)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
-    assert torch.isfinite(got).all()
-    # a student whose logits equal the teacher's log-probs up to a constant has the same renormalised distribution
-    assert topk_forward_kl(teacher.nan_to_num(neginf=-50.0) + 3.0, teacher, mask).abs().max() < 1e-6
+    assert (got >= 0).all()
+    # zero exactly when the student's whole mass is the teacher's renormalised top-k
+    renormalised = teacher - teacher.logsumexp(-1, keepdim=True)
+    assert topk_forward_kl(renormalised.nan_to_num(neginf=-80.0), teacher, mask).abs().max() < 1e-5
 
 
-def test_topk_forward_kl_gradient_moves_the_student_towards_the_teacher():
-    teacher = torch.tensor([[[0.0] * 2, [math.log(0.8), math.log(0.2)]]])
-    student = torch.zeros(1, 2, 2, requires_grad=True)
+def test_topk_forward_kl_pulls_mass_into_the_teachers_support_with_finite_gradients():
+    """A student ranking the candidates as the teacher does but keeping mass elsewhere still pays (-log q(S)); the
+    gradient raises the candidates, and padding (-inf everywhere, as data/tensors.py lays it out) gives 0, not NaN."""
+    teacher = torch.tensor([[[NEG_INF] * 2, [math.log(0.8), math.log(0.2)]]])
     mask = torch.tensor([[False, True]])
-    topk_forward_kl(student, teacher, mask).sum().backward()
-    assert student.grad[0, 1, 0] < 0 < student.grad[0, 1, 1]  # raise the teacher's favourite, lower the other
-    assert student.grad[0, 0].abs().sum() == 0  # nothing off the response
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [math.log(0.8), math.log(0.2), 3.0]]], requires_grad=True)
+    loss = topk_forward_kl(torch.log_softmax(logits, -1)[..., :2], teacher, mask)
+    assert float(loss[0, 1].detach()) == pytest.approx(-math.log(1 / (1 + math.exp(3.0))), rel=1e-5)
+    loss.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[0, 1, 0] < 0 and logits.grad[0, 1, 1] < 0 < logits.grad[0, 1, 2]  # into the support
+    assert logits.grad[0, 0].abs().sum() == 0  # nothing off the response
 
 
-def inputs_for(logp, mask, columns, logp_old=None, logits=None):
+def inputs_for(logp, mask, columns, logp_old=None, candidates=None):
     return ObjectiveInputs(logp=logp, mask=mask, columns=columns, logp_old=logp_old,
-                           logits_at=(lambda ids: logits) if logits is not None else None)
+                           logprobs_at=(lambda ids: candidates) if candidates is not None else None)
 
 
 def test_pear_over_the_distillation_loss_weights_the_kl_as_it_weights_the_nll():
@@ -68,17 +76,17 @@ def test_pear_over_the_distillation_loss_weights_the_kl_as_it_weights_the_nll():
     behavior = logp + 0.2 * torch.randn(2, 4)
     mask = torch.tensor([[False, True, True, True], [False, True, True, False]])
     teacher = torch.log_softmax(torch.randn(2, 4, 3), -1)
-    student = torch.randn(2, 4, 3, requires_grad=True)
+    student = torch.log_softmax(torch.randn(2, 4, 5), -1)[..., :3].requires_grad_()
     objective = PearSft(level="token", gamma=0.9, base_loss="distill")
     assert objective.columns() == ("behavior_logprobs", "teacher_topk")
     terms = objective.loss(inputs_for(logp, mask, {"behavior_logprobs": behavior,
                                                    "teacher_topk_ids": torch.zeros(2, 4, 3, dtype=torch.long),
-                                                   "teacher_topk_logprobs": teacher}, logits=student))
+                                                   "teacher_topk_logprobs": teacher}, candidates=student))
     weights = pear_weights(logp, behavior, mask, level="token", gamma=0.9)
     expected = (weights * topk_forward_kl(student, teacher, mask))[mask].sum()
     torch.testing.assert_close(terms.total, expected)
     assert terms.size == float(mask.sum())
-    assert terms.total.requires_grad  # through the student's logits, not through the weights
+    assert terms.total.requires_grad  # through the student's log-probs, not through the weights
     nll = PearSft(level="token", gamma=0.9).loss(inputs_for(logp, mask, {"behavior_logprobs": behavior}))
     torch.testing.assert_close(nll.total, (weights * -logp)[mask].sum())
 

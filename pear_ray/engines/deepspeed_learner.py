@@ -28,7 +28,7 @@ import torch
 from pear_ray.data.tensors import from_tensor, to_tensors
 from pear_ray.engines import checkpoints, weights
 from pear_ray.engines.deepspeed_setup import build_engine, join_process_group, prepare_deepspeed, seed_everything
-from pear_ray.engines.hf_scorer import forward, logits_at
+from pear_ray.engines.hf_scorer import forward, logprobs_at
 from pear_ray.objectives import ObjectiveConfig, ObjectiveInputs
 from pear_ray.objectives.pear import divide
 
@@ -109,7 +109,7 @@ class DeepSpeedLearner:
                 logp, logits = forward(self.engine, part, temperature)
                 terms = objective.loss(ObjectiveInputs(
                     logp=logp, mask=part["response_mask"], columns=part, logp_old=part.get("logp_old"),
-                    logits_at=lambda ids, logits=logits: logits_at(logits, ids)))
+                    logprobs_at=lambda ids, logits=logits: logprobs_at(logits, ids)))
                 [global_size] = self._all_reduce_sum([float(terms.size)])
                 loss = divide(terms.total, global_size / self.world_size)
                 norm, lr = self._update(loss)
@@ -158,6 +158,11 @@ class DeepSpeedLearner:
         self.optimizer_steps += 1
         norm = self.engine.get_global_grad_norm()
         norm = own_norm if norm is None else float(norm)
+        if norm is not None and not math.isfinite(norm):
+            # fp32 has no loss scaling to skip such a step: the weights are now garbage, so stop loudly (the run
+            # resumes from the last checkpoint once the cause is fixed)
+            raise FloatingPointError(f"optimizer step {self.optimizer_steps}: the gradient norm is {norm}; the "
+                                     "objective's loss or its gradient is not finite")
         return (float("nan") if norm is None else norm), lr
 
     def _grad_norm_stage0(self) -> float | None:

@@ -30,9 +30,11 @@ def forward(model: torch.nn.Module, tensors: dict[str, torch.Tensor], temperatur
     return F.pad(token_logprobs(logits[:, :-1], input_ids[:, 1:]), (1, 0)), logits
 
 
-def logits_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """[B, L, K]: at each position t, the logits of candidate ids [B, L, K] for token t (0 at position 0)."""
-    return F.pad(logits[:, :-1].gather(-1, ids[:, 1:]), (0, 0, 1, 0))
+def logprobs_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B, L, K]: at each position t, the log-probs (softmax over the whole vocabulary) of candidate ids [B, L, K]
+    for token t (0 at position 0). Only the k gathered logits and one log-sum-exp per position are new tensors."""
+    logits = logits[:, :-1].float()
+    return F.pad(logits.gather(-1, ids[:, 1:]) - logits.logsumexp(-1, keepdim=True), (0, 0, 1, 0))
 
 
 class HfScorer:

@@ -1,8 +1,8 @@
 """The learner's boundary: what it hands an objective, and what it gets back.
 
 The learner is algorithm-blind. Per update it runs the forward pass, hands the objective `ObjectiveInputs` (the
-response tokens' log-probs with their gradient, the batch's columns the objective declared, and the logits for
-objectives that need more than the taken token), and gets `LossTerms` back: the loss as a sum over this rank's
+response tokens' log-probs with their gradient, the batch's columns the objective declared, and the log-probs of
+other candidate tokens for objectives that need more than the taken one), and gets `LossTerms` back: the loss as a sum over this rank's
 tokens or rows, the size it is to be divided by (tokens, rows, a weight sum: this rank's part), and additive
 statistics. The learner sums `size` over the ranks and divides, so the averaged gradient is that of the global
 batch's loss whatever the split; it sums `stats` over ranks and updates and the objective's `report` turns the
@@ -29,9 +29,9 @@ class ObjectiveInputs:
     mask: torch.Tensor  # bool, the response tokens (the only ones a loss may use)
     columns: dict[str, torch.Tensor]  # the declared columns: per-token ones on the grid, per-row ones [B]
     logp_old: torch.Tensor | None = None  # before this step's first update, no grad (on-policy objectives only)
-    logits_at: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
-    """`logits_at(ids [B, L, K])` -> [B, L, K]: the logits of candidate ids at each position, from the same forward
-    pass as `logp` (with grad), for losses over more than the taken token (distillation)."""
+    logprobs_at: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    """`logprobs_at(ids [B, L, K])` -> [B, L, K]: the log-probs of candidate ids at each position, from the same
+    forward pass as `logp` (with grad), for losses over more than the taken token (distillation)."""
 
 
 @dataclass

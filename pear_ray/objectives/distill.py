@@ -1,16 +1,17 @@
 """Distillation: the teacher's top-k distribution as an SFT base loss, and on-policy distillation as an RL objective.
 
 Top-k forward KL (the base loss of `PearSft(base_loss="distill")`). At response token t the data holds the teacher's
-top-k candidates S_t with their log-probs lt_i. Both distributions are renormalised over S_t:
+top-k candidates S_t with their log-probs lt_i. The teacher is renormalised over S_t, the student is not:
 
-    p_i = exp(lt_i) / sum_{j in S_t} exp(lt_j),   q_i = exp(z_i) / sum_{j in S_t} exp(z_j)   (z: the student's logits)
-    l_t = KL(p || q) = sum_{i in S_t} p_i (log p_i - log q_i)
+    p_i = exp(lt_i) / sum_{j in S_t} exp(lt_j),   q_i = the student's probability of i (softmax over the vocabulary)
+    l_t = sum_{i in S_t} p_i (log p_i - log q_i)  =  KL(p || q restricted to S_t, renormalised) - log q(S_t)  >= 0
 
-Renormalising the student over the same support makes the loss 0 exactly when the student ranks the teacher's
-candidates as the teacher does, needs only the student's logits at k ids (the full softmax's normaliser cancels),
-and is a proper KL whatever mass the teacher put outside its top k. It is the forward KL (mass-covering: the
-student is pulled towards every candidate the teacher allows), the usual choice for distilling on the teacher's
-own samples. PEAR weights multiply l_t exactly as they multiply the NLL.
+so the loss is 0 exactly when the student puts all its mass on S_t and ranks it as the teacher does. (Renormalising
+the student over S_t as well, which a first version did, leaves its mass outside S_t free: in the pilot the student
+put it there and sampled tokens the teacher never proposes.) It is the forward KL (mass-covering: the student is
+pulled towards every candidate the teacher allows), the usual choice for distilling on the teacher's own samples,
+and with k = 1 it is the NLL of the teacher's top token. PEAR weights multiply l_t exactly as they multiply the
+NLL.
 
 On-policy distillation (`OnPolicyDistill`). The student samples; the teacher scores every sampled token; the
 per-token advantage is the negative reverse-KL estimate on the student's own sample,
@@ -33,22 +34,22 @@ from pear_ray.objectives.grpo import ClippedSurrogate
 from pear_ray.objectives.masked import masked_sum
 
 
-def topk_forward_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) [B, L] over the teacher's top-k support (module docstring), 0 off the response.
+def topk_forward_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """l_t [B, L] over the teacher's top-k support (module docstring), 0 off the response.
 
-    student_logits and teacher_logprobs are [B, L, K] over the same candidate ids; a slot whose teacher log-prob is
-    -inf is no candidate. Computed in at least float32.
+    student_logprobs (the student's log-softmax over the whole vocabulary, gathered) and teacher_logprobs are
+    [B, L, K] over the same candidate ids; a slot whose teacher log-prob is -inf is no candidate. Computed in at
+    least float32.
     """
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    dtype = torch.promote_types(student_logprobs.dtype, torch.float32)
     candidate = torch.isfinite(teacher_logprobs) & mask.bool().unsqueeze(-1)
     has_any = candidate.any(-1, keepdim=True)
-    candidate = candidate | ~has_any  # rows of no candidate (padding) compute on dummies and are zeroed below
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=student_logits.device)
-    teacher = torch.where(candidate, teacher_logprobs.to(dtype), neg_inf)
-    student = torch.where(candidate, student_logits.to(dtype), neg_inf)
+    # Positions without a candidate (padding) compute on a finite dummy and are zeroed below: an -inf there would
+    # make NaN gradients through the masking.
+    teacher = torch.where(candidate, teacher_logprobs.to(dtype), float("-inf"))
+    teacher = torch.where(has_any, teacher, 0.0)
     log_p = teacher - teacher.logsumexp(-1, keepdim=True)
-    log_q = student - student.logsumexp(-1, keepdim=True)
-    per_slot = torch.where(candidate, log_p.exp() * (log_p - log_q), 0.0)
+    per_slot = torch.where(candidate, log_p.exp() * (log_p - student_logprobs.to(dtype)), 0.0)
     return torch.where(mask.bool() & has_any.squeeze(-1), per_slot.sum(-1), 0.0)
 
 

@@ -282,7 +282,7 @@ class PearSft(ObjectiveConfig):
         frozen = self.weighted and self.target_mode == "frozen"
         per_token = None
         if self.base_loss == "distill":
-            student = inputs.logits_at(inputs.columns[TOPK_IDS])
+            student = inputs.logprobs_at(inputs.columns[TOPK_IDS])
             per_token = topk_forward_kl(student, inputs.columns[TOPK_LOGPROBS], mask)
         total, weights, sums = pear_terms(
             logp, behavior, mask, **self.weight_settings, target_mode="frozen" if frozen else "online",

@@ -14,3 +14,8 @@ def reinforce(inputs: ObjectiveInputs, scale: float = 1.0) -> LossTerms:
 
 def not_terms(inputs: ObjectiveInputs) -> float:
     return 0.0
+
+
+def exploding(inputs: ObjectiveInputs) -> LossTerms:
+    """A loss whose gradient is infinite, for the learner's refusal to step on it."""
+    return LossTerms(masked_sum(inputs.logp, inputs.mask) * float("inf"), size=1.0)
