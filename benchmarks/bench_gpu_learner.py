@@ -7,12 +7,12 @@ responses shorter, so padding is exercised) and a reference: each row scored alo
 transformers fp32 forward with log-softmax in fp64. Behaviour log-probs = reference + N(0, 0.1). Then, for each
 ZeRO stage (2, 3) and precision (fp32, bf16), a world-size-1 DeepSpeedLearner (nccl) and it prints:
 
-1. learner.logprobs at init vs the reference (fp32: ~1e-5 expected), bf16 vs fp32 (PLATFORM.md: vLLM ~2e-3);
+1. learner.logprobs at init vs the reference (fp32: ~1e-5 expected), bf16 vs fp32 (vLLM's bf16 differs from fp32 by ~2e-3);
 2. the loss over 10 canonical-SFT steps on the fixed batch (first, last: it must fall);
-3. sft_step per PEAR level (none/sequence/token/block, rotating order, one warm-up step each): median ms/step
+3. a PEAR-SFT step per level (none/sequence/token/block, rotating order, one warm-up step each): median ms/step
    (cuda-synchronised), tokens/s (all batch tokens), peak GPU memory, the ratio to level none (the CPU target is
    <= 1.05), loss and grad norm finite, weight diagnostics (they drift to the ceiling as the model fits the batch);
-4. one rl_step (GRPO, 2 minibatches, TIS against the current log-probs + N(0, 0.05), k3 KL to the reference,
+4. one GRPO step ( 2 minibatches, TIS against the current log-probs + N(0, 0.05), k3 KL to the reference,
    random advantages): finite stats;
 5. for the configs in --ckpt: save -> fresh learner -> load restores parameter_checksum and the next two losses of
    the uninterrupted run; a second load tells kernel nondeterminism (two resumes differ too) from state that was not

@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import os
 
-# Read by Ray at import time: keeps the embedded instance's sockets on 127.0.0.1 (PLATFORM.md).
+# Read by Ray at import time: keeps the embedded instance's sockets on 127.0.0.1.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-# PLATFORM.md: vLLM in-process with no CPU pinning and no C++ compile on first logprobs call;
+# Measured on CPU: vLLM in-process with no CPU pinning and no C++ compile on first logprobs call;
 # DeepSpeed on the CPU accelerator.
 WORKER_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

@@ -10,7 +10,7 @@ from pear_ray.objectives import PEAR_LEVELS, pear_loss, pear_weights, token_logp
 
 
 def reference_weights(lt, lb, mask, level, gamma, block_size, delta_clip=(-0.08, 0.3), log_weight_clip=(-10.0, 5.0)):
-    """DESIGN.md's formulas with plain Python loops over rows and tokens, for comparison only."""
+    """The formulas of objectives/pear.py's docstring with plain Python loops over rows and tokens, for comparison only."""
     out = [[0.0] * len(row) for row in mask]
     for b, row in enumerate(mask):
         cols = [i for i, m in enumerate(row) if m]  # response tokens, in order: t = 1..T

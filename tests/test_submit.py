@@ -1,6 +1,6 @@
 """`pear-ray submit` against a real `ray start --head` (token auth on, loopback only), and a second node joining
 and leaving it during an RL job. Everything is started and stopped by this module alone: never `ray stop`, which
-would stop every Ray cluster of the user (PLATFORM.md)."""
+would stop every Ray cluster of the user."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PEAR: importance-reweighted SFT (Zhang et al., arXiv 2602.01058); DESIGN.md, "The PEAR objective (exact)".
+"""PEAR: importance-reweighted SFT (Zhang et al., arXiv 2602.01058), exactly as implemented here.
 
 On the response tokens t = 1..T of a row (counted along the mask, whatever the padding):
 

@@ -86,7 +86,7 @@ def behavior_pool(run: Run, model: Path):
 
 def teacher_writes_data(run: Run, target: Path) -> Path:
     """The behaviour model answers the task's train prompts; its sampled-token log-probs are the behaviour
-    log-probs (DESIGN.md: recorded at generation time)."""
+    log-probs, recorded at generation time."""
     job = run.job
     teacher = run.behavior()
     if job.score.teacher_sft_steps:

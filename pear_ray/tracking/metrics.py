@@ -8,7 +8,7 @@ Layout of a run folder (one `MetricsLogger` per folder, owned by the driver):
     histograms/{variant}_{stage}_{name}.npz  the latest histogram data ("values", "step") for the plots
 
 Names the plots and report look for: SFT records (stage "sft") carry "loss" and the PEAR diagnostics
-(mean_weight, ess_fraction, frac_at_floor, frac_at_ceiling, mean_log_ratio), as the learner's sft_step returns them;
+(mean_weight, ess_fraction, frac_at_floor, frac_at_ceiling, mean_log_ratio), as the learner's PEAR-SFT step returns them;
 the weight histogram is `histogram("sft", step, "pear_weights", w[mask])`; RL records (stage "rl") carry "reward"
 and "response_length".
 
