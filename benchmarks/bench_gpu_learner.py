@@ -12,7 +12,7 @@ ZeRO stage (2, 3) and precision (fp32, bf16), a world-size-1 DeepSpeedLearner (n
 3. a PEAR-SFT step per level (none/sequence/token/block, rotating order, one warm-up step each): median ms/step
    (cuda-synchronised), tokens/s (all batch tokens), peak GPU memory, the ratio to level none (the CPU target is
    <= 1.05), loss and grad norm finite, weight diagnostics (they drift to the ceiling as the model fits the batch);
-4. one GRPO step ( 2 minibatches, TIS against the current log-probs + N(0, 0.05), k3 KL to the reference,
+4. one GRPO step (2 minibatches, TIS against the current log-probs + N(0, 0.05), k3 KL to the reference,
    random advantages): finite stats;
 5. for the configs in --ckpt: save -> fresh learner -> load restores parameter_checksum and the next two losses of
    the uninterrupted run; a second load tells kernel nondeterminism (two resumes differ too) from state that was not
