@@ -48,10 +48,12 @@ class PriorConfig(Section):
 
 
 class ModelSource(Section):
-    """A Hugging Face model folder, a tiny model built on the spot from a spec (no downloads here), optionally
-    given a prior, or (behaviour only) a scripted policy."""
+    """A Hugging Face model folder or Hub id, a tiny model built on the spot from a spec (no downloads here),
+    optionally given a prior, or (behaviour only) a scripted policy."""
 
-    path: str | None = None
+    path: str | None = Field(None, description="a model folder, or a Hub id ('org/name') fetched into the Hub cache "
+                             "(HF_HOME / HF_HUB_CACHE; only the cache with HF_HUB_OFFLINE=1); a folder wins")
+    revision: str | None = Field(None, min_length=1, description="a Hub id's branch, tag or commit; default main")
     tiny: TinyModelSpec | None = None
     scripted: ScriptedPolicy | None = None
     prior: PriorConfig | None = None
@@ -63,6 +65,8 @@ class ModelSource(Section):
                              "(a behaviour policy written as code)")
         if self.prior is not None and self.tiny is None:
             raise ValueError("'prior' trains a tiny model built on the spot: give it with 'tiny'")
+        if self.revision is not None and self.path is None:
+            raise ValueError("'revision' pins a Hub id: give it with 'path'")
         return self
 
 
