@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pear_ray.data.io import DEFAULT_SPLIT, checked_columns
 from pear_ray.models.tiny import TinyModelSpec
 from pear_ray.objectives import PEAR_LEVELS, Grpo, OnPolicyDistill, PearSft, RlObjective
 from pear_ray.plugins import checked_spec
@@ -80,10 +81,22 @@ class ModelsConfig(Section):
 
 
 class DataConfig(Section):
-    sft: str | None = Field(None, description="SFT data, Parquet or JSONL (prompt/response text or ids)")
+    sft: str | None = Field(None, description="SFT data (prompt/response text or ids): Parquet, JSONL, a `datasets` "
+                            "save_to_disk folder or a Hub dataset id")
+    sft_split: str = Field(DEFAULT_SPLIT, min_length=1, description="the split of a `datasets` data.sft")
+    sft_columns: dict[str, str] = Field(default_factory=dict, description="data.sft's columns under the schema's "
+                                        "names, {schema name: its column}, e.g. {prompt: question, response: answer}")
     eval: str | None = Field(None, description="held-out prompts, Parquet or JSONL; defaults to the task's")
     max_prompt_tokens: int = Field(256, gt=0)
     max_response_tokens: int = Field(256, gt=0)
+
+    _checked_columns = field_validator("sft_columns")(checked_columns)
+
+    @model_validator(mode="after")
+    def _mapping_needs_data(self) -> DataConfig:
+        if self.sft is None and ({"sft_split", "sft_columns"} & self.model_fields_set):
+            raise ValueError("data.sft_split and data.sft_columns describe data.sft: give it, or drop them")
+        return self
 
 
 class TaskConfig(Section):
@@ -93,7 +106,11 @@ class TaskConfig(Section):
     kind: str = Field("reasoning_gym", description="a registered task kind: reasoning_gym, user, addition, ...")
     name: str = "basic_arithmetic"
     args: dict[str, Any] = Field(default_factory=dict)
-    path: str | None = Field(None, description="kind user: the prompt + answer file (Parquet or JSONL)")
+    path: str | None = Field(None, description="kind user: the prompt + answer data: Parquet, JSONL, a `datasets` "
+                             "save_to_disk folder or a Hub dataset id")
+    split: str = Field(DEFAULT_SPLIT, min_length=1, description="kind user: the split of a `datasets` task.path")
+    columns: dict[str, str] = Field(default_factory=dict, description="kind user: task.path's columns under the "
+                                    "schema's names, e.g. {prompt: question, answer: solution}")
     verifier: Literal["task", "exact", "math"] = "task"
     num_train: int = Field(256, gt=0)
     num_eval: int = Field(64, gt=0)
@@ -112,6 +129,14 @@ class TaskConfig(Section):
         if kind not in KINDS:
             raise ValueError(f"unknown task kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
         return kind
+
+    _checked_columns = field_validator("columns")(checked_columns)
+
+    @model_validator(mode="after")
+    def _mapping_needs_user_data(self) -> TaskConfig:
+        if self.kind != "user" and ({"split", "columns"} & self.model_fields_set):
+            raise ValueError(f"task.split and task.columns describe a user task's task.path, not kind {self.kind!r}")
+        return self
 
     @field_validator("reward")
     @classmethod

@@ -1,4 +1,4 @@
-"""Reading datasets (Parquet, JSONL) and the one tokenization every stage shares.
+"""Reading datasets (Parquet, JSONL, `datasets` folders and Hub ids) and the one tokenization every stage shares.
 
 A dataset row carries a prompt and a response either as text (`prompt`, `response`) or as token ids of
 the student's tokenizer (`prompt_ids`, `response_ids`), optional `behavior_logprobs`, and task metadata.
@@ -18,22 +18,86 @@ from pear_ray.data import schema
 log = logging.getLogger(__name__)
 
 
+# The split read from a `datasets` source unless the config names one.
+DEFAULT_SPLIT = "train"
+FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
 class DataError(ValueError):
     """A data file that cannot be read; names the file and the line or column."""
 
 
-def read_table(path: str | Path) -> pa.Table:
-    """Read a Parquet or JSONL file into an Arrow table, conformed to the schema's column types."""
-    path = Path(path)
-    if not path.is_file():
+def checked_columns(columns: dict[str, str]) -> dict[str, str]:
+    """A column mapping {schema name: the data's column}: refuses names the schema does not know, and one data
+    column given two names (the config's validator, so a typo fails at load time)."""
+    unknown = sorted(set(columns) - set(schema.COLUMN_TYPES))
+    if unknown:
+        raise ValueError(f"the column mapping renames to {unknown}, which the schema does not know; known: "
+                         f"{', '.join(schema.COLUMN_TYPES)}")
+    values = list(columns.values())
+    doubled = sorted({v for v in values if values.count(v) > 1})
+    if doubled:
+        raise ValueError(f"the column mapping gives the data's column(s) {doubled} more than one name")
+    return columns
+
+
+def read_table(path: str | Path, *, split: str = DEFAULT_SPLIT, columns: dict[str, str] | None = None) -> pa.Table:
+    """Read a Parquet or JSONL file, or `split` of a `datasets` dataset (a save_to_disk folder, whole when it holds
+    one split, or a Hub dataset id), into an Arrow table; rename its columns by `columns` ({schema name: the data's
+    column}) and conform them to the schema's types, so every source meets the same validation."""
+    source = str(path)
+    local = Path(path).expanduser()
+    if local.is_dir():
+        table = _read_dataset(local, split, source, saved=True)
+    elif local.is_file() and local.suffix == ".parquet":
+        table = pq.read_table(local)
+    elif local.is_file() and local.suffix in (".jsonl", ".json"):
+        table = _read_jsonl(local)
+    elif local.is_file():
+        raise DataError(f"{path}: unknown format {local.suffix!r} (expected .parquet, .jsonl or a datasets folder)")
+    elif local.suffix in FILE_SUFFIXES:
         raise DataError(f"{path}: no such file")
-    if path.suffix == ".parquet":
-        table = pq.read_table(path)
-    elif path.suffix in (".jsonl", ".json"):
-        table = _read_jsonl(path)
     else:
-        raise DataError(f"{path}: unknown format {path.suffix!r} (expected .parquet or .jsonl)")
-    return schema.conform(table, source=str(path))
+        from pear_ray.hub import SourceNotFound, hub_snapshot
+
+        try:
+            snapshot = hub_snapshot(source, what=f"{source}: no such file or folder, and as a Hub dataset id",
+                                    repo_type="dataset")
+        except SourceNotFound as error:
+            raise DataError(str(error)) from None
+        table = _read_dataset(snapshot, split, source, saved=False)
+    return schema.conform(_renamed(table, columns or {}, source), source=source)
+
+
+def _read_dataset(folder: Path, split: str, source: str, *, saved: bool) -> pa.Table:
+    """One split of a save_to_disk folder (saved) or of a Hub dataset's snapshot (its data files), as Arrow."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(folder)) if saved else datasets.load_dataset(str(folder))
+    except FileNotFoundError as error:
+        raise DataError(f"{source}: a folder, but not a dataset saved with save_to_disk ({error})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{source}: no split {split!r} (the dataset has {', '.join(loaded)})")
+        loaded = loaded[split]
+    if loaded.num_rows == 0:
+        raise DataError(f"{source}: no rows")
+    return loaded.with_format("arrow")[:]
+
+
+def _renamed(table: pa.Table, columns: dict[str, str], source: str) -> pa.Table:
+    """The table with the mapped columns under the schema's names; refuses a mapped column the data lacks, and a
+    name the data already uses for another column."""
+    missing = sorted(c for c in columns.values() if c not in table.column_names)
+    if missing:
+        raise DataError(f"{source}: the column mapping names column(s) {missing} the data lacks "
+                        f"(it has {table.column_names})")
+    names = {theirs: ours for ours, theirs in columns.items()}
+    taken = sorted(ours for ours in columns if ours in table.column_names and ours not in names)
+    if taken:
+        raise DataError(f"{source}: the column mapping renames onto {taken}, which the data already has")
+    return table.rename_columns([names.get(name, name) for name in table.column_names])
 
 
 def _read_jsonl(path: Path) -> pa.Table:
@@ -137,8 +201,9 @@ def with_ids(table: pa.Table) -> pa.Table:
     return schema.append_column(table, schema.ID, [str(i) for i in range(table.num_rows)])
 
 
-def load_sft_data(path: str | Path, tokenizer, *, max_prompt_tokens: int, max_response_tokens: int) -> pa.Table:
+def load_sft_data(path: str | Path, tokenizer, *, max_prompt_tokens: int, max_response_tokens: int,
+                  split: str = DEFAULT_SPLIT, columns: dict[str, str] | None = None) -> pa.Table:
     """Read, tokenize and validate an SFT dataset: the single way every stage gets its training rows."""
-    table = read_table(path)
+    table = read_table(path, split=split, columns=columns)
     table = tokenize(table, tokenizer, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
     return schema.validate(with_ids(table), vocab_size=len(tokenizer), source=str(path))

@@ -42,7 +42,8 @@ def run_score(run: Run) -> Path:
     job, target, k = run.job, run.data("sft"), run.job.score.teacher_topk
     if job.data.sft is not None:
         table = load_sft_data(job.data.sft, run.tokenizer, max_prompt_tokens=job.data.max_prompt_tokens,
-                              max_response_tokens=job.data.max_response_tokens)
+                              max_response_tokens=job.data.max_response_tokens, split=job.data.sft_split,
+                              columns=job.data.sft_columns)
         has_logprobs = schema.BEHAVIOR_LOGPROBS in table.column_names
         topk = k if schema.TEACHER_TOPK not in table.column_names else 0
         if has_logprobs and not topk:

@@ -1,4 +1,5 @@
-"""User data as a task: prompt + answer rows from a Parquet/JSONL file, checked by exact match or math-verify.
+"""User data as a task: prompt + answer rows from a Parquet/JSONL file or a `datasets` dataset (a save_to_disk
+folder or a Hub dataset id; task.split, task.columns), checked by exact match or math-verify.
 
 Splits: with a separate eval file (`data.eval`) that file's first num_eval rows are the eval split and the train
 split is every row of the task file whose prompt is not among them. Without one, `num_eval` distinct prompts of
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from pear_ray.data import schema
-from pear_ray.data.io import DataError, read_table
+from pear_ray.data.io import DEFAULT_SPLIT, DataError, read_table
 from pear_ray.tasks.base import Split, check_split, load_metadata, prompt_table, score_metadata
 from pear_ray.tasks.registry import register_kind
 
@@ -33,9 +34,10 @@ log = logging.getLogger(__name__)
 USER_ARGS = ("ignore_case",)
 
 
-def read_prompt_answer_file(path: str) -> list[dict[str, Any]]:
+def read_prompt_answer_file(path: str, split: str = DEFAULT_SPLIT,
+                            columns: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Rows {prompt, answer, row} of a user file; refuses missing columns and empty cells, naming file and row."""
-    table = read_table(path)
+    table = read_table(path, split=split, columns=columns)
     missing = [c for c in (schema.PROMPT, schema.ANSWER) if c not in table.column_names]
     if missing:
         raise DataError(f"{path}: a user task needs columns 'prompt' and 'answer'; missing {missing} "
@@ -58,6 +60,8 @@ class UserTask:
 
     name: str = "user"
     path: str | None = None  # prompt + answer file (the train split, and the eval split without eval_path)
+    split: str = DEFAULT_SPLIT  # of a `datasets` path
+    columns: dict[str, str] = field(default_factory=dict)  # path's columns under the schema's names
     eval_path: str | None = None  # held-out prompt + answer file (data.eval)
     verifier: Literal["exact", "math"] = "exact"
     ignore_case: bool = False
@@ -75,7 +79,7 @@ class UserTask:
             return self._splits
         if self.path is None and self.eval_path is None:
             raise ValueError("a user task needs its data file: set task.path (prompt + answer, Parquet or JSONL)")
-        rows = read_prompt_answer_file(self.path) if self.path else []
+        rows = read_prompt_answer_file(self.path, self.split, self.columns) if self.path else []
         if self.eval_path:
             held_out = read_prompt_answer_file(self.eval_path)[: self.num_eval]
             excluded = {row["prompt"] for row in held_out}
@@ -131,7 +135,8 @@ def build_user_task(task_config: TaskConfig, data_config: DataConfig, seed: int)
         raise ValueError(f"task.args of a user task accepts {list(USER_ARGS)}; unknown {unknown}")
     # `name` defaults to a reasoning-gym dataset name; a user task that does not set one is called "user".
     name = task_config.name if "name" in task_config.model_fields_set else "user"
-    return UserTask(name=name, path=task_config.path, eval_path=data_config.eval,
+    return UserTask(name=name, path=task_config.path, split=task_config.split, columns=task_config.columns,
+                    eval_path=data_config.eval,
                     verifier="exact" if task_config.verifier == "task" else task_config.verifier,
                     ignore_case=bool(args.get("ignore_case", False)), num_train=task_config.num_train,
                     num_eval=task_config.num_eval, seed=seed)
