@@ -23,6 +23,8 @@ OverridesArg = Annotated[
 ]
 
 RunDirOption = Annotated[Path | None, typer.Option(help="run folder (default: <output_dir>/<name>)")]
+FreshOption = Annotated[bool, typer.Option(help="move an existing run folder aside (to a sibling named with the time) "
+                                                "and start anew")]
 
 
 def _load(job_file: Path, overrides: list[str] | None) -> JobConfig:
@@ -89,13 +91,28 @@ def tiny_model(
     typer.echo(str(path))
 
 
-def _run(job: JobConfig, run_dir: Path | None) -> None:
+def _run(job: JobConfig, run_dir: Path | None, fresh: bool = False) -> None:
     """One run folder, or for a job with seeds/grid an experiment: one folder per cell and an aggregated report."""
     from pear_ray.driver.experiment import is_experiment, run_experiment
     from pear_ray.driver.run import run_job
 
-    report = (run_experiment if is_experiment(job) else run_job)(job, run_dir or job.run_dir)
+    drive = run_experiment if is_experiment(job) else run_job
+    report = _into(run_dir or job.run_dir, fresh, lambda folder: drive(job, folder))
     typer.echo(f"report: {report}")
+
+
+def _into(folder: Path, fresh: bool, action):
+    """`action(folder)`, after moving the folder aside with --fresh; a folder bound to another config (or a bad
+    experiment cell) is refused like a bad config."""
+    from pear_ray.driver.run import set_aside
+
+    if fresh and (aside := set_aside(folder)):
+        typer.echo(f"moved the old run folder aside to {aside}")
+    try:
+        return action(folder)
+    except ConfigError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -103,46 +120,52 @@ def run(
     job_file: JobArg,
     overrides: OverridesArg = None,
     run_dir: RunDirOption = None,
+    fresh: FreshOption = False,
 ) -> None:
     """Run the job's stages in order (score, sft, rl, eval) into one run folder; rerun to resume it."""
-    _run(_load(job_file, overrides), run_dir)
+    _run(_load(job_file, overrides), run_dir, fresh)
 
 
-def _one_stage(stage: str, job_file: Path, overrides: list[str] | None, run_dir: Path | None) -> None:
-    _run(_load(job_file, [*(overrides or []), f"stages=[{stage}]"]), run_dir)
+def _one_stage(stage: str, job_file: Path, overrides: list[str] | None, run_dir: Path | None, fresh: bool) -> None:
+    _run(_load(job_file, [*(overrides or []), f"stages=[{stage}]"]), run_dir, fresh)
 
 
 @app.command()
-def score(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None) -> None:
+def score(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None,
+          fresh: FreshOption = False) -> None:
     """Stage 1: bring the SFT data to behaviour log-probs (from the data, or scored by the behaviour model)."""
-    _one_stage("score", job_file, overrides, run_dir)
+    _one_stage("score", job_file, overrides, run_dir, fresh)
 
 
 @app.command()
-def sft(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None) -> None:
+def sft(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None,
+        fresh: FreshOption = False) -> None:
     """Stage 2: PEAR-weighted SFT (level none = canonical SFT) on the DeepSpeed learner."""
-    _one_stage("sft", job_file, overrides, run_dir)
+    _one_stage("sft", job_file, overrides, run_dir, fresh)
 
 
 @app.command()
-def rl(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None) -> None:
+def rl(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None,
+       fresh: FreshOption = False) -> None:
     """Stage 3: GRPO from the SFT checkpoint, with vLLM rollouts and verifier rewards."""
-    _one_stage("rl", job_file, overrides, run_dir)
+    _one_stage("rl", job_file, overrides, run_dir, fresh)
 
 
 @app.command("eval")
-def eval_(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None) -> None:
+def eval_(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None,
+          fresh: FreshOption = False) -> None:
     """Stage 4: pass@1 and pass@k (unbiased, n samples per held-out prompt) after SFT and after RL."""
-    _one_stage("eval", job_file, overrides, run_dir)
+    _one_stage("eval", job_file, overrides, run_dir, fresh)
 
 
 @app.command("inspect")
-def inspect_(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None) -> None:
+def inspect_(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None,
+             fresh: FreshOption = False) -> None:
     """Before training: how PEAR would weight the job's SFT data under the student as it is (runs score if needed)."""
     from pear_ray.driver.inspect import format_table, run_inspect
 
     job = _load(job_file, overrides)
-    figures, json_path, png_path = run_inspect(job, run_dir or job.run_dir)
+    figures, json_path, png_path = _into(run_dir or job.run_dir, fresh, lambda folder: run_inspect(job, folder))
     typer.echo(format_table(figures))
     typer.echo("\n".join(["", *figures["verdict"], "", f"figures: {json_path}", f"plot: {png_path}"]))
 

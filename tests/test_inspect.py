@@ -187,7 +187,7 @@ def test_inspect_command_end_to_end(tmp_path, tiny_model_dir, ray_cluster):
     result = CliRunner().invoke(app, ["inspect", str(job_file), "sft.pear.block_size=3"])
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "inspect"
-    assert json.loads((run_dir / "state.json").read_text())["done"] == {"score": str(run_dir / "data" / "sft.parquet")}
+    assert json.loads((run_dir / "state.json").read_text())["done"] == {"score": "data/sft.parquet"}  # folder-relative
     saved = json.loads((run_dir / "inspect.json").read_text())
     assert f"figures: {run_dir / 'inspect.json'}" in result.stdout
     assert f"plot: {run_dir / 'plots' / 'inspect.png'}" in result.stdout

@@ -24,8 +24,8 @@ SMALL = [  # the smoke job made smaller still
 ]
 
 
-def pear_ray(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([PEAR_RAY, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def pear_ray(*args: str, cwd: Path = ROOT, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([PEAR_RAY, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, **kwargs)
 
 

@@ -6,9 +6,9 @@ cell under the job's folder, then one aggregated report with paired statistics.
     <job folder>/report.md, summary.json, plots/
 
 Every cell is an ordinary run (`run_job`): rerunning the command skips finished cells and resumes the unfinished
-one. All cells are checked before the first starts, so a bad grid value is refused up front. Cells run one after
-another by default; with `parallel_cells: N` up to N run at once, each driven by a Ray task (on a cluster their
-actors spread over the nodes, as Ray places them).
+one. All cells are checked before the first starts, so a bad grid value, or a cell folder holding another config's
+results, is refused up front. Cells run one after another by default; with `parallel_cells: N` up to N run at
+once, each driven by a Ray task (on a cluster their actors spread over the nodes, as Ray places them).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pear_ray.config import JobConfig, parse_job, set_dotted
-from pear_ray.driver.run import run_job
+from pear_ray.driver.run import check_bound, run_job
 from pear_ray.runtime import init_ray
 from pear_ray.tracking import read_metrics
 from pear_ray.tracking.aggregate import aggregate, write_summary
@@ -79,6 +79,8 @@ def run_experiment(job: JobConfig, job_dir: Path) -> Path:
     """Run every cell into `job_dir`, then write the aggregated report; returns its path."""
     started = time.perf_counter()
     planned = cells(job)  # every cell's config is valid before anything starts
+    for _, folder, cell_job in planned:
+        check_bound(cell_job, job_dir / folder)
     init_ray()
     try:
         if job.parallel_cells > 1:

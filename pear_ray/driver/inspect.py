@@ -230,16 +230,17 @@ def verdict_levels(job: JobConfig) -> list[str]:
 def scored_data(job: JobConfig, run_dir: Path) -> tuple[Path, Path]:
     """The student SFT would start from and the run folder's scored SFT data. Stages not run yet (the student's
     prior, score) run here and are recorded in state.json, so a later `pear-ray run` reuses them."""
-    state = RunState(run_dir)
+    state = RunState(run_dir, job)
     student = resolve_model(job.models.student, run_dir / "models" / "student")
     if "score" in state.done and (job.models.student.prior is None or "prior" in state.done):
-        return Path(state.done.get("prior", student)), Path(state.done["score"])
+        return (state.resolve(state.done["prior"]) if "prior" in state.done else student,
+                state.resolve(state.done["score"]))
     init_ray()
     with MetricsLogger(run_dir, resume=True, loggers=job.loggers, run_name=job.name,
                        config=job.model_dump(mode="json")) as metrics:
         run = Run(job, run_dir, metrics, student)
         prepare_student(run, state)
-        return run.student, Path(state.once("score", lambda: run_score(run)))
+        return run.student, state.output("score", lambda: run_score(run))
 
 
 def run_inspect(job: JobConfig, run_dir: Path) -> tuple[dict, Path, Path]:

@@ -10,19 +10,24 @@
     report.md + plots/
 
 A finished stage is recorded in state.json and skipped on a rerun; an unfinished one resumes from its last
-checkpoint. Bulk data moves between actors by ObjectRef; the driver holds refs, indices and metrics.
+checkpoint. state.json also binds the folder to the config its results came from, so a rerun with other settings
+is refused instead of mixing results; paths in it are relative to the folder, so the folder can move. Bulk data
+moves between actors by ObjectRef; the driver holds refs, indices and metrics.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pear_ray.config import JobConfig, dump_job
+from pear_ray.config import ConfigError, JobConfig, dump_job
 from pear_ray.models import resolve_model
 from pear_ray.runtime import init_ray
 from pear_ray.stages.common import Run
@@ -36,12 +41,69 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 
 
-class RunState:
-    """Which stages of a run folder have finished, and what each produced (a path)."""
+# Settings that change how or where a run goes, not what it produces: a rerun into a run folder may change them
+# (adding a stage to `stages` resumes the run). Every other key of the resolved config binds the folder.
+NOT_BINDING = ("loggers", "resources", "parallel_cells", "output_dir", "stages")
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / STATE_FILE
+
+def binding(job: JobConfig) -> dict:
+    """The part of a resolved config that a run folder's results depend on."""
+    return job.model_dump(mode="json", exclude=set(NOT_BINDING))
+
+
+def fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def check_bound(job: JobConfig, run_dir: Path) -> None:
+    """Refuse a job whose results would differ from those already in `run_dir` (ConfigError naming each change)."""
+    path = run_dir / STATE_FILE
+    recorded = json.loads(path.read_text()).get("config") if path.is_file() else None
+    if recorded is None or fingerprint(recorded) == fingerprint(binding(job)):
+        return  # a new folder, or one from before folders were bound: nothing to compare with
+    old, new = _flatten(recorded), _flatten(binding(job))
+    unset = "(unset)"
+    changes = [f"  {key}: {json.dumps(old.get(key, unset))} -> {json.dumps(new.get(key, unset))}"
+               for key in sorted(old.keys() | new.keys()) if old.get(key, unset) != new.get(key, unset)]
+    raise ConfigError("\n".join([
+        f"run folder {run_dir} holds the results of another config; changed since:", *changes,
+        "rerun with the old settings to resume it, give another --run-dir, or add --fresh to move the folder "
+        "aside (to a sibling named with the time) and start anew"]))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config as dotted key -> value."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move a run folder to a sibling named with the time (for --fresh: nothing is deleted); returns where."""
+    if not run_dir.exists():
+        return None
+    aside = run_dir.with_name(f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    while aside.exists():
+        aside = aside.with_name(aside.name + "-1")
+    run_dir.rename(aside)
+    log.info("moved the run folder %s aside to %s", run_dir, aside)
+    return aside
+
+
+class RunState:
+    """Which stages of a run folder have finished and what each produced (a path relative to the folder), under
+    the config the folder is bound to."""
+
+    def __init__(self, run_dir: Path, job: JobConfig):
+        check_bound(job, run_dir)
+        self.dir, self.path, self.config = run_dir, run_dir / STATE_FILE, binding(job)
         self.done: dict[str, str] = json.loads(self.path.read_text())["done"] if self.path.is_file() else {}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._save()  # bound from the start: a run killed before its first stage has partial outputs too
 
     def once(self, key: str, stage: Callable[[], Path | dict]) -> str:
         """Run `stage` unless it finished before; record its output."""
@@ -49,11 +111,28 @@ class RunState:
             log.info("%s: done in an earlier run, skipping", key)
             return self.done[key]
         log.info("%s: starting", key)
-        self.done[key] = str(stage())
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps({"done": self.done}, indent=1))
-        partial.replace(self.path)
+        result = stage()
+        self.done[key] = os.path.relpath(result, self.dir) if isinstance(result, Path) else str(result)
+        self._save()
         return self.done[key]
+
+    def output(self, key: str, stage: Callable[[], Path]) -> Path:
+        """`once` for a stage that writes a file or folder: where it is."""
+        return self.resolve(self.once(key, stage))
+
+    def resolve(self, recorded: str) -> Path:
+        """A recorded path; older state files hold paths relative to the directory the run was started from."""
+        path = Path(recorded)
+        if path.is_absolute():
+            return path
+        inside = self.dir / path
+        return path if path.exists() and not inside.exists() else inside
+
+    def _save(self) -> None:
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps({"fingerprint": fingerprint(self.config), "config": self.config,
+                                       "done": self.done}, indent=1))
+        partial.replace(self.path)
 
 
 def prepare_student(run: Run, state: RunState, prior_dir: Path | None = None) -> None:
@@ -62,15 +141,14 @@ def prepare_student(run: Run, state: RunState, prior_dir: Path | None = None) ->
     only in later stages share one)."""
     if run.job.models.student.prior is not None:
         base = run.student
-        run.student = Path(state.once("prior", lambda: train_prior(run, base, prior_dir)))
+        run.student = state.output("prior", lambda: train_prior(run, base, prior_dir))
 
 
 def run_job(job: JobConfig, run_dir: Path, prior_dir: Path | None = None) -> Path:
     """Run the job's stages into `run_dir`; returns the report's path."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    state = RunState(run_dir, job)  # refuses another config's folder before anything starts
     if threading.current_thread() is threading.main_thread():  # not so in a Ray task driving an experiment's cell
         signal.signal(signal.SIGTERM, _exit_cleanly)  # a killed run still shuts its actors down
-    state = RunState(run_dir)
     dump_job(job, run_dir / "config.yaml")
     init_ray()
     student = resolve_model(job.models.student, run_dir / "models" / "student")
@@ -79,15 +157,15 @@ def run_job(job: JobConfig, run_dir: Path, prior_dir: Path | None = None) -> Pat
                        config=job.model_dump(mode="json")) as metrics:
         run = Run(job, run_dir, metrics, student)
         prepare_student(run, state, prior_dir)
-        data = Path(state.once("score", lambda: run_score(run))) if "score" in stages else run.data("sft")
+        data = state.output("score", lambda: run_score(run)) if "score" in stages else run.data("sft")
         for variant in job.sft_variants:
             model = run.student
             if "sft" in stages:
-                model = Path(state.once(f"sft/{variant}", lambda v=variant: run_sft(run, v, data)))
+                model = state.output(f"sft/{variant}", lambda v=variant: run_sft(run, v, data))
                 if "eval" in stages:
                     state.once(f"eval_sft/{variant}", lambda v=variant, m=model: run_eval(run, v, m, "sft"))
             if "rl" in stages:
-                model = Path(state.once(f"rl/{variant}", lambda v=variant, m=model: run_rl(run, v, m)))
+                model = state.output(f"rl/{variant}", lambda v=variant, m=model: run_rl(run, v, m))
                 if "eval" in stages:
                     state.once(f"eval_rl/{variant}", lambda v=variant, m=model: run_eval(run, v, m, "rl"))
     results = results_from_metrics(read_metrics(run_dir))

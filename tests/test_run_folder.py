@@ -1,0 +1,106 @@
+"""A run folder is bound to the config its results came from, can be started anew with --fresh, and can move."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pear_ray.config import ConfigError, load_job
+from pear_ray.driver import experiment
+from pear_ray.driver.run import RunState, binding
+from test_job import ROOT, SMALL, finish, pear_ray, steps
+
+JOB = [str(ROOT / "jobs" / "smoke.yaml"), *SMALL, "stages=[score,sft]"]
+FILES = ("config.yaml", "report.md", "state.json", "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """One finished run of score and SFT; tests that change it work on a copy."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    finish(pear_ray("run", *JOB, "--run-dir", str(run_dir)))
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(finished, tmp_path) -> Path:
+    shutil.copytree(finished, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
+    return {name: ((run_dir / name).read_bytes(), (run_dir / name).stat().st_mtime_ns) for name in FILES}
+
+
+def test_a_rerun_with_other_settings_is_refused_and_changes_nothing(run_dir):
+    before = snapshot(run_dir)
+    process = pear_ray("run", *JOB, "sft.lr=0.5", "task.name=letter_counting", "--run-dir", str(run_dir))
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, output
+    assert "sft.lr: 0.0001 -> 0.5" in output
+    assert 'task.name: "basic_arithmetic" -> "letter_counting"' in output
+    assert "--fresh" in output and "Traceback" not in output
+    assert "Ray" not in output  # refused before Ray started
+    assert snapshot(run_dir) == before
+
+
+def test_settings_that_do_not_change_results_may_differ_and_a_stage_added_resumes(run_dir):
+    sft_steps = steps(run_dir, "sft")
+    output = finish(pear_ray("run", *JOB, "loggers=[]", "resources.learner.num_cpus=0.25", "stages=[score,sft,eval]",
+                             "--run-dir", str(run_dir)))
+    assert "score: done in an earlier run, skipping" in output and "sft/token: done in an earlier run" in output
+    assert "eval_sft/token" in json.loads((run_dir / "state.json").read_text())["done"]
+    assert steps(run_dir, "sft") == sft_steps
+
+
+def test_fresh_moves_the_old_folder_aside_and_starts_anew(run_dir):
+    before = snapshot(run_dir)
+    output = finish(pear_ray("run", *JOB, "sft.lr=0.5", "stages=[score]", "--fresh", "--run-dir", str(run_dir)))
+    [aside] = [path for path in run_dir.parent.iterdir() if path.name.startswith("run-")]
+    assert str(aside) in output
+    assert snapshot(aside) == before  # the old run, whole
+    state = json.loads((run_dir / "state.json").read_text())
+    assert set(state["done"]) == {"score"} and state["config"]["sft"]["lr"] == 0.5
+    assert not (run_dir / "models" / "sft-token").exists()
+
+
+def test_a_moved_folder_resumes_from_another_directory(run_dir, tmp_path):
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    run_dir.rename(moved)
+    done = json.loads((moved / "state.json").read_text())["done"]
+    for key in ("score", "sft/token"):
+        assert not Path(done[key]).is_absolute() and (moved / done[key]).exists()
+    output = finish(pear_ray("run", *JOB, "stages=[score,sft,eval]", "--run-dir", "moved", cwd=moved.parent))
+    assert "score: done in an earlier run, skipping" in output and "sft/token: done in an earlier run" in output
+    assert [r["step"] for r in steps(moved, "sft")] == [1, 2, 3, 4]  # not trained again
+    assert "eval_sft/token" in json.loads((moved / "state.json").read_text())["done"]
+
+
+def test_an_older_state_file_is_read_leniently_and_then_bound(tmp_path, monkeypatch):
+    """Before folders were bound, state.json held no config and paths relative to the working directory."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = Path("runs/old")
+    (run_dir / "data").mkdir(parents=True)
+    (run_dir / "data" / "sft.parquet").write_bytes(b"")
+    absolute = tmp_path / "somewhere"
+    (run_dir / "state.json").write_text(json.dumps({"done": {"score": "runs/old/data/sft.parquet",
+                                                             "sft/token": str(absolute)}}))
+    job = load_job(ROOT / "jobs" / "smoke.yaml")
+    state = RunState(run_dir, job)
+    assert state.resolve(state.done["score"]) == Path("runs/old/data/sft.parquet")
+    assert state.resolve(state.done["sft/token"]) == absolute
+    assert json.loads((run_dir / "state.json").read_text())["config"] == binding(job)
+    with pytest.raises(ConfigError, match="sft.lr: 0.0001 -> 0.5"):
+        RunState(run_dir, load_job(ROOT / "jobs" / "smoke.yaml", ["sft.lr=0.5"]))
+
+
+def test_every_cell_of_an_experiment_is_checked_before_any_runs(tmp_path, monkeypatch):
+    job = load_job(ROOT / "jobs" / "smoke.yaml", ["seeds=[0,1]"])
+    [(_, first, _), (_, second, cell)] = experiment.cells(job)
+    RunState(tmp_path / second, cell.model_copy(update={"task": cell.task.model_copy(update={"num_eval": 3})}))
+    monkeypatch.setattr(experiment, "init_ray", lambda: pytest.fail("Ray started before every cell was checked"))
+    with pytest.raises(ConfigError, match=r"(?s)seed1 holds the results of another config.*task.num_eval: 3 -> 8"):
+        experiment.run_experiment(job, tmp_path)
+    assert not (tmp_path / first).exists()
