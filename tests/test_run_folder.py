@@ -45,6 +45,7 @@ def test_a_rerun_with_other_settings_is_refused_and_changes_nothing(run_dir):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow  # about 40 s: a stage runs again
 def test_settings_that_do_not_change_results_may_differ_and_a_stage_added_resumes(run_dir):
     sft_steps = steps(run_dir, "sft")
     output = finish(pear_ray("run", *JOB, "loggers=[]", "resources.learner.num_cpus=0.25", "stages=[score,sft,eval]",
@@ -54,6 +55,7 @@ def test_settings_that_do_not_change_results_may_differ_and_a_stage_added_resume
     assert steps(run_dir, "sft") == sft_steps
 
 
+@pytest.mark.slow  # about 40 s: a stage runs again
 def test_fresh_moves_the_old_folder_aside_and_starts_anew(run_dir):
     before = snapshot(run_dir)
     output = finish(pear_ray("run", *JOB, "sft.lr=0.5", "stages=[score]", "--fresh", "--run-dir", str(run_dir)))
