@@ -79,7 +79,7 @@ def run_experiment(job: JobConfig, job_dir: Path) -> Path:
     """Run every cell into `job_dir`, then write the aggregated report; returns its path."""
     started = time.perf_counter()
     planned = cells(job)  # every cell's config is valid before anything starts
-    init_ray()
+    init_ray(log_dir=job_dir / "logs")
     try:
         if job.parallel_cells > 1:
             run_side_by_side(planned, job_dir, job.parallel_cells)

@@ -72,7 +72,7 @@ def run_job(job: JobConfig, run_dir: Path, prior_dir: Path | None = None) -> Pat
         signal.signal(signal.SIGTERM, _exit_cleanly)  # a killed run still shuts its actors down
     state = RunState(run_dir)
     dump_job(job, run_dir / "config.yaml")
-    init_ray()
+    init_ray(log_dir=run_dir / "logs")
     student = resolve_model(job.models.student, run_dir / "models" / "student")
     stages = set(job.stages)
     with MetricsLogger(run_dir, resume=True, loggers=job.loggers, run_name=job.name,
