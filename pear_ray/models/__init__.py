@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 def resolve_model(source: ModelSource, build_dir: Path) -> Path:
     """A model folder: the given path, or a tiny model built (once) under build_dir."""
     if source.path is not None:
+        if not Path(source.path).is_dir():
+            raise FileNotFoundError(f"model folder {source.path} does not exist")
         return Path(source.path)
     return build_tiny_model(source.tiny, build_dir)
 
