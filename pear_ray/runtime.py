@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -49,6 +50,17 @@ def worker_logs_to_files() -> None:
             os.dup2(file.fileno(), stream.fileno())
 
 
+def check_reachable(address: str) -> None:
+    """Fail at once, naming the address, when nothing listens there: Ray itself retries for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and the like: Ray resolves those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as error:
+        raise ConnectionError(f"no Ray cluster answers at {address} (RAY_ADDRESS): {error.strerror or error}") from None
+
+
 def init_ray(address: str | None = None, *, num_cpus: float | None = None, use_gpu: bool = False,
              log_dir: Path | None = None, **ray_kwargs) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), or start an embedded one bound to loopback only
@@ -69,6 +81,7 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, use_g
         log.info("actor and engine logs: %s", log_dir)
     if address:
         log.info("joining Ray cluster at %s", address)
+        check_reachable(address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=to_console)
         return
     log.info("starting an embedded Ray instance on %s", LOOPBACK)

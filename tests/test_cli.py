@@ -1,5 +1,6 @@
 """The `pear-ray` command: help for every subcommand, errors that name what is wrong and where, the console."""
 
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -110,6 +111,15 @@ def test_bad_input_is_one_message_naming_where_with_exit_status_2(case, tmp_path
     assert "Traceback" not in run.stdout + run.stderr
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and where in last, run.stderr
+
+
+def test_an_unreachable_cluster_is_one_message_naming_the_address_with_exit_status_1(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens on port 1
+    run = subprocess.run([str(Path(sys.executable).parent / "pear-ray"), "run", SMOKE, "--run-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: no Ray cluster answers at 127.0.0.1:1")
 
 
 def test_errors_raised_in_ray_tasks_and_actors_are_unwrapped_to_their_cause():
