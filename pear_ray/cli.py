@@ -111,7 +111,7 @@ def _setup(
 ) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(asctime)s %(message)s",
+        format=f"%(asctime)s %(levelname)s {'%(name)s: ' if verbose else ''}%(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
