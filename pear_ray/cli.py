@@ -3,15 +3,67 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
+from typer.core import TyperGroup
 
 from pear_ray.config import ConfigError, JobConfig, load_job
+from pear_ray.runtime import VERBOSE_ENV
+
+# Errors a user causes with what they give (job file, overrides, data, paths): exit status 2; any other: 1.
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def user_facing(error: BaseException) -> BaseException:
+    """The error behind Ray's wrappers: a task's own (RayTaskError.cause), or the one an actor's __init__ raised (an
+    ActorDiedError holds that RayTaskError as its argument), as deep as they nest."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    while True:
+        if isinstance(error, RayTaskError):
+            error = error.cause
+        elif isinstance(error, RayActorError) and error.args and isinstance(error.args[0], RayTaskError):
+            error = error.args[0]
+        else:
+            return error
+
+
+def describe(error: BaseException) -> str:
+    """One line (or a few) naming what is wrong and where."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.strerror}: {error.filename}"
+    return str(error) or type(error).__name__
+
+
+class _Commands(TyperGroup):
+    """Every command runs inside this: an error becomes one message on stderr and an exit status (2 for bad input,
+    1 for a failure at run time), with the traceback only under --debug."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):  # --help, usage errors: typer's own
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as raised:
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            error = user_facing(raised)
+            typer.echo(f"error: {describe(error)}", err=True)
+            raise typer.Exit(2 if isinstance(error, BAD_INPUT) else 1) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="pear_ray: PEAR-weighted SFT, then GRPO, on Ray (vLLM rollouts, DeepSpeed learner).",
     no_args_is_help=True,
     add_completion=False,
@@ -22,7 +74,9 @@ OverridesArg = Annotated[
     list[str] | None, typer.Argument(help="dotted overrides, e.g. sft.pear.level=block rl.group_size=4")
 ]
 
-RunDirOption = Annotated[Path | None, typer.Option(help="run folder (default: <output_dir>/<name>)")]
+RunDirOption = Annotated[
+    Path | None, typer.Option(help="run folder", show_default="<output_dir>/<name> of the job")
+]
 FreshOption = Annotated[bool, typer.Option(help="move an existing run folder aside (to a sibling named with the time) "
                                                 "and start anew")]
 
@@ -30,26 +84,49 @@ FreshOption = Annotated[bool, typer.Option(help="move an existing run folder asi
 def _load(job_file: Path, overrides: list[str] | None) -> JobConfig:
     try:
         return load_job(job_file, overrides or [])
-    except ConfigError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+    except yaml.YAMLError as error:  # config.apply_override parses each value as YAML and lets its error through
+        bad = next(item for item in overrides if not _is_yaml(item.partition("=")[2]))
+        raise ConfigError(f"override {bad!r}: the value is not valid YAML ({error.problem})") from None
+
+
+def _is_yaml(text: str) -> bool:
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return True
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        typer.echo(f"pear_ray {package_version('pear_ray')}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+def _setup(
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="debug logging, and the actors' and engines' logs on the console too")] = False,
+    debug: Annotated[bool, typer.Option(help="on an error, the full traceback too")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="print the version and exit")] = False,
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {'%(name)s: ' if verbose else ''}%(message)s",
+        datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    else:  # Hugging Face's bars (saving each tiny model, downloads) would crowd the stages' own
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @app.command()
 def config(job_file: JobArg, overrides: OverridesArg = None) -> None:
     """Print the resolved job config (file + overrides, defaults filled in) as YAML, or say what is wrong."""
     job = _load(job_file, overrides)
-    import yaml
-
     typer.echo(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
 
 
@@ -57,32 +134,27 @@ def config(job_file: JobArg, overrides: OverridesArg = None) -> None:
 def validate(
     data_file: Annotated[Path, typer.Argument(help="Parquet or JSONL dataset")],
     model: Annotated[Path, typer.Option(help="model folder whose tokenizer the ids belong to")],
-    max_prompt_tokens: int = 256,
-    max_response_tokens: int = 256,
+    max_prompt_tokens: Annotated[int, typer.Option(help="prompts longer than this are cut")] = 256,
+    max_response_tokens: Annotated[int, typer.Option(help="responses longer than this are cut")] = 256,
 ) -> None:
     """Check a dataset against the schema (tokenizing text columns) and report the first problem, if any."""
     from transformers import AutoTokenizer
 
-    from pear_ray.data.io import DataError, load_sft_data
-    from pear_ray.data.schema import SchemaError
+    from pear_ray.data.io import load_sft_data
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    try:
-        table = load_sft_data(
-            data_file, tokenizer, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens
-        )
-    except (DataError, SchemaError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+    table = load_sft_data(
+        data_file, tokenizer, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens
+    )
     typer.echo(f"{data_file}: {table.num_rows} rows OK; columns {table.column_names}")
 
 
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="folder to write the Hugging Face model into")],
-    seed: int = 0,
-    hidden_size: int = 64,
-    num_layers: int = 2,
+    seed: Annotated[int, typer.Option(help="seed of the weights and the tokenizer's corpus")] = 0,
+    hidden_size: Annotated[int, typer.Option(help="width of the model")] = 64,
+    num_layers: Annotated[int, typer.Option(help="number of transformer layers")] = 2,
 ) -> None:
     """Build a tiny Qwen2 model with a byte-level BPE tokenizer, deterministically, for tests and demos."""
     from pear_ray.models.tiny import TinyModelSpec, build_tiny_model
@@ -93,26 +165,26 @@ def tiny_model(
 
 def _run(job: JobConfig, run_dir: Path | None, fresh: bool = False) -> None:
     """One run folder, or for a job with seeds/grid an experiment: one folder per cell and an aggregated report."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from pear_ray.driver.experiment import is_experiment, run_experiment
     from pear_ray.driver.run import run_job
+    from pear_ray.tracking.report import results_summary
 
     drive = run_experiment if is_experiment(job) else run_job
-    report = _into(run_dir or job.run_dir, fresh, lambda folder: drive(job, folder))
-    typer.echo(f"report: {report}")
+    with logging_redirect_tqdm():  # a log line during a stage's progress bar goes above it, not into it
+        report = _into(run_dir or job.run_dir, fresh, lambda folder: drive(job, folder))
+    typer.echo(f"{results_summary(report)}\n\nreport: {report}")
 
 
 def _into(folder: Path, fresh: bool, action):
-    """`action(folder)`, after moving the folder aside with --fresh; a folder bound to another config (or a bad
-    experiment cell) is refused like a bad config."""
+    """`action(folder)`, after moving the folder aside with --fresh (a folder bound to another config is refused
+    inside, as bad input)."""
     from pear_ray.driver.run import set_aside
 
     if fresh and (aside := set_aside(folder)):
         typer.echo(f"moved the old run folder aside to {aside}")
-    try:
-        return action(folder)
-    except ConfigError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+    return action(folder)
 
 
 @app.command()
@@ -181,8 +253,8 @@ def demo(overrides: OverridesArg = None) -> None:
 
 AddressOption = Annotated[
     str | None,
-    typer.Option(help="Ray dashboard (Jobs API) address [default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS if a URL, "
-                 "or http://127.0.0.1:8265]"),
+    typer.Option(help="Ray dashboard (Jobs API) address",
+                 show_default="RAY_API_SERVER_ADDRESS, RAY_ADDRESS if a URL, or http://127.0.0.1:8265"),
 ]
 
 
@@ -192,19 +264,13 @@ def submit(
     overrides: OverridesArg = None,
     address: AddressOption = None,
     wait: Annotated[bool, typer.Option(help="follow the logs until the job ends; exit non-zero if it fails")] = True,
-    working_dir: Annotated[Path | None, typer.Option(help="folder shipped to the cluster [default: .]")] = None,
+    working_dir: Annotated[Path | None, typer.Option(help="folder shipped to the cluster", show_default=".")] = None,
     run_dir: RunDirOption = None,
 ) -> None:
     """Submit the job to a Ray cluster through the Ray Jobs API (`pear-ray run` there, this folder shipped)."""
-    from pear_ray.submit import SubmitError, submit_job
+    from pear_ray.submit import submit_job
 
-    try:
-        job_id, status = submit_job(
-            job_file, overrides, address, wait=wait, working_dir=working_dir, run_dir=run_dir
-        )
-    except SubmitError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+    job_id, status = submit_job(job_file, overrides, address, wait=wait, working_dir=working_dir, run_dir=run_dir)
     typer.echo(f"job {job_id}: {status}")
     if wait and status != "SUCCEEDED":
         raise typer.Exit(1)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+from pathlib import Path
 
 # Read by Ray at import time: keeps the embedded instance's sockets on 127.0.0.1.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -26,6 +29,8 @@ WORKER_ENV = {
 }
 CPU_ONLY_ENV = {"DS_ACCELERATOR": "cpu"}
 LOOPBACK = "127.0.0.1"
+VERBOSE_ENV = "PEAR_RAY_VERBOSE"  # set (by `pear-ray --verbose`): workers' output goes to the console too
+WORKER_LOGS_ENV = "PEAR_RAY_WORKER_LOGS"  # the folder workers write their output into otherwise
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
@@ -34,10 +39,33 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in wanted.items()}
 
 
+def worker_logs_to_files() -> None:
+    """Ray's worker_process_setup_hook: this worker's stdout and stderr (vLLM, DeepSpeed, torch, C++ included)
+    go to <folder>/worker-<pid>.log instead of Ray's log files, which Ray would stream to the driver's console."""
+    folder = Path(os.environ[WORKER_LOGS_ENV])
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"worker-{os.getpid()}.log", "ab", buffering=0) as file:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+            os.dup2(file.fileno(), stream.fileno())
+
+
+def check_reachable(address: str) -> None:
+    """Fail at once, naming the address, when nothing listens there: Ray itself retries for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and the like: Ray resolves those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as error:
+        raise ConnectionError(f"no Ray cluster answers at {address} (RAY_ADDRESS): {error.strerror or error}") from None
+
+
 def init_ray(address: str | None = None, *, num_cpus: float | None = None, use_gpu: bool = False,
-             **ray_kwargs) -> None:
+             log_dir: Path | None = None, **ray_kwargs) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), or start an embedded one bound to loopback only
-    (`ray_kwargs`, e.g. object_store_memory, go to that embedded instance).
+    (`ray_kwargs`, e.g. object_store_memory, go to that embedded instance). With `log_dir`, the workers' output
+    goes to files there rather than to the console, unless PEAR_RAY_VERBOSE is set.
 
     A no-op when Ray is already initialised, so tests and the driver can share one instance.
     """
@@ -46,9 +74,15 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, use_g
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": worker_env(use_gpu)}
     os.environ.update(runtime_env["env_vars"])  # the driver imports the same libraries
+    to_console = log_dir is None or bool(os.environ.get(VERBOSE_ENV))
+    if not to_console:
+        runtime_env["env_vars"][WORKER_LOGS_ENV] = str(Path(log_dir).resolve())
+        runtime_env["worker_process_setup_hook"] = f"{__name__}.{worker_logs_to_files.__name__}"
+        log.info("actor and engine logs: %s", log_dir)
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        check_reachable(address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=to_console)
         return
     log.info("starting an embedded Ray instance on %s", LOOPBACK)
     ray.init(
@@ -56,7 +90,7 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, use_g
         _node_ip_address=LOOPBACK,
         include_dashboard=False,
         runtime_env=runtime_env,
-        log_to_driver=True,
+        log_to_driver=to_console,
         **ray_kwargs,
     )
 

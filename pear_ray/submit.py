@@ -25,7 +25,7 @@ POLL_SECONDS = 1.0
 AGENT_WAIT_SECONDS = 60.0
 
 
-class SubmitError(RuntimeError):
+class SubmitError(ValueError):  # bad input: the CLI exits 2
     """The job cannot be submitted as asked (e.g. the job file is outside the shipped working directory)."""
 
 

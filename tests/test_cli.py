@@ -1,14 +1,18 @@
-"""The `pear-ray` command: help for every subcommand, config errors that name the key."""
+"""The `pear-ray` command: help for every subcommand, errors that name what is wrong and where, the console."""
 
+import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
+from test_job import SMALL, finish, pear_ray
 from typer.testing import CliRunner
 
-from pear_ray.cli import app
+from pear_ray.cli import app, describe, user_facing
 
 SUBCOMMANDS = ["run", "score", "sft", "rl", "eval", "inspect", "demo", "submit", "config", "validate", "tiny-model"]
 SMOKE = str(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml")
@@ -79,3 +83,89 @@ def test_stage_commands_refuse_a_bad_job_before_starting_anything(name, tmp_path
     assert result.exit_code == 2
     assert "rl.group_size: Input should be greater than or equal to 2" in result.output
     assert not (tmp_path / "run").exists()
+
+
+BAD_INPUTS = {  # what is wrong -> the overrides that say it, and where the message must point
+    "unknown task name": (["task.name=no_such_task"], "task.name"),
+    "malformed data.sft": (["data.sft={bad_jsonl}"], "bad.jsonl, line 2"),
+    "missing model folder": (["models.student.tiny=null", "models.student.path={tmp}/no-model"], "no-model"),
+    "run dir is a file": (["--run-dir", "{tmp}/a-file"], "a-file"),
+    "bad YAML in an override": (["rl.group_size=[2,"], "rl.group_size"),
+}
+
+
+def _bad_input(tmp_path, args):
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2=", "response": "4"\n')
+    (tmp_path / "a-file").write_text("")
+    return [arg.format(tmp=tmp_path, bad_jsonl=bad_jsonl) for arg in args]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_message_naming_where_with_exit_status_2(case, tmp_path):
+    args, where = BAD_INPUTS[case]
+    run_dir = [] if "--run-dir" in args else ["--run-dir", str(tmp_path / "run")]
+    run = subprocess.run([str(Path(sys.executable).parent / "pear-ray"), "run", SMOKE, *run_dir,
+                          *_bad_input(tmp_path, args)], capture_output=True, text=True)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and where in last, run.stderr
+
+
+def test_an_unreachable_cluster_is_one_message_naming_the_address_with_exit_status_1(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens on port 1
+    run = subprocess.run([str(Path(sys.executable).parent / "pear-ray"), "run", SMOKE, "--run-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: no Ray cluster answers at 127.0.0.1:1")
+
+
+def test_errors_raised_in_ray_tasks_and_actors_are_unwrapped_to_their_cause():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    cause = FileNotFoundError(2, "No such file or directory", "/data/sft.jsonl")
+    in_task = RayTaskError("Actor.__init__", "Traceback (most recent call last): ...", cause)
+    assert user_facing(in_task) is cause
+    assert user_facing(in_task.as_instanceof_cause()) is cause
+    assert user_facing(ActorDiedError(in_task)) is cause
+    assert describe(user_facing(ActorDiedError(in_task))) == "No such file or directory: /data/sft.jsonl"
+    runtime = RuntimeError("the learner ran out of memory")
+    assert user_facing(runtime) is runtime
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    args, where = BAD_INPUTS["bad YAML in an override"]
+    run = subprocess.run([str(Path(sys.executable).parent / "pear-ray"), "--debug", "run", SMOKE, *args],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "Traceback (most recent call last)" in run.stderr and where in run.stderr.strip().splitlines()[-1]
+
+
+def test_version_prints_the_package_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"pear_ray {version('pear_ray')}"
+
+
+def test_every_option_and_argument_is_explained_and_shows_its_default():
+    group = typer.main.get_command(app)
+    commands = [(name, command) for name, command in group.commands.items() if name != "jobs"]
+    commands += [(f"jobs {name}", command) for name, command in group.commands["jobs"].commands.items()]
+    for name, command in [("pear-ray", group), *commands]:
+        for param in command.params:
+            assert param.help, f"{name}: {param.name} has no help"
+    submit = " ".join(runner.invoke(app, ["submit", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "[default: (RAY_API_SERVER_ADDRESS, RAY_ADDRESS if a URL, or http://127.0.0.1:8265)]" in submit
+    assert "[default: (.)]" in submit
+
+
+def test_a_smoke_run_keeps_the_engines_logs_off_the_console_and_prints_the_results(tmp_path):
+    run_dir = tmp_path / "run"
+    console = finish(pear_ray("run", SMOKE, *SMALL, "--run-dir", str(run_dir)))
+    assert not [line for line in console.splitlines() if "WARNING" in line and "pid=" in line], console
+    logs = "".join(path.read_text(errors="replace") for path in (run_dir / "logs").glob("worker-*.log"))
+    assert "vllm" in logs.lower()  # the engines' output is in the run folder instead
+    assert "| SFT variant |" in console and "| token |" in console
+    assert f"report: {run_dir / 'report.md'}" in console

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from pear_ray.actors.pool import ActorPool
@@ -101,14 +102,20 @@ def prompt_table(run: Run, split: str, n: int | None = None) -> pa.Table:
     return schema.append_column(prompts, schema.PROMPT_IDS, ids)
 
 
-def rollouts(pool: ActorPool, prompts: pa.Table, *, n: int, seed: int, **sampling) -> pa.Table:
+def rollouts(pool: ActorPool, prompts: pa.Table, *, n: int, seed: int, desc: str | None = None,
+             **sampling) -> pa.Table:
     """n samples per prompt from the pool, the prompts split evenly over its actors, rows in prompt order;
-    a prompt's samples share its group id (its row number unless the table has group ids)."""
+    a prompt's samples share its group id (its row number unless the table has group ids). With `desc`, a progress
+    bar of the prompts done."""
     if schema.GROUP_ID not in prompts.column_names:
         prompts = schema.append_column(prompts, schema.GROUP_ID, np.arange(prompts.num_rows))
     chunk = -(-prompts.num_rows // len(pool.actors))
     pieces = [ray.put(prompts.slice(start, chunk)) for start in range(0, prompts.num_rows, chunk)]
-    done = {index: ref for index, ref, _ in pool.map("generate", pieces, n=n, seed=seed, **sampling)}
+    done = {}
+    with tqdm(total=prompts.num_rows, desc=desc, unit="prompt", disable=desc is None) as progress:
+        for index, ref, _ in pool.map("generate", pieces, n=n, seed=seed, **sampling):
+            done[index] = ref
+            progress.update(min(chunk, prompts.num_rows - index * chunk))
     return pa.concat_tables(ray.get([done[i] for i in range(len(pieces))]))
 
 

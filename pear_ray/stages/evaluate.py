@@ -3,6 +3,7 @@ per-prompt correct counts behind them as Parquet (`eval/<stage>-<variant>.parque
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from pear_ray.data.io import write_table
 from pear_ray.objectives import mean_pass_at_k
 from pear_ray.stages.common import Run, correct_counts, prompt_table, rollouts, with_rewards
 from pear_ray.tracking import eval_stage
+
+log = logging.getLogger(__name__)
 
 
 def write_per_prompt(path: Path, prompts: pa.Table, correct: np.ndarray, *, n: int, stage: str, variant: str,
@@ -37,7 +40,7 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
     pool = rollout_pool(model, job.resources.rollout, seed=job.seed)
     try:
         sampling = job.sampling.model_dump() | {"temperature": job.eval.temperature}
-        table = rollouts(pool, prompts, n=job.eval.n, seed=job.seed, **sampling)
+        table = rollouts(pool, prompts, n=job.eval.n, seed=job.seed, desc=f"eval {after}-{variant}", **sampling)
     finally:
         pool.shutdown()
     table, failures = with_rewards(run, table)
@@ -48,4 +51,5 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
     results.update(num_prompts=len(correct), mean_reward=float(np.mean(table.column(schema.REWARD).to_numpy())),
                    verifier_errors=failures["errors"], verifier_timeouts=failures["timeouts"])
     run.metrics.log(eval_stage(after), 0, results, variant=variant)
+    log.info("eval %s-%s: %s", after, variant, ", ".join(f"pass@{k} {results[f'pass@{k}']:.3f}" for k in job.eval.k))
     return results

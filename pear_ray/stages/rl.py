@@ -56,13 +56,15 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
             sync_weights(learner, pool, version=start)
             log.info("%s: resuming at step %d of %d", name, start, rl.steps)
         run.metrics.truncate_after("rl", variant, start)  # rows past the checkpoint (all, from scratch) go
-        for step in tqdm(range(start, rl.steps), desc=name, initial=start, total=rl.steps):
+        progress = tqdm(range(start, rl.steps), desc=name, initial=start, total=rl.steps)
+        for step in progress:
             if grow_rollout_pool(pool, job.resources.rollout):  # actors that came up hold start_model's weights
                 sync_weights(learner, pool, version=step)
             rng = np.random.default_rng([job.seed, step])
             chosen = prompts.take(rng.choice(prompts.num_rows, size=min(rl.prompts_per_step, prompts.num_rows),
                                              replace=False))
             batch, stats = rollout_batch(run, pool, chosen, seed=int(rng.integers(2**31)), drop_constant=drop_constant)
+            progress.set_postfix(reward=f"{stats['reward']:.3f}")
             if batch.num_rows >= job.resources.learner.num_ranks * objective.updates()[0]:
                 batch_ref = ray.put(batch)
                 for column, scorer in scorers.items():  # at the rollouts' temperature, as the policy is scored

@@ -96,7 +96,7 @@ def teacher_writes_data(run: Run, target: Path) -> Path:
     pool = behavior_pool(run, teacher)
     try:
         data = rollouts(pool, prompts, n=job.score.samples_per_prompt, seed=job.seed, topk=job.score.teacher_topk,
-                        **job.sampling.model_dump())
+                        desc="score (teacher writes the data)", **job.sampling.model_dump())
     finally:
         pool.shutdown()
     data, failures = with_rewards(run, data)
@@ -165,9 +165,11 @@ def canonical_sft(run: Run, base: Path, rows: pa.Table, out: Path, *, steps: int
     objective = PearSft(level="none")
     try:
         rng = np.random.default_rng(seed)
-        for step in tqdm(range(steps), desc=stage.replace("_", " ")):
+        progress = tqdm(range(steps), desc=stage.replace("_", " "))
+        for step in progress:
             chosen = rng.choice(rows.num_rows, size=min(batch_size, rows.num_rows), replace=False)
             stats = learner.step(ray.put(rows.take(chosen)), objective)
+            progress.set_postfix(loss=f"{stats['loss']:.3f}")
             run.metrics.log(stage, step + 1, stats)
         learner.export_hf(out)
     finally:

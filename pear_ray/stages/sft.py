@@ -61,8 +61,10 @@ def run_sft(run: Run, variant: str, data_path: Path) -> Path:
             log.info("%s: resuming at step %d of %d", name, start, len(plan))
         samples = sum(len(rows) for rows in plan[:start])
         run.metrics.truncate_after("sft", variant, start)  # rows past the checkpoint (all, from scratch) go
-        for step in tqdm(range(start, len(plan)), desc=name, initial=start, total=len(plan)):
+        progress = tqdm(range(start, len(plan)), desc=name, initial=start, total=len(plan))
+        for step in progress:
             stats = learner.step(batch_ref(dataset, plan[step]), objective)
+            progress.set_postfix(loss=f"{stats['loss']:.3f}")
             samples += len(plan[step])
             run.metrics.log("sft", step + 1, {**stats, "samples_seen": samples}, variant=variant)
             if (step + 1) % sft.checkpoint_every == 0 and step + 1 < len(plan):

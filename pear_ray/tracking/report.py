@@ -209,3 +209,10 @@ def write_report(run_dir: str | Path, results: Results, *, seed: int, job_name: 
     path = run_dir / REPORT_FILE
     atomic_write_bytes(path, "\n".join(lines).rstrip("\n").encode() + b"\n")
     return path
+
+
+def results_summary(report: str | Path) -> str:
+    """A report's results for the console (a run's or an experiment's report.md): its sections before the plots."""
+    text = Path(report).read_text()
+    start, end = text.find("\n## "), text.find("\n## Plots")
+    return text[start + 1:end if end >= 0 else None].strip()
