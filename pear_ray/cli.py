@@ -14,7 +14,7 @@ import typer
 import yaml
 from typer.core import TyperGroup
 
-from pear_ray.config import ConfigError, JobConfig, load_job
+from pear_ray.config import JobConfig, load_job
 from pear_ray.runtime import VERBOSE_ENV
 
 # Errors a user causes with what they give (job file, overrides, data, paths): exit status 2; any other: 1.
@@ -82,19 +82,7 @@ FreshOption = Annotated[bool, typer.Option(help="move an existing run folder asi
 
 
 def _load(job_file: Path, overrides: list[str] | None) -> JobConfig:
-    try:
-        return load_job(job_file, overrides or [])
-    except yaml.YAMLError as error:  # config.apply_override parses each value as YAML and lets its error through
-        bad = next(item for item in overrides if not _is_yaml(item.partition("=")[2]))
-        raise ConfigError(f"override {bad!r}: the value is not valid YAML ({error.problem})") from None
-
-
-def _is_yaml(text: str) -> bool:
-    try:
-        yaml.safe_load(text)
-    except yaml.YAMLError:
-        return False
-    return True
+    return load_job(job_file, overrides or [])
 
 
 def _print_version(wanted: bool) -> None:

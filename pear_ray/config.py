@@ -94,7 +94,8 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _mapping_needs_data(self) -> DataConfig:
-        if self.sft is None and ({"sft_split", "sft_columns"} & self.model_fields_set):
+        # values, not model_fields_set: a dumped config (config.yaml, an experiment's cell) sets every field
+        if self.sft is None and (self.sft_split != DEFAULT_SPLIT or self.sft_columns):
             raise ValueError("data.sft_split and data.sft_columns describe data.sft: give it, or drop them")
         return self
 
@@ -134,7 +135,7 @@ class TaskConfig(Section):
 
     @model_validator(mode="after")
     def _mapping_needs_user_data(self) -> TaskConfig:
-        if self.kind != "user" and ({"split", "columns"} & self.model_fields_set):
+        if self.kind != "user" and (self.split != DEFAULT_SPLIT or self.columns):
             raise ValueError(f"task.split and task.columns describe a user task's task.path, not kind {self.kind!r}")
         return self
 
@@ -364,7 +365,11 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
-    set_dotted(tree, key, yaml.safe_load(raw))
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({error.problem})") from None
+    set_dotted(tree, key, value)
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pear_ray.config import ConfigError, apply_override, load_job
+from pear_ray.config import ConfigError, apply_override, load_job, parse_job
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -107,3 +107,11 @@ def test_variant_labels_choose_the_objectives():
     opd = job.rl_objective("block+opd")
     assert opd.kind == "on_policy_distill" and opd.clip_high == 0.3  # the surrogate settings carry over
     assert load_job(JOBS / "smoke.yaml", ["rl.objective.kl_coef=0.1"]).rl.objective.kl_coef == 0.1  # kind grpo
+
+
+@pytest.mark.parametrize("job_file", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)
+def test_a_resolved_config_validates_again(job_file):
+    """config.yaml and an experiment's cells are the resolved config dumped with every field set: it must load as
+    the same job."""
+    job = load_job(job_file)
+    assert parse_job(job.model_dump(mode="json")) == job
