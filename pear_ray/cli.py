@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import os
 import sys
@@ -230,13 +231,15 @@ def inspect_(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOp
     typer.echo("\n".join(["", *figures["verdict"], "", f"figures: {json_path}", f"plot: {png_path}"]))
 
 
-DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
+DEMO_JOB = "demo.yaml"  # in the package data pear_ray.jobs: the repository's jobs/ (see pyproject.toml)
 
 
 @app.command()
 def demo(overrides: OverridesArg = None) -> None:
     """The embedded default job (jobs/demo.yaml): canonical SFT vs PEAR-SFT then GRPO, tiny models, local CPU."""
-    _run(_load(DEMO_JOB, overrides), None)
+    with importlib.resources.as_file(importlib.resources.files("pear_ray.jobs") / DEMO_JOB) as job_file:
+        job = _load(job_file, overrides)
+    _run(job, None)
 
 
 AddressOption = Annotated[
