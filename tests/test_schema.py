@@ -1,11 +1,11 @@
 """The Arrow data plane: bad batches are refused naming file, row and column; padding round-trips."""
 
 import copy
-
 import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -117,6 +117,20 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     path.write_text('{"prompt_ids": [1], "response_ids": [2]}\n{"prompt_ids": "oops", "response_ids": [2]}\n')
     with pytest.raises(DataError, match="rows disagree on a column's type"):
         read_table(path)
+
+
+def test_empty_or_corrupt_files_are_refused_naming_the_file(tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "response": pa.array([], pa.string())}), empty)
+    with pytest.raises(DataError, match=r"empty\.parquet: no rows"):
+        read_table(empty)
+    (tmp_path / "blank.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"blank\.jsonl: no rows"):
+        read_table(tmp_path / "blank.jsonl")
+    for name, content in (("zero.parquet", b""), ("junk.parquet", b"not parquet at all")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}: not a readable Parquet file"):
+            read_table(tmp_path / name)
 
 
 def test_jsonl_and_parquet_read_to_the_same_typed_table(tmp_path):

@@ -50,7 +50,7 @@ def read_table(path: str | Path, *, split: str = DEFAULT_SPLIT, columns: dict[st
     if local.is_dir():
         table = _read_dataset(local, split, source, saved=True)
     elif local.is_file() and local.suffix == ".parquet":
-        table = pq.read_table(local)
+        table = _read_parquet(local)
     elif local.is_file() and local.suffix in (".jsonl", ".json"):
         table = _read_jsonl(local)
     elif local.is_file():
@@ -98,6 +98,17 @@ def _renamed(table: pa.Table, columns: dict[str, str], source: str) -> pa.Table:
     if taken:
         raise DataError(f"{source}: the column mapping renames onto {taken}, which the data already has")
     return table.rename_columns([names.get(name, name) for name in table.column_names])
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    """A Parquet file, refused like an empty JSONL one when it holds no rows, and named when it cannot be read."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no rows")
+    return table
 
 
 def _read_jsonl(path: Path) -> pa.Table:
