@@ -264,12 +264,17 @@ class PearSft(ObjectiveConfig):
         return self.level != "none"
 
     @property
+    def reads_frozen_target(self) -> bool:
+        """Whether the weights' target is the data's ref_logprobs (frozen) rather than the model being trained."""
+        return self.weighted and self.target_mode == "frozen"
+
+    @property
     def weight_settings(self) -> dict:
         """The settings `pear_weights` takes."""
         return self.model_dump(include={"level", "gamma", "block_size", "delta_clip", "log_weight_clip"})
 
     def columns(self) -> tuple[str, ...]:
-        frozen = (REF_LOGPROBS,) if self.weighted and self.target_mode == "frozen" else ()
+        frozen = (REF_LOGPROBS,) if self.reads_frozen_target else ()
         teacher = (TEACHER_TOPK,) if self.base_loss == "distill" else ()
         return ((BEHAVIOR_LOGPROBS,) if self.weighted else ()) + frozen + teacher
 
@@ -279,7 +284,7 @@ class PearSft(ObjectiveConfig):
     def loss(self, inputs: ObjectiveInputs) -> LossTerms:
         logp, mask = inputs.logp, inputs.mask
         behavior = inputs.columns.get(BEHAVIOR_LOGPROBS, torch.zeros_like(logp))
-        frozen = self.weighted and self.target_mode == "frozen"
+        frozen = self.reads_frozen_target
         per_token = None
         if self.base_loss == "distill":
             student = inputs.logprobs_at(inputs.columns[TOPK_IDS])
@@ -291,6 +296,4 @@ class PearSft(ObjectiveConfig):
         return LossTerms(total, size, sums)
 
     def report(self, stats: dict[str, float]) -> dict[str, float]:
-        figures = PearDiagnostics.from_sums(stats).as_dict()
-        figures["num_tokens"] = int(round(stats["num_tokens"]))
-        return figures
+        return PearDiagnostics.from_sums(stats).as_dict()

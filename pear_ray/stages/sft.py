@@ -49,7 +49,7 @@ def run_sft(run: Run, variant: str, data_path: Path) -> Path:
     job, sft = run.job, run.job.sft
     name = f"sft-{variant}"
     objective = job.sft_objective(variant)
-    if schema.REF_LOGPROBS in objective.columns():  # PEAR's frozen target
+    if objective.reads_frozen_target:
         data_path = frozen_targets(run, data_path)
     dataset, num_rows = dataset_ref(data_path)
     plan = batch_plan(num_rows, sft.batch_size, sft.epochs, job.seed, job.resources.learner.num_ranks)
