@@ -13,6 +13,8 @@ A finished stage is recorded in state.json and skipped on a rerun; an unfinished
 checkpoint. state.json also binds the folder to the config its results came from, so a rerun with other settings
 is refused instead of mixing results; paths in it are relative to the folder, so the folder can move. Bulk data
 moves between actors by ObjectRef; the driver holds refs, indices and metrics.
+
+(design notes: pear_ray/DESIGN.md)
 """
 
 from __future__ import annotations

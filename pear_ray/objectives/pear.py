@@ -15,6 +15,8 @@ With `tokens` the step size scales with the mean weight, so a level whose weight
 0.3 x the learning rate of canonical SFT; `weights` keeps canonical SFT's step size and only redistributes it.
 
 The token level is the block level with B = 1, so both share one vectorised path.
+
+(design notes: pear_ray/DESIGN.md)
 """
 
 from __future__ import annotations
