@@ -338,6 +338,12 @@ class JobConfig(Section):
         return Path(self.output_dir) / self.name
 
     @property
+    def uses_gpu(self) -> bool:
+        """Any role asks for GPUs: the workers then get no DS_ACCELERATOR=cpu (pear_ray.runtime)."""
+        roles = self.resources
+        return any(role.num_gpus > 0 for role in (roles.rollout, roles.learner, roles.reference))
+
+    @property
     def sft_variants(self) -> list[str]:
         """The variants to train and compare (comparison mode), or the one `sft.pear` describes."""
         return list(self.sft.variants) or [self.sft.pear.level + ("+distill" if self.sft.pear.base_loss == "distill"

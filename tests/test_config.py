@@ -115,3 +115,12 @@ def test_a_resolved_config_validates_again(job_file):
     the same job."""
     job = load_job(job_file)
     assert parse_job(job.model_dump(mode="json")) == job
+
+
+def test_a_job_that_asks_for_gpus_keeps_deepspeed_off_its_cpu_accelerator():
+    from pear_ray.runtime import worker_env
+
+    job = load_job(JOBS / "smoke.yaml")
+    assert not job.uses_gpu and worker_env(job.uses_gpu)["DS_ACCELERATOR"] == "cpu"
+    gpu_job = load_job(JOBS / "smoke.yaml", ["resources.learner.num_gpus=1"])
+    assert gpu_job.uses_gpu and "DS_ACCELERATOR" not in worker_env(gpu_job.uses_gpu)

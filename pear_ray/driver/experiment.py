@@ -81,7 +81,7 @@ def run_experiment(job: JobConfig, job_dir: Path) -> Path:
     planned = cells(job)  # every cell's config is valid before anything starts
     for _, folder, cell_job in planned:
         check_bound(cell_job, job_dir / folder)
-    init_ray(log_dir=job_dir / "logs")
+    init_ray(log_dir=job_dir / "logs", use_gpu=job.uses_gpu)
     try:
         if job.parallel_cells > 1:
             run_side_by_side(planned, job_dir, job.parallel_cells)

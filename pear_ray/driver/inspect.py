@@ -235,7 +235,7 @@ def scored_data(job: JobConfig, run_dir: Path) -> tuple[Path, Path]:
     if "score" in state.done and (job.models.student.prior is None or "prior" in state.done):
         return (state.resolve(state.done["prior"]) if "prior" in state.done else student,
                 state.resolve(state.done["score"]))
-    init_ray(log_dir=run_dir / "logs")
+    init_ray(log_dir=run_dir / "logs", use_gpu=job.uses_gpu)
     with MetricsLogger(run_dir, resume=True, loggers=job.loggers, run_name=job.name,
                        config=job.model_dump(mode="json")) as metrics:
         run = Run(job, run_dir, metrics, student)

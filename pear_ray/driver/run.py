@@ -152,7 +152,7 @@ def run_job(job: JobConfig, run_dir: Path, prior_dir: Path | None = None) -> Pat
     if threading.current_thread() is threading.main_thread():  # not so in a Ray task driving an experiment's cell
         signal.signal(signal.SIGTERM, _exit_cleanly)  # a killed run still shuts its actors down
     dump_job(job, run_dir / "config.yaml")
-    init_ray(log_dir=run_dir / "logs")
+    init_ray(log_dir=run_dir / "logs", use_gpu=job.uses_gpu)
     student = resolve_model(job.models.student, run_dir / "models" / "student")
     stages = set(job.stages)
     with MetricsLogger(run_dir, resume=True, loggers=job.loggers, run_name=job.name,
