@@ -114,27 +114,33 @@ def _setup(
 
 @app.command()
 def config(job_file: JobArg, overrides: OverridesArg = None) -> None:
-    """Print the resolved job config (file + overrides, defaults filled in) as YAML, or say what is wrong."""
+    """Print the resolved job config (file + overrides, defaults filled in) as YAML, or say what is wrong: every
+    check `run` makes before it starts (models, data, task, loggers), less the run folder."""
+    from pear_ray.driver.preflight import preflight
+
     job = _load(job_file, overrides)
+    preflight(job, None)
     typer.echo(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
 
 
 @app.command()
 def validate(
-    data_file: Annotated[Path, typer.Argument(help="Parquet or JSONL dataset")],
-    model: Annotated[Path, typer.Option(help="model folder whose tokenizer the ids belong to")],
-    max_prompt_tokens: Annotated[int, typer.Option(help="prompts longer than this are cut")] = 256,
-    max_response_tokens: Annotated[int, typer.Option(help="responses longer than this are cut")] = 256,
+    data_file: Annotated[str, typer.Argument(metavar="DATA",
+                                             help="Parquet or JSONL file, or a `datasets` folder or Hub id")],
+    model: Annotated[str, typer.Option(help="model folder or Hub id whose tokenizer the ids belong to")],
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="prompts longer than this are cut")] = 256,
+    max_response_tokens: Annotated[int, typer.Option(min=1, help="responses longer than this are cut")] = 256,
 ) -> None:
-    """Check a dataset against the schema (tokenizing text columns) and report the first problem, if any."""
-    from transformers import AutoTokenizer
-
+    """Check a dataset against the schema and the model (tokenizing text columns; ids within its embedding, rows
+    within its positions) and report the first problem, if any."""
+    from pear_ray.config import ModelSource
     from pear_ray.data.io import load_sft_data
+    from pear_ray.driver.preflight import check_positions, model_facts
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    table = load_sft_data(
-        data_file, tokenizer, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens
-    )
+    facts = model_facts(ModelSource(path=model), "--model", what=f"--model {model}")
+    table = load_sft_data(data_file, facts.tokenizer, max_prompt_tokens=max_prompt_tokens,
+                          max_response_tokens=max_response_tokens)
+    check_positions(table, facts, data_file)
     typer.echo(f"{data_file}: {table.num_rows} rows OK; columns {table.column_names}")
 
 
@@ -153,7 +159,8 @@ def tiny_model(
 
 
 def _run(job: JobConfig, run_dir: Path | None, fresh: bool = False) -> None:
-    """One run folder, or for a job with seeds/grid an experiment: one folder per cell and an aggregated report."""
+    """One run folder, or for a job with seeds/grid an experiment: one folder per cell and an aggregated report;
+    the job checked first (preflight), so a bad one starts nothing and writes no folder."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from pear_ray.driver.experiment import is_experiment, run_experiment
@@ -162,15 +169,16 @@ def _run(job: JobConfig, run_dir: Path | None, fresh: bool = False) -> None:
 
     drive = run_experiment if is_experiment(job) else run_job
     with logging_redirect_tqdm():  # a log line during a stage's progress bar goes above it, not into it
-        report = _into(run_dir or job.run_dir, fresh, lambda folder: drive(job, folder))
+        report = _into(job, run_dir or job.run_dir, fresh, lambda folder: drive(job, folder))
     typer.echo(f"{results_summary(report)}\n\nreport: {report}")
 
 
-def _into(folder: Path, fresh: bool, action):
-    """`action(folder)`, after moving the folder aside with --fresh (a folder bound to another config is refused
-    inside, as bad input)."""
+def _into(job: JobConfig, folder: Path, fresh: bool, action):
+    """`action(folder)` once the job passes preflight, after moving the folder aside with --fresh."""
+    from pear_ray.driver.preflight import preflight
     from pear_ray.driver.run import set_aside
 
+    preflight(job, folder, fresh=fresh)
     if fresh and (aside := set_aside(folder)):
         typer.echo(f"moved the old run folder aside to {aside}")
     return action(folder)
@@ -226,7 +234,7 @@ def inspect_(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOp
     from pear_ray.driver.inspect import format_table, run_inspect
 
     job = _load(job_file, overrides)
-    figures, json_path, png_path = _into(run_dir or job.run_dir, fresh, lambda folder: run_inspect(job, folder))
+    figures, json_path, png_path = _into(job, run_dir or job.run_dir, fresh, lambda folder: run_inspect(job, folder))
     typer.echo(format_table(figures))
     typer.echo("\n".join(["", *figures["verdict"], "", f"figures: {json_path}", f"plot: {png_path}"]))
 
@@ -257,11 +265,14 @@ def submit(
     wait: Annotated[bool, typer.Option(help="follow the logs until the job ends; exit non-zero if it fails")] = True,
     working_dir: Annotated[Path | None, typer.Option(help="folder shipped to the cluster", show_default=".")] = None,
     run_dir: RunDirOption = None,
+    force: Annotated[bool, typer.Option(help="submit even if the job fails the local checks (e.g. data that only "
+                                             "the cluster can see)")] = False,
 ) -> None:
     """Submit the job to a Ray cluster through the Ray Jobs API (`pear-ray run` there, this folder shipped)."""
     from pear_ray.submit import submit_job
 
-    job_id, status = submit_job(job_file, overrides, address, wait=wait, working_dir=working_dir, run_dir=run_dir)
+    job_id, status = submit_job(job_file, overrides, address, wait=wait, working_dir=working_dir, run_dir=run_dir,
+                                force=force)
     typer.echo(f"job {job_id}: {status}")
     if wait and status != "SUCCEEDED":
         raise typer.Exit(1)

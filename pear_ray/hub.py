@@ -13,14 +13,16 @@ class SourceNotFound(ValueError):
     """A name that is neither a local folder nor a Hub id that can be resolved; says what was tried."""
 
 
-def hub_snapshot(repo_id: str, *, what: str, revision: str | None = None, repo_type: str | None = None) -> Path:
+def hub_snapshot(repo_id: str, *, what: str, revision: str | None = None, repo_type: str | None = None,
+                 download: bool = True) -> Path | None:
     """The local snapshot folder of a Hub repo. Resolved on the driver and handed on as a path, so every node must
     see the same folder: on a cluster, point HF_HOME (or HF_HUB_CACHE) at shared storage.
 
     The cache is tried first, so a cached id needs no network. With HF_HUB_OFFLINE=1 that is all; otherwise the Hub
     is asked once, within HUB_TIMEOUT_S, whether the repo and revision exist, and only then is it downloaded (by
     revision name, so the cache's refs/ let a later offline run find it). `what` opens the error message (the config
-    key and value).
+    key and value). With `download=False` (a check before a run), an id the Hub confirms but the cache lacks gives
+    None instead of its files.
     """
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import HFValidationError
@@ -38,6 +40,8 @@ def hub_snapshot(repo_id: str, *, what: str, revision: str | None = None, repo_t
     else:
         try:
             HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type, timeout=HUB_TIMEOUT_S)
+            if not download:
+                return None
             return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type,
                                           etag_timeout=HUB_TIMEOUT_S))
         except Exception as error:  # noqa: BLE001 - the message below names the cause

@@ -11,6 +11,7 @@ RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token, which `ray start --head` uses) and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
@@ -90,14 +91,20 @@ def _job_file_in(working_dir: Path, job_file: Path) -> str:
         ) from None
 
 
-def _warn_if_invalid(job_file: Path, overrides: list[str], out: TextIO) -> None:
-    """A local check only: the job is submitted as asked either way, and fails on the cluster if it is bad."""
-    from pear_ray.config import ConfigError, load_job
+def check_locally(job_file: Path, overrides: list[str], working_dir: Path, *, force: bool, out: TextIO) -> None:
+    """The job's preflight, here, as the cluster will see it (paths relative to the shipped working directory). A
+    failure refuses the job, unless `force` (data only the cluster can see): then it is a warning."""
+    from pear_ray.config import load_job
+    from pear_ray.driver.preflight import preflight
 
     try:
-        load_job(job_file, overrides)
-    except ConfigError as error:
-        out.write(f"warning: the job does not validate locally, it will fail on the cluster: {error}\n")
+        job = load_job(job_file, overrides)
+        with contextlib.chdir(working_dir):
+            preflight(job, None)
+    except ValueError as error:
+        if not force:
+            raise
+        out.write(f"warning: the job fails the local checks; submitting it anyway (--force): {error}\n")
 
 
 def submit_job(
@@ -108,19 +115,20 @@ def submit_job(
     wait: bool,
     working_dir: str | Path | None = None,
     run_dir: str | Path | None = None,
+    force: bool = False,
     out: TextIO | None = None,
 ) -> tuple[str, str]:
     """Submit `pear-ray run job_file overrides` to the cluster at `address` and return (job id, status).
 
     The working directory (default: the current one) is shipped with the job, less EXCLUDES; the job file
-    must lie inside it. With `wait`, follow the job's logs to `out` until it ends, and return its final
+    must lie inside it. The job passes preflight here first (see `check_locally`). With `wait`, follow the job's logs to `out` until it ends, and return its final
     status (SUCCEEDED, FAILED or STOPPED); without, return the status right after submission.
     """
     out = out or sys.stdout
     overrides = list(overrides or [])
     working_dir = Path(working_dir or Path.cwd()).resolve()
     relative_job_file = _job_file_in(working_dir, Path(job_file))
-    _warn_if_invalid(Path(job_file), overrides, sys.stderr)
+    check_locally(Path(job_file), overrides, working_dir, force=force, out=sys.stderr)
 
     jobs = client(address)
     job_id = _submit_when_agent_ready(

@@ -189,13 +189,13 @@ def test_a_bad_column_mapping_or_row_is_named(tiny_model_dir, tmp_path):
         read_table(folder, columns={"prompt": "qestion"})
     bad = tmp_path / "bad"
     datasets.Dataset.from_list([*ROWS[:2], {"question": "", "solution": "1"}]).save_to_disk(bad)
-    with pytest.raises(DataError, match=rf"{bad}, row 2, column 'prompt'"):
+    with pytest.raises(DataError, match=rf"{bad}, row 3, column 'prompt'"):
         make_task(TaskConfig(kind="user", path=str(bad), columns={"prompt": "question", "answer": "solution"},
                              num_eval=1)).prompts("train")
     ids = tmp_path / "ids"
     datasets.Dataset.from_list([{"p": [1, 2], "r": [10**9]}]).save_to_disk(ids)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    with pytest.raises(schema.SchemaError, match=rf"{ids}, column 'response_ids', row 0"):
+    with pytest.raises(schema.SchemaError, match=rf"{ids}, column 'response_ids', row 1"):
         load_sft_data(ids, tokenizer, columns={"prompt_ids": "p", "response_ids": "r"}, max_prompt_tokens=8,
                       max_response_tokens=8)
 

@@ -89,7 +89,7 @@ def test_bad_batches_name_row_and_column(overrides, column, row, message):
         schema.validate(make_batch(**overrides), vocab_size=16, source="data.parquet", row_offset=100)
     error = caught.value
     assert (error.column, error.row) == (column, 100 + row)
-    assert str(error).startswith(f"data.parquet, column '{column}', row {100 + row}: ")
+    assert str(error).startswith(f"data.parquet, column '{column}', row {100 + row + 1}: ")
     assert message in str(error)
 
 

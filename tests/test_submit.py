@@ -176,11 +176,16 @@ def test_submit_wait_runs_the_job_on_the_cluster_and_writes_its_outputs(ray_head
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout, listed.stdout + listed.stderr
 
 
-def test_a_bad_config_fails_on_the_cluster_with_the_error_in_its_logs(ray_head):
+def test_a_bad_config_is_refused_here_and_with_force_fails_on_the_cluster_with_the_error_in_its_logs(ray_head):
+    refused = _pear_ray(ray_head, "submit", SMOKE, "sft.pear.levle=block", "--address", ray_head["address"])
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "sft.pear.levle: unknown key" in refused.stderr and "submitted job" not in refused.stdout
+
     result = _pear_ray(ray_head, "submit", SMOKE, "sft.pear.levle=block", "--address", ray_head["address"],
-                       "--wait")
+                       "--wait", "--force")
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
+    assert "submitting it anyway (--force)" in output
     job_id = _job_id(output)
     assert f"job {job_id}: FAILED" in output
 

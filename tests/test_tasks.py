@@ -271,7 +271,7 @@ def test_user_task_refuses_bad_files(tmp_path):
         UserTask(path=str(bad)).prompts("train")
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"prompt": "q", "answer": ""}) + "\n")
-    with pytest.raises(DataError, match="row 0, column 'answer'"):
+    with pytest.raises(DataError, match="row 1, column 'answer'"):
         UserTask(path=str(empty)).prompts("train")
     with pytest.raises(ValueError, match="task.path"):
         make_task(TaskConfig(kind="user")).prompts("train")

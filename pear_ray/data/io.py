@@ -123,7 +123,7 @@ def _read_jsonl(path: Path) -> pa.Table:
                 raise DataError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(_text_columns_as_str(row))
+            rows.append(_text_columns_as_str(row, f"{path}, line {number}"))
     if not rows:
         raise DataError(f"{path}: no rows")
     try:
@@ -132,9 +132,13 @@ def _read_jsonl(path: Path) -> pa.Table:
         raise DataError(f"{path}: rows disagree on a column's type ({error})") from None
 
 
-def _text_columns_as_str(row: dict) -> dict:
-    """JSON answers are often numbers on some lines and strings on others; text columns are text."""
-    for name in (schema.ID, schema.PROMPT, schema.RESPONSE, schema.ANSWER):
+def _text_columns_as_str(row: dict, where: str) -> dict:
+    """JSON answers and ids are often numbers on some lines and strings on others: they become text. A prompt or
+    response that is not text is a mistake, refused here with its line."""
+    for name in schema.TEXT_COLUMNS:
+        if row.get(name) is not None and not isinstance(row[name], str):
+            raise DataError(f"{where}, column {name!r}: expected text, got {type(row[name]).__name__} {row[name]!r}")
+    for name in (schema.ID, schema.ANSWER):
         if row.get(name) is not None and not isinstance(row[name], str):
             row[name] = json.dumps(row[name]) if isinstance(row[name], (dict, list)) else str(row[name])
     return row
@@ -194,7 +198,7 @@ def _encode_column(table: pa.Table, text_column: str, ids_column: str, encode) -
     texts = table.column(text_column).to_pylist()
     for row, text in enumerate(texts):
         if not isinstance(text, str) or not text:
-            raise DataError(f"column {text_column!r}, row {row}: expected non-empty text, got {text!r}")
+            raise DataError(f"column {text_column!r}, row {row + 1}: expected non-empty text, got {text!r}")
     return schema.append_column(table, ids_column, [encode(text) for text in texts])
 
 

@@ -60,15 +60,19 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     TEACHER_TOPK: TOPK_TYPE,
 }
 
+# Text a model reads or writes: refused, not converted, when the data holds anything else.
+TEXT_COLUMNS = (PROMPT, RESPONSE)
+
 # A log-probability above this is not a log-probability (allows for float round-off).
 MAX_LOGPROB = 1e-3
 
 
 class SchemaError(ValueError):
-    """A batch that breaks the schema; names the source, row, column and offending value."""
+    """A batch that breaks the schema; names the source, row (1-based in the message, as JSONL lines are counted;
+    `row` holds the 0-based index), column and offending value."""
 
     def __init__(self, message: str, *, source: str, column: str, row: int | None = None):
-        where = f"{source}, column {column!r}" + (f", row {row}" if row is not None else "")
+        where = f"{source}, column {column!r}" + (f", row {row + 1}" if row is not None else "")
         super().__init__(f"{where}: {message}")
         self.source, self.column, self.row = source, column, row
 
@@ -80,6 +84,11 @@ def conform(table: pa.Table | pa.RecordBatch, source: str = "batch") -> pa.Table
         wanted = COLUMN_TYPES.get(name)
         if wanted is None or table.schema.field(name).type == wanted:
             continue
+        if name in TEXT_COLUMNS and not pa.types.is_string(table.schema.field(name).type) and \
+                not pa.types.is_large_string(table.schema.field(name).type):
+            raise SchemaError(f"has type {table.schema.field(name).type}, expected text (a number or a list as a "
+                              "prompt or response is a mistake, not something to guess a string for)",
+                              source=source, column=name)
         try:
             table = table.set_column(index, pa.field(name, wanted), table.column(name).cast(wanted))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:

@@ -73,6 +73,12 @@ def check_bound(job: JobConfig, run_dir: Path) -> None:
         "aside (to a sibling named with the time) and start anew"]))
 
 
+def finished_stages(run_dir: Path) -> dict[str, str]:
+    """The stages a run folder records as finished, and what each produced (nothing for a new folder)."""
+    path = run_dir / STATE_FILE
+    return json.loads(path.read_text())["done"] if path.is_file() else {}
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     """A nested config as dotted key -> value."""
     out = {}
@@ -103,7 +109,7 @@ class RunState:
     def __init__(self, run_dir: Path, job: JobConfig):
         check_bound(job, run_dir)
         self.dir, self.path, self.config = run_dir, run_dir / STATE_FILE, binding(job)
-        self.done: dict[str, str] = json.loads(self.path.read_text())["done"] if self.path.is_file() else {}
+        self.done = finished_stages(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self._save()  # bound from the start: a run killed before its first stage has partial outputs too
 

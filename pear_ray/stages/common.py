@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +22,9 @@ from pear_ray.models import resolve_model
 from pear_ray.tasks import make_task
 from pear_ray.tasks.verify import score_rows
 from pear_ray.tracking import MetricsLogger
+
+
+BAR_PIECE_PROMPTS = 16  # prompts per generation request when a progress bar shows them
 
 
 @dataclass
@@ -103,18 +107,24 @@ def prompt_table(run: Run, split: str, n: int | None = None) -> pa.Table:
 
 
 def rollouts(pool: ActorPool, prompts: pa.Table, *, n: int, seed: int, desc: str | None = None,
-             **sampling) -> pa.Table:
+             on_piece: Callable[[pa.Table], dict[str, float]] | None = None, **sampling) -> pa.Table:
     """n samples per prompt from the pool, the prompts split evenly over its actors, rows in prompt order;
     a prompt's samples share its group id (its row number unless the table has group ids). With `desc`, a progress
-    bar of the prompts done."""
+    bar of the prompts done, the prompts cut into pieces of at most BAR_PIECE_PROMPTS so it moves (each prompt has
+    its own seed, so the samples do not depend on the cut); `on_piece` sees each piece's samples as they arrive and
+    returns figures for the bar (eval's running pass@k)."""
     if schema.GROUP_ID not in prompts.column_names:
         prompts = schema.append_column(prompts, schema.GROUP_ID, np.arange(prompts.num_rows))
     chunk = -(-prompts.num_rows // len(pool.actors))
+    if desc is not None:
+        chunk = min(chunk, BAR_PIECE_PROMPTS)
     pieces = [ray.put(prompts.slice(start, chunk)) for start in range(0, prompts.num_rows, chunk)]
     done = {}
     with tqdm(total=prompts.num_rows, desc=desc, unit="prompt", disable=desc is None) as progress:
         for index, ref, _ in pool.map("generate", pieces, n=n, seed=seed, **sampling):
             done[index] = ref
+            if on_piece is not None:
+                progress.set_postfix(on_piece(ray.get(ref)), refresh=False)
             progress.update(min(chunk, prompts.num_rows - index * chunk))
     return pa.concat_tables(ray.get([done[i] for i in range(len(pieces))]))
 

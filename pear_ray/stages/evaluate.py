@@ -4,6 +4,7 @@ per-prompt correct counts behind them as Parquet (`eval/<stage>-<variant>.parque
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +38,25 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
     """Evaluate `model` (the variant's checkpoint after stage `after`) and log `eval_<after>` metrics."""
     job = run.job
     prompts = prompt_table(run, "eval")
+    scored, failures = [], Counter()
+
+    def score(piece: pa.Table) -> dict[str, float]:
+        """Verify a piece as it arrives (the pool goes on generating); pass@k so far, for the progress bar."""
+        piece, piece_failures = with_rewards(run, piece)
+        scored.append(piece)
+        failures.update(piece_failures)
+        so_far = correct_counts(pa.concat_tables(scored), job.eval.correct_threshold).tolist()
+        return {f"pass@{k}": round(mean_pass_at_k(so_far, job.eval.n, k), 3) for k in job.eval.k}
+
     pool = rollout_pool(model, job.resources.rollout, seed=job.seed)
     try:
         sampling = job.sampling.model_dump() | {"temperature": job.eval.temperature}
-        table = rollouts(pool, prompts, n=job.eval.n, seed=job.seed, desc=f"eval {after}-{variant}", **sampling)
+        rollouts(pool, prompts, n=job.eval.n, seed=job.seed, desc=f"eval {after}-{variant}", on_piece=score,
+                 **sampling)
     finally:
         pool.shutdown()
-    table, failures = with_rewards(run, table)
-    correct = correct_counts(table, job.eval.correct_threshold)
+    table = pa.concat_tables(scored)
+    correct = correct_counts(table, job.eval.correct_threshold)  # in group (prompt) order, however pieces arrived
     write_per_prompt(run.per_prompt(after, variant), prompts, correct, n=job.eval.n, stage=after, variant=variant,
                      seed=job.seed)
     results = {f"pass@{k}": mean_pass_at_k(correct.tolist(), job.eval.n, k) for k in job.eval.k}

@@ -179,7 +179,7 @@ class ReasoningGymTask:
         rows = []
         for index, (prompt, answer, meta) in enumerate(zip(prompts, answers, metas)):
             if not prompt or answer is None:
-                raise DataError(f"{path}, row {index}: empty prompt or missing answer")
+                raise DataError(f"{path}, row {index + 1}: empty prompt or missing answer")
             metadata = load_metadata(meta) or {
                 "verifier": self._verifier_kind, "dataset": self.name, "args": self.args,
                 "entry": {"question": prompt, "answer": answer, "metadata": {}},

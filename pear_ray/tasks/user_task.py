@@ -47,9 +47,9 @@ def read_prompt_answer_file(path: str, split: str = DEFAULT_SPLIT,
     answers = table.column(schema.ANSWER).to_pylist()
     for index, (prompt, answer) in enumerate(zip(prompts, answers)):
         if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{path}, row {index}, column 'prompt': expected non-empty text, got {prompt!r}")
+            raise DataError(f"{path}, row {index + 1}, column 'prompt': expected non-empty text, got {prompt!r}")
         if answer is None or not str(answer).strip():
-            raise DataError(f"{path}, row {index}, column 'answer': expected an answer, got {answer!r}")
+            raise DataError(f"{path}, row {index + 1}, column 'answer': expected an answer, got {answer!r}")
         rows.append({"prompt": prompt, "answer": str(answer), "row": index, "source": str(path)})
     return rows
 

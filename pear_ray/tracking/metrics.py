@@ -45,7 +45,7 @@ RESERVED_FIELDS = ("time", "stage", "variant", "step")
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
-class LoggerNotInstalledError(ImportError):
+class LoggerNotInstalledError(ValueError):
     """A logger was requested in the config but its package is not installed here."""
 
 
@@ -215,7 +215,7 @@ class MetricsLogger:
         if unknown:
             raise ValueError(f"unknown logger(s) {unknown}; choose from {sorted(LOGGER_PACKAGES)}")
         for name in self.loggers:
-            _require_package(name)
+            require_logger(name)
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
@@ -360,7 +360,7 @@ class MetricsLogger:
             atomic_write_bytes(self.path, complete.encode())
 
 
-def _require_package(logger: str) -> None:
+def require_logger(logger: str) -> None:
     package = LOGGER_PACKAGES[logger]
     try:
         __import__(package)

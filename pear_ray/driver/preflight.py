@@ -1,0 +1,223 @@
+"""Preflight: everything a job names, checked before anything starts (no Ray, no actor, no run folder written).
+
+`config`, `run`, every stage command, `inspect` and `submit` call `preflight` first, so a bad job costs seconds and
+one message instead of a traceback after Ray has started and models were built. It checks, in order: the run
+folder (a folder, writable, not bound to another config), the loggers, every model the job names (a complete
+Hugging Face folder or Hub id: config, weights, a tokenizer the embedding covers, positions for the prompt and
+response limits; all sharing the student's tokenizer), the task (its name and args, its prompt files, a custom
+reward or objective importable), and the SFT data (readable, valid against the schema and the student's
+tokenizer, every row within the model's positions), with a behaviour source for the score stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pear_ray.config import ConfigError, JobConfig, ModelSource
+from pear_ray.data import schema
+from pear_ray.data.io import load_sft_data
+from pear_ray.driver.run import check_bound, finished_stages
+from pear_ray.hub import hub_snapshot
+from pear_ray.models.tiny import TinyModelSpec, build_tiny_model
+from pear_ray.objectives.custom import CustomObjective
+from pear_ray.plugins import load_callable
+from pear_ray.tasks import make_task
+from pear_ray.tracking.metrics import require_logger
+
+log = logging.getLogger(__name__)
+
+ROLES = ("student", "behavior", "reference")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class ModelFacts:
+    """What the checks need of a model: its tokenizer, the rows of its input embedding and its positions (None
+    when not known before the run downloads it)."""
+
+    key: str  # the config key that names it, for messages
+    tokenizer: Any
+    vocab_size: int | None = None
+    max_positions: int | None = None
+
+
+def preflight(job: JobConfig, run_dir: Path | None, *, fresh: bool = False) -> None:
+    """Raise a ConfigError (bad input: exit status 2) naming what is wrong and where. `run_dir` None skips the run
+    folder (a job for a cluster); `fresh`, its binding to a config (--fresh moves it aside)."""
+    if run_dir is not None:
+        check_run_folder(job, run_dir, bound=not fresh)
+    for name in job.loggers:
+        require_logger(name)  # a LoggerNotInstalledError is bad input too
+    models = {role: model_facts(getattr(job.models, role), f"models.{role}") for role in ROLES
+              if getattr(job.models, role) is not None and getattr(job.models, role).scripted is None}
+    check_models(job, models)
+    check_task(job)
+    check_data(job, models)
+
+
+def check_run_folder(job: JobConfig, run_dir: Path, *, bound: bool = True) -> None:
+    """A folder (or none yet) somewhere writable, holding no other config's results (with `bound`)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir}: a file is in the way (give --run-dir another path)")
+    existing = next(parent for parent in (run_dir, *run_dir.absolute().parents) if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run folder {run_dir}: cannot write into {existing}")
+    if bound and run_dir.is_dir():
+        check_bound(job, run_dir)
+    if "sft" in job.stages and "score" not in job.stages and "score" not in finished_stages(run_dir):
+        raise ConfigError(f"the sft stage trains on the SFT data the score stage writes into the run folder "
+                          f"{run_dir}, which has none: run the score stage first (pear-ray score, or pear-ray run)")
+
+
+def model_facts(source: ModelSource, key: str, what: str | None = None) -> ModelFacts:
+    """A model source checked complete, without building anything the run keeps: a tiny spec is built into a
+    temporary folder, a Hub id not in the cache is only confirmed (its tokenizer fetched, its weights left to the
+    run). `key` names the source in messages (`what`, default `<key>.path = <path>`, names its path)."""
+    if source.tiny is not None:
+        return replace(_tiny_facts(source.tiny.model_dump_json()), key=key)
+    what = what or f"{key}.path = {source.path!r}"
+    folder = Path(source.path).expanduser()
+    if not folder.is_dir():
+        folder = hub_snapshot(source.path, what=what, revision=source.revision, download=False)
+        if folder is None:
+            from transformers import AutoTokenizer
+
+            log.info("%s: on the Hub, not cached yet; its files are checked as the run downloads them", what)
+            return ModelFacts(key, AutoTokenizer.from_pretrained(source.path, revision=source.revision))
+    return read_model_folder(folder, what)
+
+
+@cache
+def _tiny_facts(spec_json: str) -> ModelFacts:
+    """A tiny spec's facts, built once per process (several roles often share a spec's shape)."""
+    with tempfile.TemporaryDirectory(prefix="pear-ray-preflight-") as folder:
+        return read_model_folder(build_tiny_model(TinyModelSpec.model_validate_json(spec_json), folder),
+                                 "a tiny model")
+
+
+def read_model_folder(folder: Path, key: str) -> ModelFacts:
+    """A Hugging Face model folder with a config, readable weights and a tokenizer whose ids the embedding covers."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    where = f"{key} ({folder})" if str(folder) not in key else key
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{where}: no config.json, so not a Hugging Face model folder")
+    _check_weights(folder, where)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{where}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer's "
+                          "files in with the model's")
+    try:
+        config = AutoConfig.from_pretrained(folder).get_text_config()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # noqa: BLE001 - transformers raises many kinds; the message names the cause
+        raise ConfigError(f"{where}: transformers cannot load it ({type(error).__name__}: {_first_line(error)})") \
+            from None
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ConfigError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                          f"{vocab_size} rows; ids from {vocab_size} on would index past it")
+    return ModelFacts(key, tokenizer, vocab_size, getattr(config, "max_position_embeddings", None))
+
+
+def _check_weights(folder: Path, where: str) -> None:
+    """Weights present and, for safetensors, each file as long as its header says (a cut-off copy fails here)."""
+    from safetensors import safe_open
+
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards and not any(folder.glob("*.bin")):
+        raise ConfigError(f"{where}: no weights (model.safetensors, its shards, or pytorch_model.bin)")
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt"):
+                pass
+        except Exception as error:  # noqa: BLE001 - safetensors' own error names what is wrong with the file
+            raise ConfigError(f"{where}: {shard.name} is not a readable safetensors file ({error})") from None
+
+
+def check_models(job: JobConfig, models: dict[str, ModelFacts]) -> None:
+    """Every model shares the student's tokenizer (log-prob ratios compare the same token ids) and has positions
+    for the longest prompt plus the longest response the job allows."""
+    student = models["student"]
+    for role, facts in models.items():
+        if role != "student" and facts.tokenizer.get_vocab() != student.tokenizer.get_vocab():
+            raise ConfigError(f"{facts.key}: its tokenizer differs from models.student's ({len(facts.tokenizer)} vs "
+                              f"{len(student.tokenizer)} tokens); the job compares their log-probs of the same "
+                              "token ids, so both need one tokenizer")
+        longest = job.data.max_prompt_tokens + max(job.data.max_response_tokens, job.sampling.max_tokens)
+        if facts.max_positions is not None and longest > facts.max_positions:
+            raise ConfigError(
+                f"{facts.key}: the model has {facts.max_positions} positions, but data.max_prompt_tokens "
+                f"({job.data.max_prompt_tokens}) + the longest response (data.max_response_tokens "
+                f"{job.data.max_response_tokens}, sampling.max_tokens {job.sampling.max_tokens}) is {longest}; "
+                "lower them")
+
+
+def check_task(job: JobConfig) -> None:
+    """The task builds (name, args), its prompts can be drawn (files read), and plug-ins import."""
+    task = make_task(job.task, job.data, seed=job.task.split_seed)
+    stages = set(job.stages)
+    if stages & {"rl", "eval"} or ("score" in stages and job.data.sft is None):
+        task.prompts("train")
+        task.prompts("eval")
+    if job.task.reward is not None:
+        load_callable(job.task.reward)
+    for variant in job.sft_variants:
+        objective = job.rl_objective(variant)
+        if isinstance(objective, CustomObjective):
+            load_callable(objective.function)
+
+
+def check_data(job: JobConfig, models: dict[str, ModelFacts]) -> None:
+    """The data the score stage reads, valid and within the models' positions, and a source of behaviour
+    log-probs for it; or, without a score stage, its output already in the run folder (checked by the stages)."""
+    if "score" not in job.stages:
+        return
+    behavior = job.models.behavior
+    if job.data.sft is None:
+        if behavior is None:
+            raise ConfigError("the score stage writes the SFT data with the behaviour model when there is no "
+                              "data.sft: give models.behavior (a path, tiny spec or scripted policy) or data.sft")
+    else:
+        data = load_sft_data(job.data.sft, models["student"].tokenizer, max_prompt_tokens=job.data.max_prompt_tokens,
+                             max_response_tokens=job.data.max_response_tokens, split=job.data.sft_split,
+                             columns=job.data.sft_columns)
+        scored = schema.BEHAVIOR_LOGPROBS not in data.column_names
+        if scored and behavior is None:
+            raise ConfigError(f"data.sft = {job.data.sft!r} has no {schema.BEHAVIOR_LOGPROBS} column: give "
+                              "models.behavior to score it, or data that carries them")
+        check_positions(data, models["student"], job.data.sft)
+        if scored:  # vLLM scores a row with room for one more token
+            check_positions(data, models["behavior"], job.data.sft, spare=1)
+    if job.score.teacher_data is not None and job.score.teacher_sft_steps:
+        check_positions(load_sft_data(job.score.teacher_data, models["student"].tokenizer,
+                                      max_prompt_tokens=job.data.max_prompt_tokens,
+                                      max_response_tokens=job.data.max_response_tokens),
+                        models.get("behavior", models["student"]), job.score.teacher_data)
+
+
+def check_positions(table, facts: ModelFacts, source: str, spare: int = 0) -> None:
+    """Every row's prompt + response fits the model's positions (less `spare`); names the first (1-based) row
+    that does not."""
+    if facts.max_positions is None:
+        return
+    import pyarrow.compute as pc
+
+    lengths = (pc.list_value_length(table.column(schema.PROMPT_IDS)).to_numpy()
+               + pc.list_value_length(table.column(schema.RESPONSE_IDS)).to_numpy())
+    limit = facts.max_positions - spare
+    too_long = (lengths > limit).nonzero()[0]
+    if too_long.size:
+        row = int(too_long[0])
+        raise ConfigError(f"{source}, row {row + 1}: {lengths[row]} prompt + response tokens, more than the "
+                          f"{limit} that {facts.key} takes ({too_long.size} of {len(lengths)} rows are too long); "
+                          "lower data.max_prompt_tokens or data.max_response_tokens, which cut them")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
