@@ -228,3 +228,15 @@ def test_a_hub_dataset_id_reads_from_the_cache_offline(hub_cache, tmp_path):
     with pytest.raises(DataError, match=r"org/nothing: no such file or folder, and as a Hub dataset id: not found"):
         read_table("org/nothing")
     assert time.monotonic() - started < 3
+
+
+def test_preflight_checks_a_cached_hub_model_offline_and_names_an_unknown_one(hub_cache, tiny_model_dir):
+    from pear_ray.driver.preflight import model_facts
+
+    cache_model(hub_cache, tiny_model_dir)
+    facts = model_facts(ModelSource(path="org/tiny"), "models.student")
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert (facts.vocab_size, facts.max_positions) == (config["vocab_size"], config["max_position_embeddings"])
+    assert len(facts.tokenizer) == len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    with pytest.raises(SourceNotFound, match="models.student.path = 'org/missing'.*HF_HUB_OFFLINE=1"):
+        model_facts(ModelSource(path="org/missing"), "models.student")

@@ -69,7 +69,7 @@ BAD_INPUTS = {  # what is wrong -> (arguments after the job file, what the messa
     "missing model folder": (model("no-model"), "models.student.path = '{inputs}/no-model': no such folder"),
     "model folder without weights": (model("no-weights"), "no-weights': no weights"),
     "cut-off weights": (model("cut-weights"), "model.safetensors is not a readable safetensors file"),
-    "model folder without tokenizer": (model("no-tokenizer"), "no-tokenizer': no tokenizer"),
+    "model folder without tokenizer": (model("no-tokenizer"), "no-tokenizer': no tokenizer files"),
     "embedding smaller than the tokenizer": (model("small-embedding"), "embedding only 300 rows"),
     "limits beyond the model's positions": (["data.max_prompt_tokens=500"],
                                             "models.student: the model has 512 positions"),

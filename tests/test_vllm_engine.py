@@ -244,5 +244,5 @@ def test_bad_model_folders_give_clear_errors(engine, tiny_model_dir, tmp_path):
     no_weights = tmp_path / "no_weights"
     shutil.copytree(tiny_model_dir, no_weights)
     (no_weights / "model.safetensors").unlink()
-    with pytest.raises(EngineError, match=f"vLLM failed to start on model folder {no_weights}"):
+    with pytest.raises(EngineError, match=f"model folder {no_weights}: no weights"):
         VllmEngine(no_weights)

@@ -24,7 +24,7 @@ from pear_ray.data import schema
 from pear_ray.data.io import load_sft_data
 from pear_ray.driver.run import check_bound, finished_stages
 from pear_ray.hub import hub_snapshot
-from pear_ray.models.tiny import TinyModelSpec, build_tiny_model
+from pear_ray.models import TinyModelSpec, build_tiny_model, check_model_files
 from pear_ray.objectives.custom import CustomObjective
 from pear_ray.plugins import load_callable
 from pear_ray.tasks import make_task
@@ -33,7 +33,6 @@ from pear_ray.tracking.metrics import require_logger
 log = logging.getLogger(__name__)
 
 ROLES = ("student", "behavior", "reference")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -106,12 +105,7 @@ def read_model_folder(folder: Path, key: str) -> ModelFacts:
     from transformers import AutoConfig, AutoTokenizer
 
     where = f"{key} ({folder})" if str(folder) not in key else key
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"{where}: no config.json, so not a Hugging Face model folder")
-    _check_weights(folder, where)
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ConfigError(f"{where}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer's "
-                          "files in with the model's")
+    check_model_files(folder, where)  # an IncompleteModel is bad input too
     try:
         config = AutoConfig.from_pretrained(folder).get_text_config()
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -123,21 +117,6 @@ def read_model_folder(folder: Path, key: str) -> ModelFacts:
         raise ConfigError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                           f"{vocab_size} rows; ids from {vocab_size} on would index past it")
     return ModelFacts(key, tokenizer, vocab_size, getattr(config, "max_position_embeddings", None))
-
-
-def _check_weights(folder: Path, where: str) -> None:
-    """Weights present and, for safetensors, each file as long as its header says (a cut-off copy fails here)."""
-    from safetensors import safe_open
-
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards and not any(folder.glob("*.bin")):
-        raise ConfigError(f"{where}: no weights (model.safetensors, its shards, or pytorch_model.bin)")
-    for shard in shards:
-        try:
-            with safe_open(str(shard), framework="pt"):
-                pass
-        except Exception as error:  # noqa: BLE001 - safetensors' own error names what is wrong with the file
-            raise ConfigError(f"{where}: {shard.name} is not a readable safetensors file ({error})") from None
 
 
 def check_models(job: JobConfig, models: dict[str, ModelFacts]) -> None:

@@ -30,10 +30,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in t
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # CPU build only: don't pin OMP threads to cores
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # else the first logprobs call JIT-compiles C++ (2-17 s) on CPU
 
+from pear_ray.models import IncompleteModel, check_model_files  # noqa: E402
+
 if TYPE_CHECKING:
     import torch
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 TopK = list[tuple[int, float]]  # one position's top-k next tokens as (id, log-prob), best first
 
 
@@ -63,14 +64,10 @@ def _token_logprob(position: dict, token_id: int) -> float:
 
 def check_model_dir(model_dir: str | Path) -> Path:
     """Fail fast with a readable error instead of a vLLM stack dump for a missing or incomplete model folder."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise EngineError(f"model folder {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise EngineError(f"model folder {path} has no config.json")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise EngineError(f"model folder {path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
-    return path
+    try:
+        return check_model_files(Path(model_dir), f"model folder {model_dir}")
+    except IncompleteModel as error:
+        raise EngineError(str(error)) from None
 
 
 def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
