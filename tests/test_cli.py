@@ -100,8 +100,8 @@ def _bad_input(tmp_path, args):
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_message_naming_where_with_exit_status_2(case, tmp_path):
     args, where = BAD_INPUTS[case]
-    run = subprocess.run([str(Path(sys.executable).parent / "pear-ray"), "run", SMOKE, "--run-dir", str(tmp_path / "run"),
-                          *_bad_input(tmp_path, args)], capture_output=True, text=True)
+    run = subprocess.run([str(Path(sys.executable).parent / "pear-ray"), "run", SMOKE, "--run-dir",
+                          str(tmp_path / "run"), *_bad_input(tmp_path, args)], capture_output=True, text=True)
     assert run.returncode == 2, run.stdout + run.stderr
     assert "Traceback" not in run.stdout + run.stderr
     last = run.stderr.strip().splitlines()[-1]
