@@ -28,6 +28,7 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "a-file").write_text("")
     (folder / "bad.jsonl").write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2=", "response": "4"\n')
     (folder / "numbers.jsonl").write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": 7, "response": "7"}\n')
+    (folder / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9", "response": "x"}\n'.encode("latin-1"))
     (folder / "good.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     (folder / "long.jsonl").write_text(json.dumps({"prompt": "1+1=", "response": "2 " * 80}) + "\n")
     pq.write_table(pa.table({"prompt": [1, 2], "response": ["a", "b"]}), folder / "int-prompts.parquet")
@@ -62,6 +63,7 @@ BAD_INPUTS = {  # what is wrong -> (arguments after the job file, what the messa
     "malformed data.sft": (["data.sft={inputs}/bad.jsonl"], "bad.jsonl, line 2: not valid JSON"),
     "non-text prompt in JSONL": (["data.sft={inputs}/numbers.jsonl"], "numbers.jsonl, line 2, column 'prompt': "
                                  "expected text, got int 7"),
+    "non-UTF-8 JSONL": (["data.sft={inputs}/latin1.jsonl"], "latin1.jsonl, line 1: not UTF-8 text"),
     "non-text prompt in Parquet": (["data.sft={inputs}/int-prompts.parquet"], "column 'prompt': has type int64"),
     "empty Parquet": (["data.sft={inputs}/empty.parquet"], "empty.parquet: no rows"),
     "missing data file": (["data.sft={inputs}/missing.parquet"], "missing.parquet: no such file"),

@@ -113,8 +113,13 @@ def _read_parquet(path: Path) -> pa.Table:
 
 def _read_jsonl(path: Path) -> pa.Table:
     rows = []
-    with path.open() as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}, line {number}: not UTF-8 text (byte {raw[error.start]:#04x} at column "
+                                f"{error.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -168,15 +173,17 @@ def encode_response(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
-def tokenize(table: pa.Table, tokenizer, *, max_prompt_tokens: int, max_response_tokens: int) -> pa.Table:
+def tokenize(table: pa.Table, tokenizer, *, max_prompt_tokens: int, max_response_tokens: int,
+             source: str = "batch") -> pa.Table:
     """Add `prompt_ids`/`response_ids` from text columns where missing; truncate to the configured lengths.
 
     Prompts keep their end (the question and the generation prompt), responses keep their start.
     """
     if schema.PROMPT_IDS not in table.column_names:
-        table = _encode_column(table, schema.PROMPT, schema.PROMPT_IDS, lambda t: encode_prompt(tokenizer, t))
+        table = _encode_column(table, schema.PROMPT, schema.PROMPT_IDS, lambda t: encode_prompt(tokenizer, t), source)
     if schema.RESPONSE_IDS not in table.column_names and schema.RESPONSE in table.column_names:
-        table = _encode_column(table, schema.RESPONSE, schema.RESPONSE_IDS, lambda t: encode_response(tokenizer, t))
+        table = _encode_column(table, schema.RESPONSE, schema.RESPONSE_IDS, lambda t: encode_response(tokenizer, t),
+                               source)
     limits = {schema.PROMPT_IDS: max_prompt_tokens, schema.RESPONSE_IDS: max_response_tokens}
     for name, limit in limits.items():
         if name not in table.column_names:
@@ -192,13 +199,14 @@ def tokenize(table: pa.Table, tokenizer, *, max_prompt_tokens: int, max_response
     return table
 
 
-def _encode_column(table: pa.Table, text_column: str, ids_column: str, encode) -> pa.Table:
+def _encode_column(table: pa.Table, text_column: str, ids_column: str, encode, source: str) -> pa.Table:
     if text_column not in table.column_names:
-        raise DataError(f"column {text_column!r} or {ids_column!r} is required (the data has {table.column_names})")
+        raise DataError(f"{source}: column {text_column!r} or {ids_column!r} is required (the data has "
+                        f"{table.column_names})")
     texts = table.column(text_column).to_pylist()
     for row, text in enumerate(texts):
         if not isinstance(text, str) or not text:
-            raise DataError(f"column {text_column!r}, row {row + 1}: expected non-empty text, got {text!r}")
+            raise DataError(f"{source}, row {row + 1}, column {text_column!r}: expected non-empty text, got {text!r}")
     return schema.append_column(table, ids_column, [encode(text) for text in texts])
 
 
@@ -220,5 +228,6 @@ def load_sft_data(path: str | Path, tokenizer, *, max_prompt_tokens: int, max_re
                   split: str = DEFAULT_SPLIT, columns: dict[str, str] | None = None) -> pa.Table:
     """Read, tokenize and validate an SFT dataset: the single way every stage gets its training rows."""
     table = read_table(path, split=split, columns=columns)
-    table = tokenize(table, tokenizer, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
+    table = tokenize(table, tokenizer, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
+                     source=str(path))
     return schema.validate(with_ids(table), vocab_size=len(tokenizer), source=str(path))
