@@ -66,6 +66,12 @@ class ObjectiveConfig(BaseModel):
         optimizer update each."""
         return 1, 1
 
+    def size_reads_model(self) -> bool:
+        """Whether `LossTerms.size` depends on the log-probs. A learner that accumulates micro-batches needs an
+        update's size before its first backward: it takes it from `loss` on zero log-probs, or when this is True
+        on those of an extra no-grad forward."""
+        return False
+
     def loss(self, inputs: ObjectiveInputs) -> LossTerms:
         raise NotImplementedError
 
