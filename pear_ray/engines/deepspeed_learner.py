@@ -35,15 +35,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from pear_ray.data.tensors import from_tensor, to_tensors
+from pear_ray.data.tensors import from_tensor, to_tensors, token_counts
 from pear_ray.engines import checkpoints, weights
 from pear_ray.engines.deepspeed_setup import build_engine, join_process_group, prepare_deepspeed, seed_everything
 from pear_ray.engines.hf_scorer import forward
 from pear_ray.engines.packing import micro_batch_bounds
-from pear_ray.data import schema
 from pear_ray.objectives import ObjectiveConfig, ObjectiveInputs
 from pear_ray.objectives.pear import divide
 
@@ -175,10 +173,8 @@ class DeepSpeedLearner:
         """The rows' tensors: all of them padded as one micro-batch without a budget, else cut by the budget."""
         if self.max_tokens_per_micro_batch is None:
             return [self._tensors(table, columns)] if table.num_rows else []
-        lengths = (pc.list_value_length(table.column(schema.PROMPT_IDS)).to_numpy(zero_copy_only=False)
-                   + pc.list_value_length(table.column(schema.RESPONSE_IDS)).to_numpy(zero_copy_only=False))
         return [self._tensors(table.slice(start, end - start), columns)
-                for start, end in micro_batch_bounds(lengths, self.max_tokens_per_micro_batch)]
+                for start, end in micro_batch_bounds(token_counts(table), self.max_tokens_per_micro_batch)]
 
     def _aligned(self, updates: list[list]) -> list[list]:
         """Each update's micro-batches followed by None (a filler) up to the most any rank has for that update."""
