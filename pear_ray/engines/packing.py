@@ -7,6 +7,10 @@ row, positions restarting at 0 for every sequence and no attention mask. transfo
 sequence (masking_utils.find_packed_sequence_indices): sdpa, eager and flex attention get a block-diagonal causal
 mask, flash attention the varlen boundaries, so attention never crosses sequences. The forward's per-token
 results go back onto the grid (`unpack`), and objectives see the same tensors as with padding.
+
+A dense block-diagonal mask still computes every pair of the packed row: with sdpa or eager attention a micro-batch
+of T tokens costs T^2 in attention, so a budget near the longest row wins (benchmarks/bench_packing.py); flash
+attention's varlen kernels cost only each sequence's own square.
 """
 
 from __future__ import annotations
