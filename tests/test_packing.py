@@ -31,10 +31,9 @@ BUDGET = 600
 SGD_LIKE = dict(lr=100.0, eps=1e4, grad_clip=0.0, weight_decay=0.0, seed=0)  # update = 0.01 x gradient
 OBJECTIVES = {
     "sft": PearSft(level="none"),
-    "pear-token": PearSft(level="token"),
+    "pear-token-by-weights": PearSft(level="token", normalize="weights"),  # its size reads the model
     "pear-block": PearSft(level="block", block_size=8),
     "pear-sequence": PearSft(level="sequence"),
-    "pear-token-by-weights": PearSft(level="token", normalize="weights"),  # its size reads the model
     # on-policy: logp_old pre-pass, two updates, KL and TIS columns, a per-row aggregation
     "grpo": Grpo(kl_coef=0.1, tis_cap=1.5, loss_aggregation="sequence-mean", epochs_per_batch=2),
 }
