@@ -268,6 +268,11 @@ class LearnerResources(ActorResources):
     num_ranks: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
     bf16: bool = Field(False, description="bf16 training with fp32 master weights (GPU)")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=0, description="per rank: cut each update's rows into micro-batches of at most this many prompt + "
+        "response tokens (a longer row alone), each packed without padding, gradients accumulated into one "
+        "update; null or 0: one padded forward per update. Near the longest row: sdpa/eager attention over a "
+        "packed row still costs its length squared")
 
 
 class ResourcesConfig(Section):

@@ -151,6 +151,7 @@ class LearnerGroup:
             master_addr, master_port = ray.get(self.actors[0].rendezvous.remote())
             engine_kwargs = dict(
                 zero_stage=self.resources.zero_stage, bf16=self.resources.bf16,
+                max_tokens_per_micro_batch=self.resources.max_tokens_per_micro_batch,
                 local_rank=0,  # a GPU rank sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES per actor)
                 num_threads=max(1, int(self.resources.num_cpus)), **optimizer,
             )

@@ -29,6 +29,11 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return pc.list_flatten(column).to_numpy(zero_copy_only=False)
 
 
+def token_counts(table: pa.Table) -> np.ndarray:
+    """Prompt + response tokens of each row: its length on the grid, unpadded."""
+    return _lengths(table.column(schema.PROMPT_IDS)) + _lengths(table.column(schema.RESPONSE_IDS))
+
+
 def _ragged_positions(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row and column indices of `lengths[i]` consecutive cells starting at `starts[i]` in each row i."""
     rows = np.repeat(np.arange(len(lengths)), lengths)

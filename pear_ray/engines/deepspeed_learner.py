@@ -11,6 +11,18 @@ loss `sum_global / size_global`, whatever the split of rows or tokens. The size 
 the update (one small all-reduce), which is what lets it depend on the model (PEAR's `normalize: weights`).
 Statistics are summed over ranks and updates and handed back to the objective to report.
 
+Micro-batches. By default an update is one forward of its rows padded to the longest. With
+`max_tokens_per_micro_batch` the rows are cut into micro-batches of at most that many tokens and each is packed
+without padding (engines/packing.py); the objective still sees every micro-batch's rows on a padded grid. Their
+gradients accumulate (DeepSpeed's accumulation boundary set by hand on the last one) into one optimizer update, so
+a packed update equals the padded one. Every micro-batch's loss is divided by the update's global size, which must
+be known before the first backward: the learner sums it in a pre-pass over the micro-batches, calling the
+objective on zero log-probs, or on a no-grad forward's when the objective says its size reads them
+(`size_reads_model`: PEAR normalised by its weights). Rows are never split, so per-row weights (PEAR's block and
+sequence levels) are those of the whole row. All ranks run the same number of forward and backward passes, each
+update's most over the ranks (ZeRO reduces gradients and ZeRO-3 gathers parameters in them): a rank with fewer
+runs one-token fillers whose loss is 0.
+
 Every public method is collective: all ranks of a group must call it, in the same order (ZeRO-3 gathers
 parameters inside forward, and every update all-reduces).
 """
@@ -25,10 +37,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pear_ray.data.tensors import from_tensor, to_tensors
+from pear_ray.data.tensors import from_tensor, to_tensors, token_counts
 from pear_ray.engines import checkpoints, weights
 from pear_ray.engines.deepspeed_setup import build_engine, join_process_group, prepare_deepspeed, seed_everything
-from pear_ray.engines.hf_scorer import forward, logprobs_at
+from pear_ray.engines.hf_scorer import forward
+from pear_ray.engines.packing import micro_batch_bounds
 from pear_ray.objectives import ObjectiveConfig, ObjectiveInputs
 from pear_ray.objectives.pear import divide
 
@@ -41,7 +54,8 @@ class DeepSpeedLearner:
     LR schedule warms up linearly over `warmup_steps`, then stays constant or decays (cosine, linear) to 0 at
     `total_steps`. `temperature` is the rollouts' sampling temperature: on-policy objectives and `logprobs` see
     logits / temperature, the distribution the rollout sampled from, so importance ratios compare like with like;
-    other objectives train the model's own distribution.
+    other objectives train the model's own distribution. `max_tokens_per_micro_batch` (None or 0: one padded
+    forward per update) bounds the tokens of one packed forward (module docstring).
     """
 
     def __init__(self, model_dir: str | Path, *, rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
@@ -49,7 +63,7 @@ class DeepSpeedLearner:
                  grad_clip: float = 1.0, warmup_steps: int = 0, total_steps: int | None = None,
                  lr_schedule: str = "constant", seed: int = 0, bf16: bool = False, local_rank: int = 0,
                  num_threads: int | None = None, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, max_tokens_per_micro_batch: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if zero_stage not in (0, 1, 2, 3):
@@ -57,6 +71,7 @@ class DeepSpeedLearner:
         self.model_dir = Path(model_dir)
         self.rank, self.world_size, self.zero_stage = rank, world_size, zero_stage
         self.temperature = temperature
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch or None  # None: pad, one forward per update
         self.optimizer_steps = 0  # updates applied (SFT steps and RL updates alike)
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -97,26 +112,40 @@ class DeepSpeedLearner:
         on_policy = objective.on_policy()
         temperature = self.temperature if on_policy else 1.0
         bounds = np.linspace(0, table.num_rows, minibatches + 1).round().astype(int)  # array_split's cut points
-        parts = [self._tensors(table.slice(int(a), int(b - a)), columns) for a, b in zip(bounds[:-1], bounds[1:])]
+        updates = self._aligned([self._micro_batches(table.slice(int(a), int(b - a)), columns)
+                                 for a, b in zip(bounds[:-1], bounds[1:])])
         if on_policy:
             with torch.no_grad():
-                for part in parts:
-                    part["logp_old"] = forward(self.engine, part, temperature)[0]
+                for micro_batches in updates:
+                    for micro in micro_batches:
+                        if micro is None:
+                            self._filler()
+                        else:
+                            micro["logp_old"] = self._forward(micro, temperature)[0]
 
         losses, grad_norms, sums, lr = [], [], {}, 0.0
         for _ in range(epochs):
-            for part in parts:
-                logp, logits = forward(self.engine, part, temperature)
-                terms = objective.loss(ObjectiveInputs(
-                    logp=logp, mask=part["response_mask"], columns=part, logp_old=part.get("logp_old"),
-                    logprobs_at=lambda ids, logits=logits: logprobs_at(logits, ids)))
-                [global_size] = self._all_reduce_sum([float(terms.size)])
-                loss = divide(terms.total, global_size / self.world_size)
-                norm, lr = self._update(loss)
-                losses.append(float(loss.detach()))
+            for micro_batches in updates:
+                # one micro-batch (always without a budget): its own size, summed over the ranks, is the update's
+                global_size = self._global_size(micro_batches, objective, temperature) if len(micro_batches) > 1 \
+                    else None
+                update_loss = 0.0
+                for index, micro in enumerate(micro_batches):
+                    self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
+                    if micro is None:
+                        loss = self._filler()
+                    else:
+                        terms = objective.loss(self._inputs(micro, temperature))
+                        if global_size is None:
+                            [global_size] = self._all_reduce_sum([float(terms.size)])
+                        loss = divide(terms.total, global_size / self.world_size)
+                        for name, value in terms.stats.items():
+                            sums[name] = sums.get(name, 0.0) + float(value)
+                    self.engine.backward(loss)
+                    update_loss += float(loss.detach())
+                norm, lr = self._optimizer_step()
+                losses.append(update_loss)
                 grad_norms.append(norm)
-                for name, value in terms.stats.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
         names = sorted(sums)
         loss_sum, *totals = self._all_reduce_sum([sum(losses), *(sums[name] for name in names)])
         return {"loss": loss_sum / self.world_size / len(losses), "grad_norm": float(np.mean(grad_norms)),
@@ -125,34 +154,91 @@ class DeepSpeedLearner:
 
     @torch.no_grad()
     def logprobs(self, table: pa.Table) -> pa.ListArray:
-        """log pi(response token | prefix) under the current weights and `temperature`, one list<float32> per row.
+        """log pi(response token | prefix) under the current weights and `temperature`, one list<float32> per row,
+        micro-batched like a step.
 
-        A rank may get no rows (a batch smaller than the group): under ZeRO-3 it still runs a one-token forward,
-        because every rank must take part in the parameter all-gathers.
+        A rank may get no rows (a batch smaller than the group): it still runs as many (one-token) forwards as the
+        busiest rank, because under ZeRO-3 every rank must take part in the parameter all-gathers.
         """
-        if table.num_rows == 0:
-            if self.zero_stage == 3:
-                dummy = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
-                self.engine(input_ids=dummy, attention_mask=torch.ones_like(dummy))
-            return pa.array([], type=pa.list_(pa.float32()))
-        batch = self._tensors(table)
-        return from_tensor(forward(self.engine, batch, self.temperature)[0], batch["response_mask"])
+        [micro_batches] = self._aligned([self._micro_batches(table)])
+        pieces = []
+        for micro in micro_batches:
+            if micro is None:
+                self._filler()
+            else:
+                pieces.append(from_tensor(self._forward(micro, self.temperature)[0], micro["response_mask"]))
+        return pa.concat_arrays(pieces) if pieces else pa.array([], type=pa.list_(pa.float32()))
+
+    def _micro_batches(self, table: pa.Table, columns: tuple[str, ...] = ()) -> list[dict[str, torch.Tensor]]:
+        """The rows' tensors: all of them padded as one micro-batch without a budget, else cut by the budget."""
+        if self.max_tokens_per_micro_batch is None:
+            return [self._tensors(table, columns)] if table.num_rows else []
+        return [self._tensors(table.slice(start, end - start), columns)
+                for start, end in micro_batch_bounds(token_counts(table), self.max_tokens_per_micro_batch)]
+
+    def _aligned(self, updates: list[list]) -> list[list]:
+        """Each update's micro-batches followed by None (a filler) up to the most any rank has for that update."""
+        counts = self._all_reduce_max([len(micro_batches) for micro_batches in updates])
+        return [micro_batches + [None] * (int(count) - len(micro_batches))
+                for micro_batches, count in zip(updates, counts)]
+
+    def _forward(self, micro: dict[str, torch.Tensor], temperature: float):
+        """(log-probs [B, L], candidates): hf_scorer.forward, packed under a token budget."""
+        return forward(self.engine, micro, temperature, packed=self.max_tokens_per_micro_batch is not None)
+
+    def _inputs(self, micro: dict[str, torch.Tensor], temperature: float) -> ObjectiveInputs:
+        logp, candidates = self._forward(micro, temperature)
+        return ObjectiveInputs(logp=logp, mask=micro["response_mask"], columns=micro, logp_old=micro.get("logp_old"),
+                               logprobs_at=candidates)
+
+    def _filler(self) -> torch.Tensor:
+        """A one-token forward whose loss is 0, with a zero gradient for every parameter: the pass of a rank that
+        has no micro-batch left while another rank has one."""
+        dummy = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+        return self.engine(input_ids=dummy, attention_mask=torch.ones_like(dummy)).logits.sum() * 0.0
+
+    @torch.no_grad()
+    def _global_size(self, micro_batches: list, objective: ObjectiveConfig, temperature: float) -> float:
+        """The update's loss divisor summed over the ranks, before any of its backward passes: the objective on
+        zero log-probs, which leave its size as it is, or on a no-grad forward's at the weights the update starts
+        from when its size reads them."""
+        reads_model = objective.size_reads_model()
+        size = 0.0
+        for micro in micro_batches:
+            if micro is None:
+                if reads_model:
+                    self._filler()
+                continue
+            if reads_model:
+                inputs = self._inputs(micro, temperature)
+            else:
+                zeros = torch.zeros(micro["response_mask"].shape, dtype=torch.float32, device=self.device)
+                inputs = ObjectiveInputs(logp=zeros, mask=micro["response_mask"], columns=micro,
+                                         logp_old=micro.get("logp_old"),
+                                         logprobs_at=lambda ids: torch.zeros(ids.shape, device=ids.device))
+            size += float(objective.loss(inputs).size)
+        return self._all_reduce_sum([size])[0]
 
     def _tensors(self, table: pa.Table, columns: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         return {key: value.to(self.device) for key, value in to_tensors(table, self.pad_id, columns).items()}
 
     def _all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sum a few floats over the ranks (float64)."""
+        return self._all_reduce(values, self.deepspeed.comm.ReduceOp.SUM)
+
+    def _all_reduce_max(self, values: list[float]) -> list[float]:
+        return self._all_reduce(values, self.deepspeed.comm.ReduceOp.MAX)
+
+    def _all_reduce(self, values: list[float], op) -> list[float]:
         if self.world_size == 1:
             return [float(v) for v in values]
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        self.deepspeed.comm.all_reduce(tensor)
+        self.deepspeed.comm.all_reduce(tensor, op=op)
         return tensor.tolist()
 
-    def _update(self, loss: torch.Tensor) -> tuple[float, float]:
-        """Backward and one optimizer step; returns (pre-clip global grad norm, lr used by this update)."""
+    def _optimizer_step(self) -> tuple[float, float]:
+        """One optimizer step on the accumulated gradients; returns (pre-clip global grad norm, lr it used)."""
         lr = self.current_lr()
-        self.engine.backward(loss)
         own_norm = self._grad_norm_stage0()
         self.engine.step()
         self.optimizer_steps += 1

@@ -4,7 +4,8 @@ A rank sets its own rendezvous variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_A
 process group (gloo on CPU, nccl on GPU), so no launcher is involved. DeepSpeed's own batch bookkeeping
 (train_batch_size, micro batch, gradient accumulation) is set to 1 row x 1 accumulation step x world size and never
 consulted: every `engine.step()` is one optimizer update on whatever rows the rank was given (the learner divides
-each loss by the global batch's size itself, see deepspeed_learner.py).
+each loss by the global batch's size itself, see deepspeed_learner.py), after one backward or, under a token
+budget, several, the learner marking the last as the accumulation boundary.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from pear_ray.data import schema
 from pear_ray.data.tensors import from_tensor, to_tensors
+from pear_ray.engines.packing import pack, packed_positions, unpack
 from pear_ray.objectives import token_logprobs
 
 
@@ -21,13 +22,34 @@ def forward_token_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tens
     return forward(model, tensors, temperature)[0]
 
 
-def forward(model: torch.nn.Module, tensors: dict[str, torch.Tensor], temperature: float = 1.0):
-    """`forward_token_logprobs` and the logits [B, L, V] it came from (logits[:, i] predict token i + 1)."""
-    input_ids = tensors["input_ids"]
-    logits = model(input_ids=input_ids, attention_mask=tensors["attention_mask"], use_cache=False).logits
+def forward(model: torch.nn.Module, tensors: dict[str, torch.Tensor], temperature: float = 1.0, *,
+            packed: bool = False):
+    """`forward_token_logprobs` [B, L] and `candidates`: ids [B, L, K] -> [B, L, K], the log-probs of candidate
+    tokens at each position (`logprobs_at`) from the same logits, with their gradient.
+
+    packed: the model sees the rows packed into one sequence without padding (engines/packing.py); both results
+    come back on the same [B, L] grid, 0 off the rows' tokens and at each row's first token.
+    """
+    input_ids, attention_mask = tensors["input_ids"], tensors["attention_mask"]
+    if packed:
+        positions = packed_positions(attention_mask)
+        ids = pack(input_ids, attention_mask)
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    else:
+        ids = input_ids
+        logits = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
     if temperature != 1.0:  # a division by 1 would only cost a copy of the logits
         logits = logits / temperature
-    return F.pad(token_logprobs(logits[:, :-1], input_ids[:, 1:]), (1, 0)), logits
+    logp = F.pad(token_logprobs(logits[:, :-1], ids[:, 1:]), (1, 0))
+    if not packed:
+        return logp, lambda candidate_ids: logprobs_at(logits, candidate_ids)
+
+    def on_grid(values: torch.Tensor) -> torch.Tensor:
+        """A packed result back on the grid; a row's first token, predicted by the row before it, gets 0."""
+        first = (positions == 0).view(*positions.shape, *[1] * (values.dim() - 2))
+        return unpack(values.masked_fill(first, 0.0), attention_mask)
+
+    return on_grid(logp), lambda candidate_ids: on_grid(logprobs_at(logits, pack(candidate_ids, attention_mask)))
 
 
 def logprobs_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

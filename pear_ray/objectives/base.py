@@ -4,8 +4,8 @@ The learner is algorithm-blind. Per update it runs the forward pass, hands the o
 response tokens' log-probs with their gradient, the batch's columns the objective declared, and the log-probs of
 other candidate tokens for objectives that need more than the taken one), and gets `LossTerms` back: the loss as a sum over this rank's
 tokens or rows, the size it is to be divided by (tokens, rows, a weight sum: this rank's part), and additive
-statistics. The learner sums `size` over the ranks and divides, so the averaged gradient is that of the global
-batch's loss whatever the split; it sums `stats` over ranks and updates and the objective's `report` turns the
+statistics. The learner sums `size` over the ranks (and the micro-batches of a token budget) and divides, so the
+averaged gradient is that of the global batch's loss whatever the split; it sums `stats` over ranks and updates and the objective's `report` turns the
 global sums into the figures logged. An objective never sees the ranks, and the learner never sees a loss.
 
 Every objective is a typed config (pydantic) that travels to the ranks as itself: its fields are its settings,
@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict
 
 @dataclass
 class ObjectiveInputs:
-    """One update's tensors, on the [B, L] grid of prompt + response tokens (right-padded)."""
+    """One micro-batch's tensors (an update's rows, or a token budget's share of them), on the [B, L] grid of
+    prompt + response tokens (right-padded), whether or not the model saw the rows packed."""
 
     logp: torch.Tensor  # log pi(token | prefix) under the weights being trained, with grad; 0 at position 0
     mask: torch.Tensor  # bool, the response tokens (the only ones a loss may use)
@@ -39,7 +40,7 @@ class LossTerms:
     """An objective's result on one rank: loss = total / (global size), global size = the sum over ranks."""
 
     total: torch.Tensor  # scalar with grad: the sum of per-token (or per-row) losses
-    size: torch.Tensor | float  # this rank's part of the divisor
+    size: torch.Tensor | float  # this rank's (or micro-batch's) part of the divisor
     stats: dict[str, float] = field(default_factory=dict)  # additive: summed over ranks and updates
 
 
@@ -65,6 +66,12 @@ class ObjectiveConfig(BaseModel):
         """(minibatches, epochs): the step cuts its rows into minibatches and passes over them epochs times, one
         optimizer update each."""
         return 1, 1
+
+    def size_reads_model(self) -> bool:
+        """Whether `LossTerms.size` depends on the log-probs. A learner that accumulates micro-batches needs an
+        update's size before its first backward: it takes it from `loss` on zero log-probs, or when this is True
+        on those of an extra no-grad forward."""
+        return False
 
     def loss(self, inputs: ObjectiveInputs) -> LossTerms:
         raise NotImplementedError

@@ -37,6 +37,9 @@ class CustomObjective(ObjectiveConfig):
     def on_policy(self) -> bool:
         return self.sampled
 
+    def size_reads_model(self) -> bool:
+        return True  # the function's size may read anything
+
     def loss(self, inputs: ObjectiveInputs) -> LossTerms:
         terms = load_callable(self.function)(inputs, **self.args)
         if not isinstance(terms, LossTerms):

@@ -283,6 +283,10 @@ class PearSft(ObjectiveConfig):
     def optional_columns(self) -> tuple[str, ...]:
         return (BEHAVIOR_LOGPROBS,)  # level none reads none, but its diagnostics use them when the data has them
 
+    def size_reads_model(self) -> bool:
+        """Normalised by the weights, the size is their sum, and an online target's weights read the model."""
+        return self.normalize == "weights" and self.weighted and not self.reads_frozen_target
+
     def loss(self, inputs: ObjectiveInputs) -> LossTerms:
         logp, mask = inputs.logp, inputs.mask
         behavior = inputs.columns.get(BEHAVIOR_LOGPROBS, torch.zeros_like(logp))
