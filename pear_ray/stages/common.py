@@ -107,7 +107,7 @@ def prompt_table(run: Run, split: str, n: int | None = None) -> pa.Table:
 
 
 def rollouts(pool: ActorPool, prompts: pa.Table, *, n: int, seed: int, desc: str | None = None,
-             on_piece: Callable[[pa.Table], dict[str, float]] | None = None, **sampling) -> pa.Table:
+             on_piece: Callable[[pa.Table], dict[str, str]] | None = None, **sampling) -> pa.Table:
     """n samples per prompt from the pool, the prompts split evenly over its actors, rows in prompt order;
     a prompt's samples share its group id (its row number unless the table has group ids). With `desc`, a progress
     bar of the prompts done, the prompts cut into pieces of at most BAR_PIECE_PROMPTS so it moves (each prompt has

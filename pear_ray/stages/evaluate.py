@@ -40,13 +40,13 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
     prompts = prompt_table(run, "eval")
     scored, failures = [], Counter()
 
-    def score(piece: pa.Table) -> dict[str, float]:
+    def score(piece: pa.Table) -> dict[str, str]:
         """Verify a piece as it arrives (the pool goes on generating); pass@k so far, for the progress bar."""
         piece, piece_failures = with_rewards(run, piece)
         scored.append(piece)
         failures.update(piece_failures)
         so_far = correct_counts(pa.concat_tables(scored), job.eval.correct_threshold).tolist()
-        return {f"pass@{k}": round(mean_pass_at_k(so_far, job.eval.n, k), 3) for k in job.eval.k}
+        return {f"pass@{k}": f"{mean_pass_at_k(so_far, job.eval.n, k):.3f}" for k in job.eval.k}
 
     pool = rollout_pool(model, job.resources.rollout, seed=job.seed)
     try:
