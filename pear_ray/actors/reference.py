@@ -1,5 +1,6 @@
 """The reference actor: a frozen model that adds a log-prob column to a batch (the RL KL reference, PEAR's
-frozen target, or the behaviour scorer when the data has none), with the learner's numerics."""
+frozen target, on-policy distillation's teacher), with the learner's numerics. Behaviour log-probs come from the
+vLLM pool instead (pear_ray/stages/score.py)."""
 
 from __future__ import annotations
 
