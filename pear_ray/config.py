@@ -273,6 +273,9 @@ class LearnerResources(ActorResources):
         "response tokens (a longer row alone), each packed without padding, gradients accumulated into one "
         "update; null or 0: one padded forward per update. Near the longest row: sdpa/eager attention over a "
         "packed row still costs its length squared")
+    max_restarts: int = Field(0, ge=0, description="times a stage whose learner rank died (killed, out of memory, "
+                              "node gone) starts again by itself from its last checkpoint; 0: the stage fails, and "
+                              "the same command resumes it")
 
 
 class ResourcesConfig(Section):

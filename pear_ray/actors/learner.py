@@ -25,6 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -94,15 +95,27 @@ def _as_ref(batch: ray.ObjectRef | pa.Table | pa.RecordBatch) -> ray.ObjectRef:
     return batch if isinstance(batch, ray.ObjectRef) else ray.put(batch)
 
 
-def _get_all(refs: list[ray.ObjectRef]) -> list:
-    """ray.get that raises the first rank failure as soon as it happens (the others may then wait forever in a
-    collective: call LearnerGroup.shutdown)."""
+class LearnerLost(RuntimeError):
+    """A learner rank is gone (killed, out of memory, its node lost): this group cannot go on, its stage can only
+    stop or start again from its last checkpoint (resources.learner.max_restarts)."""
+
+    def __init__(self, rank: int, world_size: int, cause: RayActorError):
+        self.what = (f"learner rank {rank} of {world_size} is gone "
+                     f"({(str(cause).strip().splitlines() or [type(cause).__name__])[0]})")
+        super().__init__(f"{self.what}; the stage stopped at its last checkpoint: run the same command again to "
+                         "resume it, or set resources.learner.max_restarts to let it restart by itself")
+
+
+def _get_all(refs: list[ray.ObjectRef], first_rank: int = 0) -> list:
+    """ray.get of one call per rank (ranks first_rank...) that raises the first rank failure as soon as it happens
+    (the others may then wait forever in a collective: call LearnerGroup.shutdown); a rank that died is a
+    LearnerLost."""
     pending = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         try:
             ray.get(done)
-        except Exception:
+        except Exception as error:
             # Collect the other ranks' results that are already there (often the same error), so Ray does not
             # log them as unhandled; ranks stuck in a collective are left for shutdown().
             finished, _ = ray.wait(pending, num_returns=len(pending), timeout=1.0)
@@ -111,6 +124,8 @@ def _get_all(refs: list[ray.ObjectRef]) -> list:
                     ray.get(ref)
                 except Exception:
                     pass
+            if isinstance(error, RayActorError):
+                raise LearnerLost(first_rank + refs.index(done[0]), first_rank + len(refs), error) from None
             raise
     return ray.get(refs)
 
@@ -212,7 +227,7 @@ class LearnerGroup:
         """ObjectRef of the full weights {HF name: CPU tensor} from rank 0, for rollout actors' reload_weights.
         Returns once they are ready; the driver need not fetch them."""
         refs = [actor.call.remote("state_dict_for_rollout") for actor in self._live_actors()]
-        ray.get(refs[1:])  # None from ranks > 0; raises if one failed
+        _get_all(refs[1:], first_rank=1)  # None from ranks > 0; raises if one failed
         ray.wait(refs[:1], fetch_local=False)
         return refs[0]
 

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pear_ray.actors.learner import LearnerLost
 from pear_ray.config import ConfigError, JobConfig, dump_job
 from pear_ray.models import resolve_model
 from pear_ray.runtime import init_ray
@@ -109,6 +110,7 @@ class RunState:
     def __init__(self, run_dir: Path, job: JobConfig):
         check_bound(job, run_dir)
         self.dir, self.path, self.config = run_dir, run_dir / STATE_FILE, binding(job)
+        self.max_restarts = job.resources.learner.max_restarts
         self.done = finished_stages(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self._save()  # bound from the start: a run killed before its first stage has partial outputs too
@@ -119,10 +121,24 @@ class RunState:
             log.info("%s: done in an earlier run, skipping", key)
             return self.done[key]
         log.info("%s: starting", key)
-        result = stage()
+        result = self._with_restarts(key, stage)
         self.done[key] = os.path.relpath(result, self.dir) if isinstance(result, Path) else str(result)
         self._save()
         return self.done[key]
+
+    def _with_restarts(self, key: str, stage: Callable[[], Path | dict]) -> Path | dict:
+        """`stage()`, run again (it resumes from its last checkpoint) when a learner rank dies, up to
+        resources.learner.max_restarts times."""
+        restarts = 0
+        while True:
+            try:
+                return stage()
+            except LearnerLost as lost:
+                if restarts == self.max_restarts:
+                    raise
+                restarts += 1
+                log.warning("%s: %s; restarting the stage from its last checkpoint (restart %d of %d)", key,
+                            lost.what, restarts, self.max_restarts)
 
     def output(self, key: str, stage: Callable[[], Path]) -> Path:
         """`once` for a stage that writes a file or folder: where it is."""
