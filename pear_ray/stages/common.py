@@ -87,7 +87,7 @@ class Run:
 
 
 def is_exported(folder: Path) -> bool:
-    """A Hugging Face folder whose weights were written (save_pretrained writes them after config.json)."""
+    """A Hugging Face folder with its weights (the learner's export moves its folder into place whole)."""
     return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
 
 

@@ -134,7 +134,7 @@ class _WandbMirror:
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "pear_ray"), name=run_name, id=run_id,
                               resume="allow" if run_id else None, dir=str(run_dir), config=dict(config or {}))
-        id_file.write_text(self.run.id)
+        atomic.write_text(id_file, self.run.id)
         self.prefixes: set[str] = set()
 
     def _declare(self, prefix: str) -> None:
@@ -165,7 +165,7 @@ class _MlflowMirror:
         run_id = id_file.read_text().strip() if resume and id_file.exists() else None
         self.mlflow = mlflow
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
-        id_file.write_text(self.run.info.run_id)
+        atomic.write_text(id_file, self.run.info.run_id)
         if config and not run_id:
             mlflow.log_params({k: str(v)[:500] for k, v in _flatten(config).items()})
 
