@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -147,15 +148,19 @@ def assert_same_results(run_dir: Path, reference: Path, stages: set[str]) -> Non
             assert got[name] == pytest.approx(record[name], rel=1e-4, abs=1e-5), (record["stage"], record["step"], name)
     data, full = pq.read_table(run_dir / "data" / "sft.parquet"), pq.read_table(reference / "data" / "sft.parquet")
     assert data.column("response_ids").equals(full.column("response_ids"))
+    np.testing.assert_allclose(np.concatenate(data.column("behavior_logprobs").to_pylist()),
+                               np.concatenate(full.column("behavior_logprobs").to_pylist()), atol=1e-5)
 
 
-def teacher_checkpointed_and_trained_on(run_dir: Path) -> bool:
-    """The teacher has a checkpoint and has logged steps after it (rows a resume must drop)."""
-    latest = run_dir / "checkpoints" / "teacher_sft" / "latest"
-    if not latest.is_file():
-        return False
-    checkpointed = int(latest.read_text().removeprefix("step"))
-    return any(r["stage"] == "teacher_sft" and r["step"] > checkpointed for r in read_metrics(run_dir))
+def trained_past_a_checkpoint(name: str, stage: str):
+    """Kill point: training `name` has a checkpoint and has logged `stage` steps after it (rows a resume must drop)."""
+    def condition(run_dir: Path) -> bool:
+        latest = run_dir / "checkpoints" / name / "latest"
+        if not latest.is_file():
+            return False
+        checkpointed = int(latest.read_text().removeprefix("step"))
+        return any(r["stage"] == stage and r["step"] > checkpointed for r in read_metrics(run_dir))
+    return condition
 
 
 def test_a_run_killed_during_teacher_training_resumes_with_each_step_logged_once(finished, tmp_path):
@@ -163,9 +168,46 @@ def test_a_run_killed_during_teacher_training_resumes_with_each_step_logged_once
     from that checkpoint, the rows logged after it go, and the results are the uninterrupted run's."""
     run_dir = tmp_path / "run"
     job = [*JOB, "stages=[score]", "sft.checkpoint_every=5"]  # 20 teacher steps: checkpoints at 5, 10, 15
-    kill_when(run_dir, teacher_checkpointed_and_trained_on, *job)
+    kill_when(run_dir, trained_past_a_checkpoint("teacher_sft", "teacher_sft"), *job)
     assert "score" not in json.loads((run_dir / "state.json").read_text())["done"]
     output = finish(pear_ray("run", *job, "--run-dir", str(run_dir)))
     assert "teacher_sft: resuming at step" in output
     assert [r["step"] for r in steps(run_dir, "teacher_sft")] == list(range(1, 21))
     assert_same_results(run_dir, finished, {"teacher_sft", "score"})
+
+
+FULL = [str(ROOT / "jobs" / "smoke.yaml"), *SMALL, "sft.batch_size=4", "sft.checkpoint_every=3",
+        "rl.checkpoint_every=1"]
+KILL_POINTS = {  # every stage, and training before and after its first checkpoint
+    "teacher before its first checkpoint": lambda run_dir: (
+        any(r["stage"] == "teacher_sft" for r in read_metrics(run_dir))
+        and not (run_dir / "checkpoints" / "teacher_sft" / "latest").exists()),
+    "teacher after a checkpoint": trained_past_a_checkpoint("teacher_sft", "teacher_sft"),
+    "the trained teacher writing the data": lambda run_dir: (run_dir / "models" / "behavior-trained").is_dir(),
+    "sft after a checkpoint": trained_past_a_checkpoint("sft-token", "sft"),
+    "eval after sft": lambda run_dir: (run_dir / "eval" / "sft-token.parquet").exists(),
+    "rl after a checkpoint": trained_past_a_checkpoint("rl-token", "rl"),
+}
+
+
+def report_lines(run_dir: Path) -> list[str]:
+    """report.md less when and where it was written."""
+    return [line for line in (run_dir / "report.md").read_text().splitlines()
+            if not line.startswith(("- date:", "- run folder:"))]
+
+
+@pytest.fixture(scope="module")
+def finished_full(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished_full") / "run"
+    finish(pear_ray("run", *FULL, "--run-dir", str(run_dir)))
+    return run_dir
+
+
+@pytest.mark.slow  # about 2 minutes a kill point
+@pytest.mark.parametrize("kill_point", KILL_POINTS)
+def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_results(finished_full, tmp_path, kill_point):
+    run_dir = tmp_path / "run"
+    kill_when(run_dir, KILL_POINTS[kill_point], *FULL)
+    finish(pear_ray("run", *FULL, "--run-dir", str(run_dir)))
+    assert_same_results(run_dir, finished_full, {r["stage"] for r in read_metrics(finished_full)})
+    assert report_lines(run_dir) == report_lines(finished_full)
