@@ -2,6 +2,7 @@
 
 Layout (data flows top to bottom):
   config.py      the typed job config (YAML + dotted overrides)
+  atomic.py      files and folders written whole: a temporary name, then a rename
   data/          the Arrow data plane: schema, readers, padded-tensor conversion
   objectives/    the math as pure torch functions: PEAR weights and loss, GRPO losses, pass@k
   models/        tiny local models for tests and the demo

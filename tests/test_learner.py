@@ -7,6 +7,7 @@ global batches when it starts, so the 1-rank vs 2-rank comparisons hold whatever
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from pear_ray.actors.learner import LearnerGroup, shard_bounds
 from pear_ray.config import LearnerResources
 from pear_ray.data import schema
+from pear_ray.engines import checkpoints
 from pear_ray.objectives import Grpo, PearSft, pear_loss
 
 OPTIMIZER = dict(lr=1e-3, weight_decay=0.0, grad_clip=1.0, lr_schedule="cosine", total_steps=20, seed=0)
@@ -226,6 +228,64 @@ def test_checkpoint_resume_is_exact(learners, tmp_path):
     assert second[1] == first[1]
     assert max_abs_diff(second[2], first[2]) == 0.0
     assert group.load_checkpoint(tmp_path / "ckpt", tag) == {"data_position": 7}
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(learners, tmp_path, caplog):
+    """A checkpoint file cut short (a crash the filesystem did not order) does not match the manifest: the resume
+    takes the checkpoint before it, with a warning, and continues exactly from there."""
+    group = learners(2, 2).group
+    ckpt = tmp_path / "ckpt"
+    previous = group.save_checkpoint(ckpt, {"data_position": 1})
+    step, weights = group.optimizer_steps, ray.get(group.weights_ref())
+    group.step(ray.put(make_batch(6, seed=6)), PEAR)
+    newest = group.save_checkpoint(ckpt, {"data_position": 2})
+    optimizer = sorted((ckpt / newest).glob("*optim_states.pt"))[-1]  # the last rank's optimizer shard
+    optimizer.write_bytes(optimizer.read_bytes()[:optimizer.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
+        assert checkpoints.usable_tag(ckpt) == previous
+    assert f"checkpoint {newest} in {ckpt} is unusable: {optimizer.name} has" in caplog.text
+    assert f"resuming from the earlier checkpoint {previous}" in caplog.text
+    assert group.load_checkpoint(ckpt) == {"data_position": 1}
+    assert group.optimizer_steps == step
+    assert max_abs_diff(ray.get(group.weights_ref()), weights) == 0.0
+
+
+def test_a_checkpoint_that_fills_the_disk_fails_clearly_and_leaves_the_previous_one(learners, tmp_path):
+    """ENOSPC partway through a checkpoint's files: the save fails naming the cause and what is left to resume
+    from, its partial folder is removed (freeing the space), and the previous checkpoint still loads."""
+    group = learners(1, 2).group
+    ckpt = tmp_path / "ckpt"
+    previous = group.save_checkpoint(ckpt, {"data_position": 1})
+    step, weights = group.optimizer_steps, ray.get(group.weights_ref())
+    group.step(ray.put(make_batch(6, seed=7)), PEAR)
+
+    def disk_full(rank, full: bool) -> None:
+        """In the rank's process: every torch.save writes 4 KiB, then finds the disk full (or, not `full`, works)."""
+        import errno
+
+        import torch
+
+        def save(obj, path, *args, **kwargs):
+            with open(path, "wb") as out:
+                out.write(bytes(4096))
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        torch.save = save if full else torch.serialization.save
+
+    [rank] = group.actors
+    ray.get(rank.__ray_call__.remote(disk_full, True))
+    try:
+        with pytest.raises(OSError, match="could not be written") as failure:
+            group.save_checkpoint(ckpt, {"data_position": 2})
+    finally:
+        ray.get(rank.__ray_call__.remote(disk_full, False))
+    assert "No space left on device" in str(failure.value)
+    assert f"the previous checkpoint {previous} is intact; a rerun resumes from it" in str(failure.value)
+    assert sorted(path.name for path in ckpt.iterdir() if path.is_dir()) == [previous]
+    assert checkpoints.usable_tag(ckpt) == previous
+    assert group.load_checkpoint(ckpt) == {"data_position": 1}
+    assert group.optimizer_steps == step
+    assert max_abs_diff(ray.get(group.weights_ref()), weights) == 0.0
 
 
 @pytest.mark.parametrize("ranks, zero_stage", [(1, 0), (2, 3)])

@@ -1,15 +1,21 @@
-"""A run folder is bound to the config its results came from, can be started anew with --fresh, and can move."""
+"""A run folder is bound to the config its results came from, can be started anew with --fresh, can move, and
+resumes a run killed at any point to the results of an uninterrupted one, every step logged once."""
 
 import json
 import shutil
+import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pear_ray.config import ConfigError, load_job
 from pear_ray.driver import experiment
 from pear_ray.driver.run import RunState, binding
-from test_job import ROOT, SMALL, finish, pear_ray, steps
+from pear_ray.tracking import read_metrics
+from test_job import ROOT, SMALL, finish, pear_ray, steps, stop_group
 
 JOB = [str(ROOT / "jobs" / "smoke.yaml"), *SMALL, "stages=[score,sft]"]
 FILES = ("config.yaml", "report.md", "state.json", "metrics.jsonl")
@@ -106,3 +112,102 @@ def test_every_cell_of_an_experiment_is_checked_before_any_runs(tmp_path, monkey
     with pytest.raises(ConfigError, match=r"(?s)seed1 holds the results of another config.*task.num_eval: 3 -> 8"):
         experiment.run_experiment(job, tmp_path)
     assert not (tmp_path / first).exists()
+
+
+def kill_when(run_dir: Path, condition, *args: str) -> None:
+    """Run the job into `run_dir` and SIGKILL its whole process group (the CLI and the Ray processes it started)
+    as soon as `condition(run_dir)` holds."""
+    process = pear_ray("run", *args, "--run-dir", str(run_dir))
+    deadline = time.monotonic() + 600
+    try:
+        while not condition(run_dir):
+            assert process.poll() is None, "the run ended before the kill point:\n" + process.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the kill point never came"
+            time.sleep(0.05)
+    finally:
+        stop_group(process)
+        process.communicate(timeout=60)
+
+
+def logged_steps(run_dir: Path) -> Counter:
+    return Counter((r["stage"], r["variant"], r["step"]) for r in read_metrics(run_dir))
+
+
+def assert_same_results(run_dir: Path, reference: Path, stages: set[str]) -> None:
+    """Every (stage, variant, step) of `stages` logged once, as in the reference run, with the same values; the
+    same SFT data."""
+    logged = logged_steps(run_dir)
+    assert [key for key, count in logged.items() if count > 1] == []
+    expected = [r for r in read_metrics(reference) if r["stage"] in stages]
+    assert set(logged) == {(r["stage"], r["variant"], r["step"]) for r in expected}
+    ours = {(r["stage"], r["variant"], r["step"]): r for r in read_metrics(run_dir)}
+    for record in expected:
+        got = ours[record["stage"], record["variant"], record["step"]]
+        assert got.keys() == record.keys()
+        for name in record.keys() - {"time", "stage", "variant", "step"}:
+            assert got[name] == pytest.approx(record[name], rel=1e-4, abs=1e-5), (record["stage"], record["step"], name)
+    data, full = pq.read_table(run_dir / "data" / "sft.parquet"), pq.read_table(reference / "data" / "sft.parquet")
+    assert data.column("response_ids").equals(full.column("response_ids"))
+    np.testing.assert_allclose(np.concatenate(data.column("behavior_logprobs").to_pylist()),
+                               np.concatenate(full.column("behavior_logprobs").to_pylist()), atol=1e-5)
+
+
+def trained_past_a_checkpoint(name: str, stage: str):
+    """Kill point: training `name` has a checkpoint and has logged `stage` steps after it (rows a resume must drop)."""
+    def condition(run_dir: Path) -> bool:
+        latest = run_dir / "checkpoints" / name / "latest"
+        if not latest.is_file():
+            return False
+        checkpointed = int(latest.read_text().removeprefix("step"))
+        return any(r["stage"] == stage and r["step"] > checkpointed for r in read_metrics(run_dir))
+    return condition
+
+
+def test_a_run_killed_during_teacher_training_resumes_with_each_step_logged_once(finished, tmp_path):
+    """SIGKILL of the whole job while the score stage trains its teacher, after a checkpoint: the rerun continues
+    from that checkpoint, the rows logged after it go, and the results are the uninterrupted run's."""
+    run_dir = tmp_path / "run"
+    job = [*JOB, "stages=[score]", "sft.checkpoint_every=5"]  # 20 teacher steps: checkpoints at 5, 10, 15
+    kill_when(run_dir, trained_past_a_checkpoint("teacher_sft", "teacher_sft"), *job)
+    assert "score" not in json.loads((run_dir / "state.json").read_text())["done"]
+    output = finish(pear_ray("run", *job, "--run-dir", str(run_dir)))
+    assert "teacher_sft: resuming at step" in output
+    assert [r["step"] for r in steps(run_dir, "teacher_sft")] == list(range(1, 21))
+    assert_same_results(run_dir, finished, {"teacher_sft", "score"})
+
+
+FULL = [str(ROOT / "jobs" / "smoke.yaml"), *SMALL, "sft.batch_size=4", "sft.checkpoint_every=3",
+        "rl.checkpoint_every=1"]
+KILL_POINTS = {  # every stage, and training before and after its first checkpoint
+    "teacher before its first checkpoint": lambda run_dir: (
+        any(r["stage"] == "teacher_sft" for r in read_metrics(run_dir))
+        and not (run_dir / "checkpoints" / "teacher_sft" / "latest").exists()),
+    "teacher after a checkpoint": trained_past_a_checkpoint("teacher_sft", "teacher_sft"),
+    "the trained teacher writing the data": lambda run_dir: (run_dir / "models" / "behavior-trained").is_dir(),
+    "sft after a checkpoint": trained_past_a_checkpoint("sft-token", "sft"),
+    "eval after sft": lambda run_dir: (run_dir / "eval" / "sft-token.parquet").exists(),
+    "rl after a checkpoint": trained_past_a_checkpoint("rl-token", "rl"),
+}
+
+
+def report_lines(run_dir: Path) -> list[str]:
+    """report.md less when and where it was written."""
+    return [line for line in (run_dir / "report.md").read_text().splitlines()
+            if not line.startswith(("- date:", "- run folder:"))]
+
+
+@pytest.fixture(scope="module")
+def finished_full(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished_full") / "run"
+    finish(pear_ray("run", *FULL, "--run-dir", str(run_dir)))
+    return run_dir
+
+
+@pytest.mark.slow  # about 2 minutes a kill point
+@pytest.mark.parametrize("kill_point", KILL_POINTS)
+def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_results(finished_full, tmp_path, kill_point):
+    run_dir = tmp_path / "run"
+    kill_when(run_dir, KILL_POINTS[kill_point], *FULL)
+    finish(pear_ray("run", *FULL, "--run-dir", str(run_dir)))
+    assert_same_results(run_dir, finished_full, {r["stage"] for r in read_metrics(finished_full)})
+    assert report_lines(run_dir) == report_lines(finished_full)

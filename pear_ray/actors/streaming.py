@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from pear_ray import atomic
 from pear_ray.actors.pool import ActorPool
 
 
@@ -30,7 +31,7 @@ class ParquetSink:
 
     def __init__(self, path: str):
         self.path = Path(path)
-        self.partial = self.path.with_suffix(self.path.suffix + ".partial")
+        self.partial = atomic.partial_name(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer: pq.ParquetWriter | None = None
         self.waiting: dict[int, pa.Table] = {}
@@ -54,7 +55,7 @@ class ParquetSink:
             raise RuntimeError(f"batches {sorted(self.waiting)} arrived but batch {self.next_index} never did")
         if self.writer is not None:
             self.writer.close()
-            self.partial.replace(self.path)
+            atomic.move_into_place(self.partial, self.path)
         return self.rows
 
 

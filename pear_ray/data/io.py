@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pear_ray import atomic
 from pear_ray.data import schema
 
 log = logging.getLogger(__name__)
@@ -149,13 +150,11 @@ def _text_columns_as_str(row: dict, where: str) -> dict:
     return row
 
 
-def write_table(table: pa.Table, path: str | Path) -> None:
-    """Write a stage's output as Parquet, atomically, so a crash never leaves half a file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(path.suffix + ".partial")
-    pq.write_table(table, partial)
-    partial.replace(path)
+def write_table(table: pa.Table, path: str | Path, **options) -> None:
+    """Write a stage's output as Parquet (pyarrow's write_table `options`), atomically, so a crash never leaves half
+    a file behind."""
+    with atomic.replacing(path) as partial:
+        pq.write_table(table, partial, **options)
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pear_ray import atomic
 from pear_ray.config import JobConfig, parse_job, set_dotted
 from pear_ray.driver.run import check_bound, run_job
 from pear_ray.runtime import init_ray
@@ -62,8 +63,7 @@ def add_wall_time(job_dir: Path, seconds: float) -> float:
     path = job_dir / WALL_TIME_FILE
     invocations = json.loads(path.read_text()) if path.is_file() else []
     invocations.append(round(seconds, 1))
-    job_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(invocations))
+    atomic.write_text(path, json.dumps(invocations))
     return sum(invocations)
 
 

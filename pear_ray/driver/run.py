@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pear_ray import atomic
 from pear_ray.actors.learner import LearnerLost
 from pear_ray.config import ConfigError, JobConfig, dump_job
 from pear_ray.models import resolve_model
@@ -153,10 +154,8 @@ class RunState:
         return path if path.exists() and not inside.exists() else inside
 
     def _save(self) -> None:
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps({"fingerprint": fingerprint(self.config), "config": self.config,
-                                       "done": self.done}, indent=1))
-        partial.replace(self.path)
+        atomic.write_text(self.path, json.dumps({"fingerprint": fingerprint(self.config), "config": self.config,
+                                                 "done": self.done}, indent=1))
 
 
 def prepare_student(run: Run, state: RunState, prior_dir: Path | None = None) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from pear_ray import atomic
+
 # Files of a model folder that make up its tokenizer; export_hf copies them next to the weights.
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                       "chat_template*", "spiece.model")
@@ -57,11 +59,11 @@ def export_hf(learner, out_dir: str | Path) -> str | None:
     weights = state_dict(learner)
     if learner.rank != 0:
         return None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    learner.engine.module.save_pretrained(str(out), state_dict=weights)
-    for pattern in TOKENIZER_PATTERNS:
-        for source in learner.model_dir.glob(pattern):
-            if source.is_file():
-                shutil.copy2(source, out / source.name)
-    return str(out)
+    with atomic.replacing(out_dir) as partial:
+        partial.mkdir()
+        learner.engine.module.save_pretrained(str(partial), state_dict=weights)
+        for pattern in TOKENIZER_PATTERNS:
+            for source in learner.model_dir.glob(pattern):
+                if source.is_file():
+                    shutil.copy2(source, partial / source.name)
+    return str(out_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,10 +19,13 @@ from pear_ray.actors.pool import ActorPool
 from pear_ray.config import JobConfig
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt
+from pear_ray.engines.checkpoints import usable_tag
 from pear_ray.models import resolve_model
 from pear_ray.tasks import make_task
 from pear_ray.tasks.verify import score_rows
 from pear_ray.tracking import MetricsLogger
+
+log = logging.getLogger(__name__)
 
 
 BAR_PIECE_PROMPTS = 16  # prompts per generation request when a progress bar shows them
@@ -87,13 +91,21 @@ class Run:
 
 
 def is_exported(folder: Path) -> bool:
-    """A Hugging Face folder whose weights were written (save_pretrained writes them after config.json)."""
+    """A Hugging Face folder with its weights (the learner's export moves its folder into place whole)."""
     return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
 
 
-def latest_checkpoint(folder: Path) -> bool:
-    """A learner checkpoint folder with a finished checkpoint in it (DeepSpeed writes `latest` last)."""
-    return (folder / "latest").is_file()
+def resume(run: Run, learner, name: str, stage: str, variant: str | None = None) -> int:
+    """Load training `name`'s last whole checkpoint, if any, and drop the metrics rows of (stage, variant) logged
+    after it (all of them when training starts afresh), so every step is logged once. Returns the step to
+    continue from."""
+    folder = run.checkpoints(name)
+    tag = usable_tag(folder)
+    start = learner.load_checkpoint(folder, tag)["step"] if tag else 0
+    if start:
+        log.info("%s: resuming at step %d", name, start)
+    run.metrics.truncate_after(stage, variant, start)
+    return start
 
 
 def prompt_table(run: Run, split: str, n: int | None = None) -> pa.Table:

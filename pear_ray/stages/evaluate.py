@@ -62,6 +62,7 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
     results = {f"pass@{k}": mean_pass_at_k(correct.tolist(), job.eval.n, k) for k in job.eval.k}
     results.update(num_prompts=len(correct), mean_reward=float(np.mean(table.column(schema.REWARD).to_numpy())),
                    verifier_errors=failures["errors"], verifier_timeouts=failures["timeouts"])
+    run.metrics.truncate_after(eval_stage(after), variant, -1)  # an earlier attempt's row, if it got that far
     run.metrics.log(eval_stage(after), 0, results, variant=variant)
     log.info("eval %s-%s: %s", after, variant, ", ".join(f"pass@{k} {results[f'pass@{k}']:.3f}" for k in job.eval.k))
     return results

@@ -29,7 +29,7 @@ from pear_ray.actors.roles import (
 )
 from pear_ray.data import schema
 from pear_ray.objectives import group_advantages, informative_groups_mask
-from pear_ray.stages.common import Run, latest_checkpoint, prompt_table, rollouts, with_rewards
+from pear_ray.stages.common import Run, prompt_table, resume, rollouts, with_rewards
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,9 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
     if max_actors:  # elastic: ask for the most the pool may use while RL runs
         request_rollout_capacity(job.resources.rollout, max_actors)
     try:
-        start = 0
-        if latest_checkpoint(run.checkpoints(name)):
-            start = learner.load_checkpoint(run.checkpoints(name))["step"]
+        start = resume(run, learner, name, "rl", variant)
+        if start:
             sync_weights(learner, pool, version=start)
-            log.info("%s: resuming at step %d of %d", name, start, rl.steps)
-        run.metrics.truncate_after("rl", variant, start)  # rows past the checkpoint (all, from scratch) go
         progress = tqdm(range(start, rl.steps), desc=name, initial=start, total=rl.steps)
         for step in progress:
             if grow_rollout_pool(pool, job.resources.rollout):  # actors that came up hold start_model's weights

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
@@ -32,7 +31,7 @@ from pear_ray.config import SftConfig
 from pear_ray.data import schema
 from pear_ray.data.io import encode_response, load_sft_data, write_table
 from pear_ray.objectives import PearSft
-from pear_ray.stages.common import Run, correct_mask, is_exported, prompt_table, rollouts, with_rewards
+from pear_ray.stages.common import Run, correct_mask, is_exported, prompt_table, resume, rollouts, with_rewards
 from pear_ray.tasks.addition import TRACE, scripted_rows
 
 log = logging.getLogger(__name__)
@@ -65,8 +64,7 @@ def score_with_behavior(run: Run, table: pa.Table, target: Path, *, column: str 
     """Teacher-forced behaviour log-probs (`column`, or None for none) and top-k (topk > 0) for given data,
     streamed through the scoring pool."""
     unscored = target.with_name("unscored.parquet")
-    unscored.parent.mkdir(parents=True, exist_ok=True)  # a fresh run has no data/ folder yet
-    pq.write_table(table, unscored, row_group_size=run.job.score.batch_size)
+    write_table(table, unscored, row_group_size=run.job.score.batch_size)
     pool = behavior_pool(run, run.behavior())
     try:
         with tqdm(total=table.num_rows, desc=f"score ({column or schema.TEACHER_TOPK})") as progress:
@@ -107,6 +105,7 @@ def teacher_writes_data(run: Run, target: Path) -> Path:
         if data.num_rows == 0:
             raise RuntimeError("the teacher answered no train prompt correctly: nothing to keep (score.keep=correct)")
     data = schema.append_column(data, schema.BEHAVIOR_LOGPROBS, data.column(schema.ROLLOUT_LOGPROBS))
+    run.metrics.truncate_after("score", None, -1)  # the row of an attempt killed before the stage was recorded
     run.metrics.log("score", 0, {"teacher_accuracy": accuracy, "rows": data.num_rows, **failures})
     log.info("teacher wrote %d rows (accuracy %.3f)", data.num_rows, accuracy)
     write_table(data, target)
@@ -119,6 +118,7 @@ def scripted_writes_data(run: Run, target: Path) -> Path:
     data = scripted_rows(prompt_table(run, "train"), run.tokenizer, p_trace=policy.p_trace, seed=job.seed,
                          samples_per_prompt=job.score.samples_per_prompt, topk=job.score.teacher_topk)
     trace_fraction = float(np.mean(np.array(data.column(schema.SOURCE).to_pylist()) == TRACE))
+    run.metrics.truncate_after("score", None, -1)  # the row of an attempt killed before the stage was recorded
     run.metrics.log("score", 0, {"rows": data.num_rows, "trace_fraction": trace_fraction})
     log.info("scripted policy %s wrote %d rows (%.0f%% traces)", policy.name, data.num_rows, 100 * trace_fraction)
     write_table(data, target)
@@ -159,18 +159,23 @@ def train_prior(run: Run, base: Path, out: Path | None = None) -> Path:
 
 def canonical_sft(run: Run, base: Path, rows: pa.Table, out: Path, *, steps: int, lr: float, batch_size: int,
                   seed: int, stage: str) -> Path:
-    """`steps` of canonical SFT (constant lr, random batches) of `base` on `rows`, exported to `out`."""
+    """`steps` of canonical SFT (constant lr, random batches) of `base` on `rows`, exported to `out`. Resumable as
+    SFT is: a checkpoint every sft.checkpoint_every steps (checkpoints/<stage>), and a rerun continues from the last
+    one with the batches an uninterrupted run would see."""
     settings = SftConfig(lr=lr, batch_size=batch_size, lr_schedule="constant", warmup_steps=0)
+    rng = np.random.default_rng(seed)
+    plan = [rng.choice(rows.num_rows, size=min(batch_size, rows.num_rows), replace=False) for _ in range(steps)]
     learner = LearnerGroup.for_sft(base, run.job.resources.learner, settings, total_steps=steps, seed=seed)
     objective = PearSft(level="none")
     try:
-        rng = np.random.default_rng(seed)
-        progress = tqdm(range(steps), desc=stage.replace("_", " "))
+        start = resume(run, learner, stage, stage)
+        progress = tqdm(range(start, steps), desc=stage.replace("_", " "), initial=start, total=steps)
         for step in progress:
-            chosen = rng.choice(rows.num_rows, size=min(batch_size, rows.num_rows), replace=False)
-            stats = learner.step(ray.put(rows.take(chosen)), objective)
+            stats = learner.step(ray.put(rows.take(plan[step])), objective)
             progress.set_postfix(loss=f"{stats['loss']:.3f}")
             run.metrics.log(stage, step + 1, stats)
+            if (step + 1) % run.job.sft.checkpoint_every == 0 and step + 1 < steps:
+                learner.save_checkpoint(run.checkpoints(stage), {"step": step + 1})
         learner.export_hf(out)
     finally:
         learner.shutdown()

@@ -25,7 +25,7 @@ from pear_ray.actors.streaming import stream_parquet
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
 from pear_ray.objectives import PearSft, pear_weights
-from pear_ray.stages.common import Run, batch_ref, dataset_ref, latest_checkpoint
+from pear_ray.stages.common import Run, batch_ref, dataset_ref, resume
 
 log = logging.getLogger(__name__)
 HISTOGRAM_ROWS = 256  # rows of the data whose PEAR weights under the trained model are plotted
@@ -55,12 +55,8 @@ def run_sft(run: Run, variant: str, data_path: Path) -> Path:
     plan = batch_plan(num_rows, sft.batch_size, sft.epochs, job.seed, job.resources.learner.num_ranks)
     learner = LearnerGroup.for_sft(run.student, job.resources.learner, sft, total_steps=len(plan), seed=job.seed)
     try:
-        start = 0
-        if latest_checkpoint(run.checkpoints(name)):
-            start = learner.load_checkpoint(run.checkpoints(name))["step"]
-            log.info("%s: resuming at step %d of %d", name, start, len(plan))
+        start = resume(run, learner, name, "sft", variant)
         samples = sum(len(rows) for rows in plan[:start])
-        run.metrics.truncate_after("sft", variant, start)  # rows past the checkpoint (all, from scratch) go
         progress = tqdm(range(start, len(plan)), desc=name, initial=start, total=len(plan))
         for step in progress:
             stats = learner.step(batch_ref(dataset, plan[step]), objective)

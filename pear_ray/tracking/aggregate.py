@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from pear_ray.objectives.pass_at_k import pass_at_k
-from pear_ray.tracking.metrics import atomic_write_bytes
+from pear_ray import atomic
 from pear_ray.tracking.plots import EVAL_STAGE_LABELS, order_variants
 
 COLUMNS = ("seed", "cell", "variant", "stage", "prompt_id", "n", "correct")
@@ -289,5 +289,5 @@ def write_summary(job_dir: str | Path, summary: ExperimentSummary) -> Path:
     for (label, stage, k), comparison in summary.comparisons.items():
         tree.setdefault(label, {}).setdefault(stage, {})[f"pass@{k}"] = comparison.as_json()
     path = Path(job_dir) / SUMMARY_FILE
-    atomic_write_bytes(path, json.dumps(tree, indent=2, allow_nan=False).encode() + b"\n")
+    atomic.write_bytes(path, json.dumps(tree, indent=2, allow_nan=False).encode() + b"\n")
     return path

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pear_ray.tracking.aggregate import ExperimentSummary, Score, display_name, signed
-from pear_ray.tracking.metrics import atomic_write_bytes
+from pear_ray import atomic
 from pear_ray.tracking.plots import EVAL_STAGE_LABELS, PLOTS_DIR, _save, _subplots
 from pear_ray.tracking.report import DASH, REPORT_FILE
 
@@ -255,5 +255,5 @@ def write_experiment_report(job_dir: str | Path, summary: ExperimentSummary, *, 
         lines += ["## Reversal check: every checkpoint ranked after SFT and after RL", "", *_ranking_section(summary)]
     lines += ["## Plots", "", *(f"![{PLOT_CAPTIONS[name]}]({PLOTS_DIR}/{name})\n" for name in plots)]
     path = job_dir / REPORT_FILE
-    atomic_write_bytes(path, "\n".join(lines).rstrip("\n").encode() + b"\n")
+    atomic.write_bytes(path, "\n".join(lines).rstrip("\n").encode() + b"\n")
     return path

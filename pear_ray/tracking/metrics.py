@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from pear_ray import atomic
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 HISTOGRAM_DIR = "histograms"
@@ -61,15 +63,6 @@ def variant_name(variant: str | None) -> str:
 def _safe(name: str) -> str:
     """A file-name-safe version of a stage/variant/metric name."""
     return re.sub(r"[^A-Za-z0-9_.@-]+", "_", name)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _parse_lines(text: str, path: Path) -> tuple[list[dict], str]:
@@ -141,7 +134,7 @@ class _WandbMirror:
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "pear_ray"), name=run_name, id=run_id,
                               resume="allow" if run_id else None, dir=str(run_dir), config=dict(config or {}))
-        id_file.write_text(self.run.id)
+        atomic.write_text(id_file, self.run.id)
         self.prefixes: set[str] = set()
 
     def _declare(self, prefix: str) -> None:
@@ -172,7 +165,7 @@ class _MlflowMirror:
         run_id = id_file.read_text().strip() if resume and id_file.exists() else None
         self.mlflow = mlflow
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
-        id_file.write_text(self.run.info.run_id)
+        atomic.write_text(id_file, self.run.info.run_id)
         if config and not run_id:
             mlflow.log_params({k: str(v)[:500] for k, v in _flatten(config).items()})
 
@@ -274,7 +267,7 @@ class MetricsLogger:
             np.savez(buffer, values=array, step=np.int64(step), variant=np.str_(variant_name(variant)),
                      stage=np.str_(stage), name=np.str_(name))
             target = hist_dir / f"{_safe(variant_name(variant))}_{_safe(stage)}_{_safe(name)}.npz"
-            atomic_write_bytes(target, buffer.getvalue())
+            atomic.write_bytes(target, buffer.getvalue())
             if "tensorboard" in self.loggers and array.size:
                 writer = self._writer(variant, stage)
                 writer.add_histogram(f"{stage}/{name}", array, int(step))
@@ -298,7 +291,7 @@ class MetricsLogger:
                     else:
                         kept.append(json.dumps(record) + "\n")
                 if "".join(kept) != text:
-                    atomic_write_bytes(self.path, "".join(kept).encode())
+                    atomic.write_bytes(self.path, "".join(kept).encode())
             finally:
                 self._file = open(self.path, "a", encoding="utf-8")
             key = (variant_name(variant), stage)
@@ -357,7 +350,7 @@ class MetricsLogger:
         text = self.path.read_text(encoding="utf-8")
         complete = _parse_lines(text, self.path)[1]
         if complete != text:
-            atomic_write_bytes(self.path, complete.encode())
+            atomic.write_bytes(self.path, complete.encode())
 
 
 def require_logger(logger: str) -> None:

@@ -17,6 +17,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from pear_ray import atomic
 from pear_ray.tracking.metrics import (
     PEAR_WEIGHTS_HISTOGRAM,
     read_histograms,
@@ -90,7 +91,8 @@ def _subplots(rows: int, cols: int, figsize: tuple[float, float]) -> tuple[Figur
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
+    with atomic.replacing(path) as partial:
+        fig.savefig(partial, format=path.suffix.lstrip("."), dpi=110)
     return path
 
 

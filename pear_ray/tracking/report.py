@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pear_ray.tracking.metrics import atomic_write_bytes, read_metrics, variant_name
+from pear_ray import atomic
+from pear_ray.tracking.metrics import read_metrics, variant_name
 from pear_ray.tracking.plots import (
     ALL_PLOTS,
     PASS_AT_K_PNG,
@@ -207,7 +208,7 @@ def write_report(run_dir: str | Path, results: Results, *, seed: int, job_name: 
     lines += [f"![{PLOT_CAPTIONS[name]}]({PLOTS_DIR}/{name})\n" for name in ordered] or ["No plots (no metrics).", ""]
     lines += ["## PEAR diagnostics at the end of SFT", "", *_diagnostics_section(run_dir)]
     path = run_dir / REPORT_FILE
-    atomic_write_bytes(path, "\n".join(lines).rstrip("\n").encode() + b"\n")
+    atomic.write_bytes(path, "\n".join(lines).rstrip("\n").encode() + b"\n")
     return path
 
 
