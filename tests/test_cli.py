@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import typer
 import yaml
-from test_job import SMALL, finish, pear_ray
 from typer.testing import CliRunner
 
 from pear_ray.cli import app, describe, user_facing
@@ -155,13 +154,3 @@ def test_every_option_and_argument_is_explained_and_shows_its_default():
     submit = " ".join(runner.invoke(app, ["submit", "--help"], env={"COLUMNS": "200"}).output.split())
     assert "[default: (RAY_API_SERVER_ADDRESS, RAY_ADDRESS if a URL, or http://127.0.0.1:8265)]" in submit
     assert "[default: (.)]" in submit
-
-
-def test_a_smoke_run_keeps_the_engines_logs_off_the_console_and_prints_the_results(tmp_path):
-    run_dir = tmp_path / "run"
-    console = finish(pear_ray("run", SMOKE, *SMALL, "--run-dir", str(run_dir)))
-    assert not [line for line in console.splitlines() if "WARNING" in line and "pid=" in line], console
-    logs = "".join(path.read_text(errors="replace") for path in (run_dir / "logs").glob("worker-*.log"))
-    assert "vllm" in logs.lower()  # the engines' output is in the run folder instead
-    assert "| SFT variant |" in console and "| token |" in console
-    assert f"report: {run_dir / 'report.md'}" in console

@@ -52,7 +52,14 @@ def steps(run_dir: Path, stage: str) -> list[dict]:
 
 def test_a_small_job_runs_every_stage(tmp_path):
     run_dir = tmp_path / "run"
-    finish(pear_ray("run", "jobs/smoke.yaml", *SMALL, "--run-dir", str(run_dir)))
+    console = finish(pear_ray("run", "jobs/smoke.yaml", *SMALL, "--run-dir", str(run_dir)))
+    # the console: the engines' output goes to the run folder, the bars carry figures, the results are printed
+    assert not [line for line in console.splitlines() if "WARNING" in line and "pid=" in line], console
+    logs = "".join(path.read_text(errors="replace") for path in (run_dir / "logs").glob("worker-*.log"))
+    assert "vllm" in logs.lower()
+    assert "loss=" in console and "reward=" in console and "pass@2=" in console
+    assert "| SFT variant |" in console and "| token |" in console
+    assert f"report: {run_dir / 'report.md'}" in console
     state = json.loads((run_dir / "state.json").read_text())["done"]
     assert set(state) == {"score", "sft/token", "eval_sft/token", "rl/token", "eval_rl/token"}
     data = pq.read_table(run_dir / "data" / "sft.parquet")

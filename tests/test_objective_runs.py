@@ -2,6 +2,7 @@
 distillation as variants of one comparison."""
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 from test_job import SMALL, finish, pear_ray, steps
 
@@ -24,6 +25,7 @@ def test_a_custom_rl_objective_trains_by_import_path(tmp_path):
     assert (run_dir / "models" / "rl-none" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # about a minute and a half: a full job with two variants (the objectives' math is in test_objectives)
 def test_distillation_variants_side_by_side(tmp_path):
     """PEAR over the distillation loss and on-policy distillation in one comparison: the teacher's top-k is
     recorded while it writes the data, `token+distill` trains on it, `none+opd` trains on the teacher's scores of

@@ -165,7 +165,7 @@ def test_frozen_targets_are_the_students_and_scored_once(ray_cluster, rollout, p
 
 def test_bad_model_folder_is_a_clear_error(ray_cluster, tmp_path):
     actor = ray.remote(RolloutWorker).options(num_cpus=0.25).remote(tmp_path / "missing")
-    with pytest.raises(Exception, match="model folder .*missing does not exist"):
+    with pytest.raises(Exception, match="model folder .*missing: the folder does not exist"):
         ray.get(actor.health.remote())
 
 
