@@ -2,8 +2,8 @@
 distillation as variants of one comparison."""
 
 import numpy as np
-import pytest
 import pyarrow.parquet as pq
+import pytest
 from test_job import SMALL, finish, pear_ray, steps
 
 from pear_ray.tracking import read_metrics
