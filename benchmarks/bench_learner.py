@@ -18,7 +18,6 @@ Run: .venv/bin/python benchmarks/bench_learner.py [--help]
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import tempfile
 import time
@@ -26,7 +25,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import torch
-from machine_load import rotating_rounds  # benchmarks/ is on sys.path when a benchmark runs
+from machine_load import free_port, rotating_rounds, time_steps  # benchmarks/ is on sys.path when a benchmark runs
 
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
@@ -69,19 +68,6 @@ class PlainLoop:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), **diag.as_dict()}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def time_steps(step, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - start) / n
 
 
 def main() -> None:

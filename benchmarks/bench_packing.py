@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import socket
 import statistics
 import tempfile
-import time
 
 import numpy as np
 import pyarrow as pa
 import torch
-from machine_load import MachineLoad, other_load, rotating_rounds  # benchmarks/ is on sys.path when a benchmark runs
+from machine_load import (  # benchmarks/ is on sys.path when a benchmark runs
+    MachineLoad,
+    free_port,
+    other_load,
+    rotating_rounds,
+    time_steps,
+)
 
 from pear_ray.data import schema
 from pear_ray.data.tensors import token_counts
@@ -42,19 +46,6 @@ def make_batch(rows: int, shortest: int, longest: int, prompt_len: int, vocab: i
         schema.RESPONSE_IDS: [rng.integers(3, vocab, n - prompt_len).tolist() for n in lengths],
         schema.BEHAVIOR_LOGPROBS: [rng.uniform(-7.0, -5.0, n - prompt_len).tolist() for n in lengths],
     }))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def time_steps(step, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - start) / n
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ variants timed in rotating order so that drift from other processes hits every v
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 
@@ -90,3 +91,18 @@ def rotating_rounds(steps: dict, rounds: int, time_step, baseline: str) -> tuple
             seconds[name].append(t)
             ratios[name].append(t / timed[baseline])
     return seconds, ratios
+
+
+def free_port() -> int:
+    """A port free on loopback now (a rendezvous for a learner built in the benchmark's process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def time_steps(step, n: int) -> float:
+    """Mean seconds of `step()` over n calls."""
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - start) / n
