@@ -113,12 +113,7 @@ def rollouts(pool: ActorPool, prompts: pa.Table, *, n: int, seed: int, desc: str
     bar of the prompts done, the prompts cut into pieces of at most BAR_PIECE_PROMPTS so it moves (each prompt has
     its own seed, so the samples do not depend on the cut); `on_piece` sees each piece's samples as they arrive and
     returns figures for the bar (eval's running pass@k)."""
-    if schema.GROUP_ID not in prompts.column_names:
-        prompts = schema.append_column(prompts, schema.GROUP_ID, np.arange(prompts.num_rows))
-    chunk = -(-prompts.num_rows // len(pool.actors))
-    if desc is not None:
-        chunk = min(chunk, BAR_PIECE_PROMPTS)
-    pieces = [ray.put(prompts.slice(start, chunk)) for start in range(0, prompts.num_rows, chunk)]
+    pieces, chunk = rollout_pieces(pool, prompts, BAR_PIECE_PROMPTS if desc is not None else None)
     done = {}
     with tqdm(total=prompts.num_rows, desc=desc, unit="prompt", disable=desc is None) as progress:
         for index, ref, _ in pool.map("generate", pieces, n=n, seed=seed, **sampling):
@@ -127,6 +122,18 @@ def rollouts(pool: ActorPool, prompts: pa.Table, *, n: int, seed: int, desc: str
                 progress.set_postfix(on_piece(ray.get(ref)), refresh=False)
             progress.update(min(chunk, prompts.num_rows - index * chunk))
     return pa.concat_tables(ray.get([done[i] for i in range(len(pieces))]))
+
+
+def rollout_pieces(pool: ActorPool, prompts: pa.Table, max_chunk: int | None = None
+                   ) -> tuple[list[ray.ObjectRef], int]:
+    """The prompts (with group ids: their row numbers unless given) cut into one piece per actor (at most
+    `max_chunk` prompts each), put in the object store; and the piece size."""
+    if schema.GROUP_ID not in prompts.column_names:
+        prompts = schema.append_column(prompts, schema.GROUP_ID, np.arange(prompts.num_rows))
+    chunk = -(-prompts.num_rows // len(pool.actors))
+    if max_chunk is not None:
+        chunk = min(chunk, max_chunk)
+    return [ray.put(prompts.slice(start, chunk)) for start in range(0, prompts.num_rows, chunk)], chunk
 
 
 def with_rewards(run: Run, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
