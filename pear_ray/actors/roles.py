@@ -105,6 +105,11 @@ def sync_weights(learner: LearnerGroup, pool: ActorPool, version: int,
 
 
 def probe_batch(table, rows: int = 8) -> ray.ObjectRef:
-    """A small fixed (prompt, response) batch for the mismatch metric."""
+    """A small fixed (prompt, response) batch for the mismatch metric, in the object store."""
+    return ray.put(probe_rows(table, rows))
+
+
+def probe_rows(table, rows: int = 8):
+    """The probe batch's rows: the first `rows` (prompt, response) pairs of a batch."""
     keep = [c for c in (schema.ID, schema.PROMPT_IDS, schema.RESPONSE_IDS) if c in table.column_names]
-    return ray.put(table.select(keep).slice(0, rows))
+    return table.select(keep).slice(0, rows)

@@ -138,9 +138,14 @@ def rollout_pieces(pool: ActorPool, prompts: pa.Table, max_chunk: int | None = N
 
 def with_rewards(run: Run, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
     """Decode the responses and score them with the task's verifier (in Ray tasks, with a timeout)."""
-    texts = run.tokenizer.batch_decode(table.column(schema.RESPONSE_IDS).to_pylist(), skip_special_tokens=True)
+    return decoded_rewards(table, run.tokenizer, run.task, run.job.task)
+
+
+def decoded_rewards(table: pa.Table, tokenizer, task, task_config) -> tuple[pa.Table, dict[str, int]]:
+    """`with_rewards` without a Run, for a Ray task next to the samples."""
+    texts = tokenizer.batch_decode(table.column(schema.RESPONSE_IDS).to_pylist(), skip_special_tokens=True)
     table = schema.append_column(table, schema.RESPONSE, texts)
-    rewards, failures = score_rows(table, run.job.task, task=run.task)
+    rewards, failures = score_rows(table, task_config, task=task)
     return schema.append_column(table, schema.REWARD, rewards), failures
 
 

@@ -19,6 +19,7 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -31,12 +32,13 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from pear_ray.actors.learner import LearnerGroup
 from pear_ray.actors.pool import ActorPool
 from pear_ray.actors.roles import (
     grow_rollout_pool,
-    probe_batch,
+    probe_rows,
     reference_actor,
     request_rollout_capacity,
     rollout_pool,
@@ -45,7 +47,7 @@ from pear_ray.actors.roles import (
 from pear_ray.config import RlConfig
 from pear_ray.data import schema
 from pear_ray.objectives import group_advantages, informative_groups_mask
-from pear_ray.stages.common import Run, latest_checkpoint, prompt_table, rollout_pieces, rollouts, with_rewards
+from pear_ray.stages.common import Run, latest_checkpoint, prompt_table, rollout_pieces, decoded_rewards
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +81,9 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
             if grow_rollout_pool(pool, job.resources.rollout):  # actors that came up hold start_model's weights
                 sync_weights(learner, pool, version=step)
             generation.submit_until(generation_horizon(step, rl))  # with the weights the actors hold: version step
-            batch, stats = generation.batch(step, learner, drop_constant=drop_constant)
+            batch_ref, probe_ref, stats = generation.batch(step, learner, drop_constant=drop_constant)
             progress.set_postfix(reward=f"{stats['reward']:.3f}")
-            if batch.num_rows >= job.resources.learner.num_ranks * objective.updates()[0]:
-                batch_ref = ray.put(batch)
+            if stats["trained_samples"] >= job.resources.learner.num_ranks * objective.updates()[0]:
                 scoring = time.perf_counter()
                 for column, scorer in scorers.items():  # at the rollouts' temperature, as the policy is scored
                     batch_ref, _ = scorer.score.remote(batch_ref, column=column, temperature=job.sampling.temperature)
@@ -93,7 +94,7 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
                 stats.update(score_seconds=training - scoring, train_seconds=time.perf_counter() - training)
                 update["learner_step"] = update.pop("step")  # optimizer updates so far; `step` is the RL step
                 stats.update(update)
-                stats.update(sync_weights(learner, pool, version=step + 1, probe_ref=probe_batch(batch)))
+                stats.update(sync_weights(learner, pool, version=step + 1, probe_ref=probe_ref))
             else:
                 log.info("%s step %d: every group's rewards were equal; no update", name, step + 1)
                 pool.call_all("set_policy_version", step + 1)  # the same weights, now version step + 1
@@ -154,13 +155,15 @@ class _Submitted:
 
 
 class Generation:
-    """The steps' batches as the rollout pool generates them: submitted ahead (`submit_until`), collected, checked
-    for staleness, scored and (fill_batch) topped up in `batch`."""
+    """The steps' batches as the rollout pool generates them: submitted ahead (`submit_until`), checked for
+    staleness, scored and (fill_batch) topped up in `batch`. The samples stay in the object store: decoding,
+    verifying, advantages and the batch's cut run in Ray tasks on them, the driver sees references and figures."""
 
     def __init__(self, run: Run, pool: ActorPool, prompts: pa.Table, name: str, start: int):
         self.run, self.rl, self.pool, self.prompts, self.name = run, run.job.rl, pool, prompts, name
         self.submitted: dict[int, _Submitted] = {}
         self.next_step = start  # the first step not queued yet
+        self.task_ref = ray.put(run.task)
 
     def submit_until(self, last: int) -> None:
         """Queue the generation of every step's batch up to `last` not queued yet, on the actors' current weights."""
@@ -177,105 +180,121 @@ class Generation:
         return _Submitted(iter(self.pool.submit("generate", pieces, n=self.rl.group_size, seed=seed,
                                                 **self.run.job.sampling.model_dump())), len(pieces))
 
-    def _collect(self, submitted: _Submitted) -> tuple[pa.Table, float]:
-        """The batch in prompt order and the actor-seconds it took."""
-        done, seconds = {}, 0.0
+    def _collect(self, submitted: _Submitted) -> tuple[list[ray.ObjectRef], list[dict]]:
+        """The pieces' refs in prompt order and their stats (rows, actor-seconds, policy version)."""
+        done = {}
         for index, ref, stats in submitted.mapping:
-            done[index], seconds = ref, seconds + stats["seconds"]
-        return pa.concat_tables(ray.get([done[i] for i in range(submitted.pieces)])), seconds
+            done[index] = ref, stats
+        return [done[i][0] for i in range(submitted.pieces)], [done[i][1] for i in range(submitted.pieces)]
 
-    def batch(self, step: int, learner: LearnerGroup, *, drop_constant: bool) -> tuple[pa.Table, dict]:
+    def _scored(self, pieces: list[ray.ObjectRef]) -> tuple[ray.ObjectRef, dict]:
+        """One generation's samples with rewards and advantages (a table ref), and its figures."""
+        table, stats = _score_task.remote(self.run.student, self.task_ref, self.run.job.task, self.rl.normalize_std,
+                                          *pieces)
+        return table, ray.get(stats)
+
+    def batch(self, step: int, learner: LearnerGroup, *, drop_constant: bool) -> tuple[ray.ObjectRef, ray.ObjectRef,
+                                                                                         dict]:
         """Step `step`'s samples with rewards and advantages, groups with no signal dropped when `drop_constant`
-        (more prompts drawn until enough differ, with fill_batch); and the step's figures."""
+        (more prompts drawn until enough differ, with fill_batch): refs of the batch and of a probe of it, and the
+        step's figures."""
         rl = self.rl
         waiting = time.perf_counter()
-        table, generate_seconds = self._collect(self.submitted.pop(step))
+        pieces, generated = self._collect(self.submitted.pop(step))
         wait_seconds = time.perf_counter() - waiting
-        versions = table.column(schema.POLICY_VERSION).to_numpy()
-        stale = int((versions < step - rl.max_staleness).sum())
+        stale = sum(piece["rows"] for piece in generated if piece["policy_version"] < step - rl.max_staleness)
         if stale:  # an actor replaced meanwhile started from start_model's weights
             log.warning("step %d: %d samples older than %d versions; regenerating", step + 1, stale, rl.max_staleness)
             sync_weights(learner, self.pool, version=step)
-            table, seconds = self._collect(self._submit_step(step))
-            generate_seconds += seconds
+            pieces, regenerated = self._collect(self._submit_step(step))
+            generated += regenerated
         verifying = time.perf_counter()
-        table, failures = scored(self.run, table)
-        keep = (informative_groups_mask(*_rewards_and_groups(table)).numpy() if drop_constant
-                else np.ones(table.num_rows, bool))
-        extra = 0
-        if rl.fill_batch and drop_constant:
-            table, keep, extra, seconds = self._fill(step, table, keep, failures)
-            generate_seconds += seconds
+        table, first = self._scored(pieces)
+        tables, scored = (table,), (first,)
+        fill = rl.fill_batch and drop_constant
+        if fill:
+            more = self._fill(step, scored[0]["informative_groups"])
+            tables, scored, generated = tables + more[0], scored + more[1], generated + more[2]
+        table, probe, record, stats = _cut_task.remote(step, rl.prompts_per_step if fill else None, drop_constant,
+                                                       rl.save_rollouts, *tables)
+        stats = ray.get(stats)
         verify_seconds = time.perf_counter() - verifying
-        rewards = table.column(schema.REWARD).to_numpy()
-        lengths = np.array([len(ids) for ids in table.column(schema.RESPONSE_IDS).to_pylist()])
-        trained = table.filter(keep)
-        staleness = step - trained.column(schema.POLICY_VERSION).to_numpy()
-        stats = {
-            "reward": float(rewards.mean()),
-            "response_length": float(lengths.mean()),
-            "kept_fraction": float(keep.mean()),
-            "verifier_errors": failures["errors"],
-            "verifier_timeouts": failures["timeouts"],
-            "samples": table.num_rows,
-            "generate_seconds": generate_seconds,
-            "wait_seconds": wait_seconds,
-            "verify_seconds": verify_seconds,
-            "staleness_mean": float(staleness.mean()) if len(staleness) else 0.0,
-            "staleness_max": int(staleness.max()) if len(staleness) else 0,
-            "stale_regenerated": stale,
-        }
-        if rl.fill_batch and drop_constant:
-            groups = np.unique(trained.column(schema.GROUP_ID).to_numpy()).size
-            stats.update(extra_prompts=extra, informative_groups=groups,
-                         fill_capped=int(groups < rl.prompts_per_step))
+        stats.update(verifier_errors=sum(s["errors"] for s in scored), verifier_timeouts=sum(s["timeouts"]
+                                                                                             for s in scored),
+                     generate_seconds=sum(piece["seconds"] for piece in generated), wait_seconds=wait_seconds,
+                     verify_seconds=verify_seconds, stale_regenerated=stale)
+        if fill:
+            stats.update(extra_prompts=sum(s["prompts"] for s in scored[1:]),
+                         fill_capped=int(stats["informative_groups"] < rl.prompts_per_step))
         if rl.save_rollouts:
-            self._save(step, table, keep)
-        return trained, stats
+            folder = self.run.dir / "rollouts" / self.name
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(ray.get(record), folder / f"step-{step + 1:06d}.parquet")
+        return table, probe, stats
 
-    def _fill(self, step: int, table: pa.Table, keep: np.ndarray, failures: dict):
+    def _fill(self, step: int, informative: int) -> tuple[tuple, tuple, list]:
         """Draw more of the prompts the step did not choose until `prompts_per_step` groups differ or the cap is
-        reached, each round as many as the rate so far says are missing; keep the first `prompts_per_step` such
-        groups. Generated with the actors' current weights (version `step`). Returns the table, its keep-mask, the
-        prompts drawn and the actor-seconds."""
+        reached, each round as many as the rate so far says are missing; generated with the actors' current
+        weights (version `step`). Returns the rounds' table refs, figures and generation stats."""
         rl, seed = self.rl, self.run.job.seed
         chosen, sample_seed = step_prompts(self.prompts.num_rows, seed, step, rl.prompts_per_step)
         candidates = extra_prompts(self.prompts.num_rows, seed, step, chosen, rl.fill_max_extra_prompts)
-        drawn, seconds, groups = 0, 0.0, len(chosen)
-        tables, keeps = [table], [keep]
-        while (have := np.unique(table.column(schema.GROUP_ID).to_numpy()[keep]).size) < rl.prompts_per_step \
-                and drawn < len(candidates):
-            missing = rl.prompts_per_step - have
-            want = -(-missing * groups // have) if have else 2 * missing
+        drawn, groups, tables, scored, generated = 0, len(chosen), (), (), []
+        while informative < rl.prompts_per_step and drawn < len(candidates):
+            missing = rl.prompts_per_step - informative
+            want = -(-missing * groups // informative) if informative else 2 * missing
             more = self.prompts.take(candidates[drawn:drawn + want])
             more = schema.append_column(more, schema.GROUP_ID, groups + np.arange(more.num_rows))
-            part, part_seconds = self._collect(self._submit(more, sample_seed))
-            part, part_failures = scored(self.run, part)
-            for kind, count in part_failures.items():
-                failures[kind] += count
-            tables.append(part)
-            keeps.append(informative_groups_mask(*_rewards_and_groups(part)).numpy())
-            table, keep = pa.concat_tables(tables), np.concatenate(keeps)
-            drawn, seconds, groups = drawn + more.num_rows, seconds + part_seconds, groups + more.num_rows
-        return table, first_groups(table.column(schema.GROUP_ID).to_numpy(), keep, rl.prompts_per_step), drawn, \
-            seconds
-
-    def _save(self, step: int, table: pa.Table, keep: np.ndarray) -> None:
-        """Every sample of the step, whether trained, and the policy version that generated it."""
-        folder = self.run.dir / "rollouts" / self.name
-        folder.mkdir(parents=True, exist_ok=True)
-        columns = (schema.ID, schema.GROUP_ID, schema.PROMPT_IDS, schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS,
-                   schema.REWARD, schema.ADVANTAGE, schema.POLICY_VERSION)
-        pq.write_table(table.select(list(columns)).append_column("trained", pa.array(keep)),
-                       folder / f"step-{step + 1:06d}.parquet")
+            pieces, part_generated = self._collect(self._submit(more, sample_seed))
+            table, part = self._scored(pieces)
+            tables, scored, generated = tables + (table,), scored + (part,), generated + part_generated
+            drawn, groups, informative = drawn + more.num_rows, groups + more.num_rows, \
+                informative + part["informative_groups"]
+        return tables, scored, generated
 
 
-def scored(run: Run, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
-    """Samples with their rewards and group-normalised advantages."""
-    table, failures = with_rewards(run, table)
+@functools.cache
+def _tokenizer(student: Path):
+    return AutoTokenizer.from_pretrained(student)
+
+
+@ray.remote(num_cpus=0.1, num_returns=2)
+def _score_task(student: Path, task, task_config, normalize_std: bool, *pieces: pa.Table) -> tuple[pa.Table, dict]:
+    """Next to the samples: decode, verify (verifier tasks), group-normalise the advantages."""
+    table, failures = decoded_rewards(pa.concat_tables(pieces), _tokenizer(student), task, task_config)
     rewards, groups = _rewards_and_groups(table)
-    advantages = group_advantages(rewards, groups, scale_by_std=run.job.rl.normalize_std)
-    return schema.append_column(table, schema.ADVANTAGE, advantages.numpy()), failures
+    advantages = group_advantages(rewards, groups, scale_by_std=normalize_std)
+    informative = np.unique(groups.numpy()[informative_groups_mask(rewards, groups).numpy()]).size
+    return schema.append_column(table, schema.ADVANTAGE, advantages.numpy()), {
+        **failures, "prompts": np.unique(groups.numpy()).size, "informative_groups": informative}
+
+
+@ray.remote(num_cpus=0.1, num_returns=4)
+def _cut_task(step: int, groups: int | None, drop_constant: bool, record: bool, *tables: pa.Table):
+    """The step's batch (groups with no signal dropped when `drop_constant`, the first `groups` others when given),
+    a probe of it for the mismatch metric, every sample with whether it is trained (`record`), and the figures."""
+    table = pa.concat_tables(tables)
+    rewards, group_ids = _rewards_and_groups(table)
+    keep = informative_groups_mask(rewards, group_ids).numpy() if drop_constant else np.ones(table.num_rows, bool)
+    if groups is not None:
+        keep = first_groups(group_ids.numpy(), keep, groups)
+    lengths = np.array([len(ids) for ids in table.column(schema.RESPONSE_IDS).to_pylist()])
+    trained = table.filter(keep)
+    staleness = step - trained.column(schema.POLICY_VERSION).to_numpy()
+    stats = {
+        "reward": float(rewards.mean()),
+        "response_length": float(lengths.mean()),
+        "kept_fraction": float(torch.from_numpy(keep).float().mean()),  # float32, as it always was
+        "samples": table.num_rows,
+        "trained_samples": trained.num_rows,
+        "staleness_mean": float(staleness.mean()) if len(staleness) else 0.0,
+        "staleness_max": int(staleness.max()) if len(staleness) else 0,
+        "informative_groups": np.unique(group_ids.numpy()[keep]).size,
+    }
+    columns = (schema.ID, schema.GROUP_ID, schema.PROMPT_IDS, schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS,
+               schema.REWARD, schema.ADVANTAGE, schema.POLICY_VERSION)
+    saved = table.select(list(columns)).append_column("trained", pa.array(keep)) if record else None
+    return trained, probe_rows(trained), saved, stats
 
 
 def _rewards_and_groups(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
