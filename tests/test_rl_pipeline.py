@@ -107,5 +107,6 @@ def test_resuming_mid_rl_ahead_ends_with_the_same_steps_and_samples(ray_cluster,
     assert [r["step"] for r in resumed_rows] == [r["step"] for r in full_rows] == [1, 2, 3, 4, 5]
     for step in range(1, 6):
         assert samples(tmp_path / "resumed", step).equals(samples(tmp_path / "full", step))
-    assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in full_rows]
+    assert [r.get("loss") for r in resumed_rows] == [r.get("loss") for r in full_rows]  # none: no update
+    assert sum("loss" in r for r in full_rows) >= 2
     assert all(np.array_equal(full_weights[name], resumed_weights[name]) for name in full_weights)
