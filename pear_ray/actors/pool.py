@@ -37,6 +37,14 @@ class _Work:
 
 
 @dataclass
+class _Broadcast:
+    method: str
+    args: tuple
+    kwargs: dict
+    refs: dict[int, tuple[Any, ray.ObjectRef]]  # slot -> (actor, result ref)
+
+
+@dataclass
 class PoolStats:
     submitted: int = 0
     completed: int = 0
@@ -127,16 +135,26 @@ class ActorPool:
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Run a method on every actor (e.g. a weight update) and wait for all of them. An actor lost meanwhile
         is dropped (elastic pool above its minimum) or replaced and asked again."""
-        refs = {slot_id: getattr(slot.actor, method).remote(*args, **kwargs)
+        return self.gather(self.broadcast(method, *args, **kwargs))
+
+    def broadcast(self, method: str, *args: Any, **kwargs: Any) -> _Broadcast:
+        """`call_all` without the wait: the call is queued on every actor behind the work it has, so work
+        submitted after it runs after it; `gather` waits for the results."""
+        refs = {slot_id: (slot.actor, getattr(slot.actor, method).remote(*args, **kwargs))
                 for slot_id, slot in self.slots.items() if slot.active}
+        return _Broadcast(method, args, kwargs, refs)
+
+    def gather(self, call: _Broadcast) -> list[Any]:
+        """A broadcast's results, an actor lost meanwhile dropped or replaced and asked again."""
         results = []
-        for slot_id, ref in refs.items():
+        for slot_id, (actor, ref) in call.refs.items():
             try:
                 results.append(ray.get(ref))
             except RayActorError as error:
-                self._replace(slot_id, self.slots[slot_id].actor, None, {}, error)
+                self._replace(slot_id, actor, None, {}, error)
                 if slot_id in self.slots:
-                    results.append(ray.get(getattr(self.slots[slot_id].actor, method).remote(*args, **kwargs)))
+                    results.append(ray.get(getattr(self.slots[slot_id].actor, call.method).remote(*call.args,
+                                                                                                   **call.kwargs)))
         return results
 
     def shutdown(self) -> None:
@@ -211,6 +229,11 @@ class _Mapping:
             pool.slots[slot_id].in_flight += 1
             pool.stats.submitted += 1
             self.pending[stats_ref] = (slot_id, actor, work, batch_ref)
+
+    def refs(self) -> list[ray.ObjectRef]:
+        """The batch refs in flight, in item order: every item's after an eager dispatch (an item re-run after
+        its actor died gets a new one)."""
+        return [batch_ref for _, _, _, batch_ref in sorted(self.pending.values(), key=lambda entry: entry[2].index)]
 
     def __iter__(self) -> Iterator[tuple[int, ray.ObjectRef, dict]]:
         pool = self.pool

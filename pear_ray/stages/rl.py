@@ -94,7 +94,8 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
                 stats.update(score_seconds=training - scoring, train_seconds=time.perf_counter() - training)
                 update["learner_step"] = update.pop("step")  # optimizer updates so far; `step` is the RL step
                 stats.update(update)
-                stats.update(sync_weights(learner, pool, version=step + 1, probe_ref=probe_ref))
+                stats.update(sync_weights(learner, pool, version=step + 1, probe_ref=probe_ref,  # then the next
+                                          then=lambda: generation.submit_until(generation_horizon(step + 1, rl))))
             else:
                 log.info("%s step %d: every group's rewards were equal; no update", name, step + 1)
                 pool.call_all("set_policy_version", step + 1)  # the same weights, now version step + 1
@@ -151,7 +152,8 @@ def busy_fractions(stats: dict, seconds: float, actors: int) -> dict[str, float]
 @dataclass
 class _Submitted:
     mapping: Iterator
-    pieces: int
+    refs: list[ray.ObjectRef]  # the pieces' batches, in prompt order
+    scored: tuple[ray.ObjectRef, ray.ObjectRef]  # the scoring task queued on them: (table, figures)
 
 
 class Generation:
@@ -176,22 +178,25 @@ class Generation:
         return self._submit(self.prompts.take(chosen), seed)
 
     def _submit(self, prompts: pa.Table, seed: int) -> _Submitted:
+        """Queue the prompts' generation, and its scoring behind it: a Ray task that starts when the samples
+        are there, without the driver."""
         pieces, _ = rollout_pieces(self.pool, prompts)
-        return _Submitted(iter(self.pool.submit("generate", pieces, n=self.rl.group_size, seed=seed,
-                                                **self.run.job.sampling.model_dump())), len(pieces))
+        mapping = self.pool.submit("generate", pieces, n=self.rl.group_size, seed=seed,
+                                   **self.run.job.sampling.model_dump())
+        return _Submitted(iter(mapping), mapping.refs(), self._score(mapping.refs()))
 
-    def _collect(self, submitted: _Submitted) -> tuple[list[ray.ObjectRef], list[dict]]:
-        """The pieces' refs in prompt order and their stats (rows, actor-seconds, policy version)."""
+    def _score(self, pieces: list[ray.ObjectRef]) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+        return _score_task.remote(self.run.student, self.task_ref, self.run.job.task, self.rl.normalize_std, *pieces)
+
+    def _collect(self, submitted: _Submitted) -> tuple[tuple[ray.ObjectRef, ray.ObjectRef], list[dict]]:
+        """Once generated: refs of the samples scored and of its figures, and the pieces' generation stats (rows,
+        actor-seconds, policy version). Pieces re-run on another actor (theirs died) are scored again."""
         done = {}
         for index, ref, stats in submitted.mapping:
             done[index] = ref, stats
-        return [done[i][0] for i in range(submitted.pieces)], [done[i][1] for i in range(submitted.pieces)]
-
-    def _scored(self, pieces: list[ray.ObjectRef]) -> tuple[ray.ObjectRef, dict]:
-        """One generation's samples with rewards and advantages (a table ref), and its figures."""
-        table, stats = _score_task.remote(self.run.student, self.task_ref, self.run.job.task, self.rl.normalize_std,
-                                          *pieces)
-        return table, ray.get(stats)
+        pieces = [done[i][0] for i in range(len(done))]
+        return (submitted.scored if pieces == submitted.refs else self._score(pieces)), [done[i][1] for i in
+                                                                                          range(len(done))]
 
     def batch(self, step: int, learner: LearnerGroup, *, drop_constant: bool) -> tuple[ray.ObjectRef, ray.ObjectRef,
                                                                                          dict]:
@@ -200,17 +205,16 @@ class Generation:
         step's figures."""
         rl = self.rl
         waiting = time.perf_counter()
-        pieces, generated = self._collect(self.submitted.pop(step))
+        (table, first), generated = self._collect(self.submitted.pop(step))
         wait_seconds = time.perf_counter() - waiting
         stale = sum(piece["rows"] for piece in generated if piece["policy_version"] < step - rl.max_staleness)
         if stale:  # an actor replaced meanwhile started from start_model's weights
             log.warning("step %d: %d samples older than %d versions; regenerating", step + 1, stale, rl.max_staleness)
             sync_weights(learner, self.pool, version=step)
-            pieces, regenerated = self._collect(self._submit_step(step))
+            (table, first), regenerated = self._collect(self._submit_step(step))
             generated += regenerated
         verifying = time.perf_counter()
-        table, first = self._scored(pieces)
-        tables, scored = (table,), (first,)
+        tables, scored = (table,), (ray.get(first),)
         fill = rl.fill_batch and drop_constant
         if fill:
             more = self._fill(step, scored[0]["informative_groups"])
@@ -245,8 +249,8 @@ class Generation:
             want = -(-missing * groups // informative) if informative else 2 * missing
             more = self.prompts.take(candidates[drawn:drawn + want])
             more = schema.append_column(more, schema.GROUP_ID, groups + np.arange(more.num_rows))
-            pieces, part_generated = self._collect(self._submit(more, sample_seed))
-            table, part = self._scored(pieces)
+            (table, part), part_generated = self._collect(self._submit(more, sample_seed))
+            part = ray.get(part)
             tables, scored, generated = tables + (table,), scored + (part,), generated + part_generated
             drawn, groups, informative = drawn + more.num_rows, groups + more.num_rows, \
                 informative + part["informative_groups"]
