@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
 
-from pear_ray.config import parse_job
+from pear_ray.config import RlConfig, parse_job
 from pear_ray.stages import rl as rl_stage
 from pear_ray.stages.common import Run
 from pear_ray.tracking import MetricsLogger, read_metrics
@@ -45,6 +45,28 @@ def synchronous(ray_cluster, tiny_model_dir, tmp_path_factory):
     """A max_staleness 0 run with fill_batch: its folder, metrics rows and weights."""
     run_dir = tmp_path_factory.mktemp("k0")
     return run_dir, *run_rl(run_dir, tiny_model_dir, max_staleness=0, checkpoint_every=3, **FILL)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+@pytest.mark.parametrize("every", [1, 2, 5])
+def test_each_steps_policy_version_depends_on_the_step_alone(k, every):
+    """A batch is queued at the first step whose horizon reaches it (actors then at that step's version): at most k
+    versions old, never from before its checkpoint interval, so a run resumed at a checkpoint queues it the same."""
+    rl = RlConfig(steps=12, max_staleness=k, checkpoint_every=every)
+    for start in range(0, 12, every):  # from scratch, and resumed at every checkpoint
+        version, queued = {}, start
+        for step in range(start, 12):
+            for t in range(queued, rl_stage.generation_horizon(step, rl) + 1):
+                version[t] = step
+            queued = max(queued, rl_stage.generation_horizon(step, rl) + 1)
+        assert version == {t: max(t - k, t // every * every) for t in range(start, 12)}
+
+
+def test_first_groups_keeps_the_first_informative_groups_in_order():
+    groups = np.array([0, 0, 1, 1, 2, 2, 3, 3, 7, 7])
+    keep = np.array([1, 1, 0, 0, 1, 1, 1, 1, 1, 1], bool)
+    assert rl_stage.first_groups(groups, keep, 2).tolist() == [1, 1, 0, 0, 1, 1, 0, 0, 0, 0]
+    assert rl_stage.first_groups(groups, keep, 9).tolist() == keep.tolist()
 
 
 def test_rollouts_ahead_stay_within_the_staleness_bound_and_fill_the_batch(synchronous, tiny_model_dir, tmp_path):
