@@ -107,7 +107,8 @@ def main() -> None:
               f"{m['sync_seconds']:7.3f} {m['rollout_busy']:12.2f} {m['learner_busy']:12.2f} "
               f"{m['staleness_mean']:9.2f}  x{speedup:.2f} vs k=0")
     print("wait = driver waiting for the step's batch; gen = actor-seconds generating it; verify = decode, verifier "
-          "tasks, advantages; train = learner.step; sync = weights to the actors (at k >= 1 it waits for the generation in flight ahead of the update)")
+          "tasks, advantages (what is left once generated); train = learner.step; sync = weights to the actors (at "
+          "k >= 1 it waits for the generation in flight ahead of the update)")
     print(f"total run {time.perf_counter() - wall:.0f} s")
     print(machine.stop())
     print(f"machine before: {load_before}\nmachine after:  {other_load()}")
