@@ -47,7 +47,7 @@ from pear_ray.actors.roles import (
 from pear_ray.config import RlConfig
 from pear_ray.data import schema
 from pear_ray.objectives import group_advantages, informative_groups_mask
-from pear_ray.stages.common import Run, latest_checkpoint, prompt_table, rollout_pieces, decoded_rewards
+from pear_ray.stages.common import Run, decoded_rewards, latest_checkpoint, prompt_table, rollout_pieces
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
                 update["learner_step"] = update.pop("step")  # optimizer updates so far; `step` is the RL step
                 stats.update(update)
                 stats.update(sync_weights(learner, pool, version=step + 1, probe_ref=probe_ref,  # then the next
-                                          then=lambda: generation.submit_until(generation_horizon(step + 1, rl))))
+                                          then=lambda s=step + 1: generation.submit_until(generation_horizon(s, rl))))
             else:
                 log.info("%s step %d: every group's rewards were equal; no update", name, step + 1)
                 pool.call_all("set_policy_version", step + 1)  # the same weights, now version step + 1
