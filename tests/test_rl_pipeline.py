@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 from safetensors.torch import load_file
 
 from pear_ray.config import RlConfig, parse_job
@@ -132,3 +133,22 @@ def test_resuming_mid_rl_ahead_ends_with_the_same_steps_and_samples(ray_cluster,
     assert [r.get("loss") for r in resumed_rows] == [r.get("loss") for r in full_rows]  # none: no update
     assert sum("loss" in r for r in full_rows) >= 2
     assert all(np.array_equal(full_weights[name], resumed_weights[name]) for name in full_weights)
+
+
+@pytest.mark.slow
+def test_samples_from_a_replacement_actors_start_weights_are_counted_and_regenerated(ray_cluster, tiny_model_dir,
+                                                                                      tmp_path, monkeypatch):
+    """The rollout actor killed while step 3's batch is generated: the pool re-runs it on a new actor, which
+    holds the start weights (version 0); the stage counts those samples, syncs and generates the batch again."""
+    batch = rl_stage.Generation.batch
+
+    def kills_the_actor_in_step_3(self, step, *args, **kwargs):
+        if step == 2:
+            ray.kill(self.pool.actors[0])
+        return batch(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(rl_stage.Generation, "batch", kills_the_actor_in_step_3)
+    rows, _ = run_rl(tmp_path, tiny_model_dir, steps=3, drop_constant_groups=False)
+    assert [r["stale_regenerated"] for r in rows] == [0, 0, 8] and rows[2]["rollout_actors_lost"] == 1
+    assert all(r["staleness_max"] == 0 for r in rows)
+    assert samples(tmp_path, 3).column("policy_version").to_pylist() == [2] * 8
