@@ -6,8 +6,10 @@ reasoning-gym basic_arithmetic (2 one-digit terms), --prompts train prompts, --p
 --group-size samples per step, at most --max-tokens new tokens, temperature 1; GRPO with one update per step, clip
 0.2/0.28, token-mean, TIS cap 2, no KL; every group trained (rl.drop_constant_groups false: a tiny random model
 solves nothing, so every group would be dropped and nothing trained); each rollout actor and the learner (1 rank,
-ZeRO-2) 0.5 Ray CPU. No checkpoint inside the run (one would drain the pipeline). Figures are medians over the
-steps after --warmup; samples/s = samples per step / median step seconds.
+ZeRO-2) 0.5 Ray CPU. No checkpoint inside the run (one would drain the pipeline). Each of --rounds rounds runs
+every setting once, starting one setting later each round, so that load from other processes hits them alike.
+Figures are medians over the steps after --warmup of every round; samples/s = samples per step / median step
+seconds.
 
 Run: .venv/bin/python benchmarks/bench_rl.py [--help]
 """
@@ -41,14 +43,14 @@ def job_tree(model: str, args, actors: int, staleness: int) -> dict:
     }
 
 
-def run_once(model: str, args, actors: int, staleness: int, folder: Path) -> list[dict]:
+def run_once(model: str, args, actors: int, staleness: int, folder: Path, round_: int) -> list[dict]:
     from pear_ray.config import parse_job
     from pear_ray.stages.common import Run
     from pear_ray.stages.rl import run_rl
     from pear_ray.tracking import MetricsLogger, read_metrics
 
     job = parse_job(job_tree(model, args, actors, staleness))
-    run_dir = folder / f"x{actors}-k{staleness}"
+    run_dir = folder / f"x{actors}-k{staleness}-r{round_}"
     with MetricsLogger(run_dir, resume=False, loggers=()) as metrics:
         run_rl(Run(job, run_dir, metrics, Path(model)), "none", Path(model))
     rows = sorted((r for r in read_metrics(run_dir) if r["stage"] == "rl"), key=lambda r: r["step"])
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--staleness", default="0,1,2")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", help="also write the per-setting medians here")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -83,20 +86,23 @@ def main() -> None:
         model = str(build_tiny_model(TinyModelSpec(), Path(folder) / "model"))
         init_ray(num_cpus=4)
         try:
-            for actors in (int(a) for a in args.actors.split(",")):
-                for staleness in (int(k) for k in args.staleness.split(",")):
-                    rows = run_once(model, args, actors, staleness, Path(folder))
-                    med = {key: statistics.median(r.get(key, 0.0) for r in rows)
-                           for key in (*PHASES, "samples", "rollout_busy", "learner_busy", "staleness_mean")}
-                    med["samples_per_s"] = med["samples"] / med["step_seconds"]
-                    results[f"{actors} actor(s), k={staleness}"] = med
+            settings = [(int(a), int(k)) for a in args.actors.split(",") for k in args.staleness.split(",")]
+            rows = {setting: [] for setting in settings}
+            for round_ in range(args.rounds):
+                for actors, staleness in settings[round_ % len(settings):] + settings[:round_ % len(settings)]:
+                    rows[actors, staleness] += run_once(model, args, actors, staleness, Path(folder), round_)
+            for (actors, staleness), timed in rows.items():
+                med = {key: statistics.median(r.get(key, 0.0) for r in timed)
+                       for key in (*PHASES, "samples", "rollout_busy", "learner_busy", "staleness_mean")}
+                med["samples_per_s"] = med["samples"] / med["step_seconds"]
+                results[f"{actors} actor(s), k={staleness}"] = med
         finally:
             ray.shutdown()
 
     print(f"\nRL stage throughput, tiny Qwen2 {TinyModelSpec()}: basic_arithmetic, {args.prompts_per_step} prompts x "
           f"{args.group_size} samples, <= {args.max_tokens} tokens, temperature 1, GRPO 1 update/step, clip 0.2/0.28, "
-          f"token-mean, no KL; rollout actors and learner at 0.5 CPU each; median of {args.steps} steps after "
-          f"{args.warmup} warm-up")
+          f"token-mean, no KL; rollout actors and learner at 0.5 CPU each; median of {args.rounds} rounds x "
+          f"{args.steps} steps after {args.warmup} warm-up")
     print(f"{'setting':>20} {'samples/s':>9} {'step s':>7} {'wait s':>7} {'gen s':>7} {'verify s':>8} {'train s':>7} "
           f"{'sync s':>7} {'rollout busy':>12} {'learner busy':>12} {'staleness':>9}")
     base = {name.split(",")[0]: m["samples_per_s"] for name, m in results.items() if name.endswith("k=0")}
