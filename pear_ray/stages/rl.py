@@ -194,9 +194,8 @@ class Generation:
         done = {}
         for index, ref, stats in submitted.mapping:
             done[index] = ref, stats
-        pieces = [done[i][0] for i in range(len(done))]
-        return (submitted.scored if pieces == submitted.refs else self._score(pieces)), [done[i][1] for i in
-                                                                                          range(len(done))]
+        pieces, generated = zip(*(done[i] for i in range(len(done))))
+        return (submitted.scored if list(pieces) == submitted.refs else self._score(list(pieces))), list(generated)
 
     def batch(self, step: int, learner: LearnerGroup, *, drop_constant: bool) -> tuple[ray.ObjectRef, ray.ObjectRef,
                                                                                          dict]:
