@@ -224,6 +224,17 @@ class RlConfig(Section):
                                        "when the objective reads the advantage")
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(5, gt=0)
+    max_staleness: int = Field(0, ge=0, description="k: the rollout actors generate the next k steps' samples "
+                               "while the learner trains, with weights at most k updates old (the truncated "
+                               "importance correction against their rollout log-probs corrects for it); older "
+                               "samples are counted and regenerated. The pipeline starts afresh at every "
+                               "checkpoint, so a resumed run is the uninterrupted one. 0: generate, then train")
+    fill_batch: bool = Field(False, description="with drop_constant_groups: draw more prompts until the step has "
+                             "prompts_per_step groups whose rewards differ, or fill_max_extra_prompts are drawn "
+                             "(DAPO's dynamic sampling)")
+    fill_max_extra_prompts: int = Field(64, ge=0, description="fill_batch: the most extra prompts a step draws")
+    save_rollouts: bool = Field(False, description="write every step's samples (ids, tokens, reward, advantage, "
+                                "policy version, whether trained) to rollouts/rl-<variant>/step-<n>.parquet")
 
 
 class EvalConfig(Section):

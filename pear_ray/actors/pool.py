@@ -37,6 +37,14 @@ class _Work:
 
 
 @dataclass
+class _Broadcast:
+    method: str
+    args: tuple
+    kwargs: dict
+    refs: dict[int, tuple[Any, ray.ObjectRef]]  # slot -> (actor, result ref)
+
+
+@dataclass
 class PoolStats:
     submitted: int = 0
     completed: int = 0
@@ -114,49 +122,39 @@ class ActorPool:
         return [slot.actor for slot in self.slots.values() if slot.active]
 
     def map(self, method: str, items: Iterable[Any], **kwargs: Any) -> Iterator[tuple[int, ray.ObjectRef, dict]]:
-        source = enumerate(items)
-        retry: deque[_Work] = deque()
-        pending: dict[ray.ObjectRef, tuple[int, _Work, ray.ObjectRef]] = {}  # stats ref -> (slot, work, batch ref)
-        exhausted = False
-        while True:
-            while self._has_capacity() and (retry or not exhausted):
-                work = retry.popleft() if retry else self._next(source)
-                if work is None:
-                    exhausted = True
-                    break
-                slot_id = self._least_loaded()
-                batch_ref, stats_ref = getattr(self.slots[slot_id].actor, method).remote(work.item, **kwargs)
-                work.attempts += 1
-                self.slots[slot_id].in_flight += 1
-                self.stats.submitted += 1
-                pending[stats_ref] = (slot_id, work, batch_ref)
-            if not pending:
-                return
-            [ready], _ = ray.wait(list(pending), num_returns=1)
-            slot_id, work, batch_ref = pending.pop(ready)
-            self.slots[slot_id].in_flight -= 1
-            try:
-                stats = ray.get(ready)
-            except RayActorError as error:  # died or unreachable: its node left, or it was killed
-                retry.extend(self._replace(slot_id, work, pending, error))
-                continue
-            self.stats.completed += 1
-            self.stats.per_actor_completed[slot_id] = self.stats.per_actor_completed.get(slot_id, 0) + 1
-            yield work.index, batch_ref, stats
+        return iter(_Mapping(self, method, items, kwargs))
+
+    def submit(self, method: str, items: Iterable[Any], **kwargs: Any) -> _Mapping:
+        """`map` with every item handed to an actor now, past `max_in_flight` (the caller bounds the work: RL's
+        next batches), so the actors work on it while the driver does something else; iterate it for the
+        results."""
+        mapping = _Mapping(self, method, items, kwargs)
+        mapping.dispatch(eager=True)
+        return mapping
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Run a method on every actor (e.g. a weight update) and wait for all of them. An actor lost meanwhile
         is dropped (elastic pool above its minimum) or replaced and asked again."""
-        refs = {slot_id: getattr(slot.actor, method).remote(*args, **kwargs)
+        return self.gather(self.broadcast(method, *args, **kwargs))
+
+    def broadcast(self, method: str, *args: Any, **kwargs: Any) -> _Broadcast:
+        """`call_all` without the wait: the call is queued on every actor behind the work it has, so work
+        submitted after it runs after it; `gather` waits for the results."""
+        refs = {slot_id: (slot.actor, getattr(slot.actor, method).remote(*args, **kwargs))
                 for slot_id, slot in self.slots.items() if slot.active}
+        return _Broadcast(method, args, kwargs, refs)
+
+    def gather(self, call: _Broadcast) -> list[Any]:
+        """A broadcast's results, an actor lost meanwhile dropped or replaced and asked again."""
         results = []
-        for slot_id, ref in refs.items():
+        for slot_id, (actor, ref) in call.refs.items():
             try:
                 results.append(ray.get(ref))
             except RayActorError as error:
-                self._replace(slot_id, None, {}, error)
+                self._replace(slot_id, actor, None, {}, error)
                 if slot_id in self.slots:
-                    results.append(ray.get(getattr(self.slots[slot_id].actor, method).remote(*args, **kwargs)))
+                    results.append(ray.get(getattr(self.slots[slot_id].actor, call.method).remote(*call.args,
+                                                                                                   **call.kwargs)))
         return results
 
     def shutdown(self) -> None:
@@ -178,15 +176,17 @@ class ActorPool:
         return min((slot_id for slot_id, slot in self.slots.items() if slot.active),
                    key=lambda slot_id: self.slots[slot_id].in_flight)
 
-    def _replace(self, slot_id: int, failed: _Work | None, pending: dict, error: Exception) -> list[_Work]:
+    def _replace(self, slot_id: int, actor: Any, failed: _Work | None, pending: dict, error: Exception) -> list[_Work]:
         """Drop a dead actor's slot (elastic, above minimum) or start a new actor in it; return the dead actor's
-        unfinished work (the failed item first)."""
-        same_actor = [ref for ref, (sid, _, _) in pending.items() if sid == slot_id]
-        lost = ([failed] if failed is not None else []) + [pending.pop(ref)[1] for ref in same_actor]
+        unfinished work of this call (the failed item first). Another mapping may have replaced it already."""
+        same_actor = [ref for ref, (_, other, _, _) in pending.items() if other is actor]
+        lost = ([failed] if failed is not None else []) + [pending.pop(ref)[2] for ref in same_actor]
         for work in lost:
             if work.attempts >= self.max_attempts:
                 raise RuntimeError(f"item {work.index} failed on {work.attempts} actors; last error: {error}") from error
         self.stats.resubmitted += len(lost)
+        if slot_id not in self.slots or self.slots[slot_id].actor is not actor:
+            return lost
         ray.kill(self.slots[slot_id].actor)  # unreachable rather than dead (a node cut off) must not hold resources
         if len(self.actors) > self.min_size:
             log.warning("rollout actor %d lost (%s); going on with %d actors, re-running its %d batches",
@@ -199,3 +199,57 @@ class ActorPool:
         self.slots[slot_id] = self._new_slot(slot_id, active=True)
         self.stats.actors_replaced += 1
         return lost
+
+
+class _Mapping:
+    """One `map` call: its items go to the least-loaded actors as capacity frees up (or all at once), and come back
+    as they finish, an item lost with its actor re-run on another."""
+
+    def __init__(self, pool: ActorPool, method: str, items: Iterable[Any], kwargs: dict[str, Any]):
+        self.pool, self.method, self.kwargs = pool, method, kwargs
+        self.source = enumerate(items)
+        self.retry: deque[_Work] = deque()
+        self.pending: dict[ray.ObjectRef, tuple[int, Any, _Work, ray.ObjectRef]] = {}  # stats ref -> slot, actor..
+        self.exhausted = False
+
+    def dispatch(self, eager: bool = False) -> None:
+        """Hand items to actors while they have capacity (every item when `eager`)."""
+        pool = self.pool
+        # With nothing of its own in flight a mapping takes a slot anyway: another mapping's eager items may hold
+        # every slot, and this one could not wait for them to finish.
+        while (eager or pool._has_capacity() or not self.pending) and (self.retry or not self.exhausted):
+            work = self.retry.popleft() if self.retry else pool._next(self.source)
+            if work is None:
+                self.exhausted = True
+                return
+            slot_id = pool._least_loaded()
+            actor = pool.slots[slot_id].actor
+            batch_ref, stats_ref = getattr(actor, self.method).remote(work.item, **self.kwargs)
+            work.attempts += 1
+            pool.slots[slot_id].in_flight += 1
+            pool.stats.submitted += 1
+            self.pending[stats_ref] = (slot_id, actor, work, batch_ref)
+
+    def refs(self) -> list[ray.ObjectRef]:
+        """The batch refs in flight, in item order: every item's after an eager dispatch (an item re-run after
+        its actor died gets a new one)."""
+        return [batch_ref for _, _, _, batch_ref in sorted(self.pending.values(), key=lambda entry: entry[2].index)]
+
+    def __iter__(self) -> Iterator[tuple[int, ray.ObjectRef, dict]]:
+        pool = self.pool
+        while True:
+            self.dispatch()
+            if not self.pending:
+                return
+            [ready], _ = ray.wait(list(self.pending), num_returns=1)
+            slot_id, actor, work, batch_ref = self.pending.pop(ready)
+            if slot_id in pool.slots and pool.slots[slot_id].actor is actor:
+                pool.slots[slot_id].in_flight -= 1
+            try:
+                stats = ray.get(ready)
+            except RayActorError as error:  # died or unreachable: its node left, or it was killed
+                self.retry.extend(pool._replace(slot_id, actor, work, self.pending, error))
+                continue
+            pool.stats.completed += 1
+            pool.stats.per_actor_completed[slot_id] = pool.stats.per_actor_completed.get(slot_id, 0) + 1
+            yield work.index, batch_ref, stats

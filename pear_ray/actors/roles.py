@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,25 +80,39 @@ def mismatch(learner: LearnerGroup, pool: ActorPool, probe_ref: ray.ObjectRef) -
     after a sync; anything else means the engines disagree (dtype, kernels, or a sync that did not land) and the RL
     importance ratios are off by that much.
     """
-    learner_ref = learner.logprobs(probe_ref)
-    scored = [table for table, _ in pool.call_all("score", probe_ref, column=PROBE_COLUMN,  # a few rows each
-                                                  temperature=learner.temperature)]
+    return _mismatch(pool, *_score_probe(learner, pool, probe_ref))
+
+
+def _score_probe(learner: LearnerGroup, pool: ActorPool, probe_ref: ray.ObjectRef):
+    """Queue the probe's scoring on the learner and on every rollout actor (a few rows each)."""
+    return learner.logprobs(probe_ref), pool.broadcast("score", probe_ref, column=PROBE_COLUMN,
+                                                       temperature=learner.temperature)
+
+
+def _mismatch(pool: ActorPool, learner_ref: ray.ObjectRef, scores) -> dict[str, float]:
+    scored = [table for table, _ in pool.gather(scores)]
     learner_logp = np.concatenate(ray.get(learner_ref).to_pylist())
     every = np.concatenate([np.abs(np.concatenate(table.column(PROBE_COLUMN).to_pylist()) - learner_logp)
                             for table in scored])
     return {"mismatch_max": float(every.max()), "mismatch_mean": float(every.mean())}
 
 
-def sync_weights(learner: LearnerGroup, pool: ActorPool, version: int,
-                 probe_ref: ray.ObjectRef | None = None) -> dict[str, float]:
+def sync_weights(learner: LearnerGroup, pool: ActorPool, version: int, probe_ref: ray.ObjectRef | None = None,
+                 then: Callable[[], None] | None = None) -> dict[str, float]:
     """Hand the learner's current weights to every rollout actor (actor to actor, by ObjectRef), then measure
-    the mismatch on the probe batch if one is given."""
+    the mismatch on the probe batch if one is given. `then` runs once the update (and the probe) is queued on
+    every actor and before waiting for it: what it queues (the next rollouts) runs on the new weights, with no
+    idle gap."""
     started = time.perf_counter()
     weights = learner.weights_ref()
-    pool.call_all("update_weights", weights, version)
+    update = pool.broadcast("update_weights", weights, version)
+    probe = _score_probe(learner, pool, probe_ref) if probe_ref is not None else None
+    if then is not None:
+        then()
+    pool.gather(update)
     metrics = {"sync_seconds": time.perf_counter() - started, "policy_version": version}
-    if probe_ref is not None:
-        metrics.update(mismatch(learner, pool, probe_ref))
+    if probe is not None:
+        metrics.update(_mismatch(pool, *probe))
     log.info("weights v%d synced to %d rollout actor(s) in %.2f s%s", version, len(pool.actors),
              metrics["sync_seconds"],
              f"; mismatch max {metrics['mismatch_max']:.2e}" if probe_ref is not None else "")
@@ -105,6 +120,11 @@ def sync_weights(learner: LearnerGroup, pool: ActorPool, version: int,
 
 
 def probe_batch(table, rows: int = 8) -> ray.ObjectRef:
-    """A small fixed (prompt, response) batch for the mismatch metric."""
+    """A small fixed (prompt, response) batch for the mismatch metric, in the object store."""
+    return ray.put(probe_rows(table, rows))
+
+
+def probe_rows(table, rows: int = 8):
+    """The probe batch's rows: the first `rows` (prompt, response) pairs of a batch."""
     keep = [c for c in (schema.ID, schema.PROMPT_IDS, schema.RESPONSE_IDS) if c in table.column_names]
-    return ray.put(table.select(keep).slice(0, rows))
+    return table.select(keep).slice(0, rows)

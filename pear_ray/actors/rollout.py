@@ -84,6 +84,11 @@ class RolloutWorker:
         self.policy_version = version
         return version
 
+    def set_policy_version(self, version: int) -> int:
+        """Relabel the weights after an RL step that made no update (they are that version's too)."""
+        self.policy_version = version
+        return version
+
     def health(self) -> dict[str, Any]:
         return {**self.engine.health(), "policy_version": self.policy_version}
 

@@ -114,7 +114,10 @@ class DeepSpeedLearner:
         bounds = np.linspace(0, table.num_rows, minibatches + 1).round().astype(int)  # array_split's cut points
         updates = self._aligned([self._micro_batches(table.slice(int(a), int(b - a)), columns)
                                  for a, b in zip(bounds[:-1], bounds[1:])])
-        if on_policy:
+        # One update per step sees the weights the samples are scored at: its own forward gives logp_old (detached),
+        # bit for bit the no-grad pass's, so that pass is skipped.
+        own_old = on_policy and minibatches == epochs == 1
+        if on_policy and not own_old:
             with torch.no_grad():
                 for micro_batches in updates:
                     for micro in micro_batches:
@@ -127,15 +130,15 @@ class DeepSpeedLearner:
         for _ in range(epochs):
             for micro_batches in updates:
                 # one micro-batch (always without a budget): its own size, summed over the ranks, is the update's
-                global_size = self._global_size(micro_batches, objective, temperature) if len(micro_batches) > 1 \
-                    else None
+                global_size = (self._global_size(micro_batches, objective, temperature, own_old)
+                               if len(micro_batches) > 1 else None)
                 update_loss = 0.0
                 for index, micro in enumerate(micro_batches):
                     self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
                     if micro is None:
                         loss = self._filler()
                     else:
-                        terms = objective.loss(self._inputs(micro, temperature))
+                        terms = objective.loss(self._inputs(micro, temperature, own_old))
                         if global_size is None:
                             [global_size] = self._all_reduce_sum([float(terms.size)])
                         loss = divide(terms.total, global_size / self.world_size)
@@ -186,9 +189,11 @@ class DeepSpeedLearner:
         """(log-probs [B, L], candidates): hf_scorer.forward, packed under a token budget."""
         return forward(self.engine, micro, temperature, packed=self.max_tokens_per_micro_batch is not None)
 
-    def _inputs(self, micro: dict[str, torch.Tensor], temperature: float) -> ObjectiveInputs:
+    def _inputs(self, micro: dict[str, torch.Tensor], temperature: float, own_old: bool = False) -> ObjectiveInputs:
+        """The objective's inputs from a forward; `own_old`: that forward's detached log-probs are logp_old."""
         logp, candidates = self._forward(micro, temperature)
-        return ObjectiveInputs(logp=logp, mask=micro["response_mask"], columns=micro, logp_old=micro.get("logp_old"),
+        logp_old = logp.detach() if own_old else micro.get("logp_old")
+        return ObjectiveInputs(logp=logp, mask=micro["response_mask"], columns=micro, logp_old=logp_old,
                                logprobs_at=candidates)
 
     def _filler(self) -> torch.Tensor:
@@ -198,7 +203,8 @@ class DeepSpeedLearner:
         return self.engine(input_ids=dummy, attention_mask=torch.ones_like(dummy)).logits.sum() * 0.0
 
     @torch.no_grad()
-    def _global_size(self, micro_batches: list, objective: ObjectiveConfig, temperature: float) -> float:
+    def _global_size(self, micro_batches: list, objective: ObjectiveConfig, temperature: float,
+                     own_old: bool = False) -> float:
         """The update's loss divisor summed over the ranks, before any of its backward passes: the objective on
         zero log-probs, which leave its size as it is, or on a no-grad forward's at the weights the update starts
         from when its size reads them."""
@@ -210,11 +216,11 @@ class DeepSpeedLearner:
                     self._filler()
                 continue
             if reads_model:
-                inputs = self._inputs(micro, temperature)
+                inputs = self._inputs(micro, temperature, own_old)
             else:
                 zeros = torch.zeros(micro["response_mask"].shape, dtype=torch.float32, device=self.device)
                 inputs = ObjectiveInputs(logp=zeros, mask=micro["response_mask"], columns=micro,
-                                         logp_old=micro.get("logp_old"),
+                                         logp_old=zeros if own_old else micro.get("logp_old"),
                                          logprobs_at=lambda ids: torch.zeros(ids.shape, device=ids.device))
             size += float(objective.loss(inputs).size)
         return self._all_reduce_sum([size])[0]

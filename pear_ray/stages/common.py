@@ -125,12 +125,7 @@ def rollouts(pool: ActorPool, prompts: pa.Table, *, n: int, seed: int, desc: str
     bar of the prompts done, the prompts cut into pieces of at most BAR_PIECE_PROMPTS so it moves (each prompt has
     its own seed, so the samples do not depend on the cut); `on_piece` sees each piece's samples as they arrive and
     returns figures for the bar (eval's running pass@k)."""
-    if schema.GROUP_ID not in prompts.column_names:
-        prompts = schema.append_column(prompts, schema.GROUP_ID, np.arange(prompts.num_rows))
-    chunk = -(-prompts.num_rows // len(pool.actors))
-    if desc is not None:
-        chunk = min(chunk, BAR_PIECE_PROMPTS)
-    pieces = [ray.put(prompts.slice(start, chunk)) for start in range(0, prompts.num_rows, chunk)]
+    pieces, chunk = rollout_pieces(pool, prompts, BAR_PIECE_PROMPTS if desc is not None else None)
     done = {}
     with tqdm(total=prompts.num_rows, desc=desc, unit="prompt", disable=desc is None) as progress:
         for index, ref, _ in pool.map("generate", pieces, n=n, seed=seed, **sampling):
@@ -141,11 +136,28 @@ def rollouts(pool: ActorPool, prompts: pa.Table, *, n: int, seed: int, desc: str
     return pa.concat_tables(ray.get([done[i] for i in range(len(pieces))]))
 
 
+def rollout_pieces(pool: ActorPool, prompts: pa.Table, max_chunk: int | None = None
+                   ) -> tuple[list[ray.ObjectRef], int]:
+    """The prompts (with group ids: their row numbers unless given) cut into one piece per actor (at most
+    `max_chunk` prompts each), put in the object store; and the piece size."""
+    if schema.GROUP_ID not in prompts.column_names:
+        prompts = schema.append_column(prompts, schema.GROUP_ID, np.arange(prompts.num_rows))
+    chunk = -(-prompts.num_rows // len(pool.actors))
+    if max_chunk is not None:
+        chunk = min(chunk, max_chunk)
+    return [ray.put(prompts.slice(start, chunk)) for start in range(0, prompts.num_rows, chunk)], chunk
+
+
 def with_rewards(run: Run, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
     """Decode the responses and score them with the task's verifier (in Ray tasks, with a timeout)."""
-    texts = run.tokenizer.batch_decode(table.column(schema.RESPONSE_IDS).to_pylist(), skip_special_tokens=True)
+    return decoded_rewards(table, run.tokenizer, run.task, run.job.task)
+
+
+def decoded_rewards(table: pa.Table, tokenizer, task, task_config) -> tuple[pa.Table, dict[str, int]]:
+    """`with_rewards` without a Run, for a Ray task next to the samples."""
+    texts = tokenizer.batch_decode(table.column(schema.RESPONSE_IDS).to_pylist(), skip_special_tokens=True)
     table = schema.append_column(table, schema.RESPONSE, texts)
-    rewards, failures = score_rows(table, run.job.task, task=run.task)
+    rewards, failures = score_rows(table, task_config, task=task)
     return schema.append_column(table, schema.REWARD, rewards), failures
 
 
