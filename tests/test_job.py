@@ -82,6 +82,7 @@ def test_a_small_job_runs_every_stage(tmp_path):
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # about a minute; the default suite kills runs harder in test_run_folder and test_learner_lost
 def test_a_run_killed_during_sft_resumes_to_the_same_steps_and_samples(tmp_path):
     job = ["jobs/smoke.yaml", *SMALL, "stages=[score,sft]", "sft.batch_size=2", "sft.epochs=2",
            "sft.checkpoint_every=3", "models.student.tiny.hidden_size=256", "models.student.tiny.num_heads=8",

@@ -257,6 +257,8 @@ def _requested_rollout_bundles(head, env) -> str | None:
     return (match.group(1) or "none") if match else None
 
 
+@pytest.mark.slow  # about two minutes: a second node joins and leaves a real cluster (test_elastic grows a pool in
+# process in the default suite)
 def test_the_rollout_pool_grows_when_a_node_joins_mid_rl_and_goes_on_when_it_leaves(ray_head):
     from ray.job_submission import JobSubmissionClient
 
