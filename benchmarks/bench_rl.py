@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine_load import MachineLoad, other_load  # benchmarks/ is on sys.path when a benchmark runs
+from machine_load import MachineLoad, add_grpo_workload, other_load  # benchmarks/ is on sys.path when a benchmark runs
 
 PHASES = ("wait_seconds", "generate_seconds", "verify_seconds", "train_seconds", "sync_seconds", "step_seconds")
 
@@ -59,14 +59,9 @@ def run_once(model: str, args, actors: int, staleness: int, folder: Path, round_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--prompts-per-step", type=int, default=8)
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    add_grpo_workload(parser)
     parser.add_argument("--actors", default="1,2")
     parser.add_argument("--staleness", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", help="also write the per-setting medians here")
     args = parser.parse_args()

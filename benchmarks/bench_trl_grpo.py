@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_load import MachineLoad, add_grpo_workload, other_load  # benchmarks/ is on sys.path when run
+
 
 def ensure_trl(venv: Path, version: str) -> None:
     """Re-run this script in a venv with TRL, made on first use."""
@@ -48,12 +50,7 @@ def ensure_trl(venv: Path, version: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--prompts-per-step", type=int, default=8)
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_grpo_workload(parser)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of TRL's one process")
     parser.add_argument("--venv", type=Path, default=Path("/tmp/trl-venv"))
     parser.add_argument("--trl", default="1.16.0")
@@ -63,7 +60,6 @@ def main() -> None:
     import torch
     import trl
     from datasets import Dataset
-    from machine_load import MachineLoad, other_load
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 

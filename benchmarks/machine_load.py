@@ -106,3 +106,14 @@ def time_steps(step, n: int) -> float:
     for _ in range(n):
         step()
     return (time.perf_counter() - start) / n
+
+
+def add_grpo_workload(parser) -> None:
+    """The GRPO workload bench_rl.py and bench_trl_grpo.py both run, declared once so the two sides of the
+    comparison cannot drift apart: train prompts, prompts per step, samples per prompt, response length, steps."""
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompts-per-step", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
