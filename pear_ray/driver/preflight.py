@@ -123,12 +123,12 @@ def check_models(job: JobConfig, models: dict[str, ModelFacts]) -> None:
     """Every model shares the student's tokenizer (log-prob ratios compare the same token ids) and has positions
     for the longest prompt plus the longest response the job allows."""
     student = models["student"]
+    longest = job.data.max_prompt_tokens + max(job.data.max_response_tokens, job.sampling.max_tokens)
     for role, facts in models.items():
         if role != "student" and facts.tokenizer.get_vocab() != student.tokenizer.get_vocab():
             raise ConfigError(f"{facts.key}: its tokenizer differs from models.student's ({len(facts.tokenizer)} vs "
                               f"{len(student.tokenizer)} tokens); the job compares their log-probs of the same "
                               "token ids, so both need one tokenizer")
-        longest = job.data.max_prompt_tokens + max(job.data.max_response_tokens, job.sampling.max_tokens)
         if facts.max_positions is not None and longest > facts.max_positions:
             raise ConfigError(
                 f"{facts.key}: the model has {facts.max_positions} positions, but data.max_prompt_tokens "
