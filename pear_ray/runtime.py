@@ -16,6 +16,8 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray  # noqa: E402
 
+from pear_ray import faults  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 # Measured on CPU: vLLM in-process with no CPU pinning and no C++ compile on first logprobs call;
@@ -34,9 +36,9 @@ WORKER_LOGS_ENV = "PEAR_RAY_WORKER_LOGS"  # the folder workers write their outpu
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
-    """Environment for every worker: user settings win over ours."""
+    """Environment for every worker: user settings win over ours; an armed kill point (faults.py) travels too."""
     wanted = {**WORKER_ENV, **({} if use_gpu else CPU_ONLY_ENV)}
-    return {key: os.environ.get(key, value) for key, value in wanted.items()}
+    return {**{key: os.environ.get(key, value) for key, value in wanted.items()}, **faults.job_env()}
 
 
 def worker_logs_to_files() -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from pear_ray import faults
 from pear_ray.actors.pool import batch_stats
 from pear_ray.data import schema
 
@@ -80,6 +81,7 @@ class RolloutWorker:
     def update_weights(self, weights: dict[str, Any], version: int) -> int:
         """Load the learner's weights (HF names) without restarting the engine; samples after this carry
         `version`."""
+        faults.kill_point("weight-sync")  # the weights are here, the engine still holds the old ones
         self.engine.update_weights(weights.items())
         self.policy_version = version
         return version

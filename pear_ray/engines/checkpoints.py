@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pear_ray import atomic
+from pear_ray import atomic, faults
 
 log = logging.getLogger(__name__)
 _STATE_KEY = "pear_ray"  # our entry in DeepSpeed's client_state
@@ -43,6 +43,7 @@ def save(learner, ckpt_dir: str | Path, client_state: dict | None = None, tag: s
         folder.mkdir(parents=True, exist_ok=True)  # DeepSpeed creates it only on ranks that write model files
         torch.save(rng, folder / f"rng_rank{learner.rank}.pt")
         learner.deepspeed.comm.barrier()  # every rank's files are written
+        faults.kill_point(f"checkpoint-write/{ckpt_dir.name}")
         if learner.rank == 0:
             _commit(ckpt_dir, tag, learner.optimizer_steps)
     except OSError as error:

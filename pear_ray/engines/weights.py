@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pear_ray import atomic
+from pear_ray import atomic, faults
 
 # Files of a model folder that make up its tokenizer; export_hf copies them next to the weights.
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
@@ -66,4 +66,5 @@ def export_hf(learner, out_dir: str | Path) -> str | None:
             for source in learner.model_dir.glob(pattern):
                 if source.is_file():
                     shutil.copy2(source, partial / source.name)
+        faults.kill_point(f"export/{Path(out_dir).name}")
     return str(out_dir)
