@@ -8,6 +8,7 @@ global batches when it starts, so the 1-rank vs 2-rank comparisons hold whatever
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
+from ray.exceptions import RayActorError
 
 from pear_ray.actors.learner import LearnerGroup, shard_bounds
 from pear_ray.config import LearnerResources
@@ -286,6 +288,45 @@ def test_a_checkpoint_that_fills_the_disk_fails_clearly_and_leaves_the_previous_
     assert group.load_checkpoint(ckpt) == {"data_position": 1}
     assert group.optimizer_steps == step
     assert max_abs_diff(ray.get(group.weights_ref()), weights) == 0.0
+
+
+@pytest.mark.slow  # about 90 s on a busy 2-core machine: two groups of two ranks start
+def test_a_checkpoint_one_rank_cannot_write_fails_at_once_and_a_new_group_resumes_from_the_previous_one(
+        ray_cluster, tiny_model_dir, tmp_path):
+    """Two ranks (ZeRO-2), and only rank 1's save fails (a folder holds its RNG file's name): rank 0 waits for it
+    in the barrier for ever, yet the driver gets the error at once, naming the checkpoint and the intact previous
+    one; shutdown kills the stuck rank, and a new group resumes exactly from the previous checkpoint."""
+    resources = LearnerResources(num_ranks=2, zero_stage=2, num_cpus=0.25)
+    ckpt = tmp_path / "ckpt"
+    group = LearnerGroup(tiny_model_dir, resources, **OPTIMIZER)
+    try:
+        group.step(ray.put(FIRST_BATCH), PEAR)
+        previous = group.save_checkpoint(ckpt, {"data_position": 1})
+        step, weights = group.optimizer_steps, ray.get(group.weights_ref())
+        group.step(ray.put(make_batch(6, seed=8)), PEAR)
+        failing = f"step{group.optimizer_steps}"
+        (ckpt / failing / "rng_rank1.pt").mkdir(parents=True)
+        started = time.monotonic()
+        with pytest.raises(OSError, match=f"checkpoint {failing} could not be written") as failure:
+            group.save_checkpoint(ckpt, {"data_position": 2})
+        assert time.monotonic() - started < 60
+        assert "Is a directory" in str(failure.value)
+        assert f"the previous checkpoint {previous} is intact; a rerun resumes from it" in str(failure.value)
+        behind_the_barrier = group.actors[0].call.remote("optimizer_steps")
+        assert ray.wait([behind_the_barrier], timeout=5)[0] == []  # rank 0 is stuck in the barrier
+    finally:
+        group.shutdown()
+    with pytest.raises(RayActorError):
+        ray.get(behind_the_barrier, timeout=60)
+    assert checkpoints.usable_tag(ckpt) == previous
+
+    resumed = LearnerGroup(tiny_model_dir, resources, **OPTIMIZER)
+    try:
+        assert resumed.load_checkpoint(ckpt) == {"data_position": 1}
+        assert resumed.optimizer_steps == step
+        assert max_abs_diff(ray.get(resumed.weights_ref()), weights) == 0.0
+    finally:
+        resumed.shutdown()
 
 
 @pytest.mark.parametrize("ranks, zero_stage", [(1, 0), (2, 3)])

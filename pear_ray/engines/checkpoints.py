@@ -9,6 +9,7 @@ warning. A write that fails (a full disk) removes its partial folder and leaves 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
@@ -46,13 +47,14 @@ def save(learner, ckpt_dir: str | Path, client_state: dict | None = None, tag: s
         faults.kill_point(f"checkpoint-write/{ckpt_dir.name}")
         if learner.rank == 0:
             _commit(ckpt_dir, tag, learner.optimizer_steps)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch.save reports a file it cannot open or write as RuntimeError
         previous = _pointer(ckpt_dir)
         if learner.rank == 0 and tag != previous:
             shutil.rmtree(folder, ignore_errors=True)  # frees what the failed write took
         left = (f"the previous checkpoint {previous} is intact; a rerun resumes from it" if previous
                 else "there is no earlier checkpoint; a rerun starts this training again")
-        raise OSError(error.errno, f"checkpoint {tag} could not be written to {ckpt_dir} ({error}); {left}") from error
+        raise OSError(getattr(error, "errno", None) or errno.EIO,
+                      f"checkpoint {tag} could not be written to {ckpt_dir} ({error}); {left}") from error
     return tag
 
 
