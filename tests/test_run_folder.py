@@ -2,18 +2,27 @@
 resumes a run killed at any point to the results of an uninterrupted one, every step logged once."""
 
 import json
+import os
 import shutil
+import signal
 import time
 from collections import Counter
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from pear_ray import faults
+from pear_ray.atomic import partial_name
 from pear_ray.config import ConfigError, load_job
 from pear_ray.driver import experiment
 from pear_ray.driver.run import RunState, binding
+from pear_ray.engines.checkpoints import MANIFEST
 from pear_ray.tracking import read_metrics
 from test_job import ROOT, SMALL, finish, pear_ray, steps, stop_group
 
@@ -114,9 +123,57 @@ def test_every_cell_of_an_experiment_is_checked_before_any_runs(tmp_path, monkey
     assert not (tmp_path / first).exists()
 
 
-def kill_when(run_dir: Path, condition, *args: str) -> None:
-    """Run the job into `run_dir` and SIGKILL its whole process group (the CLI and the Ray processes it started)
-    as soon as `condition(run_dir)` holds."""
+def stop_session(process) -> None:
+    """SIGKILL the job's process group, then whatever else is left of its session: Ray starts its workers in
+    process groups of their own, and they die only seconds after their raylet, maybe while a rerun has started."""
+    stop_group(process)
+    deadline = time.monotonic() + 60
+    while left := [other for other in psutil.process_iter() if alive_in_session(other, process.pid)]:
+        assert time.monotonic() < deadline, f"still running after SIGKILL: {left}"
+        for other in left:
+            with suppress(psutil.Error):
+                other.kill()
+        time.sleep(0.1)
+
+
+def alive_in_session(process: psutil.Process, session: int) -> bool:
+    try:
+        return os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE
+    except (OSError, psutil.Error):
+        return False
+
+
+@dataclass(frozen=True)
+class At:
+    """A kill point inside the job: `point` arms a fail point (pear_ray/faults.py, `<name>[:<n>]`) on the killed
+    run only, the rerun is the same command without it; `left(run_dir)` checks the crash's traces."""
+    point: str
+    left: Callable[[Path], bool]
+
+
+def kill(run_dir: Path, kill_point: At | Callable[[Path], bool], *args: str) -> None:
+    """Run the job into `run_dir` and kill all of it at `kill_point`: an armed fail point (At), or as soon as a
+    condition on the run folder holds."""
+    if isinstance(kill_point, At):
+        kill_at(run_dir, kill_point, *args)
+    else:
+        kill_when(run_dir, kill_point, *args)
+
+
+def kill_at(run_dir: Path, kill_point: At, *args: str) -> None:
+    """Run the job into `run_dir` with `kill_point.point` armed: the job SIGKILLs itself there."""
+    process = pear_ray("run", *args, "--run-dir", str(run_dir), env={**os.environ, faults.KILL_AT_ENV: kill_point.point})
+    try:
+        output, _ = process.communicate(timeout=600)
+    finally:
+        stop_session(process)
+    assert process.returncode == -signal.SIGKILL, f"the run did not die at {kill_point.point}:\n{output[-3000:]}"
+    assert kill_point.left(run_dir), f"the run died at {kill_point.point} but left no trace of it there"
+
+
+def kill_when(run_dir: Path, condition: Callable[[Path], bool], *args: str) -> None:
+    """Run the job into `run_dir` and SIGKILL all of it (the CLI and the Ray processes it started) as soon as
+    `condition(run_dir)` holds."""
     process = pear_ray("run", *args, "--run-dir", str(run_dir))
     deadline = time.monotonic() + 600
     try:
@@ -125,7 +182,7 @@ def kill_when(run_dir: Path, condition, *args: str) -> None:
             assert time.monotonic() < deadline, "the kill point never came"
             time.sleep(0.05)
     finally:
-        stop_group(process)
+        stop_session(process)
         process.communicate(timeout=60)
 
 
@@ -163,30 +220,67 @@ def trained_past_a_checkpoint(name: str, stage: str):
     return condition
 
 
-def test_a_run_killed_during_teacher_training_resumes_with_each_step_logged_once(finished, tmp_path):
+def checkpoint_cut(name: str):
+    """Kill point's trace: a checkpoint folder of training `name` without its manifest (its write was cut)."""
+    return lambda run_dir: any(not (folder / MANIFEST).exists()
+                               for folder in (run_dir / "checkpoints" / name).glob("step*"))
+
+
+def export_cut(name: str):
+    """Kill point's trace: the export of models/`name` complete under its partial name, never renamed."""
+    return lambda run_dir: (partial_name(run_dir / "models" / name).is_dir()
+                            and not (run_dir / "models" / name).exists())
+
+
+def rl_checkpointed_its_first_step_only(run_dir: Path) -> bool:
+    """Kill point's trace: RL logged and checkpointed step 1 and died before logging step 2."""
+    return [r["step"] for r in steps(run_dir, "rl")] == [1] and (run_dir / "checkpoints" / "rl-token" / "latest").exists()
+
+
+def leftovers(run_dir: Path) -> list[Path]:
+    """What a crash can leave: partial files and folders, checkpoint folders without their manifest."""
+    return [*run_dir.rglob("*.partial"), *(folder for folder in (run_dir / "checkpoints").glob("*/step*")
+                                           if not (folder / MANIFEST).exists())]
+
+
+TEACHER_KILL_POINTS = {  # 20 teacher steps, a checkpoint every 5
+    "after a checkpoint": trained_past_a_checkpoint("teacher_sft", "teacher_sft"),
+    "writing its second checkpoint": At("checkpoint-write/teacher_sft:2", checkpoint_cut("teacher_sft")),
+}
+
+
+@pytest.mark.parametrize("kill_point", TEACHER_KILL_POINTS)
+def test_a_run_killed_during_teacher_training_resumes_with_each_step_logged_once(finished, tmp_path, kill_point):
     """SIGKILL of the whole job while the score stage trains its teacher, after a checkpoint: the rerun continues
     from that checkpoint, the rows logged after it go, and the results are the uninterrupted run's."""
     run_dir = tmp_path / "run"
     job = [*JOB, "stages=[score]", "sft.checkpoint_every=5"]  # 20 teacher steps: checkpoints at 5, 10, 15
-    kill_when(run_dir, trained_past_a_checkpoint("teacher_sft", "teacher_sft"), *job)
+    kill(run_dir, TEACHER_KILL_POINTS[kill_point], *job)
     assert "score" not in json.loads((run_dir / "state.json").read_text())["done"]
     output = finish(pear_ray("run", *job, "--run-dir", str(run_dir)))
     assert "teacher_sft: resuming at step" in output
     assert [r["step"] for r in steps(run_dir, "teacher_sft")] == list(range(1, 21))
     assert_same_results(run_dir, finished, {"teacher_sft", "score"})
+    assert leftovers(run_dir) == []
 
 
 FULL = [str(ROOT / "jobs" / "smoke.yaml"), *SMALL, "sft.batch_size=4", "sft.checkpoint_every=3",
         "rl.checkpoint_every=1"]
-KILL_POINTS = {  # every stage, and training before and after its first checkpoint
+KILL_POINTS = {  # every stage; training before, after and while writing a checkpoint; the weight sync; exports
     "teacher before its first checkpoint": lambda run_dir: (
         any(r["stage"] == "teacher_sft" for r in read_metrics(run_dir))
         and not (run_dir / "checkpoints" / "teacher_sft" / "latest").exists()),
     "teacher after a checkpoint": trained_past_a_checkpoint("teacher_sft", "teacher_sft"),
+    "teacher writing its second checkpoint": At("checkpoint-write/teacher_sft:2", checkpoint_cut("teacher_sft")),
     "the trained teacher writing the data": lambda run_dir: (run_dir / "models" / "behavior-trained").is_dir(),
     "sft after a checkpoint": trained_past_a_checkpoint("sft-token", "sft"),
+    "sft writing its second checkpoint": At("checkpoint-write/sft-token:2", checkpoint_cut("sft-token")),
+    "sft exporting": At("export/sft-token", export_cut("sft-token")),
     "eval after sft": lambda run_dir: (run_dir / "eval" / "sft-token.parquet").exists(),
+    "rl writing its checkpoint": At("checkpoint-write/rl-token", checkpoint_cut("rl-token")),
     "rl after a checkpoint": trained_past_a_checkpoint("rl-token", "rl"),
+    "rl syncing the weights after a checkpoint": At("weight-sync:2", rl_checkpointed_its_first_step_only),
+    "rl exporting": At("export/rl-token", export_cut("rl-token")),
 }
 
 
@@ -207,7 +301,8 @@ def finished_full(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("kill_point", KILL_POINTS)
 def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_results(finished_full, tmp_path, kill_point):
     run_dir = tmp_path / "run"
-    kill_when(run_dir, KILL_POINTS[kill_point], *FULL)
+    kill(run_dir, KILL_POINTS[kill_point], *FULL)
     finish(pear_ray("run", *FULL, "--run-dir", str(run_dir)))
     assert_same_results(run_dir, finished_full, {r["stage"] for r in read_metrics(finished_full)})
     assert report_lines(run_dir) == report_lines(finished_full)
+    assert leftovers(run_dir) == []
