@@ -162,7 +162,8 @@ def kill(run_dir: Path, kill_point: At | Callable[[Path], bool], *args: str) -> 
 
 def kill_at(run_dir: Path, kill_point: At, *args: str) -> None:
     """Run the job into `run_dir` with `kill_point.point` armed: the job SIGKILLs itself there."""
-    process = pear_ray("run", *args, "--run-dir", str(run_dir), env={**os.environ, faults.KILL_AT_ENV: kill_point.point})
+    armed = {**os.environ, faults.KILL_AT_ENV: kill_point.point}
+    process = pear_ray("run", *args, "--run-dir", str(run_dir), env=armed)
     try:
         output, _ = process.communicate(timeout=600)
     finally:
@@ -234,7 +235,8 @@ def export_cut(name: str):
 
 def rl_checkpointed_its_first_step_only(run_dir: Path) -> bool:
     """Kill point's trace: RL logged and checkpointed step 1 and died before logging step 2."""
-    return [r["step"] for r in steps(run_dir, "rl")] == [1] and (run_dir / "checkpoints" / "rl-token" / "latest").exists()
+    return ([r["step"] for r in steps(run_dir, "rl")] == [1]
+            and (run_dir / "checkpoints" / "rl-token" / "latest").exists())
 
 
 def leftovers(run_dir: Path) -> list[Path]:
@@ -251,8 +253,9 @@ TEACHER_KILL_POINTS = {  # 20 teacher steps, a checkpoint every 5
 
 @pytest.mark.parametrize("kill_point", TEACHER_KILL_POINTS)
 def test_a_run_killed_during_teacher_training_resumes_with_each_step_logged_once(finished, tmp_path, kill_point):
-    """SIGKILL of the whole job while the score stage trains its teacher, after a checkpoint: the rerun continues
-    from that checkpoint, the rows logged after it go, and the results are the uninterrupted run's."""
+    """SIGKILL of the whole job while the score stage trains its teacher, after a checkpoint or while writing the
+    next: the rerun continues from the last whole checkpoint, the rows logged after it go, the cut checkpoint is
+    written again, and the results are the uninterrupted run's."""
     run_dir = tmp_path / "run"
     job = [*JOB, "stages=[score]", "sft.checkpoint_every=5"]  # 20 teacher steps: checkpoints at 5, 10, 15
     kill(run_dir, TEACHER_KILL_POINTS[kill_point], *job)
