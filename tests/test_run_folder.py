@@ -192,8 +192,8 @@ def logged_steps(run_dir: Path) -> Counter:
 
 
 def assert_same_results(run_dir: Path, reference: Path, stages: set[str]) -> None:
-    """Every (stage, variant, step) of `stages` logged once, as in the reference run, with the same values; the
-    same SFT data."""
+    """Every (stage, variant, step) of `stages` logged once, as in the reference run, with the same values (but
+    for durations); the same SFT data."""
     logged = logged_steps(run_dir)
     assert [key for key, count in logged.items() if count > 1] == []
     expected = [r for r in read_metrics(reference) if r["stage"] in stages]
@@ -203,6 +203,8 @@ def assert_same_results(run_dir: Path, reference: Path, stages: set[str]) -> Non
         got = ours[record["stage"], record["variant"], record["step"]]
         assert got.keys() == record.keys()
         for name in record.keys() - {"time", "stage", "variant", "step"}:
+            if name.endswith(("_seconds", "_busy")):  # wall-clock figures: how long, not what
+                continue
             assert got[name] == pytest.approx(record[name], rel=1e-4, abs=1e-5), (record["stage"], record["step"], name)
     data, full = pq.read_table(run_dir / "data" / "sft.parquet"), pq.read_table(reference / "data" / "sft.parquet")
     assert data.column("response_ids").equals(full.column("response_ids"))
@@ -268,7 +270,7 @@ def test_a_run_killed_during_teacher_training_resumes_with_each_step_logged_once
 
 
 FULL = [str(ROOT / "jobs" / "smoke.yaml"), *SMALL, "sft.batch_size=4", "sft.checkpoint_every=3",
-        "rl.checkpoint_every=1"]
+        "rl.checkpoint_every=1", "rl.drop_constant_groups=false"]  # the tiny student earns no reward: RL steps anyway
 KILL_POINTS = {  # every stage; training before, after and while writing a checkpoint; the weight sync; exports
     "teacher before its first checkpoint": lambda run_dir: (
         any(r["stage"] == "teacher_sft" for r in read_metrics(run_dir))
