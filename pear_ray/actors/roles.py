@@ -24,11 +24,12 @@ PROBE_COLUMN = "probe_logprobs"
 
 
 def rollout_pool(model_dir: str | Path, resources: RolloutResources, *, seed: int) -> ActorPool:
-    """N vLLM rollout/scoring actors, each placed by the role's resources (N independent of the learner)."""
+    """N rollout/scoring actors, each placed by the role's resources (N independent of the learner)."""
     worker = ray.remote(RolloutWorker).options(**actor_options(resources))
 
     def make_actor(slot: int):
-        return worker.remote(str(model_dir), seed=seed + slot, engine_kwargs=resources.engine)
+        return worker.remote(str(model_dir), seed=seed + slot, backend=resources.backend,
+                             engine_kwargs=resources.engine)
 
     elastic = resources.max_actors is not None
     return ActorPool(make_actor, resources.num_actors, max_in_flight=resources.max_in_flight,
