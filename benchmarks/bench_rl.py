@@ -1,5 +1,6 @@
 """RL throughput benchmark (prints figures; not a test): the RL stage itself (`stages.rl.run_rl`) at
-rl.max_staleness 0, 1, 2 with 1 and 2 rollout actors, and the seconds per phase the stage logs.
+rl.max_staleness 0, 1, 2 with 1 and 2 rollout actors of each rollout backend (vLLM, transformers), and the seconds
+per phase the stage logs.
 
 Settings, as jobs/smoke.yaml on this 2-core box: the default tiny Qwen2 (pear_ray.models.TinyModelSpec, fp32),
 reasoning-gym basic_arithmetic (2 one-digit terms), --prompts train prompts, --prompts-per-step prompts x
