@@ -150,7 +150,8 @@ class ActorPool:
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Run a method on every actor (e.g. a weight update) and wait for all of them. An actor lost meanwhile
-        is dropped (elastic pool above its minimum) or replaced and asked again."""
+        (dead, or hung past call_timeout_s) is dropped (elastic pool above its minimum) or replaced and asked
+        again."""
         return self.gather(self.broadcast(method, *args, **kwargs))
 
     def broadcast(self, method: str, *args: Any, **kwargs: Any) -> _Broadcast:
@@ -161,7 +162,7 @@ class ActorPool:
         return _Broadcast(method, args, kwargs, refs)
 
     def gather(self, call: _Broadcast) -> list[Any]:
-        """A broadcast's results, an actor lost meanwhile (dead, or hung) dropped or replaced and asked again."""
+        """A broadcast's results, an actor lost meanwhile dropped or replaced and asked again."""
         results = []
         for slot_id, (actor, result) in call.refs.items():
             try:
@@ -212,7 +213,7 @@ class ActorPool:
         """`ray.get` one call's result, raising ActorHung once its actor has been silent for call_timeout_s."""
         while True:
             slot = self.slots.get(slot_id)
-            watched = [slot] if slot is not None and slot.actor is actor else []  # else killed: the error comes
+            watched = [slot] if slot is not None and slot.actor is actor else []  # else it was killed: no deadline
             try:
                 value = ray.get(result, timeout=self._until_deadline(watched))
             except GetTimeoutError:
