@@ -39,7 +39,7 @@ from pear_ray.actors.pool import ActorPool
 from pear_ray.actors.roles import (
     grow_rollout_pool,
     probe_rows,
-    reference_actor,
+    reference_pool,
     request_rollout_capacity,
     rollout_pool,
     sync_weights,
@@ -59,7 +59,7 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
     drop_constant = rl.drop_constant_groups and schema.ADVANTAGE in objective.columns()  # else no signal is lost
     prompts = prompt_table(run, "train")
     frozen_models = {schema.REF_LOGPROBS: lambda: run.reference(start_model), schema.TEACHER_LOGPROBS: run.teacher}
-    scorers = {column: reference_actor(model(), job.resources.reference)
+    scorers = {column: reference_pool(model(), job.resources.reference)
                for column, model in frozen_models.items() if column in objective.columns()}
     learner = LearnerGroup.for_rl(start_model, job.resources.learner, rl, temperature=job.sampling.temperature,
                                   seed=job.seed)
@@ -83,9 +83,8 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
             if stats["trained_samples"] >= job.resources.learner.num_ranks * objective.updates()[0]:
                 scoring = time.perf_counter()
                 for column, scorer in scorers.items():  # at the rollouts' temperature, as the policy is scored
-                    batch_ref, _ = scorer.score.remote(batch_ref, column=column, temperature=job.sampling.temperature)
-                if scorers:
-                    ray.wait([batch_ref], fetch_local=False)
+                    [(_, batch_ref, _)] = scorer.map("score", [batch_ref], column=column,
+                                                     temperature=job.sampling.temperature)
                 training = time.perf_counter()
                 update = learner.step(batch_ref, objective)
                 stats.update(score_seconds=training - scoring, train_seconds=time.perf_counter() - training)
@@ -98,7 +97,8 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
                 pool.call_all("set_policy_version", step + 1)  # the same weights, now version step + 1
             stats.update(busy_fractions(stats, time.perf_counter() - started, len(pool.actors)))
             stats.update(rollout_actors=len(pool.actors), rollout_actors_lost=pool.stats.actors_dropped
-                         + pool.stats.actors_replaced, rollout_batches_rerun=pool.stats.resubmitted)
+                         + pool.stats.actors_replaced, rollout_batches_rerun=pool.stats.resubmitted,
+                         reference_actors_replaced=sum(scorer.stats.actors_replaced for scorer in scorers.values()))
             run.metrics.log("rl", step + 1, stats, variant=variant)
             if (step + 1) % rl.checkpoint_every == 0 and step + 1 < rl.steps:
                 learner.save_checkpoint(run.checkpoints(name), {"step": step + 1})
@@ -109,7 +109,7 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
         learner.shutdown()
         pool.shutdown()
         for scorer in scorers.values():
-            ray.kill(scorer)
+            scorer.shutdown()
     return run.model(name)
 
 
