@@ -10,7 +10,9 @@ from the node's object store; on a cluster each learner node fetches it once), a
 contiguous shard. Split: with n rows over W ranks, rank r gets rows [r*q + min(r, m), (r+1)*q + min(r+1, m)) where
 q, m = divmod(n, W): the first m ranks take one row more (numpy's array_split). A step needs n >= W x the objective's
 minibatches; `logprobs` accepts any n. The objective travels with every step as itself (a typed config), and the
-ranks sum the loss's divisor among themselves, so no metadata travels with the ref.
+ranks sum the loss's divisor among themselves, so no metadata travels with the ref. SFT streams instead (`stream`,
+`streamed_step`): each rank reads its shard of every step, by the same split, straight from the Parquet file through
+Ray Data (actors/data_stream.py).
 
 Bulk results stay in the object store: `logprobs` returns an ObjectRef of the concatenated column and `weights_ref`
 the ObjectRef of rank 0's full state dict, for the driver to hand to other actors without fetching them.
