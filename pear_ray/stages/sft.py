@@ -21,8 +21,7 @@ import torch
 from tqdm import tqdm
 
 from pear_ray.actors.learner import LearnerGroup
-from pear_ray.actors.pool import ActorPool
-from pear_ray.actors.roles import reference_actor
+from pear_ray.actors.roles import reference_pool
 from pear_ray.actors.streaming import stream_parquet
 from pear_ray.data import schema
 from pear_ray.data.rows import read_rows
@@ -86,7 +85,7 @@ def frozen_targets(run: Run, data_path: Path) -> Path:
         return target
     model = run.reference(run.student)
     log.info("scoring PEAR's frozen target with %s into %s", model, target)
-    pool = ActorPool(lambda slot: reference_actor(model, run.job.resources.reference), size=1)
+    pool = reference_pool(model, run.job.resources.reference)
     try:
         stream_parquet(pool, "score", data_path, target, column=schema.REF_LOGPROBS)
     finally:
