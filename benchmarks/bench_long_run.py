@@ -54,20 +54,20 @@ def process_type(process: psutil.Process) -> str | None:
     return process.name() or None
 
 
-def rl_steps_done(run_dir: Path) -> int:
+def steps_done(run_dir: Path, stage: str = "rl") -> int:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return 0
-    return sum(1 for line in path.read_text().splitlines() if line and json.loads(line).get("stage") == "rl")
+    return sum(1 for line in path.read_text().splitlines() if line and json.loads(line).get("stage") == stage)
 
 
 class Sampler(threading.Thread):
-    """RSS per process type and the object store's used bytes, with the RL step reached, every `interval` s."""
+    """RSS per process type and the object store's used bytes, with the `stage` step reached, every `interval` s."""
 
-    def __init__(self, run_dir: Path, interval: float):
+    def __init__(self, run_dir: Path, interval: float, stage: str = "rl"):
         super().__init__(daemon=True)
-        self.run_dir, self.interval, self.halt = run_dir, interval, threading.Event()
-        self.samples: list[tuple[int, dict[str, float]]] = []  # (rl step, {type: MiB})
+        self.run_dir, self.interval, self.stage, self.halt = run_dir, interval, stage, threading.Event()
+        self.samples: list[tuple[int, dict[str, float]]] = []  # (step, {type: MiB})
 
     def run(self) -> None:
         me = psutil.Process()
@@ -84,12 +84,12 @@ class Sampler(threading.Thread):
             if ray.is_initialized():
                 stats = object_store_stats()
                 sizes[OBJECT_STORE], sizes[OBJECT_COUNT] = stats.object_store_bytes_used / MiB, stats.num_local_objects
-            self.samples.append((rl_steps_done(self.run_dir), dict(sizes)))
+            self.samples.append((steps_done(self.run_dir, self.stage), dict(sizes)))
 
 
 def summary(samples: list[tuple[int, dict[str, float]]], steps: int) -> list[tuple[str, float, float, float, float]]:
-    """Per type: (type, start, peak, end, slope MiB/100 steps over the second half), from the samples taken while
-    RL ran (at least one step done and not yet all)."""
+    """Per type: (type, start, peak, end, slope MiB/100 steps over the second half), from the samples taken once
+    the stage's first step was done."""
     during = [(step, sizes) for step, sizes in samples if 1 <= step]
     kinds = sorted({kind for _, sizes in during for kind in sizes})
     rows = []
@@ -126,7 +126,7 @@ def main() -> None:
         sampler.halt.set()
         sampler.join()
         cpu = load.stop()
-        done = rl_steps_done(run_dir)
+        done = steps_done(run_dir)
 
     print(f"long RL run: {done} steps of GRPO (smoke job's tiny models; {' '.join(overrides)}) in {seconds:.0f} s, "
           f"{len(sampler.samples)} samples every {args.sample_s:g} s")

@@ -1,5 +1,6 @@
 """RL throughput benchmark (prints figures; not a test): the RL stage itself (`stages.rl.run_rl`) at
-rl.max_staleness 0, 1, 2 with 1 and 2 rollout actors, and the seconds per phase the stage logs.
+rl.max_staleness 0, 1, 2 with 1 and 2 rollout actors of each rollout backend (vLLM, transformers), and the seconds
+per phase the stage logs.
 
 Settings, as jobs/smoke.yaml on this 2-core box: the default tiny Qwen2 (pear_ray.models.TinyModelSpec, fp32),
 reasoning-gym basic_arithmetic (2 one-digit terms), --prompts train prompts, --prompts-per-step prompts x
@@ -29,7 +30,7 @@ from machine_load import MachineLoad, add_grpo_workload, other_load  # benchmark
 PHASES = ("wait_seconds", "generate_seconds", "verify_seconds", "train_seconds", "sync_seconds", "step_seconds")
 
 
-def job_tree(model: str, args, actors: int, staleness: int) -> dict:
+def job_tree(model: str, args, backend: str, actors: int, staleness: int) -> dict:
     return {
         "name": "bench-rl", "seed": 0, "loggers": [], "models": {"student": {"path": model}},
         "task": {"kind": "reasoning_gym", "name": "basic_arithmetic", "num_train": args.prompts, "num_eval": 2,
@@ -38,19 +39,20 @@ def job_tree(model: str, args, actors: int, staleness: int) -> dict:
         "rl": {"steps": args.warmup + args.steps, "prompts_per_step": args.prompts_per_step,
                "group_size": args.group_size, "lr": 1e-5, "drop_constant_groups": False,
                "checkpoint_every": args.warmup + args.steps + 1, "max_staleness": staleness},
-        "resources": {"rollout": {"num_actors": actors, "num_cpus": 0.5},
+        "resources": {"rollout": {"num_actors": actors, "num_cpus": 0.5, "backend": backend},
                       "learner": {"num_ranks": 1, "num_cpus": 0.5, "zero_stage": 2}},
     }
 
 
-def run_once(model: str, args, actors: int, staleness: int, folder: Path, round_: int) -> list[dict]:
+def run_once(model: str, args, setting: tuple[str, int, int], folder: Path, round_: int) -> list[dict]:
     from pear_ray.config import parse_job
     from pear_ray.stages.common import Run
     from pear_ray.stages.rl import run_rl
     from pear_ray.tracking import MetricsLogger, read_metrics
 
-    job = parse_job(job_tree(model, args, actors, staleness))
-    run_dir = folder / f"x{actors}-k{staleness}-r{round_}"
+    backend, actors, staleness = setting
+    job = parse_job(job_tree(model, args, backend, actors, staleness))
+    run_dir = folder / f"{backend}-x{actors}-k{staleness}-r{round_}"
     with MetricsLogger(run_dir, resume=False, loggers=()) as metrics:
         run_rl(Run(job, run_dir, metrics, Path(model)), "none", Path(model))
     rows = sorted((r for r in read_metrics(run_dir) if r["stage"] == "rl"), key=lambda r: r["step"])
@@ -60,6 +62,7 @@ def run_once(model: str, args, actors: int, staleness: int, folder: Path, round_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_grpo_workload(parser)
+    parser.add_argument("--backends", default="vllm,transformers", help="rollout backends (resources.rollout.backend)")
     parser.add_argument("--actors", default="1,2")
     parser.add_argument("--staleness", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=2)
@@ -81,16 +84,17 @@ def main() -> None:
         model = str(build_tiny_model(TinyModelSpec(), Path(folder) / "model"))
         init_ray(num_cpus=4)
         try:
-            settings = [(int(a), int(k)) for a in args.actors.split(",") for k in args.staleness.split(",")]
+            settings = [(b, int(a), int(k)) for b in args.backends.split(",") for a in args.actors.split(",")
+                        for k in args.staleness.split(",")]
             rows = {setting: [] for setting in settings}
             for round_ in range(args.rounds):
-                for actors, staleness in settings[round_ % len(settings):] + settings[:round_ % len(settings)]:
-                    rows[actors, staleness] += run_once(model, args, actors, staleness, Path(folder), round_)
-            for (actors, staleness), timed in rows.items():
+                for setting in settings[round_ % len(settings):] + settings[:round_ % len(settings)]:
+                    rows[setting] += run_once(model, args, setting, Path(folder), round_)
+            for (backend, actors, staleness), timed in rows.items():
                 med = {key: statistics.median(r.get(key, 0.0) for r in timed)
                        for key in (*PHASES, "samples", "rollout_busy", "learner_busy", "staleness_mean")}
                 med["samples_per_s"] = med["samples"] / med["step_seconds"]
-                results[f"{actors} actor(s), k={staleness}"] = med
+                results[f"{backend} {actors} actor(s), k={staleness}"] = med
         finally:
             ray.shutdown()
 
@@ -98,12 +102,12 @@ def main() -> None:
           f"{args.group_size} samples, <= {args.max_tokens} tokens, temperature 1, GRPO 1 update/step, clip 0.2/0.28, "
           f"token-mean, no KL; rollout actors and learner at 0.5 CPU each; median of {args.rounds} rounds x "
           f"{args.steps} steps after {args.warmup} warm-up")
-    print(f"{'setting':>20} {'samples/s':>9} {'step s':>7} {'wait s':>7} {'gen s':>7} {'verify s':>8} {'train s':>7} "
+    print(f"{'setting':>32} {'samples/s':>9} {'step s':>7} {'wait s':>7} {'gen s':>7} {'verify s':>8} {'train s':>7} "
           f"{'sync s':>7} {'rollout busy':>12} {'learner busy':>12} {'staleness':>9}")
     base = {name.split(",")[0]: m["samples_per_s"] for name, m in results.items() if name.endswith("k=0")}
     for name, m in results.items():
         speedup = m["samples_per_s"] / base[name.split(",")[0]]
-        print(f"{name:>20} {m['samples_per_s']:9.1f} {m['step_seconds']:7.3f} {m['wait_seconds']:7.3f} "
+        print(f"{name:>32} {m['samples_per_s']:9.1f} {m['step_seconds']:7.3f} {m['wait_seconds']:7.3f} "
               f"{m['generate_seconds']:7.3f} {m['verify_seconds']:8.3f} {m['train_seconds']:7.3f} "
               f"{m['sync_seconds']:7.3f} {m['rollout_busy']:12.2f} {m['learner_busy']:12.2f} "
               f"{m['staleness_mean']:9.2f}  x{speedup:.2f} vs k=0")

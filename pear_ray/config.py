@@ -264,8 +264,16 @@ class RolloutResources(ActorResources):
     max_actors: int | None = Field(None, ge=1, description="grow up to this many as the cluster has room; "
                                    "null keeps the pool at num_actors")
     max_in_flight: int = Field(2, ge=1, description="batches queued per actor (back-pressure)")
-    # Extra vLLM engine arguments, e.g. on a GPU {dtype: bfloat16, kv_cache_memory_bytes: null,
-    # gpu_memory_utilization: 0.85}; the defaults (fp32, a 64 MiB KV cache) suit tiny models on CPU.
+    call_timeout_s: float = Field(900.0, gt=0, description="seconds an actor with work in flight may answer none of "
+                                  "it before it counts as hung: it is killed and replaced, its batches re-run. "
+                                  "Counted from its last answer, not per queued batch, so it must cover the slowest "
+                                  "single batch or weight update; starting up does not count")
+    backend: Literal["vllm", "transformers"] = Field(
+        "vllm", description="what generates and scores: vLLM, or the model's own transformers forward in the actor "
+        "(faster for tiny models on CPU, where vLLM's per-step scheduling outweighs the model)")
+    # Extra engine arguments. vLLM's, e.g. on a GPU {dtype: bfloat16, kv_cache_memory_bytes: null,
+    # gpu_memory_utilization: 0.85}; the defaults (fp32, a 64 MiB KV cache) suit tiny models on CPU. transformers':
+    # dtype, max_rows (rows per forward).
     engine: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""Rollout/scoring actors (real vLLM CPU) and the reference actor in real Ray, and the pool's fault tolerance."""
+"""Rollout/scoring actors (real vLLM CPU, and the transformers backend) and the reference actor in real Ray, and the pool's fault tolerance."""
 
 import json
 from pathlib import Path
@@ -33,9 +33,10 @@ def prompts(tiny_model_dir) -> pa.Table:
     return pa.table({"id": [f"q{i}" for i in range(len(ids))], "prompt": QUESTIONS, "prompt_ids": ids})
 
 
-@pytest.fixture(scope="module")
-def rollout(ray_cluster, tiny_model_dir):
-    actor = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(tiny_model_dir, seed=0)
+@pytest.fixture(scope="module", params=["vllm", "transformers"])
+def rollout(request, ray_cluster, tiny_model_dir):
+    """A rollout actor of each backend (resources.rollout.backend)."""
+    actor = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(tiny_model_dir, seed=0, backend=request.param)
     yield actor
     ray.kill(actor)
 

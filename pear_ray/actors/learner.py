@@ -10,7 +10,9 @@ from the node's object store; on a cluster each learner node fetches it once), a
 contiguous shard. Split: with n rows over W ranks, rank r gets rows [r*q + min(r, m), (r+1)*q + min(r+1, m)) where
 q, m = divmod(n, W): the first m ranks take one row more (numpy's array_split). A step needs n >= W x the objective's
 minibatches; `logprobs` accepts any n. The objective travels with every step as itself (a typed config), and the
-ranks sum the loss's divisor among themselves, so no metadata travels with the ref.
+ranks sum the loss's divisor among themselves, so no metadata travels with the ref. SFT streams instead (`stream`,
+`streamed_step`): each rank reads its shard of every step, by the same split, straight from the Parquet file through
+Ray Data (actors/data_stream.py).
 
 Bulk results stay in the object store: `logprobs` returns an ObjectRef of the concatenated column and `weights_ref`
 the ObjectRef of rank 0's full state dict, for the driver to hand to other actors without fetching them.
@@ -23,12 +25,14 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pear_ray.actors.data_stream import stream_rows
 from pear_ray.config import LearnerResources, RlConfig, SftConfig
 from pear_ray.objectives import ObjectiveConfig
 
@@ -61,19 +65,34 @@ class _LearnerRank:
         self.engine = DeepSpeedLearner(model_dir, rank=self.rank, world_size=self.world_size,
                                        master_addr=master_addr, master_port=master_port, **engine_kwargs)
 
-    def _shard(self, batch: pa.Table | pa.RecordBatch, what: str, min_rows_per_rank: int = 1) -> pa.Table:
-        table = pa.table(batch) if isinstance(batch, pa.RecordBatch) else batch
-        if table.num_rows < self.world_size * min_rows_per_rank:
+    def _check_splittable(self, num_rows: int, what: str, min_rows_per_rank: int) -> None:
+        if num_rows < self.world_size * min_rows_per_rank:
             need = f"{self.world_size} ranks" + (f" x {min_rows_per_rank} minibatches" if min_rows_per_rank > 1
                                                  else "")
-            raise ValueError(f"{what}: a batch of {table.num_rows} rows cannot be split over {need}; every rank "
+            raise ValueError(f"{what}: a batch of {num_rows} rows cannot be split over {need}; every rank "
                              f"needs at least {min_rows_per_rank} row(s), so give at least "
                              f"{self.world_size * min_rows_per_rank} rows")
+
+    def _shard(self, batch: pa.Table | pa.RecordBatch, what: str, min_rows_per_rank: int = 1) -> pa.Table:
+        table = pa.table(batch) if isinstance(batch, pa.RecordBatch) else batch
+        self._check_splittable(table.num_rows, what, min_rows_per_rank)
         start, end = shard_bounds(table.num_rows, self.world_size, self.rank)
         return table.slice(start, end - start)
 
     def step(self, batch: pa.Table, objective: ObjectiveConfig) -> dict:
         return self.engine.step(self._shard(batch, f"a {objective.kind} step", objective.updates()[0]), objective)
+
+    def open_stream(self, path: str, batches: list[np.ndarray]) -> None:
+        """Stream this rank's shard of each batch (row indices into the Parquet file at `path`, one array per step
+        to come, in step order) through Ray Data, for `streamed_step`."""
+        self.stream_sizes = iter([len(batch) for batch in batches])
+        self.stream = stream_rows(path, [batch[slice(*shard_bounds(len(batch), self.world_size, self.rank))]
+                                         for batch in batches])
+
+    def streamed_step(self, objective: ObjectiveConfig) -> dict:
+        """`step` on this rank's shard of the next streamed batch."""
+        self._check_splittable(next(self.stream_sizes), f"a {objective.kind} step", objective.updates()[0])
+        return self.engine.step(next(self.stream), objective)
 
     def logprobs(self, batch: pa.Table) -> pa.ListArray:
         return self.engine.logprobs(self._shard(batch, "logprobs", min_rows_per_rank=0))  # a rank may get no rows
@@ -207,6 +226,16 @@ class LearnerGroup:
         """One step of `objective` on the whole batch (its minibatches x epochs updates); returns the global-batch
         loss, grad norm, lr and the objective's figures."""
         return self._all("step", _as_ref(batch_ref), objective)[0]
+
+    def stream(self, path: str | Path, batches: list[np.ndarray]) -> None:
+        """Have every rank stream its shard of each batch (row indices into the Parquet file at `path`, one array
+        per step to come, in step order) through Ray Data, for `streamed_step`: the rows go from the file to the
+        ranks, not through the driver nor through one object holding the file."""
+        self._all("open_stream", str(path), ray.put(batches))
+
+    def streamed_step(self, objective: ObjectiveConfig) -> dict:
+        """`step` on the next streamed batch."""
+        return self._all("streamed_step", objective)[0]
 
     def logprobs(self, batch_ref: ray.ObjectRef) -> ray.ObjectRef:
         """ObjectRef of the batch's per-response-token log-probs (list<float32>, one per row, in row order), at

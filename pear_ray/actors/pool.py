@@ -1,5 +1,6 @@
 """A pool of rollout/scoring actors: balances batches across actors, bounds the work in flight, and survives an
-actor dying by replacing it and re-running its unfinished batches, so every batch comes back exactly once.
+actor dying, or hanging (alive but silent past `call_timeout_s`), by replacing it and re-running its unfinished
+batches, so every batch comes back exactly once.
 
 The pool moves ObjectRefs only. Each call returns (batch_ref, stats_ref); the pool waits on the small stats
 object, which is also where an actor's death surfaces, and hands the caller the batch ref untouched.
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,9 @@ class _Slot:
     ready: ray.ObjectRef  # resolves once the actor's constructor has run
     active: bool = True  # takes work; an actor added to a running pool waits until activate_started()
     started_at: float = field(default_factory=time.monotonic)
-    in_flight: int = 0
+    in_flight: set[ray.ObjectRef] = field(default_factory=set)  # the calls it has not answered (one ref each)
+    heard_at: float = field(default_factory=time.monotonic)  # its last answer, or the work it got while idle
+    up: bool = False  # seen started by the hang check: until then, and when first seen so, it is not silent
 
 
 @dataclass
@@ -41,7 +44,14 @@ class _Broadcast:
     method: str
     args: tuple
     kwargs: dict
-    refs: dict[int, tuple[Any, ray.ObjectRef]]  # slot -> (actor, result ref)
+    refs: dict[int, tuple[Any, Any]]  # slot -> (actor, the call's result ref, or refs)
+
+
+class ActorHung(Exception):
+    """An actor with work in flight that answered none of it for `call_timeout_s`: lost, though perhaps alive."""
+
+    def __init__(self, silent_s: float):
+        super().__init__(f"hung: no answer for {silent_s:.0f} s")
 
 
 @dataclass
@@ -65,10 +75,14 @@ class ActorPool:
     `make_actor(slot)` creates (or re-creates) the actor of a slot. At most `max_in_flight` items are queued
     per actor; items are pulled from the iterable only as capacity frees up (back-pressure), so a large
     dataset is never all in the object store at once.
+
+    With `call_timeout_s`, an actor that has work in flight and has answered none of the pool's calls for that
+    long (measured from its last answer, so a queue of batches answered one after another is no hang; an actor
+    still starting is not silent) is killed and treated as lost. `role` names the actors in the log.
     """
 
     def __init__(self, make_actor: Callable[[int], Any], size: int, *, max_in_flight: int = 2, max_attempts: int = 3,
-                 min_size: int | None = None):
+                 min_size: int | None = None, call_timeout_s: float | None = None, role: str = "rollout"):
         if size < 1:
             raise ValueError(f"a pool needs at least one actor, got size={size}")
         self.make_actor = make_actor
@@ -78,6 +92,8 @@ class ActorPool:
         # Elastic pools (min_size given) let a lost actor go while above min_size (its node left the cluster)
         # instead of starting a replacement that may have nowhere to run.
         self.min_size = size if min_size is None else min_size
+        self.call_timeout_s = call_timeout_s
+        self.role = role
         self.stats = PoolStats()
 
     def _new_slot(self, slot_id: int, active: bool) -> _Slot:
@@ -134,27 +150,29 @@ class ActorPool:
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Run a method on every actor (e.g. a weight update) and wait for all of them. An actor lost meanwhile
-        is dropped (elastic pool above its minimum) or replaced and asked again."""
+        (dead, or hung past call_timeout_s) is dropped (elastic pool above its minimum) or replaced and asked
+        again."""
         return self.gather(self.broadcast(method, *args, **kwargs))
 
     def broadcast(self, method: str, *args: Any, **kwargs: Any) -> _Broadcast:
         """`call_all` without the wait: the call is queued on every actor behind the work it has, so work
         submitted after it runs after it; `gather` waits for the results."""
-        refs = {slot_id: (slot.actor, getattr(slot.actor, method).remote(*args, **kwargs))
+        refs = {slot_id: (slot.actor, self._send(slot_id, method, *args, **kwargs))
                 for slot_id, slot in self.slots.items() if slot.active}
         return _Broadcast(method, args, kwargs, refs)
 
     def gather(self, call: _Broadcast) -> list[Any]:
         """A broadcast's results, an actor lost meanwhile dropped or replaced and asked again."""
         results = []
-        for slot_id, (actor, ref) in call.refs.items():
+        for slot_id, (actor, result) in call.refs.items():
             try:
-                results.append(ray.get(ref))
-            except RayActorError as error:
+                results.append(self._get(slot_id, actor, result))
+            except (RayActorError, ActorHung) as error:
                 self._replace(slot_id, actor, None, {}, error)
                 if slot_id in self.slots:
-                    results.append(ray.get(getattr(self.slots[slot_id].actor, call.method).remote(*call.args,
-                                                                                                   **call.kwargs)))
+                    actor = self.slots[slot_id].actor
+                    results.append(self._get(slot_id, actor, self._send(slot_id, call.method, *call.args,
+                                                                        **call.kwargs)))
         return results
 
     def shutdown(self) -> None:
@@ -170,14 +188,70 @@ class ActorPool:
         return _Work(index, item)
 
     def _has_capacity(self) -> bool:
-        return any(slot.active and slot.in_flight < self.max_in_flight for slot in self.slots.values())
+        return any(slot.active and len(slot.in_flight) < self.max_in_flight for slot in self.slots.values())
 
     def _least_loaded(self) -> int:
         return min((slot_id for slot_id, slot in self.slots.items() if slot.active),
-                   key=lambda slot_id: self.slots[slot_id].in_flight)
+                   key=lambda slot_id: len(self.slots[slot_id].in_flight))
+
+    def _send(self, slot_id: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call a method of the slot's actor; the call counts as in flight on it until answered."""
+        slot = self.slots[slot_id]
+        result = getattr(slot.actor, method).remote(*args, **kwargs)
+        if not slot.in_flight:
+            slot.heard_at = time.monotonic()
+        slot.in_flight.add(_call_ref(result))
+        return result
+
+    def _answered(self, slot_id: int, actor: Any, ref: ray.ObjectRef) -> None:
+        slot = self.slots.get(slot_id)
+        if slot is not None and slot.actor is actor:
+            slot.in_flight.discard(ref)
+            slot.heard_at = time.monotonic()
+
+    def _get(self, slot_id: int, actor: Any, result: Any) -> Any:
+        """`ray.get` one call's result, raising ActorHung once its actor has been silent for call_timeout_s."""
+        while True:
+            slot = self.slots.get(slot_id)
+            watched = [slot] if slot is not None and slot.actor is actor else []  # else it was killed: no deadline
+            try:
+                value = ray.get(result, timeout=self._until_deadline(watched))
+            except GetTimeoutError:
+                if (silent_s := self._silent_s(slot)) >= self.call_timeout_s:
+                    raise ActorHung(silent_s) from None
+                continue
+            self._answered(slot_id, actor, _call_ref(result))
+            return value
+
+    def _until_deadline(self, slots: Iterable[_Slot]) -> float | None:
+        """Seconds until the first of `slots` with work in flight has been silent for call_timeout_s; None: no
+        deadline."""
+        heard = [slot.heard_at for slot in slots if slot.in_flight]
+        if self.call_timeout_s is None or not heard:
+            return None
+        return max(0.0, min(heard) + self.call_timeout_s - time.monotonic())
+
+    def _silent_s(self, slot: _Slot) -> float:
+        """Seconds since the slot's actor last answered a call (or got work while idle, or came up), counting the
+        answers to calls whose caller has not looked yet."""
+        refs = [slot.ready, *slot.in_flight]
+        done = set(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0])
+        if not slot.up or done & slot.in_flight:
+            slot.in_flight -= done
+            slot.heard_at = time.monotonic()
+        slot.up = slot.ready in done
+        return time.monotonic() - slot.heard_at
+
+    def _hung(self) -> list[tuple[int, Any, float]]:
+        """(slot, actor, silent seconds) of the actors that have had work in flight and answered none of it for
+        call_timeout_s."""
+        if self.call_timeout_s is None:
+            return []
+        return [(slot_id, slot.actor, silent_s) for slot_id, slot in self.slots.items()
+                if slot.in_flight and (silent_s := self._silent_s(slot)) >= self.call_timeout_s]
 
     def _replace(self, slot_id: int, actor: Any, failed: _Work | None, pending: dict, error: Exception) -> list[_Work]:
-        """Drop a dead actor's slot (elastic, above minimum) or start a new actor in it; return the dead actor's
+        """Drop a lost actor's slot (elastic, above minimum) or start a new actor in it; return the lost actor's
         unfinished work of this call (the failed item first). Another mapping may have replaced it already."""
         same_actor = [ref for ref, (_, other, _, _) in pending.items() if other is actor]
         lost = ([failed] if failed is not None else []) + [pending.pop(ref)[2] for ref in same_actor]
@@ -187,15 +261,16 @@ class ActorPool:
         self.stats.resubmitted += len(lost)
         if slot_id not in self.slots or self.slots[slot_id].actor is not actor:
             return lost
-        ray.kill(self.slots[slot_id].actor)  # unreachable rather than dead (a node cut off) must not hold resources
+        ray.kill(self.slots[slot_id].actor)  # hung, or unreachable rather than dead (a node cut off): it must go
+        cause = error if isinstance(error, ActorHung) else type(error).__name__
         if len(self.actors) > self.min_size:
-            log.warning("rollout actor %d lost (%s); going on with %d actors, re-running its %d batches",
-                        slot_id, type(error).__name__, len(self.actors) - 1, len(lost))
+            log.warning("%s actor %d lost (%s); going on with %d actors, re-running its %d batches",
+                        self.role, slot_id, cause, len(self.actors) - 1, len(lost))
             del self.slots[slot_id]
             self.stats.actors_dropped += 1
             return lost
-        log.warning("rollout actor %d lost (%s); replacing it and re-running %d batches",
-                    slot_id, type(error).__name__, len(lost))
+        log.warning("%s actor %d lost (%s); replacing it and re-running %d batches", self.role, slot_id, cause,
+                    len(lost))
         self.slots[slot_id] = self._new_slot(slot_id, active=True)
         self.stats.actors_replaced += 1
         return lost
@@ -224,9 +299,8 @@ class _Mapping:
                 return
             slot_id = pool._least_loaded()
             actor = pool.slots[slot_id].actor
-            batch_ref, stats_ref = getattr(actor, self.method).remote(work.item, **self.kwargs)
+            batch_ref, stats_ref = pool._send(slot_id, self.method, work.item, **self.kwargs)
             work.attempts += 1
-            pool.slots[slot_id].in_flight += 1
             pool.stats.submitted += 1
             self.pending[stats_ref] = (slot_id, actor, work, batch_ref)
 
@@ -241,10 +315,14 @@ class _Mapping:
             self.dispatch()
             if not self.pending:
                 return
-            [ready], _ = ray.wait(list(self.pending), num_returns=1)
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=pool._until_deadline(pool.slots.values()))
+            if not ready:  # an actor may have hung
+                for slot_id, actor, silent_s in pool._hung():
+                    self.retry.extend(pool._replace(slot_id, actor, None, self.pending, ActorHung(silent_s)))
+                continue
+            [ready] = ready
             slot_id, actor, work, batch_ref = self.pending.pop(ready)
-            if slot_id in pool.slots and pool.slots[slot_id].actor is actor:
-                pool.slots[slot_id].in_flight -= 1
+            pool._answered(slot_id, actor, ready)
             try:
                 stats = ray.get(ready)
             except RayActorError as error:  # died or unreachable: its node left, or it was killed
@@ -253,3 +331,8 @@ class _Mapping:
             pool.stats.completed += 1
             pool.stats.per_actor_completed[slot_id] = pool.stats.per_actor_completed.get(slot_id, 0) + 1
             yield work.index, batch_ref, stats
+
+
+def _call_ref(result: Any) -> ray.ObjectRef:
+    """The ref that stands for a call: its only return, or its last (a batch method's stats)."""
+    return result[-1] if isinstance(result, list) else result

@@ -24,15 +24,16 @@ PROBE_COLUMN = "probe_logprobs"
 
 
 def rollout_pool(model_dir: str | Path, resources: RolloutResources, *, seed: int) -> ActorPool:
-    """N vLLM rollout/scoring actors, each placed by the role's resources (N independent of the learner)."""
+    """N rollout/scoring actors, each placed by the role's resources (N independent of the learner)."""
     worker = ray.remote(RolloutWorker).options(**actor_options(resources))
 
     def make_actor(slot: int):
-        return worker.remote(str(model_dir), seed=seed + slot, engine_kwargs=resources.engine)
+        return worker.remote(str(model_dir), seed=seed + slot, backend=resources.backend,
+                             engine_kwargs=resources.engine)
 
     elastic = resources.max_actors is not None
     return ActorPool(make_actor, resources.num_actors, max_in_flight=resources.max_in_flight,
-                     min_size=resources.num_actors if elastic else None)
+                     min_size=resources.num_actors if elastic else None, call_timeout_s=resources.call_timeout_s)
 
 
 def request_rollout_capacity(resources: RolloutResources, actors: int) -> None:
@@ -71,6 +72,11 @@ def _fits(bundle: dict[str, float], available: dict[str, float]) -> bool:
 
 def reference_actor(model_dir: str | Path, resources: ActorResources):
     return ray.remote(ReferenceWorker).options(**actor_options(resources)).remote(str(model_dir))
+
+
+def reference_pool(model_dir: str | Path, resources: ActorResources) -> ActorPool:
+    """One reference actor in a pool of its own, so that should it die a new one starts and scores the batch again."""
+    return ActorPool(lambda slot: reference_actor(model_dir, resources), size=1, role="reference")
 
 
 def mismatch(learner: LearnerGroup, pool: ActorPool, probe_ref: ray.ObjectRef) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""The rollout/scoring service: one vLLM engine per actor, Arrow batches in, Arrow batches out.
+"""The rollout/scoring service: one engine per actor (vLLM, or transformers for small CPU models), Arrow batches
+in, Arrow batches out.
 
 Methods that return a batch return two objects, the batch and a small stats dict, so the driver can wait on
 (and learn of failures from) the stats without pulling the batch through itself.
@@ -27,10 +28,14 @@ class RolloutWorker:
     new weights from the learner in place; every sample records the policy version that produced it. With
     topk > 0 either also records this model's top-k next tokens at every response token (`teacher_topk`)."""
 
-    def __init__(self, model_dir: str | Path, *, seed: int = 0, engine_kwargs: dict[str, Any] | None = None):
-        from pear_ray.engines.vllm_engine import VllmEngine
+    def __init__(self, model_dir: str | Path, *, seed: int = 0, backend: str = "vllm",
+                 engine_kwargs: dict[str, Any] | None = None):
+        if backend == "transformers":
+            from pear_ray.engines.transformers_engine import TransformersEngine as Engine
+        else:
+            from pear_ray.engines.vllm_engine import VllmEngine as Engine
 
-        self.engine = VllmEngine(model_dir, seed=seed, **(engine_kwargs or {}))
+        self.engine = Engine(model_dir, seed=seed, **(engine_kwargs or {}))
         self.policy_version = 0
 
     @ray.method(num_returns=2)

@@ -1,4 +1,4 @@
-"""What the stages share: the run folder's layout, prompt tables, rollouts with rewards, batch references."""
+"""What the stages share: the run folder's layout, prompt tables, rollouts with rewards."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -173,23 +172,3 @@ def correct_counts(table: pa.Table, threshold: float) -> np.ndarray:
     correct = correct_mask(table, threshold)
     _, index = np.unique(groups, return_inverse=True)
     return np.bincount(index, weights=correct).astype(int)
-
-
-@ray.remote(num_cpus=0.1)
-def _take(table: pa.Table, indices: np.ndarray) -> pa.Table:
-    return table.take(indices)
-
-
-@ray.remote(num_cpus=0.1)
-def _read(path: str) -> pa.Table:
-    return pq.read_table(path)
-
-
-def dataset_ref(path: Path) -> tuple[ray.ObjectRef, int]:
-    """A Parquet dataset read into the object store by a task (not through the driver), and its row count."""
-    return _read.remote(str(path)), pq.ParquetFile(path).metadata.num_rows
-
-
-def batch_ref(dataset: ray.ObjectRef, indices: np.ndarray) -> ray.ObjectRef:
-    """Rows of a dataset in the object store, cut by a task: the driver only holds the indices."""
-    return _take.remote(dataset, indices)

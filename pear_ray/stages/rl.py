@@ -39,7 +39,7 @@ from pear_ray.actors.pool import ActorPool
 from pear_ray.actors.roles import (
     grow_rollout_pool,
     probe_rows,
-    reference_actor,
+    reference_pool,
     request_rollout_capacity,
     rollout_pool,
     sync_weights,
@@ -59,7 +59,7 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
     drop_constant = rl.drop_constant_groups and schema.ADVANTAGE in objective.columns()  # else no signal is lost
     prompts = prompt_table(run, "train")
     frozen_models = {schema.REF_LOGPROBS: lambda: run.reference(start_model), schema.TEACHER_LOGPROBS: run.teacher}
-    scorers = {column: reference_actor(model(), job.resources.reference)
+    scorers = {column: reference_pool(model(), job.resources.reference)
                for column, model in frozen_models.items() if column in objective.columns()}
     learner = LearnerGroup.for_rl(start_model, job.resources.learner, rl, temperature=job.sampling.temperature,
                                   seed=job.seed)
@@ -71,21 +71,20 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
         start = resume(run, learner, name, "rl", variant)
         if start:
             sync_weights(learner, pool, version=start)
-        generation = Generation(run, pool, prompts, name, start)
+        generation = Generation(run, pool, prompts, name, start, drop_constant=drop_constant)
         progress = tqdm(range(start, rl.steps), desc=name, initial=start, total=rl.steps)
         for step in progress:
             started = time.perf_counter()
             if grow_rollout_pool(pool, job.resources.rollout):  # actors that came up hold start_model's weights
                 sync_weights(learner, pool, version=step)
             generation.submit_until(generation_horizon(step, rl))  # with the weights the actors hold: version step
-            batch_ref, probe_ref, stats = generation.batch(step, learner, drop_constant=drop_constant)
+            batch_ref, probe_ref, stats = generation.batch(step, learner)
             progress.set_postfix(reward=f"{stats['reward']:.3f}")
             if stats["trained_samples"] >= job.resources.learner.num_ranks * objective.updates()[0]:
                 scoring = time.perf_counter()
                 for column, scorer in scorers.items():  # at the rollouts' temperature, as the policy is scored
-                    batch_ref, _ = scorer.score.remote(batch_ref, column=column, temperature=job.sampling.temperature)
-                if scorers:
-                    ray.wait([batch_ref], fetch_local=False)
+                    [(_, batch_ref, _)] = scorer.map("score", [batch_ref], column=column,
+                                                     temperature=job.sampling.temperature)
                 training = time.perf_counter()
                 update = learner.step(batch_ref, objective)
                 stats.update(score_seconds=training - scoring, train_seconds=time.perf_counter() - training)
@@ -98,7 +97,8 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
                 pool.call_all("set_policy_version", step + 1)  # the same weights, now version step + 1
             stats.update(busy_fractions(stats, time.perf_counter() - started, len(pool.actors)))
             stats.update(rollout_actors=len(pool.actors), rollout_actors_lost=pool.stats.actors_dropped
-                         + pool.stats.actors_replaced, rollout_batches_rerun=pool.stats.resubmitted)
+                         + pool.stats.actors_replaced, rollout_batches_rerun=pool.stats.resubmitted,
+                         reference_actors_replaced=sum(scorer.stats.actors_replaced for scorer in scorers.values()))
             run.metrics.log("rl", step + 1, stats, variant=variant)
             if (step + 1) % rl.checkpoint_every == 0 and step + 1 < rl.steps:
                 learner.save_checkpoint(run.checkpoints(name), {"step": step + 1})
@@ -109,7 +109,7 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
         learner.shutdown()
         pool.shutdown()
         for scorer in scorers.values():
-            ray.kill(scorer)
+            scorer.shutdown()
     return run.model(name)
 
 
@@ -151,6 +151,7 @@ class _Submitted:
     mapping: Iterator
     refs: list[ray.ObjectRef]  # the pieces' batches, in prompt order
     scored: tuple[ray.ObjectRef, ray.ObjectRef]  # the scoring task queued on them: (table, figures)
+    cut: tuple | None = None  # the step's cut queued behind the scoring, when nothing is added to it (no fill)
 
 
 class Generation:
@@ -158,8 +159,10 @@ class Generation:
     staleness, scored and (fill_batch) topped up in `batch`. The samples stay in the object store: decoding,
     verifying, advantages and the batch's cut run in Ray tasks on them, the driver sees references and figures."""
 
-    def __init__(self, run: Run, pool: ActorPool, prompts: pa.Table, name: str, start: int):
+    def __init__(self, run: Run, pool: ActorPool, prompts: pa.Table, name: str, start: int, *, drop_constant: bool):
         self.run, self.rl, self.pool, self.prompts, self.name = run, run.job.rl, pool, prompts, name
+        self.drop_constant = drop_constant  # groups with no signal are dropped (more drawn with fill_batch)
+        self.fill = self.rl.fill_batch and drop_constant
         self.submitted: dict[int, _Submitted] = {}
         self.next_step = start  # the first step not queued yet
         self.task_ref = ray.put(run.task)
@@ -171,8 +174,16 @@ class Generation:
         self.next_step = max(self.next_step, last + 1)
 
     def _submit_step(self, step: int) -> _Submitted:
+        """A step's generation, its scoring and (without fill) its cut, queued to run without the driver."""
         chosen, seed = step_prompts(self.prompts.num_rows, self.run.job.seed, step, self.rl.prompts_per_step)
-        return self._submit(self.prompts.take(chosen), seed)
+        submitted = self._submit(self.prompts.take(chosen), seed)
+        if not self.fill:
+            submitted.cut = self._cut(step, submitted.scored[0])
+        return submitted
+
+    def _cut(self, step: int, *tables: ray.ObjectRef) -> tuple:
+        return _cut_task.remote(step, self.rl.prompts_per_step if self.fill else None, self.drop_constant,
+                                self.rl.save_rollouts, *tables)
 
     def _submit(self, prompts: pa.Table, seed: int) -> _Submitted:
         """Queue the prompts' generation, and its scoring behind it: a Ray task that starts when the samples
@@ -185,45 +196,46 @@ class Generation:
     def _score(self, pieces: list[ray.ObjectRef]) -> tuple[ray.ObjectRef, ray.ObjectRef]:
         return _score_task.remote(self.run.student, self.task_ref, self.run.job.task, self.rl.normalize_std, *pieces)
 
-    def _collect(self, submitted: _Submitted) -> tuple[tuple[ray.ObjectRef, ray.ObjectRef], list[dict]]:
-        """Once generated: refs of the samples scored and of its figures, and the pieces' generation stats (rows,
-        actor-seconds, policy version). Pieces re-run on another actor (theirs died) are scored again."""
+    def _collect(self, submitted: _Submitted) -> tuple[tuple[ray.ObjectRef, ray.ObjectRef], list[dict], bool]:
+        """Once generated: refs of the samples scored and of its figures, the pieces' generation stats (rows,
+        actor-seconds, policy version), and whether every piece is the one first queued. Pieces re-run on another
+        actor (theirs died) are scored again."""
         done = {}
         for index, ref, stats in submitted.mapping:
             done[index] = ref, stats
         pieces, generated = zip(*(done[i] for i in range(len(done))))
-        return (submitted.scored if list(pieces) == submitted.refs else self._score(list(pieces))), list(generated)
+        unchanged = list(pieces) == submitted.refs
+        return (submitted.scored if unchanged else self._score(list(pieces))), list(generated), unchanged
 
-    def batch(self, step: int, learner: LearnerGroup, *, drop_constant: bool) -> tuple[ray.ObjectRef, ray.ObjectRef,
-                                                                                         dict]:
+    def batch(self, step: int, learner: LearnerGroup) -> tuple[ray.ObjectRef, ray.ObjectRef, dict]:
         """Step `step`'s samples with rewards and advantages, groups with no signal dropped when `drop_constant`
         (more prompts drawn until enough differ, with fill_batch): refs of the batch and of a probe of it, and the
         step's figures."""
         rl = self.rl
         waiting = time.perf_counter()
-        (table, first), generated = self._collect(self.submitted.pop(step))
+        submitted = self.submitted.pop(step)
+        (table, first), generated, unchanged = self._collect(submitted)
         wait_seconds = time.perf_counter() - waiting
         stale = sum(piece["rows"] for piece in generated if piece["policy_version"] < step - rl.max_staleness)
         if stale:  # an actor replaced meanwhile started from start_model's weights
             log.warning("step %d: %d samples older than %d versions; regenerating", step + 1, stale, rl.max_staleness)
             sync_weights(learner, self.pool, version=step)
-            (table, first), regenerated = self._collect(self._submit_step(step))
+            submitted = self._submit_step(step)
+            (table, first), regenerated, unchanged = self._collect(submitted)
             generated += regenerated
         verifying = time.perf_counter()
         tables, scored = (table,), (ray.get(first),)
-        fill = rl.fill_batch and drop_constant
-        if fill:
+        if self.fill:
             more = self._fill(step, scored[0]["informative_groups"])
             tables, scored, generated = tables + more[0], scored + more[1], generated + more[2]
-        table, probe, record, stats = _cut_task.remote(step, rl.prompts_per_step if fill else None, drop_constant,
-                                                       rl.save_rollouts, *tables)
+        table, probe, record, stats = submitted.cut if unchanged and submitted.cut else self._cut(step, *tables)
         stats = ray.get(stats)
         verify_seconds = time.perf_counter() - verifying
         stats.update(verifier_errors=sum(s["errors"] for s in scored), verifier_timeouts=sum(s["timeouts"]
                                                                                              for s in scored),
                      generate_seconds=sum(piece["seconds"] for piece in generated), wait_seconds=wait_seconds,
                      verify_seconds=verify_seconds, stale_regenerated=stale)
-        if fill:
+        if self.fill:
             stats.update(extra_prompts=sum(s["prompts"] for s in scored[1:]),
                          fill_capped=int(stats["informative_groups"] < rl.prompts_per_step))
         if rl.save_rollouts:
@@ -245,7 +257,7 @@ class Generation:
             want = -(-missing * groups // informative) if informative else 2 * missing
             more = self.prompts.take(candidates[drawn:drawn + want])
             more = schema.append_column(more, schema.GROUP_ID, groups + np.arange(more.num_rows))
-            (table, part), part_generated = self._collect(self._submit(more, sample_seed))
+            (table, part), part_generated, _ = self._collect(self._submit(more, sample_seed))
             part = ray.get(part)
             tables, scored, generated = tables + (table,), scored + (part,), generated + part_generated
             drawn, groups, informative = drawn + more.num_rows, groups + more.num_rows, \

@@ -14,18 +14,20 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
 from tqdm import tqdm
 
 from pear_ray.actors.learner import LearnerGroup
-from pear_ray.actors.pool import ActorPool
-from pear_ray.actors.roles import reference_actor
+from pear_ray.actors.roles import reference_pool
 from pear_ray.actors.streaming import stream_parquet
 from pear_ray.data import schema
+from pear_ray.data.rows import read_rows
 from pear_ray.data.tensors import to_tensors
 from pear_ray.objectives import PearSft, pear_weights
-from pear_ray.stages.common import Run, batch_ref, dataset_ref, resume
+from pear_ray.stages.common import Run, resume
 
 log = logging.getLogger(__name__)
 HISTOGRAM_ROWS = 256  # rows of the data whose PEAR weights under the trained model are plotted
@@ -51,23 +53,24 @@ def run_sft(run: Run, variant: str, data_path: Path) -> Path:
     objective = job.sft_objective(variant)
     if objective.reads_frozen_target:
         data_path = frozen_targets(run, data_path)
-    dataset, num_rows = dataset_ref(data_path)
+    num_rows = pq.ParquetFile(data_path).metadata.num_rows
     plan = batch_plan(num_rows, sft.batch_size, sft.epochs, job.seed, job.resources.learner.num_ranks)
     learner = LearnerGroup.for_sft(run.student, job.resources.learner, sft, total_steps=len(plan), seed=job.seed)
     try:
         start = resume(run, learner, name, "sft", variant)
+        learner.stream(data_path, plan[start:])
         samples = sum(len(rows) for rows in plan[:start])
         progress = tqdm(range(start, len(plan)), desc=name, initial=start, total=len(plan))
         for step in progress:
-            stats = learner.step(batch_ref(dataset, plan[step]), objective)
+            stats = learner.streamed_step(objective)
             progress.set_postfix(loss=f"{stats['loss']:.3f}")
             samples += len(plan[step])
             run.metrics.log("sft", step + 1, {**stats, "samples_seen": samples}, variant=variant)
             if (step + 1) % sft.checkpoint_every == 0 and step + 1 < len(plan):
                 learner.save_checkpoint(run.checkpoints(name), {"step": step + 1})
         if objective.weighted:
-            probe = np.arange(min(HISTOGRAM_ROWS, num_rows))
-            log_weight_histogram(run, learner, objective, dataset, probe, variant, len(plan))
+            probe = read_rows(data_path, np.arange(min(HISTOGRAM_ROWS, num_rows)))
+            log_weight_histogram(run, learner, objective, probe, variant, len(plan))
         learner.export_hf(run.model(name))
     finally:
         learner.shutdown()
@@ -82,7 +85,7 @@ def frozen_targets(run: Run, data_path: Path) -> Path:
         return target
     model = run.reference(run.student)
     log.info("scoring PEAR's frozen target with %s into %s", model, target)
-    pool = ActorPool(lambda slot: reference_actor(model, run.job.resources.reference), size=1)
+    pool = reference_pool(model, run.job.resources.reference)
     try:
         stream_parquet(pool, "score", data_path, target, column=schema.REF_LOGPROBS)
     finally:
@@ -90,14 +93,12 @@ def frozen_targets(run: Run, data_path: Path) -> Path:
     return target
 
 
-def log_weight_histogram(run: Run, learner: LearnerGroup, objective: PearSft, dataset, rows: np.ndarray,
-                         variant: str, step: int) -> None:
+def log_weight_histogram(run: Run, learner: LearnerGroup, objective: PearSft, table: pa.Table, variant: str,
+                         step: int) -> None:
     """PEAR weights of some data rows at the end of SFT (online: under the trained model), for the weight-histogram
     plot."""
-    batch = batch_ref(dataset, rows)
-    table = ray.get(batch)
     if objective.target_mode == "online":  # the target is the trained model; a frozen one is in the data
-        table = schema.append_column(table, schema.REF_LOGPROBS, ray.get(learner.logprobs(batch)))
+        table = schema.append_column(table, schema.REF_LOGPROBS, ray.get(learner.logprobs(ray.put(table))))
     tensors = to_tensors(table, pad_id=0, columns=(schema.REF_LOGPROBS, schema.BEHAVIOR_LOGPROBS))
     weights = pear_weights(tensors[schema.REF_LOGPROBS], tensors[schema.BEHAVIOR_LOGPROBS],
                            tensors["response_mask"], **objective.weight_settings)

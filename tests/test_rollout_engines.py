@@ -1,5 +1,7 @@
-"""VllmEngine on the tiny model: vLLM log-probs against a plain transformers fp32 forward pass, generation,
-reproducibility, in-place weight reload, and readable errors for bad model folders. One engine for the module."""
+"""The rollout engines on the tiny model, each held to the same contract: vLLM's (VllmEngine) and the transformers
+loop's (TransformersEngine) log-probs against a plain transformers fp32 forward pass, generation, the sampling
+distribution, reproducibility, in-place weight reload, and readable errors for bad model folders. One engine of each
+kind for the module."""
 
 import math
 import shutil
@@ -8,15 +10,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pear_ray.engines.transformers_engine import TransformersEngine
 from pear_ray.engines.vllm_engine import EngineError, VllmEngine
 from pear_ray.models import TinyModelSpec, build_tiny_model
 
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    eng = VllmEngine(tiny_model_dir, seed=0, max_logprobs=-1)  # no cap: a top-k test asks for the whole vocabulary
+ENGINES = {
+    "vllm": lambda model: VllmEngine(model, seed=0, max_logprobs=-1),  # no cap: a test asks for the whole vocabulary
+    "transformers": lambda model: TransformersEngine(model, seed=0),
+}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def engine(request, tiny_model_dir):
+    eng = ENGINES[request.param](tiny_model_dir)
     yield eng
     eng.shutdown()
 
@@ -144,6 +153,23 @@ def test_a_full_vocabulary_topk_is_the_whole_distribution(engine, prompts, top_p
             assert abs(torch.logsumexp(torch.tensor(logprobs, dtype=torch.float64), 0).item()) < 1e-4
 
 
+def test_samples_follow_the_sampling_distribution(engine, tiny_model_dir, prompts):
+    """The first tokens of 4000 samples of one prompt (temperature 0.7, top-p 0.8; 40 seeds x 100) against their
+    probabilities: each frequent token within 4 standard deviations, none from outside the nucleus."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    out = engine.generate(prompts[:1] * 40, n=100, temperature=0.7, top_p=0.8, max_tokens=1,
+                          seed=[100 * k for k in range(40)], ignore_eos=True)
+    probs = hf_distribution(model, prompts[0], [0], 0.7, 0.8)[0].exp()
+    first = [s.response_ids[0] for samples in out for s in samples]
+    assert len(set(first)) > 3
+    counts = torch.bincount(torch.tensor(first), minlength=len(probs)).double()
+    assert counts[probs == 0].sum() == 0
+    frequent = probs * 4000 > 20
+    assert frequent.sum() > 3
+    deviation = (counts - 4000 * probs)[frequent] / (4000 * probs * (1 - probs))[frequent].sqrt()
+    assert deviation.abs().max() < 4
+
+
 def test_generate_is_reproducible_with_seed(engine, prompts):
     a = engine.generate(prompts, n=2, max_tokens=10, seed=123)
     b = engine.generate(prompts, n=2, max_tokens=10, seed=123)
@@ -202,6 +228,7 @@ def test_update_weights_refuses_incomplete_or_misnamed_sets(engine, tiny_model_d
 # shut the module's engine down first (its fixture teardown is then a no-op).
 
 
+@pytest.mark.parametrize("engine", ["vllm"], indirect=True)
 def test_one_engine_per_process(engine, tiny_model_dir):
     with pytest.raises(EngineError, match="already runs one"):
         VllmEngine(tiny_model_dir)
@@ -215,10 +242,11 @@ def test_one_engine_per_process(engine, tiny_model_dir):
 def test_update_weights_with_tied_embeddings(engine, tmp_path_factory, prompts):
     # Qwen2.5-style tied head: vLLM CPU packs the LM head at start-up, so a reload must repack it.
     engine.shutdown()
+    make = type(engine)
     tied_dir = build_tiny_model(TinyModelSpec(tie_embeddings=True), tmp_path_factory.mktemp("tied"))
     model = AutoModelForCausalLM.from_pretrained(tied_dir, dtype=torch.float32).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    eng = VllmEngine(tied_dir)
+    eng = make(tied_dir)
     try:
         with torch.no_grad():
             model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight) * 0.05)
@@ -232,17 +260,18 @@ def test_update_weights_with_tied_embeddings(engine, tmp_path_factory, prompts):
 
 def test_bad_model_folders_give_clear_errors(engine, tiny_model_dir, tmp_path):
     engine.shutdown()
+    make = type(engine)
     with pytest.raises(EngineError, match="does not exist"):
-        VllmEngine(tmp_path / "missing")
+        make(tmp_path / "missing")
     no_tok = tmp_path / "no_tokenizer"
     no_tok.mkdir()
     shutil.copy(tiny_model_dir / "config.json", no_tok)
     with pytest.raises(EngineError, match="no tokenizer files"):
-        VllmEngine(no_tok)
+        make(no_tok)
     with pytest.raises(EngineError, match="no config.json"):
-        VllmEngine(tmp_path)
+        make(tmp_path)
     no_weights = tmp_path / "no_weights"
     shutil.copytree(tiny_model_dir, no_weights)
     (no_weights / "model.safetensors").unlink()
     with pytest.raises(EngineError, match=f"model folder {no_weights}: no weights"):
-        VllmEngine(no_weights)
+        make(no_weights)
