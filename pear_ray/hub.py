@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pear_ray.errors import first_line
+
 # The one question asked of the Hub before downloading (does this repo and revision exist?) waits at most this
 # long and is not retried, so an unknown or unreachable name fails in seconds.
 HUB_TIMEOUT_S = 10.0
@@ -45,6 +47,5 @@ def hub_snapshot(repo_id: str, *, what: str, revision: str | None = None, repo_t
             return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type,
                                           etag_timeout=HUB_TIMEOUT_S))
         except Exception as error:  # noqa: BLE001 - the message below names the cause
-            first_line = (str(error).strip().splitlines() or [""])[0]
-            tried.append(f"the Hub at {constants.ENDPOINT} ({type(error).__name__}: {first_line})")
+            tried.append(f"the Hub at {constants.ENDPOINT} ({type(error).__name__}: {first_line(error)})")
     raise SourceNotFound(f"{what}: not found; tried: " + "; ".join(tried))

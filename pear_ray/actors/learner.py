@@ -34,6 +34,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pear_ray.actors.data_stream import stream_rows
 from pear_ray.config import LearnerResources, RlConfig, SftConfig
+from pear_ray.errors import first_line
 from pear_ray.objectives import ObjectiveConfig
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class LearnerLost(RuntimeError):
 
     def __init__(self, rank: int, world_size: int, cause: RayActorError):
         self.what = (f"learner rank {rank} of {world_size} is gone "
-                     f"({(str(cause).strip().splitlines() or [type(cause).__name__])[0]})")
+                     f"({first_line(cause)})")
         super().__init__(f"{self.what}; the stage stopped at its last checkpoint: run the same command again to "
                          "resume it, or set resources.learner.max_restarts to let it restart by itself")
 

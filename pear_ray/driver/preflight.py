@@ -23,6 +23,7 @@ from pear_ray.config import ConfigError, JobConfig, ModelSource
 from pear_ray.data import schema
 from pear_ray.data.io import load_sft_data
 from pear_ray.driver.run import check_bound, finished_stages
+from pear_ray.errors import first_line
 from pear_ray.hub import hub_snapshot
 from pear_ray.models import TinyModelSpec, build_tiny_model, check_model_files
 from pear_ray.objectives.custom import CustomObjective
@@ -110,7 +111,7 @@ def read_model_folder(folder: Path, key: str) -> ModelFacts:
         config = AutoConfig.from_pretrained(folder).get_text_config()
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as error:  # noqa: BLE001 - transformers raises many kinds; the message names the cause
-        raise ConfigError(f"{where}: transformers cannot load it ({type(error).__name__}: {_first_line(error)})") \
+        raise ConfigError(f"{where}: transformers cannot load it ({type(error).__name__}: {first_line(error)})") \
             from None
     vocab_size = getattr(config, "vocab_size", None)
     if vocab_size is not None and len(tokenizer) > vocab_size:
@@ -196,7 +197,3 @@ def check_positions(table, facts: ModelFacts, source: str, spare: int = 0) -> No
         raise ConfigError(f"{source}, row {row + 1}: {lengths[row]} prompt + response tokens, more than the "
                           f"{limit} that {facts.key} takes ({too_long.size} of {len(lengths)} rows are too long); "
                           "lower data.max_prompt_tokens or data.max_response_tokens, which cut them")
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
