@@ -28,6 +28,7 @@ def test_cells_cross_the_grid_with_the_seeds_and_refuse_a_bad_value_up_front():
         cells(load_job("jobs/pear-vs-sft.yaml", ["seeds=[3]", "grid={sft.epochs: [2, 0]}"]))
 
 
+@pytest.mark.slow  # about 1.5 minutes: six short runs; the aggregation math is tested on its own in test_aggregate
 def test_an_experiment_runs_each_seed_on_the_same_eval_prompts_and_aggregates_them(tmp_path):
     job_dir = tmp_path / "experiment"
     output = finish(pear_ray("run", "jobs/pear-vs-sft.yaml", *TINY_EXPERIMENT, "--run-dir", str(job_dir)))

@@ -253,7 +253,8 @@ TEACHER_KILL_POINTS = {  # 20 teacher steps, a checkpoint every 5
 }
 
 
-@pytest.mark.parametrize("kill_point", TEACHER_KILL_POINTS)
+@pytest.mark.parametrize("kill_point", [  # the sweep below kills the teacher after a checkpoint too
+    pytest.param("after a checkpoint", marks=pytest.mark.slow), "writing its second checkpoint"])
 def test_a_run_killed_during_teacher_training_resumes_with_each_step_logged_once(finished, tmp_path, kill_point):
     """SIGKILL of the whole job while the score stage trains its teacher, after a checkpoint or while writing the
     next: the rerun continues from the last whole checkpoint, the rows logged after it go, the cut checkpoint is
