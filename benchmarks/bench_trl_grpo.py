@@ -43,7 +43,8 @@ def ensure_trl(venv: Path, version: str) -> None:
         subprocess.run([str(base), "-m", "venv", str(venv)], check=True)
         packages = next(Path(p) for p in site.getsitepackages() if p.endswith("site-packages"))
         target = next((venv / "lib").glob("python3*/site-packages"))
-        (target / "our_venv.pth").write_text(f"{packages}\n")
+        # addsitedir, not a bare path: the .pth files there (the editable install of pear_ray) must run too
+        (target / "our_venv.pth").write_text(f"import site; site.addsitedir({str(packages)!r})\n")
         subprocess.run([str(python), "-m", "pip", "install", "-q", f"trl=={version}"], check=True)
     os.execv(str(python), [str(python), *sys.argv])
 
