@@ -124,6 +124,7 @@ def token_logprobs_by_transformers(model_dir: Path, table) -> list[float]:
     return out
 
 
+@pytest.mark.slow  # about a minute; frozen targets (test_rollout) and RL's KL reference (test_lost_actors) run alone
 def test_frozen_target_and_reference_model_end_to_end(tmp_path):
     """sft.pear.target_mode frozen trains: models.reference scores the SFT data once, before SFT, into
     data/sft-ref.parquet, and is also RL's KL reference (a different model from the RL start: KL > 0 at step 1)."""
@@ -142,6 +143,7 @@ def test_frozen_target_and_reference_model_end_to_end(tmp_path):
     assert first["kl_ref"] > 1e-3
 
 
+@pytest.mark.slow  # two runs; the default kill test (test_run_folder) also drops a killed attempt's rows
 def test_a_stage_restarted_from_scratch_logs_each_step_once(tmp_path):
     """A run that died in SFT before its first checkpoint trains the variant again from step 1: the rows the
     first attempt logged go, instead of standing twice in metrics.jsonl."""
@@ -155,6 +157,7 @@ def test_a_stage_restarted_from_scratch_logs_each_step_once(tmp_path):
     assert [r["step"] for r in steps(run_dir, "sft")] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # a scoring run for one setting's batches
 def test_the_teacher_trains_on_response_texts_when_given(tmp_path):
     """score.teacher_data: the teacher's SFT batches are the file's responses (worked traces), not the gold
     answers, which are 2-3 tokens here."""

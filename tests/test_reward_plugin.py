@@ -161,6 +161,7 @@ def test_a_task_registered_in_a_test_is_built_and_scored(shout_registered):
 # ---------------------------------------------------------------- a whole job
 
 
+@pytest.mark.slow  # a whole job; the plug-in's loading and scoring are tested above without one
 def test_a_job_scores_with_the_custom_reward_in_every_stage(ray_cluster, tmp_path):
     """score (teacher accuracy), RL and eval all reward through the plug-in: a constant 0.25, which no verifier
     gives, counted correct at correct_threshold 0.25."""

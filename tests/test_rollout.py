@@ -148,6 +148,7 @@ def test_given_data_is_scored_for_the_topk_it_lacks(ray_cluster, tiny_model_dir,
         assert_hf_topk(model, row, 4)
 
 
+@pytest.mark.parametrize("rollout", ["vllm"], indirect=True)  # the rollout actor only makes the data here
 def test_frozen_targets_are_the_students_and_scored_once(ray_cluster, rollout, prompts, tiny_model_dir, tmp_path):
     """Without models.reference, PEAR's frozen target is the student before SFT; the file is written once."""
     job = parse_job({"name": "frozen", "models": {"student": {"path": str(tiny_model_dir)}},
@@ -192,6 +193,7 @@ def test_a_killed_rollout_actor_loses_and_duplicates_nothing(ray_cluster, prompt
     assert pool.stats.resubmitted >= 1
 
 
+@pytest.mark.parametrize("rollout", ["vllm"], indirect=True)  # the pool's streaming, whatever the backend
 def test_streaming_a_parquet_dataset_keeps_order_and_every_row(ray_cluster, rollout, prompts, tmp_path):
     import pyarrow.parquet as pq
 
