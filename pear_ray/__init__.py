@@ -9,18 +9,13 @@ Layout (data flows top to bottom):
   engines/       one process's worth of work, no Ray: vLLM generation/scoring, DeepSpeed learner rank
   actors/        Ray actors around the engines, the rollout pool, the learner group
   cli.py         the `pear-ray` command
+
+The math is re-exported here (`pear_ray.pear_weights`, ...) but imported only when first used: Ray imports this
+package in every worker before giving it its CPUs (runtime.worker_logs_to_files), and torch imported then would
+size its thread pool for the whole machine.
 """
 
-from pear_ray.objectives import (
-    PearDiagnostics,
-    group_advantages,
-    k3_kl,
-    mean_pass_at_k,
-    pass_at_k,
-    pear_loss,
-    pear_weights,
-    policy_loss,
-)
+import importlib
 
 __all__ = [
     "PearDiagnostics",
@@ -32,3 +27,9 @@ __all__ = [
     "pear_weights",
     "policy_loss",
 ]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(importlib.import_module("pear_ray.objectives"), name)
+    raise AttributeError(f"module 'pear_ray' has no attribute {name!r}")

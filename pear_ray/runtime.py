@@ -7,6 +7,7 @@ worker through the job's runtime environment rather than inside actors.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import sys
@@ -50,6 +51,21 @@ def worker_logs_to_files() -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
             os.dup2(file.fileno(), stream.fileno())
+
+
+def use_assigned_cpus() -> int:
+    """Size torch's thread pool to the CPUs Ray gave this actor (at least one thread), and return it. Call it in
+    an actor's constructor, before its engine starts (vLLM's CPU worker forbids changing it afterwards): Ray only
+    sets OMP_NUM_THREADS, which torch has already read if anything imported it earlier in the worker, and then every
+    actor on a 2-core box runs two threads and fights the others for the cores. Outside a Ray worker, a no-op."""
+    import torch
+
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return torch.get_num_threads()
+    threads = max(1, math.floor(context.get_assigned_resources().get("CPU", 1.0)))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def check_reachable(address: str) -> None:

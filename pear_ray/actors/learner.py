@@ -36,6 +36,7 @@ from pear_ray.actors.data_stream import stream_rows
 from pear_ray.config import LearnerResources, RlConfig, SftConfig
 from pear_ray.errors import first_line
 from pear_ray.objectives import ObjectiveConfig
+from pear_ray.runtime import use_assigned_cpus
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class _LearnerRank:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
         self.engine = None
+        use_assigned_cpus()
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's IP and a port free on it now, for MASTER_ADDR / MASTER_PORT (asked of rank 0)."""
@@ -188,7 +190,7 @@ class LearnerGroup:
                 zero_stage=self.resources.zero_stage, bf16=self.resources.bf16,
                 max_tokens_per_micro_batch=self.resources.max_tokens_per_micro_batch,
                 local_rank=0,  # a GPU rank sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES per actor)
-                num_threads=max(1, int(self.resources.num_cpus)), **optimizer,
+                **optimizer,
             )
             _get_all([actor.start.remote(str(model_dir), master_addr, master_port, **engine_kwargs)
                       for actor in self.actors])

@@ -13,12 +13,14 @@ import ray
 from pear_ray.actors.pool import batch_stats
 from pear_ray.data import schema
 from pear_ray.engines.hf_scorer import HfScorer
+from pear_ray.runtime import use_assigned_cpus
 
 
 class ReferenceWorker:
     """Same `score` interface as the rollout service, so either can serve a scoring pool."""
 
     def __init__(self, model_dir: str | Path, *, rows_per_forward: int = 32):
+        use_assigned_cpus()
         self.scorer = HfScorer(model_dir, rows_per_forward=rows_per_forward)
         self.vocab_size = self.scorer.model.config.vocab_size
 

@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
+import torch
 
 from pear_ray import faults
 from pear_ray.actors.pool import batch_stats
 from pear_ray.data import schema
+from pear_ray.runtime import use_assigned_cpus
 
 GENERATED = (schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS, schema.FINISH_REASON, schema.POLICY_VERSION,
              schema.TEACHER_TOPK)
@@ -30,6 +32,7 @@ class RolloutWorker:
 
     def __init__(self, model_dir: str | Path, *, seed: int = 0, backend: str = "vllm",
                  engine_kwargs: dict[str, Any] | None = None):
+        use_assigned_cpus()
         if backend == "transformers":
             from pear_ray.engines.transformers_engine import TransformersEngine as Engine
         else:
@@ -97,7 +100,8 @@ class RolloutWorker:
         return version
 
     def health(self) -> dict[str, Any]:
-        return {**self.engine.health(), "policy_version": self.policy_version}
+        return {**self.engine.health(), "policy_version": self.policy_version,
+                "torch_threads": torch.get_num_threads()}
 
 
 def _row_ids(table: pa.Table) -> list[str]:
