@@ -1,0 +1,28 @@
+"""The typed job config: one YAML file under jobs/, plus dotted overrides from the command line.
+
+Every section forbids unknown keys, so a typo is refused with the key's full dotted path instead of
+being silently ignored. `load_job(path, overrides)` is the only entry point the CLI and the driver use.
+
+  base.py       the section base class and ConfigError
+  models.py     student, behaviour, reference
+  data.py       task, data files, sampling
+  stages.py     score, sft, rl, eval
+  resources.py  rollout, learner, reference actors
+  job.py        the job, and the rules across sections
+  loading.py    YAML + overrides -> JobConfig
+"""
+
+from pear_ray.config.base import ConfigError, Section
+from pear_ray.config.data import DataConfig, SamplingConfig, TaskConfig
+from pear_ray.config.job import JobConfig, Stage
+from pear_ray.config.loading import apply_override, dump_job, load_job, parse_job, set_dotted
+from pear_ray.config.models import ModelsConfig, ModelSource, PriorConfig, ScriptedPolicy
+from pear_ray.config.resources import ActorResources, LearnerResources, ResourcesConfig, RolloutResources
+from pear_ray.config.stages import EvalConfig, RlConfig, ScoreConfig, SftConfig, parse_variant
+
+__all__ = [
+    "ActorResources", "ConfigError", "DataConfig", "EvalConfig", "JobConfig", "LearnerResources", "ModelSource",
+    "ModelsConfig", "PriorConfig", "ResourcesConfig", "RlConfig", "RolloutResources", "SamplingConfig",
+    "ScoreConfig", "ScriptedPolicy", "Section", "SftConfig", "Stage", "TaskConfig", "apply_override", "dump_job",
+    "load_job", "parse_job", "parse_variant", "set_dotted",
+]

@@ -1,0 +1,92 @@
+"""Where the prompts and the SFT data come from, and how responses are sampled."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pear_ray.config.base import Section
+from pear_ray.data.io import DEFAULT_SPLIT, checked_columns
+from pear_ray.plugins import checked_spec
+
+
+class DataConfig(Section):
+    sft: str | None = Field(None, description="SFT data (prompt/response text or ids): Parquet, JSONL, a `datasets` "
+                            "save_to_disk folder or a Hub dataset id")
+    sft_split: str = Field(DEFAULT_SPLIT, min_length=1, description="the split of a `datasets` data.sft")
+    sft_columns: dict[str, str] = Field(default_factory=dict, description="data.sft's columns under the schema's "
+                                        "names, {schema name: its column}, e.g. {prompt: question, response: answer}")
+    eval: str | None = Field(None, description="held-out prompts, Parquet or JSONL; defaults to the task's")
+    max_prompt_tokens: int = Field(256, gt=0)
+    max_response_tokens: int = Field(256, gt=0)
+
+    _checked_columns = field_validator("sft_columns")(checked_columns)
+
+    @model_validator(mode="after")
+    def _mapping_needs_data(self) -> DataConfig:
+        # values, not model_fields_set: a dumped config (config.yaml, an experiment's cell) sets every field
+        if self.sft is None and (self.sft_split != DEFAULT_SPLIT or self.sft_columns):
+            raise ValueError("data.sft_split and data.sft_columns describe data.sft: give it, or drop them")
+        return self
+
+
+class TaskConfig(Section):
+    """A prompt source plus a verifier: a task kind registered in pear_ray/tasks/ (a reasoning-gym dataset, user
+    data checked by exact match/math, addition), optionally scored by the job's own reward function instead."""
+
+    kind: str = Field("reasoning_gym", description="a registered task kind: reasoning_gym, user, addition, ...")
+    name: str = "basic_arithmetic"
+    args: dict[str, Any] = Field(default_factory=dict)
+    path: str | None = Field(None, description="kind user: the prompt + answer data: Parquet, JSONL, a `datasets` "
+                             "save_to_disk folder or a Hub dataset id")
+    split: str = Field(DEFAULT_SPLIT, min_length=1, description="kind user: the split of a `datasets` task.path")
+    columns: dict[str, str] = Field(default_factory=dict, description="kind user: task.path's columns under the "
+                                    "schema's names, e.g. {prompt: question, answer: solution}")
+    verifier: Literal["task", "exact", "math"] = "task"
+    num_train: int = Field(256, gt=0)
+    num_eval: int = Field(64, gt=0)
+    split_seed: int = Field(0, description="fixes the train/eval split and the prompts drawn, whatever job.seed (which "
+                            "varies initialisation, data order and sampling), so seeds are evaluated alike")
+    verifier_timeout_s: float = Field(5.0, gt=0)
+    reward: str | None = Field(None, description="'package.module:function' or 'path/to/file.py:function': "
+                               "reward(response: str, answer: str, metadata: dict) -> float replaces the task's "
+                               "verifier (pear_ray/tasks/build.py)")
+
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, kind: str) -> str:
+        from pear_ray.tasks.registry import KINDS  # lazily: the tasks package builds tasks from this config
+
+        if kind not in KINDS:
+            raise ValueError(f"unknown task kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
+        return kind
+
+    _checked_columns = field_validator("columns")(checked_columns)
+
+    @model_validator(mode="after")
+    def _mapping_needs_user_data(self) -> TaskConfig:
+        if self.kind != "user" and (self.split != DEFAULT_SPLIT or self.columns):
+            raise ValueError(f"task.split and task.columns describe a user task's task.path, not kind {self.kind!r}")
+        return self
+
+    @field_validator("reward")
+    @classmethod
+    def _loadable_reward(cls, spec: str | None) -> str | None:
+        return None if spec is None else checked_spec(spec)
+
+    @property
+    def title(self) -> str:
+        """What a report calls the task: the reasoning-gym dataset, the user file, or `addition`, with its args."""
+        name = {"reasoning_gym": self.name, "user": self.path or self.name}.get(self.kind, self.kind)
+        return f"{name} {self.args}" if self.args else name
+
+
+class SamplingConfig(Section):
+    """How the behaviour model writing SFT data and the RL rollouts sample. Each sample's recorded log-probs are of
+    that distribution (logits / temperature over the top-p nucleus); the RL learner scores logits / temperature, so
+    with top_p < 1 the truncated importance weight (rl.tis_cap) also corrects for the nucleus."""
+
+    temperature: float = Field(1.0, gt=0, description="> 0: greedy decoding has no distribution to record")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(64, gt=0)

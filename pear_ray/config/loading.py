@@ -1,0 +1,80 @@
+"""A job file plus dotted overrides, read into a JobConfig; errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pear_ray.config.base import ConfigError
+from pear_ray.config.job import JobConfig
+from pear_ray.objectives import Grpo
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML so `3`, `true`, `[1, 8]` get types."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({error.problem})") from None
+    set_dotted(tree, key, value)
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, creating sections on the way."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {'.'.join(parents[: depth + 1])!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid job config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden" and item["loc"][:1] == ("rl",) and item["loc"][-1] in Grpo.model_fields:
+            lines.append(f"  {key}: the RL loss's settings are under rl.objective now: rl.objective.{item['loc'][-1]}")
+        elif item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; see the section's fields in pear_ray/config.py)")
+        elif not item["loc"]:  # a check across sections: the input is the whole job, not worth repeating
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_job(tree: dict[str, Any], source: str = "<dict>") -> JobConfig:
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Read a job YAML, apply `dotted.key=value` overrides in order, and validate the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"job file {path} is not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"job file {path} must hold a mapping at the top level, not {type(tree).__name__}")
+    for override in overrides:
+        apply_override(tree, override)
+    return parse_job(tree, str(path))
+
+
+def dump_job(job: JobConfig, path: str | Path) -> None:
+    """Write the resolved config next to a run's outputs, so a run folder says how it was made."""
+    Path(path).write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
