@@ -40,7 +40,7 @@ def checked_spec(spec: str) -> str:
     return spec
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_callable(spec: str) -> Callable:
     """The function a spec names (see the module docstring)."""
     where, name = split_spec(spec)

@@ -9,14 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from test_learner import OPTIMIZER, make_batch
 
 from pear_ray.actors import data_stream
-from pear_ray.actors.learner import LearnerGroup, _LearnerRank
+from pear_ray.actors.learner import STREAMED, LearnerGroup, _LearnerRank
 from pear_ray.config import LearnerResources
 from pear_ray.data.rows import read_rows, regroup
 from pear_ray.objectives import PearSft
 from pear_ray.stages.sft import batch_plan
-from test_learner import OPTIMIZER, make_batch
 
 NUM_ROWS, BATCH_SIZE, EPOCHS, SEED = 19, 6, 2, 3  # per epoch 6, 6, 6, 1; over 2 ranks the 1 joins the 6 before
 
@@ -75,7 +75,7 @@ def test_training_on_the_stream_equals_training_on_whole_batches(ray_cluster, ti
                 losses = [group.step(ray.put(whole.take(batch)), objective)["loss"] for batch in plan]
             else:
                 group.stream(data_file, plan)
-                losses = [group.streamed_step(objective)["loss"] for _ in plan]
+                losses = [group.step(STREAMED, objective)["loss"] for _ in plan]
             results[path] = losses, group.parameter_checksums()
         finally:
             group.shutdown()

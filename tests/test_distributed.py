@@ -27,14 +27,14 @@ def flat(column) -> np.ndarray:
 @pytest.mark.parametrize(("rollout_actors", "learner_ranks"), [(2, 1), (1, 2)])
 def test_generate_train_sync_roundtrip(ray_cluster, tmp_path_factory, rollout_actors, learner_ranks):
     job = load_job(SMOKE, [f"resources.rollout.num_actors={rollout_actors}",
-                           f"resources.learner.num_ranks={learner_ranks}", "sft.lr=0.01"])
+                           f"resources.learner.num_ranks={learner_ranks}", "sft.optimizer.lr=0.01"])
     student = resolve_model(job.models.student, tmp_path_factory.mktemp("student"))
     tokenizer = AutoTokenizer.from_pretrained(student)
     questions = [f"Calculate {a} + {b}." for a in range(4) for b in range(2)]
     prompts = pa.table({"id": [str(i) for i in range(len(questions))],
                         "prompt_ids": [encode_prompt(tokenizer, q) for q in questions]})
     pool = rollout_pool(student, job.resources.rollout, seed=job.seed)
-    learner = LearnerGroup.for_sft(student, job.resources.learner, job.sft, total_steps=4, seed=job.seed)
+    learner = LearnerGroup(student, job.resources.learner, **job.sft.optimizer.model_dump(), total_steps=4, seed=job.seed)
     try:
         halves = [ray.put(prompts.slice(0, 4)), ray.put(prompts.slice(4))]
         results = {index: ref for index, ref, _ in pool.map("generate", halves, n=2, seed=0, max_tokens=8)}
@@ -77,7 +77,8 @@ def test_rl_log_probs_are_at_the_sampling_temperature(ray_cluster, tmp_path_fact
     tokenizer = AutoTokenizer.from_pretrained(student)
     prompts = pa.table({"prompt_ids": [encode_prompt(tokenizer, f"Calculate {a} * 3.") for a in range(4)]})
     pool = rollout_pool(student, job.resources.rollout, seed=job.seed)
-    learner = LearnerGroup.for_rl(student, job.resources.learner, job.rl, temperature=temperature, seed=job.seed)
+    learner = LearnerGroup(student, job.resources.learner, **job.rl.optimizer.model_dump(), temperature=temperature,
+                           seed=job.seed)
     reference = reference_actor(student, job.resources.reference)
     try:
         [(_, generated, _)] = pool.map("generate", [ray.put(prompts)], n=2, seed=0, max_tokens=8,

@@ -18,12 +18,12 @@ TINY_EXPERIMENT = [  # pear-vs-sft made tiny: no RL, a short prior, a handful of
 
 
 def test_cells_cross_the_grid_with_the_seeds_and_refuse_a_bad_value_up_front():
-    job = load_job("jobs/pear-vs-sft.yaml", ["seeds=[3,4]", "grid={sft.epochs: [1, 12], rl.lr: [0.001]}"])
+    job = load_job("jobs/pear-vs-sft.yaml", ["seeds=[3,4]", "grid={sft.epochs: [1, 12], rl.optimizer.lr: [0.001]}"])
     planned = cells(job)
     assert [folder for _, folder, _ in planned] == [
-        "sft.epochs=1,rl.lr=0.001/seed3", "sft.epochs=1,rl.lr=0.001/seed4",
-        "sft.epochs=12,rl.lr=0.001/seed3", "sft.epochs=12,rl.lr=0.001/seed4"]
-    assert [(c.seed, c.sft.epochs, c.rl.lr, c.seeds, c.grid) for _, _, c in planned][1] == (4, 1, 0.001, [], {})
+        "sft.epochs=1,rl.optimizer.lr=0.001/seed3", "sft.epochs=1,rl.optimizer.lr=0.001/seed4",
+        "sft.epochs=12,rl.optimizer.lr=0.001/seed3", "sft.epochs=12,rl.optimizer.lr=0.001/seed4"]
+    assert [(c.seed, c.sft.epochs, c.rl.optimizer.lr, c.seeds, c.grid) for _, _, c in planned][1] == (4, 1, 0.001, [], {})
     with pytest.raises(ConfigError, match="(?s)cell sft.epochs=0/seed3.*sft.epochs"):
         cells(load_job("jobs/pear-vs-sft.yaml", ["seeds=[3]", "grid={sft.epochs: [2, 0]}"]))
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from pear_ray.config import RlConfig, parse_job
 from pear_ray.stages import rl as rl_stage
+from pear_ray.stages import rl_batch
 from pear_ray.stages.common import Run
 from pear_ray.tracking import MetricsLogger, read_metrics
 
@@ -25,7 +26,8 @@ def run_rl(run_dir: Path, model: Path, resume: bool = False, **rl) -> tuple[list
         "name": "rl", "loggers": [], "models": {"student": {"path": str(model)}},
         "task": {"kind": "addition", "num_train": 16, "num_eval": 2, "reward": f"{REWARD}:length_reward"},
         "sampling": {"temperature": 1.0, "max_tokens": 8},
-        "rl": {"steps": 3, "prompts_per_step": 2, "group_size": 4, "lr": 1e-3, "save_rollouts": True, **rl},
+        "rl": {"steps": 3, "prompts_per_step": 2, "group_size": 4, "optimizer": {"lr": 1e-3}, "save_rollouts": True,
+               **rl},
         "resources": {"rollout": {"num_actors": 1, "num_cpus": 0.5}, "learner": {"num_ranks": 1, "num_cpus": 0.5}},
     })
     with MetricsLogger(run_dir, resume=resume, loggers=()) as metrics:
@@ -57,17 +59,17 @@ def test_each_steps_policy_version_depends_on_the_step_alone(k, every):
     for start in range(0, 12, every):  # from scratch, and resumed at every checkpoint
         version, queued = {}, start
         for step in range(start, 12):
-            for t in range(queued, rl_stage.generation_horizon(step, rl) + 1):
+            for t in range(queued, rl_batch.generation_horizon(step, rl) + 1):
                 version[t] = step
-            queued = max(queued, rl_stage.generation_horizon(step, rl) + 1)
+            queued = max(queued, rl_batch.generation_horizon(step, rl) + 1)
         assert version == {t: max(t - k, t // every * every) for t in range(start, 12)}
 
 
 def test_first_groups_keeps_the_first_informative_groups_in_order():
     groups = np.array([0, 0, 1, 1, 2, 2, 3, 3, 7, 7])
     keep = np.array([1, 1, 0, 0, 1, 1, 1, 1, 1, 1], bool)
-    assert rl_stage.first_groups(groups, keep, 2).tolist() == [1, 1, 0, 0, 1, 1, 0, 0, 0, 0]
-    assert rl_stage.first_groups(groups, keep, 9).tolist() == keep.tolist()
+    assert rl_batch.first_groups(groups, keep, 2).tolist() == [1, 1, 0, 0, 1, 1, 0, 0, 0, 0]
+    assert rl_batch.first_groups(groups, keep, 9).tolist() == keep.tolist()
 
 
 def test_rollouts_ahead_stay_within_the_staleness_bound_and_fill_the_batch(synchronous, tiny_model_dir, tmp_path):
@@ -115,17 +117,17 @@ def test_resuming_mid_rl_ahead_ends_with_the_same_steps_and_samples(ray_cluster,
     the uninterrupted run's samples (same policy versions), losses and weights."""
     settings = {"steps": 5, "max_staleness": 2, "checkpoint_every": 2}
     full_rows, full_weights = run_rl(tmp_path / "full", tiny_model_dir, **settings)
-    batch = rl_stage.Generation.batch
+    batch = rl_stage.RolloutBatches.batch
 
     def dies_in_step_4(self, step, *args, **kwargs):
         if step == 3:
             raise RuntimeError("killed")
         return batch(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(rl_stage.Generation, "batch", dies_in_step_4)
+    monkeypatch.setattr(rl_stage.RolloutBatches, "batch", dies_in_step_4)
     with pytest.raises(RuntimeError, match="killed"):
         run_rl(tmp_path / "resumed", tiny_model_dir, **settings)
-    monkeypatch.setattr(rl_stage.Generation, "batch", batch)
+    monkeypatch.setattr(rl_stage.RolloutBatches, "batch", batch)
     resumed_rows, resumed_weights = run_rl(tmp_path / "resumed", tiny_model_dir, resume=True, **settings)
     assert [r["step"] for r in resumed_rows] == [r["step"] for r in full_rows] == [1, 2, 3, 4, 5]
     for step in range(1, 6):
@@ -140,14 +142,14 @@ def test_samples_from_a_replacement_actors_start_weights_are_counted_and_regener
                                                                                       tmp_path, monkeypatch):
     """The rollout actor killed while step 3's batch is generated: the pool re-runs it on a new actor, which
     holds the start weights (version 0); the stage counts those samples, syncs and generates the batch again."""
-    batch = rl_stage.Generation.batch
+    generated = rl_stage.RolloutBatches.generated
 
     def kills_the_actor_in_step_3(self, step, *args, **kwargs):
         if step == 2:
             ray.kill(self.pool.actors[0])
-        return batch(self, step, *args, **kwargs)
+        return generated(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(rl_stage.Generation, "batch", kills_the_actor_in_step_3)
+    monkeypatch.setattr(rl_stage.RolloutBatches, "generated", kills_the_actor_in_step_3)
     rows, _ = run_rl(tmp_path, tiny_model_dir, steps=3, drop_constant_groups=False)
     assert [r["stale_regenerated"] for r in rows] == [0, 0, 8] and rows[2]["rollout_actors_lost"] == 1
     assert all(r["staleness_max"] == 0 for r in rows)

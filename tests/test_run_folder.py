@@ -16,6 +16,7 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from test_job import ROOT, SMALL, finish, pear_ray, steps, stop_group
 
 from pear_ray import faults
 from pear_ray.atomic import partial_name
@@ -24,7 +25,6 @@ from pear_ray.driver import experiment
 from pear_ray.driver.run import RunState, binding
 from pear_ray.engines.checkpoints import MANIFEST
 from pear_ray.tracking import read_metrics
-from test_job import ROOT, SMALL, finish, pear_ray, steps, stop_group
 
 JOB = [str(ROOT / "jobs" / "smoke.yaml"), *SMALL, "stages=[score,sft]"]
 FILES = ("config.yaml", "report.md", "state.json", "metrics.jsonl")
@@ -50,10 +50,10 @@ def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
 
 def test_a_rerun_with_other_settings_is_refused_and_changes_nothing(run_dir):
     before = snapshot(run_dir)
-    process = pear_ray("run", *JOB, "sft.lr=0.5", "task.name=letter_counting", "--run-dir", str(run_dir))
+    process = pear_ray("run", *JOB, "sft.optimizer.lr=0.5", "task.name=letter_counting", "--run-dir", str(run_dir))
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 2, output
-    assert "sft.lr: 0.0001 -> 0.5" in output
+    assert "sft.optimizer.lr: 0.0001 -> 0.5" in output
     assert 'task.name: "basic_arithmetic" -> "letter_counting"' in output
     assert "--fresh" in output and "Traceback" not in output
     assert "Ray" not in output  # refused before Ray started
@@ -73,12 +73,12 @@ def test_settings_that_do_not_change_results_may_differ_and_a_stage_added_resume
 @pytest.mark.slow  # about 40 s: a stage runs again
 def test_fresh_moves_the_old_folder_aside_and_starts_anew(run_dir):
     before = snapshot(run_dir)
-    output = finish(pear_ray("run", *JOB, "sft.lr=0.5", "stages=[score]", "--fresh", "--run-dir", str(run_dir)))
+    output = finish(pear_ray("run", *JOB, "sft.optimizer.lr=0.5", "stages=[score]", "--fresh", "--run-dir", str(run_dir)))
     [aside] = [path for path in run_dir.parent.iterdir() if path.name.startswith("run-")]
     assert str(aside) in output
     assert snapshot(aside) == before  # the old run, whole
     state = json.loads((run_dir / "state.json").read_text())
-    assert set(state["done"]) == {"score"} and state["config"]["sft"]["lr"] == 0.5
+    assert set(state["done"]) == {"score"} and state["config"]["sft"]["optimizer"]["lr"] == 0.5
     assert not (run_dir / "models" / "sft-token").exists()
 
 
@@ -109,8 +109,8 @@ def test_an_older_state_file_is_read_leniently_and_then_bound(tmp_path, monkeypa
     assert state.resolve(state.done["score"]) == Path("runs/old/data/sft.parquet")
     assert state.resolve(state.done["sft/token"]) == absolute
     assert json.loads((run_dir / "state.json").read_text())["config"] == binding(job)
-    with pytest.raises(ConfigError, match="sft.lr: 0.0001 -> 0.5"):
-        RunState(run_dir, load_job(ROOT / "jobs" / "smoke.yaml", ["sft.lr=0.5"]))
+    with pytest.raises(ConfigError, match="sft.optimizer.lr: 0.0001 -> 0.5"):
+        RunState(run_dir, load_job(ROOT / "jobs" / "smoke.yaml", ["sft.optimizer.lr=0.5"]))
 
 
 def test_every_cell_of_an_experiment_is_checked_before_any_runs(tmp_path, monkeypatch):

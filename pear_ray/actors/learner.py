@@ -11,8 +11,8 @@ contiguous shard. Split: with n rows over W ranks, rank r gets rows [r*q + min(r
 q, m = divmod(n, W): the first m ranks take one row more (numpy's array_split). A step needs n >= W x the objective's
 minibatches; `logprobs` accepts any n. The objective travels with every step as itself (a typed config), and the
 ranks sum the loss's divisor among themselves, so no metadata travels with the ref. SFT streams instead (`stream`,
-`streamed_step`): each rank reads its shard of every step, by the same split, straight from the Parquet file through
-Ray Data (actors/data_stream.py).
+then `step(STREAMED, ...)`): each rank reads its shard of every step, by the same split, straight from the Parquet
+file through Ray Data (actors/data_stream.py).
 
 Bulk results stay in the object store: `logprobs` returns an ObjectRef of the concatenated column and `weights_ref`
 the ObjectRef of rank 0's full state dict, for the driver to hand to other actors without fetching them.
@@ -33,7 +33,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pear_ray.actors.data_stream import stream_rows
-from pear_ray.config import LearnerResources, RlConfig, SftConfig
+from pear_ray.config import LearnerResources
 from pear_ray.errors import first_line
 from pear_ray.objectives import ObjectiveConfig
 from pear_ray.runtime import use_assigned_cpus
@@ -112,6 +112,9 @@ class _LearnerRank:
 LearnerRank = ray.remote(_LearnerRank)
 
 
+STREAMED = "streamed"  # a step's batch that is the next one every rank streams (LearnerGroup.stream)
+
+
 def _as_ref(batch: ray.ObjectRef | pa.Table | pa.RecordBatch) -> ray.ObjectRef:
     """The driver should pass refs; a table is put once here (a convenience for tests and small scripts)."""
     return batch if isinstance(batch, ray.ObjectRef) else ray.put(batch)
@@ -155,9 +158,9 @@ def _get_all(refs: list[ray.ObjectRef], first_rank: int = 0) -> list:
 class LearnerGroup:
     """M learner ranks in one placement group, used like one learner.
 
-    Optimizer settings are the group's (one AdamW and one LR schedule per group: SFT and RL build their own
-    groups, see `for_sft` / `for_rl`); the objective comes with every step. `temperature` is the rollouts' sampling
-    temperature, at which on-policy objectives and `logprobs` see the policy (DeepSpeedLearner).
+    Optimizer settings are the group's (one AdamW and one LR schedule per group: every training builds its own, see
+    stages/loop.py); the objective comes with every step. `temperature` is the rollouts' sampling temperature, at
+    which on-policy objectives and `logprobs` see the policy (DeepSpeedLearner).
     """
 
     def __init__(self, model_dir: str | Path, resources: LearnerResources | None = None, *,
@@ -201,20 +204,6 @@ class LearnerGroup:
         log.info("learner group up: %d rank(s), ZeRO-%d, rendezvous %s:%d", self.world_size,
                  self.resources.zero_stage, master_addr, master_port)
 
-    @classmethod
-    def for_sft(cls, model_dir: str | Path, resources: LearnerResources, sft: SftConfig, *, total_steps: int,
-                seed: int = 0, **kwargs: Any) -> LearnerGroup:
-        return cls(model_dir, resources, lr=sft.lr, weight_decay=sft.weight_decay, grad_clip=sft.grad_clip,
-                   warmup_steps=sft.warmup_steps, total_steps=total_steps, lr_schedule=sft.lr_schedule, seed=seed,
-                   **kwargs)
-
-    @classmethod
-    def for_rl(cls, model_dir: str | Path, resources: LearnerResources, rl: RlConfig, *, temperature: float,
-               seed: int = 0, **kwargs: Any) -> LearnerGroup:
-        """`temperature`: the rollouts' (job.sampling.temperature)."""
-        return cls(model_dir, resources, lr=rl.lr, grad_clip=rl.grad_clip, lr_schedule="constant", seed=seed,
-                   temperature=temperature, **kwargs)
-
     def _live_actors(self) -> list:
         if not self.actors:
             raise RuntimeError("the learner group is shut down")
@@ -225,20 +214,18 @@ class LearnerGroup:
 
     # ------------------------------------------------------------------ training
 
-    def step(self, batch_ref: ray.ObjectRef, objective: ObjectiveConfig) -> dict:
-        """One step of `objective` on the whole batch (its minibatches x epochs updates); returns the global-batch
-        loss, grad norm, lr and the objective's figures."""
-        return self._all("step", _as_ref(batch_ref), objective)[0]
+    def step(self, batch: ray.ObjectRef | str, objective: ObjectiveConfig) -> dict:
+        """One step of `objective` on the whole batch (its minibatches x epochs updates), or with STREAMED on the
+        next batch `stream` opened; returns the global-batch loss, grad norm, lr and the objective's figures."""
+        if isinstance(batch, str) and batch == STREAMED:
+            return self._all("streamed_step", objective)[0]
+        return self._all("step", _as_ref(batch), objective)[0]
 
     def stream(self, path: str | Path, batches: list[np.ndarray]) -> None:
         """Have every rank stream its shard of each batch (row indices into the Parquet file at `path`, one array
-        per step to come, in step order) through Ray Data, for `streamed_step`: the rows go from the file to the
+        per step to come, in step order) through Ray Data, for `step(STREAMED, ...)`: the rows go from the file to the
         ranks, not through the driver nor through one object holding the file."""
         self._all("open_stream", str(path), ray.put(batches))
-
-    def streamed_step(self, objective: ObjectiveConfig) -> dict:
-        """`step` on the next streamed batch."""
-        return self._all("streamed_step", objective)[0]
 
     def logprobs(self, batch_ref: ray.ObjectRef) -> ray.ObjectRef:
         """ObjectRef of the batch's per-response-token log-probs (list<float32>, one per row, in row order), at
@@ -283,9 +270,6 @@ class LearnerGroup:
     def optimizer_steps(self) -> int:
         """Optimizer updates applied so far."""
         return ray.get(self._live_actors()[0].call.remote("optimizer_steps"))
-
-    def current_lr(self) -> float:
-        return self._all("call", "current_lr")[0]
 
     def shutdown(self) -> None:
         """Kill the ranks and free the placement group. Safe to call twice."""

@@ -10,7 +10,6 @@ from pydantic import ValidationError
 
 from pear_ray.config.base import ConfigError
 from pear_ray.config.job import JobConfig
-from pear_ray.objectives import Grpo
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:
@@ -41,9 +40,7 @@ def _describe(error: ValidationError, source: str) -> str:
     lines = [f"invalid job config {source}:"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden" and item["loc"][:1] == ("rl",) and item["loc"][-1] in Grpo.model_fields:
-            lines.append(f"  {key}: the RL loss's settings are under rl.objective now: rl.objective.{item['loc'][-1]}")
-        elif item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check the spelling; see the section's fields in pear_ray/config.py)")
         elif not item["loc"]:  # a check across sections: the input is the whole job, not worth repeating
             lines.append(f"  {item['msg'].removeprefix('Value error, ')}")

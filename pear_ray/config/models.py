@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pear_ray.config.base import Section
+from pear_ray.config.optimizer import PriorOptimizer
 from pear_ray.models.tiny import TinyModelSpec
 
 
@@ -24,7 +25,7 @@ class PriorConfig(Section):
 
     policy: ScriptedPolicy
     steps: int = Field(gt=0)
-    lr: float = Field(3e-3, gt=0)
+    optimizer: PriorOptimizer = Field(default_factory=PriorOptimizer, description="the prior's AdamW and schedule")
     batch_size: int = Field(32, gt=0)
     num_prompts: int = Field(2048, gt=0)
 

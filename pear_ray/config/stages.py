@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from pear_ray.config.base import Section
+from pear_ray.config.optimizer import RlOptimizer, SftOptimizer, TeacherOptimizer
 from pear_ray.objectives import PEAR_LEVELS, Grpo, PearSft, RlObjective
 
 VARIANT_MODIFIERS = ("distill", "opd")
@@ -22,7 +23,8 @@ class ScoreConfig(Section):
     samples_per_prompt: int = Field(1, ge=1)
     keep: Literal["all", "correct"] = "all"
     teacher_sft_steps: int = Field(0, ge=0)
-    teacher_lr: float = Field(1e-3, gt=0)
+    teacher_optimizer: TeacherOptimizer = Field(default_factory=TeacherOptimizer, description="the teacher's "
+                                                "brief SFT (teacher_sft_steps steps of sft.batch_size rows)")
     teacher_data: str | None = Field(None, description="what the teacher is trained on: a Parquet/JSONL file of "
                                      "prompt + response texts (e.g. worked traces); default the task's gold answers")
     teacher_topk: int = Field(0, ge=0, description="> 0: data/sft.parquet also carries the behaviour model's k most "
@@ -48,11 +50,7 @@ class SftConfig(Section):
     variants: list[str] = Field(default_factory=list, description="labels level[+distill][+opd], see parse_variant")
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, gt=0)
-    lr: float = Field(1e-5, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    grad_clip: float = Field(1.0, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    optimizer: SftOptimizer = Field(default_factory=SftOptimizer, description="every variant's AdamW and schedule")
     checkpoint_every: int = Field(50, gt=0)
 
     @field_validator("variants")
@@ -67,13 +65,12 @@ class RlConfig(Section):
     steps: int = Field(10, ge=1)
     prompts_per_step: int = Field(8, gt=0)
     group_size: int = Field(8, ge=2)
-    lr: float = Field(1e-6, gt=0)
+    optimizer: RlOptimizer = Field(default_factory=RlOptimizer, description="the RL learner's AdamW and schedule")
     objective: RlObjective = Field(default_factory=Grpo, description="grpo (default), on_policy_distill or a "
                                    "custom plug-in (kind: custom, function: module:function)")
     normalize_std: bool = Field(True, description="group advantages divided by the group's reward std (GRPO)")
     drop_constant_groups: bool = Field(True, description="drop groups whose rewards are all equal (no signal), "
                                        "when the objective reads the advantage")
-    grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(5, gt=0)
     max_staleness: int = Field(0, ge=0, description="k: the rollout actors generate the next k steps' samples "
                                "while the learner trains, with weights at most k updates old (the truncated "

@@ -28,7 +28,7 @@ from pear_ray.runtime import init_ray
 from pear_ray.stages.common import Run
 from pear_ray.stages.score import run_score
 from pear_ray.tracking import MetricsLogger
-from pear_ray.tracking.plots import PLOTS_DIR, _save, _subplots
+from pear_ray.tracking.plots import PLOTS_DIR, save_figure, subplots
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def plot_inspect(figures: dict, path: Path) -> Path:
     """Per level: the weight histogram (top) and the mean weight by position in the response (bottom), for all
     tokens and per source."""
     levels = list(figures["levels"])
-    fig, axes = _subplots(2, len(levels), (4.8 * len(levels), 7.6))
+    fig, axes = subplots(2, len(levels), (4.8 * len(levels), 7.6))
     floor, ceiling = np.exp(figures["settings"]["log_weight_clip"])
     for column, level in enumerate(levels):
         data = figures["levels"][level]
@@ -213,7 +213,7 @@ def plot_inspect(figures: dict, path: Path) -> Path:
     settings = figures["settings"]
     fig.suptitle(f"PEAR weights of the SFT data under the student before training ({figures['rows']} rows; "
                  f"gamma {settings['gamma']}, block {settings['block_size']})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _all_style(name: str) -> dict:
@@ -233,8 +233,7 @@ def scored_data(job: JobConfig, run_dir: Path) -> tuple[Path, Path]:
     state = RunState(run_dir, job)
     student = resolve_model(job.models.student, run_dir / "models" / "student")
     if "score" in state.done and (job.models.student.prior is None or "prior" in state.done):
-        return (state.resolve(state.done["prior"]) if "prior" in state.done else student,
-                state.resolve(state.done["score"]))
+        return state.output_of("prior") if "prior" in state.done else student, state.output_of("score")
     init_ray(log_dir=run_dir / "logs", use_gpu=job.uses_gpu)
     with MetricsLogger(run_dir, resume=True, loggers=job.loggers, run_name=job.name,
                        config=job.model_dump(mode="json")) as metrics:

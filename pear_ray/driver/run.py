@@ -36,8 +36,9 @@ from pear_ray.models import resolve_model
 from pear_ray.runtime import init_ray
 from pear_ray.stages.common import Run
 from pear_ray.stages.evaluate import run_eval
+from pear_ray.stages.prior import train_prior
 from pear_ray.stages.rl import run_rl
-from pear_ray.stages.score import run_score, train_prior
+from pear_ray.stages.score import run_score
 from pear_ray.stages.sft import run_sft
 from pear_ray.tracking import MetricsLogger, read_metrics, results_from_metrics, write_report
 
@@ -62,9 +63,11 @@ def fingerprint(config: dict) -> str:
 def check_bound(job: JobConfig, run_dir: Path) -> None:
     """Refuse a job whose results would differ from those already in `run_dir` (ConfigError naming each change)."""
     path = run_dir / STATE_FILE
-    recorded = json.loads(path.read_text()).get("config") if path.is_file() else None
-    if recorded is None or fingerprint(recorded) == fingerprint(binding(job)):
-        return  # a new folder, or one from before folders were bound: nothing to compare with
+    if not path.is_file():
+        return  # a new folder: nothing to compare with
+    recorded = json.loads(path.read_text())["config"]
+    if fingerprint(recorded) == fingerprint(binding(job)):
+        return
     old, new = _flatten(recorded), _flatten(binding(job))
     unset = "(unset)"
     changes = [f"  {key}: {json.dumps(old.get(key, unset))} -> {json.dumps(new.get(key, unset))}"
@@ -114,7 +117,7 @@ class RunState:
         self.max_restarts = job.resources.learner.max_restarts
         self.done = finished_stages(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._save()  # bound from the start: a run killed before its first stage has partial outputs too
+        self.save()  # bound from the start: a run killed before its first stage has partial outputs too
 
     def once(self, key: str, stage: Callable[[], Path | dict]) -> str:
         """Run `stage` unless it finished before; record its output."""
@@ -124,7 +127,7 @@ class RunState:
         log.info("%s: starting", key)
         result = self._with_restarts(key, stage)
         self.done[key] = os.path.relpath(result, self.dir) if isinstance(result, Path) else str(result)
-        self._save()
+        self.save()
         return self.done[key]
 
     def _with_restarts(self, key: str, stage: Callable[[], Path | dict]) -> Path | dict:
@@ -143,17 +146,14 @@ class RunState:
 
     def output(self, key: str, stage: Callable[[], Path]) -> Path:
         """`once` for a stage that writes a file or folder: where it is."""
-        return self.resolve(self.once(key, stage))
+        self.once(key, stage)
+        return self.output_of(key)
 
-    def resolve(self, recorded: str) -> Path:
-        """A recorded path; older state files hold paths relative to the directory the run was started from."""
-        path = Path(recorded)
-        if path.is_absolute():
-            return path
-        inside = self.dir / path
-        return path if path.exists() and not inside.exists() else inside
+    def output_of(self, key: str) -> Path:
+        """Where a finished stage's file or folder is (recorded relative to the run folder)."""
+        return self.dir / self.done[key]
 
-    def _save(self) -> None:
+    def save(self) -> None:
         atomic.write_text(self.path, json.dumps({"fingerprint": fingerprint(self.config), "config": self.config,
                                                  "done": self.done}, indent=1))
 

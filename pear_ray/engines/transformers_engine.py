@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from pear_ray.engines.vllm_engine import EngineError, Sample, TopK, check_model_dir
 
-
 NOISE_FLOATS = 2**22  # sampling noise drawn ahead per call, at most (16 MiB)
 
 

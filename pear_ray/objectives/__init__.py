@@ -1,12 +1,13 @@
 """The training objectives as pure torch functions and typed configs (no Ray): PEAR-weighted SFT over the NLL or a
 top-k distillation loss, the GRPO family, on-policy distillation, plug-ins by import path, and pass@k.
 
-`Objective` is the tagged union the learner's `step(batch, objective)` takes (objectives/base.py says how).
+The learner's `step(batch, objective)` takes any ObjectiveConfig (objectives/base.py says how); `RlObjective` is the
+tagged union rl.objective accepts.
 """
 
-from typing import Annotated, Union
+from typing import Annotated
 
-from pydantic import Discriminator, Field, Tag
+from pydantic import Discriminator, Tag
 
 from pear_ray.objectives.base import LossTerms, ObjectiveConfig, ObjectiveInputs
 from pear_ray.objectives.custom import CustomObjective
@@ -35,16 +36,13 @@ from pear_ray.objectives.pear import (
     token_logprobs,
 )
 
-Objective = Annotated[Union[PearSft, Grpo, OnPolicyDistill, CustomObjective], Field(discriminator="kind")]
-
 
 def _rl_kind(value) -> str:
     """An RL objective without a `kind` is GRPO, so `rl.objective.kl_coef=0.1` alone works as an override."""
     return value.get("kind", "grpo") if isinstance(value, dict) else value.kind
 
 
-RlObjective = Annotated[Union[Annotated[Grpo, Tag("grpo")], Annotated[OnPolicyDistill, Tag("on_policy_distill")],
-                              Annotated[CustomObjective, Tag("custom")]], Discriminator(_rl_kind)]
+RlObjective = Annotated[Annotated[Grpo, Tag("grpo")] | Annotated[OnPolicyDistill, Tag("on_policy_distill")] | Annotated[CustomObjective, Tag("custom")], Discriminator(_rl_kind)]
 
 __all__ = [
     "AGGREGATIONS",
@@ -55,7 +53,6 @@ __all__ = [
     "CustomObjective",
     "Grpo",
     "LossTerms",
-    "Objective",
     "ObjectiveConfig",
     "ObjectiveInputs",
     "OnPolicyDistill",

@@ -10,8 +10,6 @@ With `score.teacher_topk` = k > 0 the data also carries `teacher_topk`, the beha
 tokens at every response token, in every case: recorded as it samples or scores, exact for the scripted policy, and
 for given data with behaviour log-probs but no top-k, scored by the behaviour model for the top-k alone. Columns the
 data already has are used as they are.
-
-A tiny student with a `prior` is trained here too (`train_prior`), before any stage uses it.
 """
 
 from __future__ import annotations
@@ -21,17 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import ray
 from tqdm import tqdm
 
-from pear_ray.actors.learner import LearnerGroup
 from pear_ray.actors.roles import rollout_pool
 from pear_ray.actors.streaming import stream_parquet
-from pear_ray.config import SftConfig
 from pear_ray.data import schema
-from pear_ray.data.io import encode_response, load_sft_data, write_table
-from pear_ray.objectives import PearSft
-from pear_ray.stages.common import Run, correct_mask, is_exported, prompt_table, resume, rollouts, with_rewards
+from pear_ray.data.io import load_sft_data, write_table
+from pear_ray.stages.common import Run, correct_mask, prompt_table, rollouts, with_rewards
+from pear_ray.stages.teacher import train_teacher
 from pear_ray.tasks.addition import TRACE, scripted_rows
 
 log = logging.getLogger(__name__)
@@ -123,60 +118,3 @@ def scripted_writes_data(run: Run, target: Path) -> Path:
     log.info("scripted policy %s wrote %d rows (%.0f%% traces)", policy.name, data.num_rows, 100 * trace_fraction)
     write_table(data, target)
     return target
-
-
-def train_teacher(run: Run, base: Path) -> Path:
-    """A brief canonical SFT of the behaviour model on the task's gold answers, or on the response texts of
-    `score.teacher_data` (traces in a style of their own), so the data it writes is competent and off the
-    student's distribution (as a stronger teacher's would be)."""
-    out = run.teacher_dir
-    if is_exported(out):
-        return out
-    job = run.job
-    if job.score.teacher_data is not None:
-        rows = load_sft_data(job.score.teacher_data, run.tokenizer, max_prompt_tokens=job.data.max_prompt_tokens,
-                             max_response_tokens=job.data.max_response_tokens)
-    else:
-        prompts = prompt_table(run, "train")
-        rows = schema.append_column(prompts, schema.RESPONSE_IDS, [
-            encode_response(run.tokenizer, answer) for answer in prompts.column(schema.ANSWER).to_pylist()])
-    return canonical_sft(run, base, rows, out, steps=job.score.teacher_sft_steps, lr=job.score.teacher_lr,
-                         batch_size=job.sft.batch_size, seed=job.seed + 1, stage="teacher_sft")
-
-
-def train_prior(run: Run, base: Path, out: Path | None = None) -> Path:
-    """The student's prior: canonical SFT of the freshly built tiny student on the scripted policy's responses to
-    prompts that follow the train split, as pre-training on similar text gives a real model its habits."""
-    job, prior = run.job, run.job.models.student.prior
-    out = out or run.model("student-prior")
-    if is_exported(out):
-        return out
-    prompts = prompt_table(run, "train", job.task.num_train + prior.num_prompts).slice(job.task.num_train)
-    rows = scripted_rows(prompts, run.tokenizer, p_trace=prior.policy.p_trace, seed=job.seed + 2)
-    return canonical_sft(run, base, rows, out, steps=prior.steps, lr=prior.lr, batch_size=prior.batch_size,
-                         seed=job.seed + 2, stage="prior_sft")
-
-
-def canonical_sft(run: Run, base: Path, rows: pa.Table, out: Path, *, steps: int, lr: float, batch_size: int,
-                  seed: int, stage: str) -> Path:
-    """`steps` of canonical SFT (constant lr, random batches) of `base` on `rows`, exported to `out`. Resumable as
-    SFT is: a checkpoint every sft.checkpoint_every steps (checkpoints/<stage>), and a rerun continues from the last
-    one with the batches an uninterrupted run would see."""
-    settings = SftConfig(lr=lr, batch_size=batch_size, lr_schedule="constant", warmup_steps=0)
-    rng = np.random.default_rng(seed)
-    plan = [rng.choice(rows.num_rows, size=min(batch_size, rows.num_rows), replace=False) for _ in range(steps)]
-    learner = LearnerGroup.for_sft(base, run.job.resources.learner, settings, total_steps=steps, seed=seed)
-    objective = PearSft(level="none")
-    try:
-        start = resume(run, learner, stage, stage)
-        progress = tqdm(range(start, steps), desc=stage.replace("_", " "), initial=start, total=steps)
-        for step in progress:
-            stats = learner.step(ray.put(rows.take(plan[step])), objective)
-            progress.set_postfix(loss=f"{stats['loss']:.3f}")
-            run.metrics.log(stage, step + 1, stats)
-            if (step + 1) % run.job.sft.checkpoint_every == 0 and step + 1 < steps:
-                learner.save_checkpoint(run.checkpoints(stage), {"step": step + 1})
-        learner.export_hf(out)
-    finally:
-        learner.shutdown()
-    return out

@@ -1,8 +1,9 @@
-"""Stage 2: PEAR-weighted SFT (level `none` is canonical SFT) of the student on the scored data.
+"""Stage 2: PEAR-weighted SFT (level `none` is canonical SFT) of the student on the scored data, streamed from its
+Parquet file; and canonical SFT on a table the driver holds (`sft_on_rows`: the student's prior, the teacher).
 
-Resumable: every `checkpoint_every` steps the learner saves model, optimizer, scheduler, RNG and the data
-position; a rerun loads the latest checkpoint and continues the same batch order, so the optimizer steps and
-samples seen equal an uninterrupted run's.
+Both go through the one training loop (stages/loop.py). Resumable: every `checkpoint_every` steps the learner saves
+model, optimizer, scheduler, RNG and the step; the batch plan is a function of the seed, so a rerun continues the
+same batch order and the optimizer steps and samples seen equal an uninterrupted run's.
 
 PEAR's frozen target (`sft.pear.target_mode: frozen`) is scored once per run, before the first variant that needs it,
 into data/sft-ref.parquet (the data plus `ref_logprobs`), which every variant and every rerun then reads.
@@ -18,16 +19,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
-from tqdm import tqdm
 
-from pear_ray.actors.learner import LearnerGroup
+from pear_ray.actors.learner import STREAMED, LearnerGroup
 from pear_ray.actors.roles import reference_pool
 from pear_ray.actors.streaming import stream_parquet
+from pear_ray.config import OptimizerConfig
 from pear_ray.data import schema
 from pear_ray.data.rows import read_rows
 from pear_ray.data.tensors import to_tensors
 from pear_ray.objectives import PearSft, pear_weights
-from pear_ray.stages.common import Run, resume
+from pear_ray.stages.common import Run
+from pear_ray.stages.loop import Training, train
 
 log = logging.getLogger(__name__)
 HISTOGRAM_ROWS = 256  # rows of the data whose PEAR weights under the trained model are plotted
@@ -49,32 +51,75 @@ def batch_plan(num_rows: int, batch_size: int, epochs: int, seed: int, min_rows:
 def run_sft(run: Run, variant: str, data_path: Path) -> Path:
     """Train one SFT variant from the student; returns the exported Hugging Face folder."""
     job, sft = run.job, run.job.sft
-    name = f"sft-{variant}"
     objective = job.sft_objective(variant)
     if objective.reads_frozen_target:
         data_path = frozen_targets(run, data_path)
     num_rows = pq.ParquetFile(data_path).metadata.num_rows
     plan = batch_plan(num_rows, sft.batch_size, sft.epochs, job.seed, job.resources.learner.num_ranks)
-    learner = LearnerGroup.for_sft(run.student, job.resources.learner, sft, total_steps=len(plan), seed=job.seed)
-    try:
-        start = resume(run, learner, name, "sft", variant)
-        learner.stream(data_path, plan[start:])
-        samples = sum(len(rows) for rows in plan[:start])
-        progress = tqdm(range(start, len(plan)), desc=name, initial=start, total=len(plan))
-        for step in progress:
-            stats = learner.streamed_step(objective)
-            progress.set_postfix(loss=f"{stats['loss']:.3f}")
-            samples += len(plan[step])
-            run.metrics.log("sft", step + 1, {**stats, "samples_seen": samples}, variant=variant)
-            if (step + 1) % sft.checkpoint_every == 0 and step + 1 < len(plan):
-                learner.save_checkpoint(run.checkpoints(name), {"step": step + 1})
+    training = Training(name=f"sft-{variant}", stage="sft", variant=variant, model=run.student,
+                        export=run.model(f"sft-{variant}"), objective=objective, optimizer=sft.optimizer,
+                        steps=len(plan), checkpoint_every=sft.checkpoint_every, seed=job.seed)
+
+    def plot_weights(learner: LearnerGroup) -> None:
         if objective.weighted:
             probe = read_rows(data_path, np.arange(min(HISTOGRAM_ROWS, num_rows)))
             log_weight_histogram(run, learner, objective, probe, variant, len(plan))
-        learner.export_hf(run.model(name))
-    finally:
-        learner.shutdown()
-    return run.model(name)
+
+    return train(run, training, StreamedRows(data_path, plan), before_export=plot_weights)
+
+
+def sft_on_rows(run: Run, base: Path, rows: pa.Table, out: Path, *, steps: int, optimizer: OptimizerConfig,
+                batch_size: int, seed: int, stage: str) -> Path:
+    """`steps` of canonical SFT of `base` on random batches of `rows` (a table the driver holds: the prior's and the
+    teacher's few thousand rows), exported to `out`; checkpointed every sft.checkpoint_every steps under
+    checkpoints/<stage> and resumable like any training."""
+    rng = np.random.default_rng(seed)
+    plan = [rng.choice(rows.num_rows, size=min(batch_size, rows.num_rows), replace=False) for _ in range(steps)]
+    training = Training(name=stage, stage=stage, variant=None, model=base, export=out,
+                        objective=PearSft(level="none"), optimizer=optimizer, steps=steps,
+                        checkpoint_every=run.job.sft.checkpoint_every, seed=seed)
+    return train(run, training, TableRows(rows, plan))
+
+
+class StreamedRows:
+    """SFT batches streamed from a Parquet file to the learner ranks (each its shard, through Ray Data), in a seeded
+    plan of row indices per step; counts the samples seen."""
+
+    def __init__(self, path: Path, plan: list[np.ndarray]):
+        self.path, self.plan = path, plan
+
+    def start(self, learner: LearnerGroup, step: int) -> None:
+        learner.stream(self.path, self.plan[step:])
+        self.samples = sum(len(rows) for rows in self.plan[:step])
+
+    def batch(self, step: int) -> tuple[str, dict]:
+        self.samples += len(self.plan[step])
+        return STREAMED, {}
+
+    def after_update(self, step: int, figures: dict) -> dict:
+        return {"samples_seen": self.samples}
+
+    def close(self) -> None:
+        pass
+
+
+class TableRows:
+    """Batches of a table the driver holds, each step's rows given by a seeded plan."""
+
+    def __init__(self, rows: pa.Table, plan: list[np.ndarray]):
+        self.rows, self.plan = rows, plan
+
+    def start(self, learner: LearnerGroup, step: int) -> None:
+        pass
+
+    def batch(self, step: int) -> tuple[ray.ObjectRef, dict]:
+        return ray.put(self.rows.take(self.plan[step])), {}
+
+    def after_update(self, step: int, figures: dict) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 def frozen_targets(run: Run, data_path: Path) -> Path:

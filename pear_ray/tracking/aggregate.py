@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pear_ray.objectives.pass_at_k import pass_at_k
 from pear_ray import atomic
+from pear_ray.objectives.pass_at_k import pass_at_k
 from pear_ray.tracking.plots import EVAL_STAGE_LABELS, order_variants
 
 COLUMNS = ("seed", "cell", "variant", "stage", "prompt_id", "n", "correct")

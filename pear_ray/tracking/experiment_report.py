@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from pear_ray.tracking.aggregate import ExperimentSummary, Score, display_name, signed
 from pear_ray import atomic
-from pear_ray.tracking.plots import EVAL_STAGE_LABELS, PLOTS_DIR, _save, _subplots
+from pear_ray.tracking.aggregate import ExperimentSummary, Score, display_name, signed
+from pear_ray.tracking.plots import EVAL_STAGE_LABELS, PLOTS_DIR, save_figure, subplots
 from pear_ray.tracking.report import DASH, REPORT_FILE
 
 SCORES_PNG = "experiment_pass_at_k.png"
@@ -141,7 +141,7 @@ def _ranking_section(summary: ExperimentSummary) -> list[str]:
 
 def _panels(n_labels: int, n_panels: int) -> tuple[Figure, np.ndarray]:
     """One panel per k, stacked, so long grid-cell labels stay readable under the bottom one."""
-    fig, axes = _subplots(n_panels, 1, (max(6.0, 0.8 * n_labels + 3), 3.2 * n_panels + 1.4))
+    fig, axes = subplots(n_panels, 1, (max(6.0, 0.8 * n_labels + 3), 3.2 * n_panels + 1.4))
     return fig, axes[:, 0]
 
 
@@ -171,7 +171,7 @@ def plot_scores(summary: ExperimentSummary, path: Path) -> Path | None:
                    color=STAGE_COLORS[stage], label=EVAL_STAGE_LABELS[stage])
         ax.set(ylabel=f"pass@{k}", ylim=(0, 1.05))
     _finish(fig, axes, summary.labels, f"pass@k per label, mean ± SE over {len(summary.seeds)} seed(s)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_differences(summary: ExperimentSummary, path: Path) -> Path | None:
@@ -199,7 +199,7 @@ def plot_differences(summary: ExperimentSummary, path: Path) -> Path | None:
         ax.set(ylabel=f"Δ pass@{k}")
     _finish(fig, axes, labels, f"pass@k minus {display_name(summary.baseline)}, paired\n"
                                "95% intervals: thick over prompts, thin over seeds")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _duration(seconds: float | None) -> str:

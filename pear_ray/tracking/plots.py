@@ -85,12 +85,12 @@ def _line(ax, steps: np.ndarray, values: np.ndarray, label: str, color: Any) -> 
     ax.plot(steps, values, label=label, color=color, marker="o" if len(steps) <= 30 else None, markersize=3)
 
 
-def _subplots(rows: int, cols: int, figsize: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+def subplots(rows: int, cols: int, figsize: tuple[float, float]) -> tuple[Figure, np.ndarray]:
     fig = Figure(figsize=figsize, layout="tight")
     return fig, np.asarray(fig.subplots(rows, cols, squeeze=False))
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     with atomic.replacing(path) as partial:
         fig.savefig(partial, format=path.suffix.lstrip("."), dpi=110)
     return path
@@ -101,14 +101,14 @@ def plot_sft_loss(records: list[Mapping[str, Any]], path: Path) -> Path | None:
     if not loss:
         return None
     colors = _colors(loss)
-    fig, axes = _subplots(1, 1, (7, 4.2))
+    fig, axes = subplots(1, 1, (7, 4.2))
     ax = axes[0, 0]
     for variant, (steps, values) in loss.items():
         _line(ax, steps, values, variant, colors[variant])
     ax.set(title="SFT loss (PEAR-weighted; 'none' = canonical SFT)", xlabel="SFT step", ylabel="loss")
     ax.grid(alpha=0.3)
     ax.legend(title="SFT variant")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pear_diagnostics(records: list[Mapping[str, Any]], path: Path) -> Path | None:
@@ -119,7 +119,7 @@ def plot_pear_diagnostics(records: list[Mapping[str, Any]], path: Path) -> Path 
     colors = _colors({v for data in panels.values() for v in data})
     cols = 3
     rows = math.ceil((len(panels) + 1) / cols)  # one spare cell holds the legend
-    fig, axes = _subplots(rows, cols, (4.2 * cols, 3.2 * rows))
+    fig, axes = subplots(rows, cols, (4.2 * cols, 3.2 * rows))
     axes = axes.ravel()
     for ax, (name, data) in zip(axes, panels.items()):
         for variant, (steps, values) in data.items():
@@ -134,7 +134,7 @@ def plot_pear_diagnostics(records: list[Mapping[str, Any]], path: Path) -> Path 
         ax.axis("off")
     axes[len(panels)].legend(list(handles.values()), list(handles), title="SFT variant", loc="center")
     fig.suptitle("PEAR weight diagnostics per SFT step")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_weight_histogram(histograms: list[Mapping[str, Any]], path: Path) -> Path | None:
@@ -152,7 +152,7 @@ def plot_weight_histogram(histograms: list[Mapping[str, Any]], path: Path) -> Pa
         mid = math.sqrt(lo * hi)
         lo, hi = mid / 10, mid * 10
     bins = np.geomspace(lo, hi, 60)
-    fig, axes = _subplots(1, 1, (7, 4.2))
+    fig, axes = subplots(1, 1, (7, 4.2))
     ax = axes[0, 0]
     for variant in variants:
         values = np.asarray(by_variant[variant]["values"])
@@ -168,7 +168,7 @@ def plot_weight_histogram(histograms: list[Mapping[str, Any]], path: Path) -> Pa
            ylabel="fraction of response tokens")
     ax.grid(alpha=0.3)
     ax.legend(title="SFT variant", fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_rl(records: list[Mapping[str, Any]], path: Path) -> Path | None:
@@ -181,14 +181,14 @@ def plot_rl(records: list[Mapping[str, Any]], path: Path) -> Path | None:
     if not panels:
         return None
     colors = _colors({v for _, _, data in panels for v in data})
-    fig, axes = _subplots(1, len(panels), (6 * len(panels), 4.2))
+    fig, axes = subplots(1, len(panels), (6 * len(panels), 4.2))
     for ax, (title, key, data) in zip(axes[0], panels):
         for variant, (steps, values) in data.items():
             _line(ax, steps, values, variant, colors[variant])
         ax.set(title=f"RL {title}", xlabel="RL step", ylabel=key + (" (tokens)" if title == "response length" else ""))
         ax.grid(alpha=0.3)
         ax.legend(title="SFT variant (RL start)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pass_at_k_names(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str]:
@@ -204,7 +204,7 @@ def plot_pass_at_k(results: Mapping[str, Mapping[str, Mapping[str, float]]], pat
         return None
     variants = order_variants(results)
     stages = [s for s in EVAL_STAGE_LABELS if any(s in results[v] for v in variants)]
-    fig, axes = _subplots(1, len(names), (max(5.0, 1.3 * len(variants) + 2) * len(names), 4.2))
+    fig, axes = subplots(1, len(names), (max(5.0, 1.3 * len(variants) + 2) * len(names), 4.2))
     width = 0.8 / max(len(stages), 1)
     x = np.arange(len(variants))
     for ax, name in zip(axes[0], names):
@@ -218,7 +218,7 @@ def plot_pass_at_k(results: Mapping[str, Mapping[str, Mapping[str, float]]], pat
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize="small", loc="upper center", ncols=len(stages))
     fig.suptitle("pass@k on held-out prompts")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_run(run_dir: str | Path, results: Mapping[str, Any] | None = None) -> list[Path]:
