@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pear_ray.errors import first_line
+from pear_ray.messages import first_line
 
 # The one question asked of the Hub before downloading (does this repo and revision exist?) waits at most this
 # long and is not retried, so an unknown or unreachable name fails in seconds.

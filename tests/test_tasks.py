@@ -18,7 +18,8 @@ from pear_ray.data import schema
 from pear_ray.data.io import DataError, read_table, write_table
 from pear_ray.stages.common import Run, correct_counts, correct_mask
 from pear_ray.tasks import TINY_ARGS, ReasoningGymTask, UserTask, extract_answer, make_task, math_score
-from pear_ray.tasks.base import PROMPT_COLUMNS, exact_score
+from pear_ray.tasks.answers import exact_score
+from pear_ray.tasks.base import PROMPT_COLUMNS
 from pear_ray.tasks.verify import score_chunk, score_rows
 
 RG_TASKS = ["basic_arithmetic", "letter_counting", "spell_backward"]

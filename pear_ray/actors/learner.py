@@ -34,7 +34,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pear_ray.actors.data_stream import stream_rows
 from pear_ray.config import LearnerResources
-from pear_ray.errors import first_line
+from pear_ray.messages import first_line
 from pear_ray.objectives import ObjectiveConfig
 from pear_ray.runtime import use_assigned_cpus
 

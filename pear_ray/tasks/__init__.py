@@ -22,7 +22,8 @@ import importlib
 import pkgutil
 
 from pear_ray.tasks.addition import AdditionTask
-from pear_ray.tasks.base import Task, exact_score, explicit_answer, extract_answer, math_score, score_metadata
+from pear_ray.tasks.answers import exact_score, explicit_answer, extract_answer, math_score, score_metadata
+from pear_ray.tasks.base import Task
 from pear_ray.tasks.build import CustomReward, make_task
 from pear_ray.tasks.reasoning_gym_task import TINY_ARGS, ReasoningGymTask
 from pear_ray.tasks.registry import KINDS, VERIFIERS, register_kind, register_verifier

@@ -30,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 
 from pear_ray.data import schema
-from pear_ray.tasks.base import Split, check_split, exact_score, load_metadata, prompt_table
+from pear_ray.tasks.answers import exact_score
+from pear_ray.tasks.base import Split, check_split, load_metadata, prompt_table
 from pear_ray.tasks.registry import register_kind
 
 if TYPE_CHECKING:

@@ -26,17 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from pear_ray.data import schema
-from pear_ray.tasks.base import (
-    Split,
-    check_split,
-    clamp_reward,
-    extract_answer,
-    is_number,
-    load_metadata,
-    prompt_table,
-    score_metadata,
-    to_json,
-)
+from pear_ray.tasks.answers import clamp_reward, extract_answer, is_number, score_metadata
+from pear_ray.tasks.base import Split, check_split, load_metadata, prompt_table, to_json
 from pear_ray.tasks.registry import register_kind, register_verifier
 
 if TYPE_CHECKING:

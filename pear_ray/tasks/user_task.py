@@ -9,7 +9,7 @@ the held-out rows.
 
 Verifiers (`task.verifier`): `exact` (also what `task` means here): the extracted answer equals the gold one after
 collapsing whitespace, case-insensitive when `task.args.ignore_case` is true; `math`: math-verify equivalence
-(`0.5` == `\\frac{1}{2}`). See `pear_ray.tasks.base` for answer extraction.
+(`0.5` == `\\frac{1}{2}`). See `pear_ray.tasks.answers` for answer extraction.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from pear_ray.data import schema
 from pear_ray.data.io import DEFAULT_SPLIT, DataError, read_table
-from pear_ray.tasks.base import Split, check_split, load_metadata, prompt_table, score_metadata
+from pear_ray.tasks.answers import score_metadata
+from pear_ray.tasks.base import Split, check_split, load_metadata, prompt_table
 from pear_ray.tasks.registry import register_kind
 
 if TYPE_CHECKING:
