@@ -195,36 +195,26 @@ def run(
     _run(_load(job_file, overrides), run_dir, fresh)
 
 
-def _one_stage(stage: str, job_file: Path, overrides: list[str] | None, run_dir: Path | None, fresh: bool) -> None:
-    _run(_load(job_file, [*(overrides or []), f"stages=[{stage}]"]), run_dir, fresh)
+STAGE_COMMANDS = {
+    "score": "Stage 1: bring the SFT data to behaviour log-probs (from the data, or scored by the behaviour model).",
+    "sft": "Stage 2: PEAR-weighted SFT (level none = canonical SFT) on the DeepSpeed learner.",
+    "rl": "Stage 3: GRPO from the SFT checkpoint, with rollouts from the rollout service and verifier rewards.",
+    "eval": "Stage 4: pass@1 and pass@k (unbiased, n samples per held-out prompt) after SFT and after RL.",
+}
 
 
-@app.command()
-def score(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None,
-          fresh: FreshOption = False) -> None:
-    """Stage 1: bring the SFT data to behaviour log-probs (from the data, or scored by the behaviour model)."""
-    _one_stage("score", job_file, overrides, run_dir, fresh)
+def _stage_command(stage: str):
+    """`pear-ray <stage> JOB`: `run` with stages=[<stage>], into the same run folder."""
+
+    def command(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None,
+                fresh: FreshOption = False) -> None:
+        _run(_load(job_file, [*(overrides or []), f"stages=[{stage}]"]), run_dir, fresh)
+
+    return command
 
 
-@app.command()
-def sft(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None,
-        fresh: FreshOption = False) -> None:
-    """Stage 2: PEAR-weighted SFT (level none = canonical SFT) on the DeepSpeed learner."""
-    _one_stage("sft", job_file, overrides, run_dir, fresh)
-
-
-@app.command()
-def rl(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None,
-       fresh: FreshOption = False) -> None:
-    """Stage 3: GRPO from the SFT checkpoint, with vLLM rollouts and verifier rewards."""
-    _one_stage("rl", job_file, overrides, run_dir, fresh)
-
-
-@app.command("eval")
-def eval_(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOption = None,
-          fresh: FreshOption = False) -> None:
-    """Stage 4: pass@1 and pass@k (unbiased, n samples per held-out prompt) after SFT and after RL."""
-    _one_stage("eval", job_file, overrides, run_dir, fresh)
+for _stage, _help in STAGE_COMMANDS.items():
+    app.command(_stage, help=_help)(_stage_command(_stage))
 
 
 @app.command("inspect")
