@@ -39,7 +39,7 @@ def job_tree(model: str, args, backend: str, actors: int, staleness: int) -> dic
         "rl": {"steps": args.warmup + args.steps, "prompts_per_step": args.prompts_per_step,
                "group_size": args.group_size, "lr": 1e-5, "drop_constant_groups": False,
                "checkpoint_every": args.warmup + args.steps + 1, "max_staleness": staleness},
-        "resources": {"rollout": {"num_actors": actors, "num_cpus": 0.5, "backend": backend},
+        "resources": {"rollout": {"num_actors": actors, "num_cpus": 0.5, "engine": {"backend": backend}},
                       "learner": {"num_ranks": 1, "num_cpus": 0.5, "zero_stage": 2}},
     }
 
@@ -62,7 +62,7 @@ def run_once(model: str, args, setting: tuple[str, int, int], folder: Path, roun
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_grpo_workload(parser)
-    parser.add_argument("--backends", default="vllm,transformers", help="rollout backends (resources.rollout.backend)")
+    parser.add_argument("--backends", default="vllm,transformers", help="rollout backends (resources.rollout.engine.backend)")
     parser.add_argument("--actors", default="1,2")
     parser.add_argument("--staleness", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=2)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pear_ray.config import ConfigError, apply_override, load_job, parse_job
+from pear_ray.config import ConfigError, TransformersOptions, VllmOptions, apply_override, load_job, parse_job
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -124,3 +124,34 @@ def test_a_job_that_asks_for_gpus_keeps_deepspeed_off_its_cpu_accelerator():
     assert not job.uses_gpu and worker_env(job.uses_gpu)["DS_ACCELERATOR"] == "cpu"
     gpu_job = load_job(JOBS / "smoke.yaml", ["resources.learner.num_gpus=1"])
     assert gpu_job.uses_gpu and "DS_ACCELERATOR" not in worker_env(gpu_job.uses_gpu)
+
+
+ENGINE = "resources.rollout.engine"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([f"{ENGINE}.backend=transformers", f"{ENGINE}.max_logprobs=30"],
+         f"{ENGINE}.max_logprobs: unknown key for 'transformers'"),
+        ([f"{ENGINE}.max_rows=8"], f"{ENGINE}.max_rows: unknown key for 'vllm'"),  # no backend: vLLM
+        ([f"{ENGINE}.args={{dtype: bfloat16}}"], f"{ENGINE}.args: Value error, ['dtype'] are options of their own"),
+        ([f"{ENGINE}.backend=sglang"], "does not match any of the expected tags: 'vllm', 'transformers'"),
+        (["resources.rollout.backend=transformers"], "resources.rollout.backend: unknown key"),
+    ],
+)
+def test_an_engine_option_the_backend_does_not_take_is_refused_naming_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_job(JOBS / "smoke.yaml", overrides)
+    assert expected in str(caught.value)
+
+
+def test_engine_options_are_typed_per_backend():
+    gpu = load_job(JOBS / "smoke.yaml", [f"{ENGINE}={{dtype: bfloat16, kv_cache_memory_bytes: null, "
+                                         "gpu_memory_utilization: 0.85, args: {max_num_seqs: 64}}"]).resources.rollout
+    assert isinstance(gpu.engine, VllmOptions)
+    assert (gpu.engine.dtype, gpu.engine.kv_cache_memory_bytes, gpu.engine.gpu_memory_utilization) == (
+        "bfloat16", None, 0.85)
+    assert gpu.engine.args == {"max_num_seqs": 64} and gpu.engine.max_logprobs == 20
+    small = load_job(JOBS / "smoke.yaml", [f"{ENGINE}.backend=transformers", f"{ENGINE}.max_rows=16"])
+    assert small.resources.rollout.engine == TransformersOptions(max_rows=16)

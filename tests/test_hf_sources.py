@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from pear_ray.config import ConfigError, DataConfig, ModelSource, TaskConfig, load_job
 from pear_ray.data import schema
 from pear_ray.data.io import DataError, load_sft_data, read_table
-from pear_ray.engines.vllm_engine import check_model_dir
+from pear_ray.engines.rollout_engine import check_model_dir
 from pear_ray.hub import SourceNotFound
 from pear_ray.models import resolve_model
 from pear_ray.tasks.build import make_task

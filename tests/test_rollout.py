@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pear_ray.actors.pool import ActorPool
 from pear_ray.actors.reference import ReferenceWorker
 from pear_ray.actors.rollout import RolloutWorker
-from pear_ray.config import load_job, parse_job
+from pear_ray.config import TransformersOptions, VllmOptions, load_job, parse_job
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt, write_table
 from pear_ray.models import resolve_model
@@ -33,10 +33,14 @@ def prompts(tiny_model_dir) -> pa.Table:
     return pa.table({"id": [f"q{i}" for i in range(len(ids))], "prompt": QUESTIONS, "prompt_ids": ids})
 
 
-@pytest.fixture(scope="module", params=["vllm", "transformers"])
+ENGINES = {"vllm": VllmOptions(), "transformers": TransformersOptions()}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
 def rollout(request, ray_cluster, tiny_model_dir):
-    """A rollout actor of each backend (resources.rollout.backend)."""
-    actor = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(tiny_model_dir, seed=0, backend=request.param)
+    """A rollout actor of each backend (resources.rollout.engine.backend)."""
+    actor = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(tiny_model_dir, seed=0,
+                                                                    engine=ENGINES[request.param])
     yield actor
     ray.kill(actor)
 
@@ -146,6 +150,29 @@ def test_given_data_is_scored_for_the_topk_it_lacks(ray_cluster, tiny_model_dir,
     for row, given in zip(data.to_pylist(), rows):
         np.testing.assert_allclose(row[schema.BEHAVIOR_LOGPROBS], given["behavior_logprobs"], rtol=1e-6)
         assert_hf_topk(model, row, 4)
+
+
+def test_teacher_topk_on_the_transformers_backend(ray_cluster, tiny_model_dir, tmp_path):
+    """score.teacher_topk with the transformers backend, which has no cap on top-k (vLLM's max_logprobs is not its
+    option): given data scored through the score stage gets the behaviour model's log-probs and top-k, k above
+    vLLM's default cap of 20."""
+    rng = np.random.default_rng(1)
+    rows = [{"prompt_ids": rng.integers(3, 384, 5).tolist(), "response_ids": rng.integers(3, 384, n).tolist()}
+            for n in (4, 1, 6)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    job = parse_job({"name": "topk", "data": {"sft": str(tmp_path / "sft.jsonl")}, "score": {"teacher_topk": 24},
+                     "models": {"student": {"path": str(tiny_model_dir)}, "behavior": {"path": str(tiny_model_dir)}},
+                     "resources": {"rollout": {"num_cpus": 0.25, "engine": {"backend": "transformers"}}}})
+    data = pq.read_table(run_score(Run(job, tmp_path / "run", metrics=None, student=tiny_model_dir)))
+    assert data.column(schema.PROMPT_IDS).to_pylist() == [row["prompt_ids"] for row in rows]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for row in data.to_pylist():
+        prompt, response = row[schema.PROMPT_IDS], row[schema.RESPONSE_IDS]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double()
+        expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(response)[:, None])[:, 0]
+        np.testing.assert_allclose(row[schema.BEHAVIOR_LOGPROBS], expected.numpy(), atol=1e-4)
+        assert_hf_topk(model, row, 24)
 
 
 @pytest.mark.parametrize("rollout", ["vllm"], indirect=True)  # the rollout actor only makes the data here

@@ -10,16 +10,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pear_ray.config import TransformersOptions, VllmOptions
+from pear_ray.engines.rollout_engine import EngineError
 from pear_ray.engines.transformers_engine import TransformersEngine
-from pear_ray.engines.vllm_engine import EngineError, VllmEngine
+from pear_ray.engines.vllm_engine import VllmEngine
 from pear_ray.models import TinyModelSpec, build_tiny_model
 
 TOL = 1e-4
 
 
 ENGINES = {
-    "vllm": lambda model: VllmEngine(model, seed=0, max_logprobs=-1),  # no cap: a test asks for the whole vocabulary
-    "transformers": lambda model: TransformersEngine(model, seed=0),
+    # no cap: a test asks for the whole vocabulary
+    "vllm": lambda model: VllmEngine(model, VllmOptions(max_logprobs=-1), seed=0),
+    "transformers": lambda model: TransformersEngine(model, TransformersOptions(), seed=0),
 }
 
 

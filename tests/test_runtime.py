@@ -18,6 +18,7 @@ import json, sys
 from pathlib import Path
 import ray
 from pear_ray.actors.rollout import RolloutWorker
+from pear_ray.config import TransformersOptions
 from pear_ray.runtime import init_ray
 
 model, log_dir = sys.argv[1], sys.argv[2]
@@ -29,7 +30,7 @@ def task_threads():
     return torch.get_num_threads()
 
 def actor_threads(num_cpus):
-    actor = ray.remote(RolloutWorker).options(num_cpus=num_cpus).remote(model, backend="transformers")
+    actor = ray.remote(RolloutWorker).options(num_cpus=num_cpus).remote(model, engine=TransformersOptions())
     return ray.get(actor.health.remote())["torch_threads"]
 
 print(json.dumps({"half": actor_threads(0.5), "two": actor_threads(2), "task": ray.get(task_threads.remote())}))

@@ -28,8 +28,7 @@ def rollout_pool(model_dir: str | Path, resources: RolloutResources, *, seed: in
     worker = ray.remote(RolloutWorker).options(**actor_options(resources))
 
     def make_actor(slot: int):
-        return worker.remote(str(model_dir), seed=seed + slot, backend=resources.backend,
-                             engine_kwargs=resources.engine)
+        return worker.remote(str(model_dir), seed=seed + slot, engine=resources.engine)
 
     elastic = resources.max_actors is not None
     return ActorPool(make_actor, resources.num_actors, max_in_flight=resources.max_in_flight,

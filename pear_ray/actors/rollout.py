@@ -1,5 +1,5 @@
-"""The rollout/scoring service: one engine per actor (vLLM, or transformers for small CPU models), Arrow batches
-in, Arrow batches out.
+"""The rollout/scoring service: one engine per actor (`resources.rollout.engine`: vLLM, or transformers for small
+CPU models), Arrow batches in, Arrow batches out.
 
 Methods that return a batch return two objects, the batch and a small stats dict, so the driver can wait on
 (and learn of failures from) the stats without pulling the batch through itself.
@@ -18,7 +18,10 @@ import torch
 
 from pear_ray import faults
 from pear_ray.actors.pool import batch_stats
+from pear_ray.config import EngineOptions
 from pear_ray.data import schema
+from pear_ray.engines.backends import start_engine
+from pear_ray.engines.rollout_engine import RolloutEngine
 from pear_ray.runtime import use_assigned_cpus
 
 GENERATED = (schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS, schema.FINISH_REASON, schema.POLICY_VERSION,
@@ -30,15 +33,9 @@ class RolloutWorker:
     new weights from the learner in place; every sample records the policy version that produced it. With
     topk > 0 either also records this model's top-k next tokens at every response token (`teacher_topk`)."""
 
-    def __init__(self, model_dir: str | Path, *, seed: int = 0, backend: str = "vllm",
-                 engine_kwargs: dict[str, Any] | None = None):
+    def __init__(self, model_dir: str | Path, *, seed: int = 0, engine: EngineOptions | None = None):
         use_assigned_cpus()
-        if backend == "transformers":
-            from pear_ray.engines.transformers_engine import TransformersEngine as Engine
-        else:
-            from pear_ray.engines.vllm_engine import VllmEngine as Engine
-
-        self.engine = Engine(model_dir, seed=seed, **(engine_kwargs or {}))
+        self.engine: RolloutEngine = start_engine(model_dir, engine, seed=seed)
         self.policy_version = 0
 
     @ray.method(num_returns=2)

@@ -8,7 +8,7 @@ being silently ignored. `load_job(path, overrides)` is the only entry point the 
   data.py       task, data files, sampling
   optimizer.py  AdamW and its schedule, one section type for every trained model
   stages.py     score, sft, rl, eval
-  resources.py  rollout, learner, reference actors
+  resources.py  rollout (and its engine's options), learner, reference actors
   job.py        the job, and the rules across sections
   loading.py    YAML + overrides -> JobConfig
 """
@@ -19,12 +19,21 @@ from pear_ray.config.job import JobConfig, Stage
 from pear_ray.config.loading import apply_override, dump_job, load_job, parse_job, set_dotted
 from pear_ray.config.models import ModelsConfig, ModelSource, PriorConfig, ScriptedPolicy
 from pear_ray.config.optimizer import OptimizerConfig
-from pear_ray.config.resources import ActorResources, LearnerResources, ResourcesConfig, RolloutResources
+from pear_ray.config.resources import (
+    ActorResources,
+    EngineOptions,
+    LearnerResources,
+    ResourcesConfig,
+    RolloutResources,
+    TransformersOptions,
+    VllmOptions,
+)
 from pear_ray.config.stages import EvalConfig, RlConfig, ScoreConfig, SftConfig, parse_variant
 
 __all__ = [
-    "ActorResources", "ConfigError", "DataConfig", "EvalConfig", "JobConfig", "LearnerResources", "ModelSource",
-    "ModelsConfig", "OptimizerConfig", "PriorConfig", "ResourcesConfig", "RlConfig", "RolloutResources", "SamplingConfig",
-    "ScoreConfig", "ScriptedPolicy", "Section", "SftConfig", "Stage", "TaskConfig", "apply_override", "dump_job",
-    "load_job", "parse_job", "parse_variant", "set_dotted",
+    "ActorResources", "ConfigError", "DataConfig", "EngineOptions", "EvalConfig", "JobConfig", "LearnerResources",
+    "ModelSource", "ModelsConfig", "OptimizerConfig", "PriorConfig", "ResourcesConfig", "RlConfig", "RolloutResources",
+    "SamplingConfig", "ScoreConfig", "ScriptedPolicy", "Section", "SftConfig", "Stage", "TaskConfig",
+    "TransformersOptions", "VllmOptions", "apply_override", "dump_job", "load_job", "parse_job", "parse_variant",
+    "set_dotted",
 ]

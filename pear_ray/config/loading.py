@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, Tag, ValidationError
 
 from pear_ray.config.base import ConfigError
 from pear_ray.config.job import JobConfig
@@ -36,12 +36,35 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _union_tags(annotation: Any) -> set[str]:
+    """The tags of a tagged union's members (`Annotated[Member, Tag("...")]`); none for any other type."""
+    return {meta.tag for member in get_args(annotation) for meta in getattr(member, "__metadata__", ())
+            if isinstance(meta, Tag)}
+
+
+def _as_written(loc: tuple) -> tuple[str, str | None]:
+    """An error's location as the job file spells it, and the tag of the union member it is in, if any: pydantic
+    puts the tag in the location (`resources.rollout.engine.transformers.max_logprobs`), the job file has none."""
+    parts, tag, section = [], None, JobConfig
+    for part in loc:
+        field = section.model_fields.get(part) if isinstance(section, type) and issubclass(section, BaseModel) else None
+        if field is None and part in _union_tags(section):
+            tag, section = part, None
+            continue
+        parts.append(str(part))
+        section = field.annotation if field is not None else None
+    return ".".join(parts), tag
+
+
 def _describe(error: ValidationError, source: str) -> str:
     lines = [f"invalid job config {source}:"]
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        key, tag = _as_written(item["loc"])
+        key = key or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check the spelling; see the section's fields in pear_ray/config.py)")
+            member = f" for {tag!r}" if tag else ""
+            lines.append(f"  {key}: unknown key{member} (check the spelling; see the section's fields in "
+                         "pear_ray/config/)")
         elif not item["loc"]:  # a check across sections: the input is the whole job, not worth repeating
             lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
         else:

@@ -1,10 +1,11 @@
-"""Where each role runs and how many of it: rollout/scoring actors, learner ranks, the reference actor."""
+"""Where each role runs and how many of it: rollout/scoring actors (and the engine each runs), learner ranks, the
+reference actor."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from pear_ray.config.base import Section
 
@@ -17,6 +18,63 @@ class ActorResources(Section):
     resources: dict[str, float] = Field(default_factory=dict)
 
 
+class VllmOptions(Section):
+    """The vLLM engine (engines/vllm_engine.py). The defaults suit tiny models on CPU; on a GPU, e.g. {dtype:
+    bfloat16, kv_cache_memory_bytes: null, gpu_memory_utilization: 0.85}."""
+
+    backend: Literal["vllm"] = "vllm"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights and activations: float32 gives log-probs within ~5e-7 of the learner's "
+        "fp32 forward (bf16: ~2e-3); bfloat16 or float16 on a GPU; auto: the checkpoint's")
+    kv_cache_memory_bytes: int | None = Field(
+        64 * 2**20, ge=1, description="the KV cache's size in bytes (64 MiB suits tiny models on CPU); null: vLLM "
+        "sizes it from gpu_memory_utilization")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="share of the GPU's memory vLLM may take (weights, activations, KV cache) when "
+        "kv_cache_memory_bytes is null; null: vLLM's default (0.92 in vLLM 0.32)")
+    max_model_len: int | None = Field(None, ge=1, description="the longest prompt + response in tokens; null: the "
+                                      "model's own limit (a smaller one shrinks the KV cache vLLM must have room for)")
+    enforce_eager: bool = Field(
+        True, description="no CUDA graphs or torch.compile: a start in seconds, what CPU needs; false on a GPU for "
+        "throughput (and export TORCHDYNAMO_DISABLE=0)")
+    max_logprobs: int = Field(
+        20, ge=-1, description="the most top-k log-probs vLLM gives per position; -1: the whole vocabulary. "
+        "score.teacher_topk = k raises it to k for the score stage")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="any other vllm.LLM keyword, passed as is (e.g. max_num_seqs, "
+        "enable_prefix_caching, tensor_parallel_size)")
+
+    @field_validator("args")
+    @classmethod
+    def _args_are_not_typed_fields(cls, args: dict[str, Any]) -> dict[str, Any]:
+        if typed := sorted(set(args) & (set(cls.model_fields) - {"backend", "args"})):
+            raise ValueError(f"{typed} are options of their own: set resources.rollout.engine.{typed[0]}, not in args")
+        if fixed := sorted(set(args) & {"model", "seed", "distributed_executor_backend", "logprobs_mode"}):
+            raise ValueError(f"{fixed} are set by the engine (the model folder, the job's seed, an in-process engine "
+                             "that reports the sampler's log-probs)")
+        return args
+
+
+class TransformersOptions(Section):
+    """The model's own transformers forward in the actor (engines/transformers_engine.py): for tiny models on CPU,
+    where vLLM's per-step scheduling outweighs the model."""
+
+    backend: Literal["transformers"] = "transformers"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
+    max_rows: int = Field(256, ge=1, description="rows (prompt x sample) per forward when generating or scoring: "
+                          "bounds the memory of a call")
+
+
+def _backend(value: Any) -> str:
+    """Engine options without a `backend` are vLLM's, the default, so `resources.rollout.engine.dtype=...` alone
+    works as an override."""
+    return value.get("backend", "vllm") if isinstance(value, dict) else value.backend
+
+
+EngineOptions = Annotated[Annotated[VllmOptions, Tag("vllm")] | Annotated[TransformersOptions, Tag("transformers")],
+                          Discriminator(_backend)]
+
+
 class RolloutResources(ActorResources):
     num_actors: int = Field(1, ge=1, description="actors to start with, and the fewest to keep")
     max_actors: int | None = Field(None, ge=1, description="grow up to this many as the cluster has room; "
@@ -26,13 +84,9 @@ class RolloutResources(ActorResources):
                                   "it before it counts as hung: it is killed and replaced, its batches re-run. "
                                   "Counted from its last answer, not per queued batch, so it must cover the slowest "
                                   "single batch or weight update; starting up does not count")
-    backend: Literal["vllm", "transformers"] = Field(
-        "vllm", description="what generates and scores: vLLM, or the model's own transformers forward in the actor "
-        "(faster for tiny models on CPU, where vLLM's per-step scheduling outweighs the model)")
-    # Extra engine arguments. vLLM's, e.g. on a GPU {dtype: bfloat16, kv_cache_memory_bytes: null,
-    # gpu_memory_utilization: 0.85}; the defaults (fp32, a 64 MiB KV cache) suit tiny models on CPU. transformers':
-    # dtype, max_rows (rows per forward).
-    engine: dict[str, Any] = Field(default_factory=dict)
+    engine: EngineOptions = Field(
+        default_factory=VllmOptions, description="what generates and scores, and its options: {backend: vllm, ...} "
+        "(the default) or {backend: transformers, dtype, max_rows}; a key the backend does not take is refused")
 
     @model_validator(mode="after")
     def _max_not_below_min(self) -> RolloutResources:

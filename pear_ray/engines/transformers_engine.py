@@ -2,10 +2,9 @@
 forward, in the actor's process. For small models on CPU, where vLLM's per-step scheduling costs more than the
 model itself (a 2-layer model: vLLM ~6 ms a decode step, this loop ~2 ms); vLLM is the backend for everything else.
 
-Same interface and meaning as `VllmEngine`: token ids in, `Sample`s out, each sampled token's log-prob under the
-distribution that sampled it (logits / temperature over the top-p nucleus), sample j of a prompt drawn from its own
-generator seeded `seed + j` (so a prompt's samples do not depend on what else is in the call), stop at an EOS or stop
-token (kept in the response, finish reason "stop") or after max_tokens ("length"), weights reloaded in place.
+Same interface and meaning as `VllmEngine` (`rollout_engine.RolloutEngine`): sample j of a prompt is drawn from its
+own generator seeded `seed + j`, by Gumbel-max over the sampling distribution. Teacher-forced scores come from the
+learner's own forward (`hf_scorer.teacher_forced`).
 """
 
 from __future__ import annotations
@@ -14,10 +13,23 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from pear_ray.engines.vllm_engine import EngineError, Sample, TopK, check_model_dir
+from pear_ray.config import TransformersOptions
+from pear_ray.data import schema
+from pear_ray.data.tensors import from_tensor, to_tensors
+from pear_ray.engines.hf_scorer import teacher_forced
+from pear_ray.engines.rollout_engine import (
+    EngineError,
+    Sample,
+    TopK,
+    check_model_dir,
+    check_score_rows,
+    check_weight_set,
+    seed_per_prompt,
+)
 
 NOISE_FLOATS = 2**22  # sampling noise drawn ahead per call, at most (16 MiB)
 
@@ -25,12 +37,14 @@ NOISE_FLOATS = 2**22  # sampling noise drawn ahead per call, at most (16 MiB)
 class TransformersEngine:
     """A transformers causal LM with a KV-cache sampling loop; rows of a call are padded on the left."""
 
-    def __init__(self, model_dir: str | Path, *, dtype: str = "float32", seed: int = 0, max_rows: int = 256):
+    def __init__(self, model_dir: str | Path, options: TransformersOptions | None = None, *, seed: int = 0):
         from transformers import AutoModelForCausalLM, GenerationConfig
 
-        self.model_dir, self.version, self.max_rows = check_model_dir(model_dir), 0, max_rows
+        options = options or TransformersOptions()
+        self.model_dir, self.version, self.max_rows = check_model_dir(model_dir), 0, options.max_rows
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, dtype)).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(self.model_dir,
+                                                              dtype=getattr(torch, options.dtype)).eval()
         except Exception as exc:
             raise EngineError(f"transformers failed to load model folder {self.model_dir}: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -45,19 +59,16 @@ class TransformersEngine:
         state = self.model.state_dict()
         self.shapes = {name: tuple(t.shape) for name, t in state.items()}
         # A tied head is one tensor under two names: a learner sends it once, a state_dict twice.
-        self.aliases = set(state) - {name for name, _ in self.model.named_parameters()} - {
+        self.tied = set(state) - {name for name, _ in self.model.named_parameters()} - {
             name for name, _ in self.model.named_buffers()}
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 32, seed: int | list[int] | None = None, stop_token_ids: list[int] | None = None,
                  ignore_eos: bool = False, topk: int = 0) -> list[list[Sample]]:
-        """n samples per prompt (see the module docstring); at temperature 0, greedy with the raw model's
-        log-probs."""
-        seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
+        """`RolloutEngine.generate`, in calls of at most max_rows (prompt, sample) rows."""
         stops = set(stop_token_ids or []) | (set() if ignore_eos else set(self.eos_ids))
+        seeds = seed_per_prompt(seed, prompts)
         rows = [(prompt, None if s is None else s + j) for prompt, s in zip(prompts, seeds, strict=True)
                 for j in range(n)]
         samples = []
@@ -116,55 +127,36 @@ class TransformersEngine:
                               topk=[_topk(values[i], indices[i]) for values, indices in tops[:length]]))
         return out
 
-    @torch.no_grad()
     def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0,
               topk: int = 0) -> list[list[float]] | tuple[list[list[float]], list[list[TopK]]]:
-        """Teacher-forced log p(response_t | prompt, response_<t) of logits / temperature; with topk > 0 also each
-        response token's top-k, as `VllmEngine.score`."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
-        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-            if not p or not r:
-                raise ValueError(f"score: row {i} has an empty {'prompt' if not p else 'response'}")
-            if len(p) + len(r) > self.max_model_len:
-                raise ValueError(f"score: row {i} has {len(p)} + {len(r)} tokens; at most max_model_len = "
-                                 f"{self.max_model_len} can be scored")
+        """`RolloutEngine.score` with the learner's forward, max_rows rows at a time (at temperature 0, the raw
+        model's log-probs, as greedy generation reports)."""
+        check_score_rows(prompts, responses, self.max_model_len)
         logprobs, tops = [], []
         for start in range(0, len(prompts), self.max_rows):
-            part = list(zip(prompts[start:start + self.max_rows], responses[start:start + self.max_rows],
-                            strict=True))
-            width = max(len(p) + len(r) for p, r in part)
-            ids = torch.tensor([list(p) + list(r) + [self.pad_id] * (width - len(p) - len(r)) for p, r in part])
-            mask = torch.tensor([[1] * (len(p) + len(r)) + [0] * (width - len(p) - len(r)) for p, r in part])
-            logp = _processed_logprobs(self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(),
-                                       temperature if temperature > 0 else 1.0, 1.0)
-            picked = logp.gather(-1, ids[:, 1:, None])[..., 0]
-            best = logp.topk(topk, -1) if topk else None
-            for row, (p, r) in enumerate(part):
-                span = slice(len(p) - 1, len(p) + len(r) - 1)  # the positions that predict the response
-                logprobs.append(picked[row, span].tolist())
-                if topk:
-                    tops.append([_topk(v, i) for v, i in zip(best.values[row, span], best.indices[row, span],
-                                                             strict=True)])
+            rows = pa.table({schema.PROMPT_IDS: prompts[start:start + self.max_rows],
+                             schema.RESPONSE_IDS: responses[start:start + self.max_rows]})
+            tensors = to_tensors(rows, self.pad_id)
+            logp, best = teacher_forced(self.model, tensors, temperature or 1.0, topk)
+            response = tensors["response_mask"]
+            logprobs += from_tensor(logp, response).to_pylist()
+            if topk:
+                per_row = response.sum(-1).tolist()
+                ids, values = (t[response].split(per_row) for t in best)
+                tops += [[_topk(v, i) for v, i in zip(row_values, row_ids, strict=True)]
+                         for row_ids, row_values in zip(ids, values, strict=True)]
         return (logprobs, tops) if topk else logprobs
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Load a learner's weights (Hugging Face names) in place; refuses anything but the exact set, before
-        loading any."""
-        weights = dict(named_tensors)
-        got = {name: tuple(t.shape) for name, t in weights.items()}
-        unknown, missing = sorted(set(got) - set(self.shapes)), sorted(set(self.shapes) - set(got) - self.aliases)
-        wrong = [f"{n} {got[n]} != {self.shapes[n]}" for n in sorted(set(got) & set(self.shapes))
-                 if got[n] != self.shapes[n]]
-        if unknown or missing or wrong:
-            raise ValueError(f"update_weights for {self.model_dir} needs exactly the model's tensors: unknown "
-                             f"{unknown[:5]}, missing {missing[:5]}, wrong shapes {wrong[:5]} (nothing was loaded)")
-        self.model.load_state_dict(weights, strict=False)  # strict would want a tied head's second name
+        """`RolloutEngine.update_weights`; a tied head's second name may be given or left out."""
+        weights = list(named_tensors)
+        check_weight_set(weights, self.shapes, self.model_dir, tied=self.tied)
+        self.model.load_state_dict(dict(weights), strict=False)  # strict would want a tied head's second name
         self.version += 1
         return self.version
 
     def health(self) -> dict[str, Any]:
-        """Model folder, weight version and a one-token greedy generation as a liveness check; never raises."""
+        """`RolloutEngine.health`."""
         info: dict[str, Any] = {"model_dir": str(self.model_dir), "version": self.version}
         try:
             out = self.generate([[0]], temperature=0.0, max_tokens=1, ignore_eos=True)

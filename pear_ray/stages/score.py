@@ -70,11 +70,13 @@ def score_with_behavior(run: Run, table: pa.Table, target: Path, *, column: str 
 
 
 def behavior_pool(run: Run, model: Path):
-    """The rollout pool on the behaviour model. vLLM refuses more log-probs per position than the engine's
-    max_logprobs (default 20), so with score.teacher_topk that is k (unless resources.rollout.engine sets it)."""
+    """The rollout pool on the behaviour model. vLLM refuses more top-k log-probs per position than its
+    max_logprobs (default 20), so with score.teacher_topk = k above that, it is raised to k; the transformers
+    engine has no such cap."""
     resources, k = run.job.resources.rollout, run.job.score.teacher_topk
-    if k:
-        resources = resources.model_copy(update={"engine": {"max_logprobs": k, **resources.engine}})
+    engine = resources.engine
+    if engine.backend == "vllm" and engine.max_logprobs != -1 and engine.max_logprobs < k:  # -1: no cap
+        resources = resources.model_copy(update={"engine": engine.model_copy(update={"max_logprobs": k})})
     return rollout_pool(model, resources, seed=run.job.seed)
 
 
