@@ -41,7 +41,7 @@ def _describe(error: ValidationError, source: str) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check the spelling; see the section's fields in pear_ray/config.py)")
+            lines.append(f"  {key}: unknown key (check the spelling; `pear-ray config --reference` lists every key)")
         elif not item["loc"]:  # a check across sections: the input is the whole job, not worth repeating
             lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
         else:
