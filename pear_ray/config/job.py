@@ -54,21 +54,20 @@ class JobConfig(Section):
                                        "many of it")
 
     @model_validator(mode="after")
-    def _only_the_student_has_a_prior(self) -> JobConfig:
-        for role in ("behavior", "reference"):
+    def _what_each_role_can_be(self) -> JobConfig:
+        """Only the behaviour policy can be scripted; only the student is given a prior."""
+        for role in ("student", "behavior", "reference"):
             source = getattr(self.models, role)
-            if source is not None and source.prior is not None:
+            if source is not None and source.scripted is not None and role != "behavior":
+                raise ValueError(f"models.{role}: a scripted policy is no model to train or score with; only "
+                                 "models.behavior can be scripted")
+            if source is not None and source.prior is not None and role != "student":
                 raise ValueError(f"models.{role}.prior: only models.student is given a prior (trained before the "
                                  "score stage); a behaviour or reference model is used as built")
         return self
 
     @model_validator(mode="after")
     def _scripted_needs_addition(self) -> JobConfig:
-        for role in ("student", "reference"):
-            source = getattr(self.models, role)
-            if source is not None and source.scripted is not None:
-                raise ValueError(f"models.{role}: a scripted policy is no model to train or score with; only "
-                                 "models.behavior can be scripted")
         if self.models.behavior is not None and self.models.behavior.scripted is not None and self.data.sft:
             raise ValueError("models.behavior.scripted writes the SFT data itself and cannot score data.sft: drop "
                              "data.sft, or give the behaviour model as a path")
