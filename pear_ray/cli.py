@@ -113,9 +113,25 @@ def _setup(
 
 
 @app.command()
-def config(job_file: JobArg, overrides: OverridesArg = None) -> None:
+def config(
+    job_file: Annotated[Path | None, typer.Argument(help="job config YAML (see jobs/)")] = None,
+    overrides: OverridesArg = None,
+    reference: Annotated[bool, typer.Option(help="instead, print every key a job can hold with its type, default "
+                                                 "and meaning (Markdown: docs/config.md)")] = False,
+) -> None:
     """Print the resolved job config (file + overrides, defaults filled in) as YAML, or say what is wrong: every
-    check `run` makes before it starts (models, data, task, loggers), less the run folder."""
+    check `run` makes before it starts (models, data, task, loggers), less the run folder. With --reference, the
+    reference of every key instead."""
+    if reference:
+        if job_file is not None:
+            raise typer.BadParameter("--reference describes every job: give no job file with it", param_hint="JOB_FILE")
+        from pear_ray.config.reference import reference as config_reference
+
+        typer.echo(config_reference(), nl=False)
+        return
+    if job_file is None:
+        raise typer.BadParameter("give a job file (or --reference for every key a job can hold)",
+                                 param_hint="JOB_FILE")
     from pear_ray.driver.preflight import preflight
 
     job = _load(job_file, overrides)

@@ -58,6 +58,8 @@ def test_typo_in_override_is_refused():
         ("resources.learner.zero_stage=4", "resources.learner.zero_stage", "0, 1, 2 or 3"),
         ("models.student.path=/x", "models.student", "exactly one of 'path'"),
         ("models.student.tiny.num_heads=4", "models.student.tiny", "head_dim 16"),
+        ("models.behavior.prior={policy: {}, steps: 1}", "models.behavior.prior", "only models.student is given a "
+         "prior"),
     ],
 )
 def test_impossible_values_name_the_key_and_the_expectation(override, key, expected):

@@ -35,6 +35,9 @@ def inputs(tmp_path_factory) -> Path:
     pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "response": pa.array([], pa.string())}),
                    folder / "empty.parquet")
     (folder / "one-prompt.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    (folder / "string-ids.jsonl").write_text("".join(json.dumps(row) + "\n" for row in (
+        {"prompt_ids": [3, 4], "response_ids": [5, 6]}, {"prompt_ids": "hello", "response_ids": [5, 6]},
+        {"prompt_ids": [7], "response_ids": [8]})))
     model = build_tiny_model(TinyModelSpec(seed=1), folder / "model")
     for name, remove in {"no-weights": "*.safetensors", "no-tokenizer": "tokenizer*"}.items():
         shutil.copytree(model, folder / name)
@@ -132,6 +135,9 @@ VALIDATE = {  # what is wrong -> (arguments of `validate`, what the message must
                                    "--max-response-tokens", "100"],
                                   "long.jsonl, row 1: 112 prompt + response tokens, more than the 64"),
     "non-text prompt": (["{inputs}/numbers.jsonl", "--model", "{inputs}/model"], "line 2, column 'prompt'"),
+    "a string among token-id lists": (["{inputs}/string-ids.jsonl", "--model", "{inputs}/model"],
+                                      "{inputs}/string-ids.jsonl, line 2, column 'prompt_ids': expected "
+                                      "list<item: int32>, got str 'hello'"),
     "empty Parquet": (["{inputs}/empty.parquet", "--model", "{inputs}/model"], "no rows"),
 }
 

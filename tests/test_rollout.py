@@ -17,6 +17,7 @@ from pear_ray.actors.rollout import RolloutWorker
 from pear_ray.config import TransformersOptions, VllmOptions, load_job, parse_job
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt, write_table
+from pear_ray.driver.preflight import preflight
 from pear_ray.models import resolve_model
 from pear_ray.stages.common import Run
 from pear_ray.stages.score import run_score, teacher_writes_data
@@ -135,7 +136,7 @@ def test_teacher_data_carries_the_log_probs_it_was_sampled_with(ray_cluster, tmp
 
 def test_given_data_is_scored_for_the_topk_it_lacks(ray_cluster, tiny_model_dir, tmp_path):
     """Data with behaviour log-probs but no top-k: the behaviour model adds the top-k and leaves the log-probs as
-    given; without a behaviour model that is refused, naming what to give."""
+    given; without a behaviour model that is refused before anything starts (preflight), naming what to give."""
     rng = np.random.default_rng(0)
     rows = [{"prompt_ids": rng.integers(3, 384, 4).tolist(), "response_ids": rng.integers(3, 384, n).tolist(),
              "behavior_logprobs": rng.uniform(-8.0, -4.0, n).tolist()} for n in (3, 7, 1)]
@@ -143,7 +144,7 @@ def test_given_data_is_scored_for_the_topk_it_lacks(ray_cluster, tiny_model_dir,
     job = {"name": "given", "data": {"sft": str(tmp_path / "sft.jsonl")}, "score": {"teacher_topk": 4},
            "models": {"student": {"path": str(tiny_model_dir)}}, "resources": {"rollout": {"num_cpus": 0.25}}}
     with pytest.raises(ValueError, match="has behaviour log-probs but no teacher_topk column: give models.behavior"):
-        run_score(Run(parse_job(job), tmp_path / "none", metrics=None, student=tiny_model_dir))
+        preflight(parse_job(job), None)
     job["models"]["behavior"] = {"path": str(tiny_model_dir)}
     data = pq.read_table(run_score(Run(parse_job(job), tmp_path / "run", metrics=None, student=tiny_model_dir)))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

@@ -1,6 +1,7 @@
 """The Arrow data plane: bad batches are refused naming file, row and column; padding round-trips."""
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -115,7 +116,31 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     with pytest.raises(DataError, match="line 1: expected a JSON object, got list"):
         read_table(path)
     path.write_text('{"prompt_ids": [1], "response_ids": [2]}\n{"prompt_ids": "oops", "response_ids": [2]}\n')
-    with pytest.raises(DataError, match="rows disagree on a column's type"):
+    with pytest.raises(DataError, match=r"data\.jsonl, line 2, column 'prompt_ids': expected list<item: int32>, "
+                                        "got str 'oops'"):
+        read_table(path)
+
+
+@pytest.mark.parametrize("line", [1, 2, 4])
+def test_a_value_of_another_type_than_its_column_names_file_line_and_column(tmp_path, line):
+    """The schema's type decides which line is wrong, so a wrong first line is named too, not the next good one."""
+    rows = [json.dumps({"prompt_ids": [1, 2], "response_ids": [3, 4]})] * 3
+    rows.insert(line - 1, json.dumps({"prompt_ids": "hello", "response_ids": [5, 6]}))
+    rows.insert(2, "")  # blank lines are skipped but counted, as an editor counts them
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError) as caught:
+        read_table(path)
+    assert str(caught.value) == (f"{path}, line {line if line < 3 else line + 1}, column 'prompt_ids': expected "
+                                 "list<item: int32>, got str 'hello'")
+
+
+def test_a_column_the_schema_does_not_know_is_judged_by_the_lines_above(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "1+1=", "response": "2", "tags": tags}) + "\n"
+                            for tags in (["a"], ["b", "c"], 7, ["d"])))
+    with pytest.raises(DataError, match=r"data\.jsonl, line 3, column 'tags': expected list<item: string>, as on the "
+                                        "lines above, got int 7"):
         read_table(path)
 
 

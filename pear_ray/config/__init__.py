@@ -11,6 +11,7 @@ being silently ignored. `load_job(path, overrides)` is the only entry point the 
   resources.py  rollout (and its engine's options), learner, reference actors
   job.py        the job, and the rules across sections
   loading.py    YAML + overrides -> JobConfig
+  reference.py  docs/config.md, every key described, generated from the schema (pear-ray config --reference)
 """
 
 from pear_ray.config.base import ConfigError, Section

@@ -12,14 +12,21 @@ from pear_ray.plugins import checked_spec
 
 
 class DataConfig(Section):
-    sft: str | None = Field(None, description="SFT data (prompt/response text or ids): Parquet, JSONL, a `datasets` "
-                            "save_to_disk folder or a Hub dataset id")
+    """The SFT data, the held-out prompts, and the token limits every stage cuts prompts and responses to."""
+
+    sft: str | None = Field(None, description="SFT data (prompt/response text or ids, optionally behavior_logprobs "
+                            "and teacher_topk): Parquet, JSONL, a `datasets` save_to_disk folder or a Hub dataset id; "
+                            "null: the behaviour model writes the data from the task's train prompts")
     sft_split: str = Field(DEFAULT_SPLIT, min_length=1, description="the split of a `datasets` data.sft")
     sft_columns: dict[str, str] = Field(default_factory=dict, description="data.sft's columns under the schema's "
                                         "names, {schema name: its column}, e.g. {prompt: question, response: answer}")
     eval: str | None = Field(None, description="held-out prompts, Parquet or JSONL; defaults to the task's")
-    max_prompt_tokens: int = Field(256, gt=0)
-    max_response_tokens: int = Field(256, gt=0)
+    max_prompt_tokens: int = Field(256, gt=0, description="tokens of a prompt kept: a longer one (SFT data, the "
+                                   "teacher's data, the task's prompts) keeps its end, the question and the "
+                                   "generation prompt")
+    max_response_tokens: int = Field(256, gt=0, description="tokens of an SFT (or teacher) data response kept: a "
+                                     "longer one keeps its start, and its per-token columns with it; generated "
+                                     "responses are bounded by sampling.max_tokens")
 
     _checked_columns = field_validator("sft_columns")(checked_columns)
 
@@ -36,19 +43,30 @@ class TaskConfig(Section):
     data checked by exact match/math, addition), optionally scored by the job's own reward function instead."""
 
     kind: str = Field("reasoning_gym", description="a registered task kind: reasoning_gym, user, addition, ...")
-    name: str = "basic_arithmetic"
-    args: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field("basic_arithmetic", description="kind reasoning_gym: the dataset (e.g. basic_arithmetic, "
+                      "spell_backward); kind user: the task's name in reports (default user); addition: unused")
+    args: dict[str, Any] = Field(default_factory=dict, description="the task's own settings: a reasoning-gym "
+                                 "dataset's configuration (all but seed and size, which pear_ray sets); user: "
+                                 "{ignore_case: true/false}; addition: {digits: 1..9, default 3}")
     path: str | None = Field(None, description="kind user: the prompt + answer data: Parquet, JSONL, a `datasets` "
                              "save_to_disk folder or a Hub dataset id")
     split: str = Field(DEFAULT_SPLIT, min_length=1, description="kind user: the split of a `datasets` task.path")
     columns: dict[str, str] = Field(default_factory=dict, description="kind user: task.path's columns under the "
                                     "schema's names, e.g. {prompt: question, answer: solution}")
-    verifier: Literal["task", "exact", "math"] = "task"
-    num_train: int = Field(256, gt=0)
-    num_eval: int = Field(64, gt=0)
-    split_seed: int = Field(0, description="fixes the train/eval split and the prompts drawn, whatever job.seed (which "
-                            "varies initialisation, data order and sampling), so seeds are evaluated alike")
-    verifier_timeout_s: float = Field(5.0, gt=0)
+    verifier: Literal["task", "exact", "math"] = Field("task", description="how a response's answer is checked: "
+                                                      "task, the task's own (a reasoning-gym dataset's scorer; exact "
+                                                      "for user data); exact, the answer extracted from the response "
+                                                      "equals the gold one, whitespace collapsed; math, math-verify "
+                                                      "equivalence. addition always checks exactly; task.reward "
+                                                      "replaces any of them")
+    num_train: int = Field(256, gt=0, description="train prompts: those the behaviour model answers to write the SFT "
+                           "data, and the pool RL's steps draw from (a user file with fewer train rows is cycled)")
+    num_eval: int = Field(64, gt=0, description="held-out prompts, none equal to a train prompt, that eval samples "
+                          "eval.n times each")
+    split_seed: int = Field(0, description="fixes the train/eval split and the prompts drawn, whatever the job's seed "
+                            "(which varies initialisation, data order and sampling), so seeds are evaluated alike")
+    verifier_timeout_s: float = Field(5.0, gt=0, description="seconds the verifier (or task.reward) may spend on one "
+                                      "response; past it the response gets reward 0 and counts as a timeout")
     reward: str | None = Field(None, description="'package.module:function' or 'path/to/file.py:function': "
                                "reward(response: str, answer: str, metadata: dict) -> float replaces the task's "
                                "verifier (pear_ray/tasks/build.py)")
@@ -85,8 +103,10 @@ class TaskConfig(Section):
 class SamplingConfig(Section):
     """How the behaviour model writing SFT data and the RL rollouts sample. Each sample's recorded log-probs are of
     that distribution (logits / temperature over the top-p nucleus); the RL learner scores logits / temperature, so
-    with top_p < 1 the truncated importance weight (rl.tis_cap) also corrects for the nucleus."""
+    with top_p < 1 the truncated importance weight (rl.objective.tis_cap) also corrects for the nucleus."""
 
-    temperature: float = Field(1.0, gt=0, description="> 0: greedy decoding has no distribution to record")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (eval has its own, eval.temperature); "
+                               "> 0: greedy decoding has no distribution to record")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: sample among the most likely tokens whose "
+                         "probabilities add up to top_p; 1: the whole distribution")
+    max_tokens: int = Field(64, gt=0, description="the most tokens a sampled response has")

@@ -18,34 +18,56 @@ Stage = Literal["score", "sft", "rl", "eval"]
 
 
 class JobConfig(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
-    # An experiment: one run folder per (grid point, seed) under the job's folder, then one aggregated report.
-    seeds: list[int] = Field(default_factory=list, description="run every cell with each of these seeds")
-    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values, one cell per "
-                                       "combination, e.g. {sft.epochs: [1, 3, 12]}")
+    """A job: the models, the task and data, each stage's settings and the resources, plus an experiment's seeds and
+    grid when it is one."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the run's name: its folder under output_dir, and "
+                      "its name in the loggers")
+    seed: int = Field(0, description="seeds the data order, the prompts each RL step draws, sampling and the "
+                      "learner's RNG (task.split_seed, not this, fixes which prompts the task has)")
+    seeds: list[int] = Field(default_factory=list, description="an experiment: every cell runs once per seed, each in "
+                             "a run folder of its own under the job's, then one aggregated report; empty: seed alone")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="an experiment: dotted key -> values, one "
+                                       "cell per combination, e.g. {sft.epochs: [1, 3, 12]}")
     parallel_cells: int = Field(1, ge=1, description="cells run at once, each as a Ray task on this node; "
                                 "more than 1 suits a cluster with room for several cells' actors")
-    output_dir: str = "runs"
-    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
-    stages: list[Stage] = Field(default_factory=lambda: ["score", "sft", "rl", "eval"])
-    models: ModelsConfig
-    data: DataConfig = Field(default_factory=DataConfig)
-    task: TaskConfig = Field(default_factory=TaskConfig)
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    score: ScoreConfig = Field(default_factory=ScoreConfig)
-    sft: SftConfig = Field(default_factory=SftConfig)
-    rl: RlConfig = Field(default_factory=RlConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    output_dir: str = Field("runs", description="the folder run folders go in (output_dir/name), relative to where "
+                            "the command runs; a command's --run-dir overrides it")
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="where metrics go besides the run folder's "
+        "metrics.jsonl, which is always written; each must be installed")
+    stages: list[Stage] = Field(default_factory=lambda: ["score", "sft", "rl", "eval"], description="the stages to "
+                                "run, always in the order score, sft, rl, eval. Without score, SFT reads the data "
+                                "an earlier run's score wrote into the run folder; without sft, RL starts from the "
+                                "student; eval follows each of sft and rl that runs")
+    models: ModelsConfig = Field(description="the student, the behaviour policy and the reference model")
+    data: DataConfig = Field(default_factory=DataConfig, description="the SFT data, held-out prompts and token limits")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="the prompts, and how answers are checked")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="how the behaviour model writing "
+                                     "the data, RL's rollouts and eval sample")
+    score: ScoreConfig = Field(default_factory=ScoreConfig, description="stage score: the SFT data with behaviour "
+                               "log-probs")
+    sft: SftConfig = Field(default_factory=SftConfig, description="stage sft: PEAR-weighted SFT of the student")
+    rl: RlConfig = Field(default_factory=RlConfig, description="stage rl: RL of each SFT variant")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="stage eval: pass@k on held-out prompts")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="where each role runs, and how "
+                                       "many of it")
+
+    @model_validator(mode="after")
+    def _what_each_role_can_be(self) -> JobConfig:
+        """Only the behaviour policy can be scripted; only the student is given a prior."""
+        for role in ("student", "behavior", "reference"):
+            source = getattr(self.models, role)
+            if source is not None and source.scripted is not None and role != "behavior":
+                raise ValueError(f"models.{role}: a scripted policy is no model to train or score with; only "
+                                 "models.behavior can be scripted")
+            if source is not None and source.prior is not None and role != "student":
+                raise ValueError(f"models.{role}.prior: only models.student is given a prior (trained before the "
+                                 "score stage); a behaviour or reference model is used as built")
+        return self
 
     @model_validator(mode="after")
     def _scripted_needs_addition(self) -> JobConfig:
-        for role in ("student", "reference"):
-            source = getattr(self.models, role)
-            if source is not None and source.scripted is not None:
-                raise ValueError(f"models.{role}: a scripted policy is no model to train or score with; only "
-                                 "models.behavior can be scripted")
         if self.models.behavior is not None and self.models.behavior.scripted is not None and self.data.sft:
             raise ValueError("models.behavior.scripted writes the SFT data itself and cannot score data.sft: drop "
                              "data.sft, or give the behaviour model as a path")

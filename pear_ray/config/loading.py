@@ -63,8 +63,8 @@ def _describe(error: ValidationError, source: str) -> str:
         key = key or "(top level)"
         if item["type"] == "extra_forbidden":
             member = f" for {tag!r}" if tag else ""
-            lines.append(f"  {key}: unknown key{member} (check the spelling; see the section's fields in "
-                         "pear_ray/config/)")
+            lines.append(f"  {key}: unknown key{member} (check the spelling; `pear-ray config --reference` lists "
+                         "every key)")
         elif not item["loc"]:  # a check across sections: the input is the whole job, not worth repeating
             lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
         else:

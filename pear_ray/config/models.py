@@ -15,31 +15,37 @@ class ScriptedPolicy(Section):
     """A behaviour policy written as code, so its log-probs are exact: `two_style` writes, per prompt, a worked
     trace with probability `p_trace` or the bare answer otherwise (pear_ray/tasks/addition.py)."""
 
-    name: Literal["two_style"] = "two_style"
-    p_trace: float = Field(0.5, ge=0, le=1)
+    name: Literal["two_style"] = Field("two_style", description="the policy; two_style is the only one")
+    p_trace: float = Field(0.5, ge=0, le=1, description="probability that a response is the worked trace rather "
+                           "than the bare answer")
 
 
 class PriorConfig(Section):
     """Canonical SFT of a tiny model on a scripted policy's responses before the job uses it: the prior that
     pre-training gives a real model. Its prompts follow the task's train split (disjoint from train and eval)."""
 
-    policy: ScriptedPolicy
-    steps: int = Field(gt=0)
+    policy: ScriptedPolicy = Field(description="the scripted policy whose responses the prior is trained on")
+    steps: int = Field(gt=0, description="optimizer steps of the prior's canonical SFT")
     optimizer: PriorOptimizer = Field(default_factory=PriorOptimizer, description="the prior's AdamW and schedule")
-    batch_size: int = Field(32, gt=0)
-    num_prompts: int = Field(2048, gt=0)
+    batch_size: int = Field(32, gt=0, description="rows per step, drawn at random from the prior's data")
+    num_prompts: int = Field(2048, gt=0, description="prompts the policy answers once each for the prior's data: "
+                             "the task's train prompts after the first task.num_train, so none is a train or eval "
+                             "prompt")
 
 
 class ModelSource(Section):
-    """A Hugging Face model folder or Hub id, a tiny model built on the spot from a spec (no downloads here),
-    optionally given a prior, or (behaviour only) a scripted policy."""
+    """A Hugging Face model folder or Hub id, a tiny model built on the spot from a spec, optionally given a prior, or
+    (behaviour only) a scripted policy: exactly one of path, tiny and scripted."""
 
     path: str | None = Field(None, description="a model folder, or a Hub id ('org/name') fetched into the Hub cache "
                              "(HF_HOME / HF_HUB_CACHE; only the cache with HF_HUB_OFFLINE=1); a folder wins")
     revision: str | None = Field(None, min_length=1, description="a Hub id's branch, tag or commit; default main")
-    tiny: TinyModelSpec | None = None
-    scripted: ScriptedPolicy | None = None
-    prior: PriorConfig | None = None
+    tiny: TinyModelSpec | None = Field(None, description="a tiny Qwen2 model built on the spot from this spec, into "
+                                       "the run folder's models/<role>")
+    scripted: ScriptedPolicy | None = Field(None, description="models.behavior only: a policy written as code, whose "
+                                            "log-probs are exact (task.kind addition)")
+    prior: PriorConfig | None = Field(None, description="models.student with tiny only: canonical SFT on a "
+                                      "scripted policy's responses before the score stage; null: the model as built")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
@@ -54,9 +60,13 @@ class ModelSource(Section):
 
 
 class ModelsConfig(Section):
-    student: ModelSource
-    # The policy that wrote the SFT data; absent when the data already carries behaviour log-probs.
-    behavior: ModelSource | None = None
-    # Frozen model for the RL KL term and PEAR's frozen target; defaults to RL's start model (the SFT checkpoint)
-    # and to the student before SFT respectively.
-    reference: ModelSource | None = None
+    """The student the job trains, the behaviour policy its SFT data comes from, and the frozen reference."""
+
+    student: ModelSource = Field(description="the model SFT and RL train (after its prior, if it has one)")
+    behavior: ModelSource | None = Field(None, description="the policy the SFT data comes from: it writes the data "
+                                         "when there is no data.sft, scores data.sft when it lacks behaviour "
+                                         "log-probs (or the top-k score.teacher_topk asks for), and is the teacher "
+                                         "of on-policy distillation; null where data.sft carries what the job needs")
+    reference: ModelSource | None = Field(None, description="the frozen model of RL's KL term (rl.objective.kl_coef) "
+                                          "and of PEAR's frozen target (sft.pear.target_mode: frozen); null: RL's "
+                                          "start model (the variant's SFT export) and the student before SFT")

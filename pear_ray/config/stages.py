@@ -19,10 +19,15 @@ class ScoreConfig(Section):
     `teacher_sft_steps` of canonical SFT on the task's gold answers (a briefly trained teacher, off the student's
     distribution)."""
 
-    batch_size: int = Field(64, gt=0)
-    samples_per_prompt: int = Field(1, ge=1)
-    keep: Literal["all", "correct"] = "all"
-    teacher_sft_steps: int = Field(0, ge=0)
+    batch_size: int = Field(64, gt=0, description="rows per scoring request when the behaviour model scores "
+                            "data.sft (the row groups streamed through the scoring pool)")
+    samples_per_prompt: int = Field(1, ge=1, description="responses per train prompt when the behaviour policy "
+                                    "(a model or scripted) writes the data")
+    keep: Literal["all", "correct"] = Field("all", description="which responses a behaviour model that writes the "
+                                            "data keeps: all, or those whose reward reaches eval.correct_threshold")
+    teacher_sft_steps: int = Field(0, ge=0, description="optimizer steps of canonical SFT (sft.batch_size rows each) "
+                                   "that the behaviour model gets on the task's gold answers, or score.teacher_data, "
+                                   "before it writes the data; 0: it writes as it is")
     teacher_optimizer: TeacherOptimizer = Field(default_factory=TeacherOptimizer, description="the teacher's "
                                                 "brief SFT (teacher_sft_steps steps of sft.batch_size rows)")
     teacher_data: str | None = Field(None, description="what the teacher is trained on: a Parquet/JSONL file of "
@@ -45,13 +50,20 @@ def parse_variant(label: str) -> tuple[str, set[str]]:
 
 
 class SftConfig(Section):
-    pear: PearSft = Field(default_factory=PearSft)
-    # Comparison mode: several variants trained from the same student on the same data, each then through RL.
-    variants: list[str] = Field(default_factory=list, description="labels level[+distill][+opd], see parse_variant")
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(16, gt=0)
+    """PEAR-weighted SFT of the student on the scored data: one variant, or several to compare."""
+
+    pear: PearSft = Field(default_factory=PearSft, description="the SFT objective; sft.variants' labels set its "
+                          "level and base loss per variant")
+    variants: list[str] = Field(default_factory=list, description="comparison mode: variants trained from the same "
+                                "student on the same data, each then through RL and eval, labelled "
+                                "level[+distill][+opd] (e.g. none, token, block+distill): +distill trains on the "
+                                "teacher's top-k, +opd makes the variant's RL on-policy distillation. Empty: the one "
+                                "variant sft.pear describes")
+    epochs: int = Field(1, ge=1, description="passes over the SFT data, each in a fresh order drawn from the seed")
+    batch_size: int = Field(16, gt=0, description="rows per optimizer step (the teacher's SFT uses it too)")
     optimizer: SftOptimizer = Field(default_factory=SftOptimizer, description="every variant's AdamW and schedule")
-    checkpoint_every: int = Field(50, gt=0)
+    checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints, from which a stopped run resumes; "
+                                  "also the prior's and the teacher's SFT")
 
     @field_validator("variants")
     @classmethod
@@ -62,16 +74,21 @@ class SftConfig(Section):
 
 
 class RlConfig(Section):
-    steps: int = Field(10, ge=1)
-    prompts_per_step: int = Field(8, gt=0)
-    group_size: int = Field(8, ge=2)
+    """RL of each variant from its SFT export (the student when the job has no sft stage)."""
+
+    steps: int = Field(10, ge=1, description="RL steps per variant; a step samples one batch and makes the "
+                       "objective's updates on it (rl.objective.minibatches x epochs_per_batch)")
+    prompts_per_step: int = Field(8, gt=0, description="train prompts a step samples, drawn from (seed, step)")
+    group_size: int = Field(8, ge=2, description="samples per prompt: a group, whose rewards give each sample its "
+                            "advantage (one sample alone has none)")
     optimizer: RlOptimizer = Field(default_factory=RlOptimizer, description="the RL learner's AdamW and schedule")
     objective: RlObjective = Field(default_factory=Grpo, description="grpo (default), on_policy_distill or a "
                                    "custom plug-in (kind: custom, function: module:function)")
-    normalize_std: bool = Field(True, description="group advantages divided by the group's reward std (GRPO)")
+    normalize_std: bool = Field(True, description="group advantages divided by the group's reward std (GRPO); "
+                                "false: only centred on the group's mean (Dr. GRPO)")
     drop_constant_groups: bool = Field(True, description="drop groups whose rewards are all equal (no signal), "
                                        "when the objective reads the advantage")
-    checkpoint_every: int = Field(5, gt=0)
+    checkpoint_every: int = Field(5, gt=0, description="steps between checkpoints, from which a stopped run resumes")
     max_staleness: int = Field(0, ge=0, description="k: the rollout actors generate the next k steps' samples "
                                "while the learner trains, with weights at most k updates old (the truncated "
                                "importance correction against their rollout log-probs corrects for it); older "
@@ -86,10 +103,13 @@ class RlConfig(Section):
 
 
 class EvalConfig(Section):
-    n: int = Field(8, ge=1)
+    """pass@k on the task's held-out prompts, after SFT and after RL, estimated without bias from n samples each."""
+
+    n: int = Field(8, ge=1, description="samples per held-out prompt")
     correct_threshold: float = Field(1.0, gt=0, le=1, description="a sample counts as correct at this reward")
-    k: list[int] = Field(default_factory=lambda: [1, 8])
-    temperature: float = Field(1.0, ge=0)
+    k: list[int] = Field(default_factory=lambda: [1, 8], description="the k of each pass@k reported, each in 1..n")
+    temperature: float = Field(1.0, ge=0, description="eval's sampling temperature (0: greedy); the rest of its "
+                               "sampling is the sampling section's")
 
     @model_validator(mode="after")
     def _k_within_n(self) -> EvalConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import reprlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -113,9 +114,9 @@ def _read_parquet(path: Path) -> pa.Table:
 
 
 def _read_jsonl(path: Path) -> pa.Table:
-    rows = []
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
+    rows, lines = [], []
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
@@ -129,25 +130,60 @@ def _read_jsonl(path: Path) -> pa.Table:
                 raise DataError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(_text_columns_as_str(row, f"{path}, line {number}"))
+            rows.append(_ids_and_answers_as_text(row))
+            lines.append(number)
     if not rows:
         raise DataError(f"{path}: no rows")
     try:
         return pa.Table.from_pylist(rows)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        raise DataError(f"{path}: rows disagree on a column's type ({error})") from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        raise _misfit(path, rows, lines) from None
 
 
-def _text_columns_as_str(row: dict, where: str) -> dict:
-    """JSON answers and ids are often numbers on some lines and strings on others: they become text. A prompt or
-    response that is not text is a mistake, refused here with its line."""
-    for name in schema.TEXT_COLUMNS:
-        if row.get(name) is not None and not isinstance(row[name], str):
-            raise DataError(f"{where}, column {name!r}: expected text, got {type(row[name]).__name__} {row[name]!r}")
+def _ids_and_answers_as_text(row: dict) -> dict:
+    """JSON answers and ids are often numbers on some lines and strings on others: they become text. (A prompt or
+    response that is not text is a mistake, not converted: `_misfit` or the schema refuses it.)"""
     for name in (schema.ID, schema.ANSWER):
         if row.get(name) is not None and not isinstance(row[name], str):
             row[name] = json.dumps(row[name]) if isinstance(row[name], (dict, list)) else str(row[name])
     return row
+
+
+def _misfit(path: Path, rows: list[dict], lines: list[int]) -> DataError:
+    """Why Arrow cannot make one table of the rows: the first line whose value does not fit its column, by the
+    schema's type for a column the schema knows (so a wrong first line is the one named), else by the type of the
+    lines above it. Converts value by value, so only for the error."""
+    columns = {name: [row.get(name) for row in rows] for name in rows[0]}  # the columns Table.from_pylist makes
+    name = next(name for name, values in columns.items() if not _converts(values))
+    values, wanted = columns[name], schema.COLUMN_TYPES.get(name)
+    misfits = (index for index, value in enumerate(values) if wanted is not None and not _converts([value], wanted))
+    index = next(misfits, None)
+    if index is not None:
+        expected = schema.type_name(wanted)
+    else:
+        index = _first_failing_prefix(values) - 1
+        expected = f"{pa.array(values[:index]).type}, as on the lines above" if index else "values of one type"
+    value = values[index]
+    return DataError(f"{path}, line {lines[index]}, column {name!r}: expected {expected}, got {type(value).__name__} "
+                     f"{reprlib.repr(value)}")
+
+
+def _converts(values: list, type: pa.DataType | None = None) -> bool:
+    try:
+        pa.array(values, type=type)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+
+
+def _first_failing_prefix(values: list) -> int:
+    """The length of the shortest prefix of `values` Arrow cannot convert, by bisection (a prefix that fails stays
+    failing)."""
+    works, fails = 0, len(values)
+    while fails - works > 1:
+        middle = (works + fails) // 2
+        works, fails = (middle, fails) if _converts(values[:middle]) else (works, middle)
+    return fails
 
 
 def write_table(table: pa.Table, path: str | Path, **options) -> None:

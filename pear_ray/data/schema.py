@@ -84,8 +84,7 @@ def conform(table: pa.Table | pa.RecordBatch, source: str = "batch") -> pa.Table
         wanted = COLUMN_TYPES.get(name)
         if wanted is None or table.schema.field(name).type == wanted:
             continue
-        if name in TEXT_COLUMNS and not pa.types.is_string(table.schema.field(name).type) and \
-                not pa.types.is_large_string(table.schema.field(name).type):
+        if name in TEXT_COLUMNS and not is_text(table.schema.field(name).type):
             raise SchemaError(f"has type {table.schema.field(name).type}, expected text (a number or a list as a "
                               "prompt or response is a mistake, not something to guess a string for)",
                               source=source, column=name)
@@ -95,6 +94,15 @@ def conform(table: pa.Table | pa.RecordBatch, source: str = "batch") -> pa.Table
             actual = table.schema.field(name).type
             raise SchemaError(f"has type {actual}, expected {wanted} ({error})", source=source, column=name) from None
     return table
+
+
+def is_text(type: pa.DataType) -> bool:
+    return pa.types.is_string(type) or pa.types.is_large_string(type)
+
+
+def type_name(type: pa.DataType) -> str:
+    """A column type as messages name it: `text`, or Arrow's name (e.g. list<item: int32>)."""
+    return "text" if is_text(type) else str(type)
 
 
 def validate(

@@ -4,9 +4,10 @@
 one message instead of a traceback after Ray has started and models were built. It checks, in order: the run
 folder (a folder, writable, not bound to another config), the loggers, every model the job names (a complete
 Hugging Face folder or Hub id: config, weights, a tokenizer the embedding covers, positions for the prompt and
-response limits; all sharing the student's tokenizer), the task (its name and args, its prompt files, a custom
-reward or objective importable), and the SFT data (readable, valid against the schema and the student's
-tokenizer, every row within the model's positions), with a behaviour source for the score stage.
+response limits; all sharing the student's tokenizer), the task (its name and args, its prompt files), and the SFT
+data (readable, valid against the schema and the student's tokenizer, every row within the model's positions), with
+a behaviour model for the score stage where the data lacks what it needs. What the config alone decides (plug-ins
+importable included) was checked by its validators when the job loaded; each rule is checked in one place.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from pear_ray.driver.run import check_bound, finished_stages
 from pear_ray.messages import first_line
 from pear_ray.hub import hub_snapshot
 from pear_ray.models import TinyModelSpec, build_tiny_model, check_model_files
-from pear_ray.objectives.custom import CustomObjective
-from pear_ray.plugins import load_callable
 from pear_ray.tasks import make_task
 from pear_ray.tracking.metrics import require_logger
 
@@ -139,23 +138,19 @@ def check_models(job: JobConfig, models: dict[str, ModelFacts]) -> None:
 
 
 def check_task(job: JobConfig) -> None:
-    """The task builds (name, args), its prompts can be drawn (files read), and plug-ins import."""
+    """The task builds (name, args) and its prompts can be drawn (files read). Its custom reward and a custom
+    objective were imported when the job loaded (the config's validators)."""
     task = make_task(job.task, job.data, seed=job.task.split_seed)
     stages = set(job.stages)
     if stages & {"rl", "eval"} or ("score" in stages and job.data.sft is None):
         task.prompts("train")
         task.prompts("eval")
-    if job.task.reward is not None:
-        load_callable(job.task.reward)
-    for variant in job.sft_variants:
-        objective = job.rl_objective(variant)
-        if isinstance(objective, CustomObjective):
-            load_callable(objective.function)
 
 
 def check_data(job: JobConfig, models: dict[str, ModelFacts]) -> None:
-    """The data the score stage reads, valid and within the models' positions, and a source of behaviour
-    log-probs for it; or, without a score stage, its output already in the run folder (checked by the stages)."""
+    """The data the score stage reads, valid and within the models' positions, and a source of what it lacks
+    (behaviour log-probs, with score.teacher_topk the teacher's top-k); or, without a score stage, its output already
+    in the run folder (checked by the stages)."""
     if "score" not in job.stages:
         return
     behavior = job.models.behavior
@@ -167,12 +162,18 @@ def check_data(job: JobConfig, models: dict[str, ModelFacts]) -> None:
         data = load_sft_data(job.data.sft, models["student"].tokenizer, max_prompt_tokens=job.data.max_prompt_tokens,
                              max_response_tokens=job.data.max_response_tokens, split=job.data.sft_split,
                              columns=job.data.sft_columns)
-        scored = schema.BEHAVIOR_LOGPROBS not in data.column_names
-        if scored and behavior is None:
+        lacks_logprobs = schema.BEHAVIOR_LOGPROBS not in data.column_names
+        lacks_topk = job.score.teacher_topk > 0 and schema.TEACHER_TOPK not in data.column_names
+        if lacks_logprobs and behavior is None:
             raise ConfigError(f"data.sft = {job.data.sft!r} has no {schema.BEHAVIOR_LOGPROBS} column: give "
                               "models.behavior to score it, or data that carries them")
+        if lacks_topk and behavior is None:
+            raise ConfigError(f"score.teacher_topk={job.score.teacher_topk} needs the teacher's top-k at every "
+                              f"response token, and {job.data.sft} has behaviour log-probs but no teacher_topk "
+                              "column: give models.behavior to score it, data with a teacher_topk column, or "
+                              "score.teacher_topk=0")
         check_positions(data, models["student"], job.data.sft)
-        if scored:  # vLLM scores a row with room for one more token
+        if lacks_logprobs or lacks_topk:  # the behaviour model scores it; vLLM with room for one more token
             check_positions(data, models["behavior"], job.data.sft, spare=1)
     if job.score.teacher_data is not None and job.score.teacher_sft_steps:
         check_positions(load_sft_data(job.score.teacher_data, models["student"].tokenizer,

@@ -14,7 +14,7 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # vLLM CPU attention only has kernels for these head sizes.
 ALLOWED_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -36,15 +36,20 @@ class TinyModelSpec(BaseModel):
     """Shape of a tiny Qwen2 model. Defaults: ~0.1M params, head_dim 32 (the smallest vLLM CPU head size)."""
 
     model_config = ConfigDict(extra="forbid")
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    num_kv_heads: int = 2
-    intermediate_size: int = 128
-    vocab_size: int = 384  # BPE target incl. 256 byte tokens and the 3 special tokens
-    max_position_embeddings: int = 512
-    tie_embeddings: bool = False  # small Qwen2.5 models tie; untied is the simpler default for weight sync
-    seed: int = 0
+    hidden_size: int = Field(64, description="the model's width; hidden_size / num_heads must be a head size vLLM's "
+                             f"CPU attention has kernels for ({', '.join(map(str, ALLOWED_HEAD_DIMS))})")
+    num_layers: int = Field(2, description="transformer layers")
+    num_heads: int = Field(2, description="attention heads")
+    num_kv_heads: int = Field(2, description="key/value heads (grouped-query attention when fewer than num_heads); "
+                              "divides num_heads")
+    intermediate_size: int = Field(128, description="width of each layer's MLP")
+    vocab_size: int = Field(384, description="the size the byte-level BPE is trained to, counting its 256 byte "
+                            "tokens and 3 special tokens (so at least 259); the embedding has a row per token")
+    max_position_embeddings: int = Field(512, description="positions: the most prompt + response tokens the model "
+                                         "takes")
+    tie_embeddings: bool = Field(False, description="share the input embedding with the output layer, as small "
+                                 "Qwen2.5 models do; untied is the simpler default for weight sync")
+    seed: int = Field(0, description="seed of the initial weights (the tokenizer does not depend on it)")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> TinyModelSpec:

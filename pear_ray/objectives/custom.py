@@ -20,7 +20,11 @@ from pear_ray.plugins import checked_spec, load_callable
 
 
 class CustomObjective(ObjectiveConfig):
-    kind: Literal["custom"] = "custom"
+    """A plug-in objective: `function(inputs: ObjectiveInputs, **args) -> LossTerms`, named by import path, which
+    returns the loss as a sum and the size it is divided by, as the built-in objectives do
+    (pear_ray/objectives/custom.py)."""
+
+    kind: Literal["custom"] = Field("custom", description="the objective")
     function: str = Field(description="'package.module:function' or 'path/to/file.py:function'")
     args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the function")
     needs: list[str] = Field(default_factory=list, description="batch columns the function reads")

@@ -55,9 +55,9 @@ def topk_forward_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tens
 
 class OnPolicyDistill(ClippedSurrogate):
     """On-policy distillation: the clipped surrogate on per-token advantages log pi_teacher - log pi_student of the
-    student's own samples (module docstring), optionally plus `reward_coef` x the verifier's group advantage."""
+    student's own samples (pear_ray/objectives/distill.py), optionally plus `reward_coef` x the verifier's group advantage."""
 
-    kind: Literal["on_policy_distill"] = "on_policy_distill"
+    kind: Literal["on_policy_distill"] = Field("on_policy_distill", description="the objective")
     reward_coef: float = Field(0.0, ge=0, description="weight of the verifier's group advantage added per token; "
                                "0 distils only, and keeps groups whose rewards are all equal")
 

@@ -155,10 +155,16 @@ def surrogate(logp, logp_old, advantages, mask, *, eps_low, eps_high, logp_rollo
 class ClippedSurrogate(ObjectiveConfig):
     """The settings of the clipped policy-gradient surrogate that GRPO and on-policy distillation share."""
 
-    clip_low: float = Field(CLIP_LOW, ge=0)
-    clip_high: float = Field(CLIP_HIGH, ge=0)
-    tis_cap: float | None = Field(TIS_CAP, gt=0, description="truncated importance correction cap; null disables")
-    loss_aggregation: Literal["token-mean", "sequence-mean"] = "token-mean"
+    clip_low: float = Field(CLIP_LOW, ge=0, description="the surrogate clips the probability ratio pi / pi_old "
+                            "below at 1 - clip_low")
+    clip_high: float = Field(CLIP_HIGH, ge=0, description="and above at 1 + clip_high; wider than clip_low (DAPO's "
+                             "clip-higher), so low-probability tokens stay explorable")
+    tis_cap: float | None = Field(TIS_CAP, gt=0, description="cap on each token's truncated importance weight "
+                                  "pi_old / pi_rollout, which corrects for the rollout engine and the learner not "
+                                  "computing the same distribution (and for stale samples); null: no correction")
+    loss_aggregation: Literal["token-mean", "sequence-mean"] = Field(
+        "token-mean", description="token-mean: every response token of the batch weighs the same (DAPO); "
+        "sequence-mean: each sample's mean over its tokens, then the mean over samples (the GRPO paper)")
     minibatches: int = Field(1, ge=1, description="optimizer updates per pass over a step's samples")
     epochs_per_batch: int = Field(1, ge=1, description="passes over a step's samples")
 
@@ -188,8 +194,9 @@ class Grpo(ClippedSurrogate):
     ranges, truncated importance sampling against the rollout engine, and an optional k3 KL penalty to the
     reference model."""
 
-    kind: Literal["grpo"] = "grpo"
-    kl_coef: float = Field(0.0, ge=0)
+    kind: Literal["grpo"] = Field("grpo", description="the objective; an rl.objective without kind is grpo")
+    kl_coef: float = Field(0.0, ge=0, description="weight of the k3 estimate of KL(policy || reference) per token, "
+                           "aggregated as the surrogate is; 0: no penalty, and no reference model scored")
 
     def columns(self) -> tuple[str, ...]:
         return (ADVANTAGE, *super().columns(), *((REF_LOGPROBS,) if self.kl_coef > 0 else ()))

@@ -11,8 +11,11 @@ On the response tokens t = 1..T of a row (counted along the mask, whatever the p
     loss      = sum_t w_t l_t / N,  l_t the per-token base loss (NLL by default), N the batch's response tokens
                                     (normalize tokens) or sum_t w_t over them (normalize weights)
 
-With `tokens` the step size scales with the mean weight, so a level whose weights average 0.3 trains at about
-0.3 x the learning rate of canonical SFT; `weights` keeps canonical SFT's step size and only redistributes it.
+Within a batch both divisors weight tokens and rows alike (by w_t). Across batches they differ: with `tokens` a
+batch's loss scales with its mean weight, so a batch the weights discount counts for less against the others; with
+`weights` every batch's loss is a weighted mean, and batches count alike, as in canonical SFT. Neither sets an
+effective learning rate: a scale common to every batch cancels in AdamW's update, and only gradient clipping, which
+acts before AdamW, sees it.
 
 The token level is the block level with B = 1, so both share one vectorised path.
 
@@ -241,17 +244,31 @@ class PearSft(ObjectiveConfig):
     or (`base_loss: distill`) the forward KL from the teacher's top-k distribution (objectives/distill.py), which
     the weights multiply exactly as they multiply the NLL."""
 
-    kind: Literal["pear_sft"] = "pear_sft"
-    level: Literal["none", "sequence", "token", "block"] = "token"
-    gamma: float = Field(GAMMA, gt=0, le=1)
-    block_size: int = Field(BLOCK_SIZE, ge=1)
-    delta_clip: tuple[float, float] = DELTA_CLIP
-    log_weight_clip: tuple[float, float] = LOG_WEIGHT_CLIP
-    target_mode: Literal["online", "frozen"] = "online"
-    # The loss's divisor: the batch's response tokens (the step scales with the mean weight, an effective lr of
-    # lr x mean weight) or the sum of the weights over them (canonical SFT's step size, redistributed).
-    normalize: Literal["tokens", "weights"] = "tokens"
-    base_loss: Literal["nll", "distill"] = "nll"
+    kind: Literal["pear_sft"] = Field("pear_sft", description="the objective's name; pear_sft is the only one")
+    level: Literal["none", "sequence", "token", "block"] = Field(
+        "token", description="a token's weight is the product of the (clipped) probability ratios target / "
+        "behaviour of: none, no token (weight 1: canonical SFT); sequence, every token of its row (one weight per "
+        "row); token, the tokens after it; block, the tokens after its block of block_size tokens")
+    gamma: float = Field(GAMMA, gt=0, le=1, description="token and block levels: a token's weight is multiplied by "
+                         "gamma per response token after it (after its block); 1: no discount")
+    block_size: int = Field(BLOCK_SIZE, ge=1, description="block level: tokens per block, which share one weight")
+    delta_clip: tuple[float, float] = Field(DELTA_CLIP, description="[low, high] bounds on each token's log-ratio "
+                                            "log pi_target - log pi_behaviour (nats), before the weights sum them")
+    log_weight_clip: tuple[float, float] = Field(LOG_WEIGHT_CLIP, description="[low, high] bounds on a weight's log "
+                                                 "after the sum, so every weight lies in [e^low, e^high]")
+    target_mode: Literal["online", "frozen"] = Field(
+        "online", description="the target's log-probs: online, the model being trained (detached, from the loss's "
+        "forward pass); frozen, the data's ref_logprobs, scored once before SFT by models.reference, else the "
+        "student before SFT")
+    normalize: Literal["tokens", "weights"] = Field(
+        "tokens", description="the loss's divisor. tokens: the batch's response tokens, so a batch's loss scales "
+        "with its mean weight, and a batch the weights discount counts for less against the other batches; "
+        "weights: the sum of the weights over them, so every batch counts alike, as in canonical SFT. Within a "
+        "batch the two differ by a constant only; a scale common to every batch cancels in AdamW's update, and only "
+        "gradient clipping, which acts before it, sees it")
+    base_loss: Literal["nll", "distill"] = Field(
+        "nll", description="the per-token loss the weights multiply: nll, of the data's tokens; distill, the "
+        "forward KL from the teacher's top-k in the data's teacher_topk column (score.teacher_topk)")
 
     @field_validator("delta_clip", "log_weight_clip")
     @classmethod

@@ -44,10 +44,6 @@ def run_score(run: Run) -> Path:
             log.info("%s carries behaviour log-probs: using them as they are", job.data.sft)
             write_table(table, target)
             return target
-        if has_logprobs and job.models.behavior is None:
-            raise ValueError(f"score.teacher_topk={k} needs the teacher's top-k at every response token, and "
-                             f"{job.data.sft} has behaviour log-probs but no teacher_topk column: give "
-                             "models.behavior to score it, data with a teacher_topk column, or score.teacher_topk=0")
         return score_with_behavior(run, table, target, column=None if has_logprobs else schema.BEHAVIOR_LOGPROBS,
                                    topk=topk)
     if job.models.behavior is not None and job.models.behavior.scripted is not None:
