@@ -96,6 +96,19 @@ class JobConfig(Section):
                              f"{self.rl.objective.kind!r}: use kind grpo or on_policy_distill")
         return self
 
+    @model_validator(mode="after")
+    def _colocated_generation_fits_the_learner(self) -> JobConfig:
+        """Colocated generation needs every rank to hold the full weights, and a pool that is the learner's ranks
+        cannot grow."""
+        rollout, learner = self.resources.rollout, self.resources.learner
+        if rollout.colocate and learner.zero_stage == 3:
+            raise ValueError("resources.rollout.colocate generates with the weights every learner rank holds; ZeRO-3 "
+                             "partitions them: use resources.learner.zero_stage 0, 1 or 2, or colocate: false")
+        if rollout.colocate and rollout.max_actors is not None:
+            raise ValueError("resources.rollout.colocate: the rollout pool is the learner's ranks and cannot grow; "
+                             "drop resources.rollout.max_actors")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name

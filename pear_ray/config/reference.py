@@ -47,7 +47,14 @@ class SectionPlace:
     @property
     def title(self) -> str:
         place = self.place or "top level"
-        return f"{place} (kind: {self.kind})" if self.kind else place
+        return f"{place} ({tag_field(self.model, self.kind)}: {self.kind})" if self.kind else place
+
+
+def tag_field(model: type[BaseModel], tag: str) -> str:
+    """The field that carries a tagged union's tag in one of its kinds (`kind` for objectives, `backend` for engine
+    options): the one whose type is the literal tag."""
+    return next(name for name, field in model.model_fields.items()
+                if typing.get_origin(field.annotation) is Literal and typing.get_args(field.annotation) == (tag,))
 
 
 def sections(model: type[BaseModel] = JobConfig, place: str = "", kind: str | None = None) -> Iterator[SectionPlace]:
@@ -131,7 +138,11 @@ def default_text(field: FieldInfo) -> str:
     value = field.get_default(call_default_factory=True)
     if not isinstance(value, BaseModel):
         return f"`{value_text(value)}`"
-    return "its section's defaults" if len(section_arms(field.annotation)) == 1 else f"kind `{value.kind}`, its defaults"
+    arms = section_arms(field.annotation)
+    if len(arms) == 1:
+        return "its section's defaults"
+    tag = next(tag for tag, arm in arms if isinstance(value, arm))
+    return f"{tag_field(type(value), tag)} `{tag}`, its defaults"
 
 
 def cell(text: str) -> str:

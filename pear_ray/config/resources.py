@@ -13,16 +13,20 @@ from pear_ray.config.base import Section
 class ActorResources(Section):
     """Resources of one actor of a role; custom resources pin roles to node groups on a cluster."""
 
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    resources: dict[str, float] = Field(default_factory=dict)
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs each actor of the role takes; its torch threads are this, "
+                            "rounded down, at least 1 (fractions let several actors share a core on a laptop)")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs each actor takes (0: CPU only; any role above 0 makes "
+                            "the job a GPU job, and the workers then use the CUDA accelerator)")
+    resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources each actor needs, "
+                                        "e.g. {rollout_node: 1}: how a cluster puts a role on its own node group "
+                                        "(cluster/ declares them per node type)")
 
 
 class VllmOptions(Section):
     """The vLLM engine (engines/vllm_engine.py). The defaults suit tiny models on CPU; on a GPU, e.g. {dtype:
     bfloat16, kv_cache_memory_bytes: null, gpu_memory_utilization: 0.85}."""
 
-    backend: Literal["vllm"] = "vllm"
+    backend: Literal["vllm"] = Field("vllm", description="the engine: vLLM (the default when no backend is given)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="weights and activations: float32 gives log-probs within ~5e-7 of the learner's "
         "fp32 forward (bf16: ~2e-3); bfloat16 or float16 on a GPU; auto: the checkpoint's")
@@ -59,7 +63,8 @@ class TransformersOptions(Section):
     """The model's own transformers forward in the actor (engines/transformers_engine.py): for tiny models on CPU,
     where vLLM's per-step scheduling outweighs the model."""
 
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers"] = Field("transformers", description="the engine: the model's own transformers "
+                                             "forward with a KV cache, in the actor (tiny models on CPU)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
     max_rows: int = Field(256, ge=1, description="rows (prompt x sample) per forward when generating or scoring: "
                           "bounds the memory of a call")
@@ -76,6 +81,10 @@ EngineOptions = Annotated[Annotated[VllmOptions, Tag("vllm")] | Annotated[Transf
 
 
 class RolloutResources(ActorResources):
+    """The rollout/scoring service: actors that generate (score's teacher, RL, eval) and score teacher-forced, each
+    running one engine; sized and placed apart from the learner, which is how collection scales apart from
+    training."""
+
     num_actors: int = Field(1, ge=1, description="actors to start with, and the fewest to keep")
     max_actors: int | None = Field(None, ge=1, description="grow up to this many as the cluster has room; "
                                    "null keeps the pool at num_actors")
@@ -87,6 +96,12 @@ class RolloutResources(ActorResources):
     engine: EngineOptions = Field(
         default_factory=VllmOptions, description="what generates and scores, and its options: {backend: vllm, ...} "
         "(the default) or {backend: transformers, dtype, max_rows}; a key the backend does not take is refused")
+    colocate: bool = Field(False, description="RL generates on the learner's own ranks instead of rollout actors: "
+                           "each step every rank generates its share of the prompts with the weights it holds, then "
+                           "trains, so no weights are copied and no version lags (transformers: the very module "
+                           "being trained; vLLM: a copy in the rank's process, reloaded in place after each update). "
+                           "Generation gets every CPU (GPU) the learner has while it runs, and training waits for it. "
+                           "Score and eval still use rollout actors of these resources")
 
     @model_validator(mode="after")
     def _max_not_below_min(self) -> RolloutResources:
@@ -96,8 +111,13 @@ class RolloutResources(ActorResources):
 
 
 class LearnerResources(ActorResources):
-    num_ranks: int = Field(1, ge=1)
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    """The DeepSpeed learner: data-parallel ranks, one Ray actor each, placed together in one placement group."""
+
+    num_ranks: int = Field(1, ge=1, description="data-parallel ranks; each trains on its contiguous shard of every "
+                           "batch, so a batch needs at least this many rows (x the objective's minibatches)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 0 replicates everything; 1 "
+                                            "partitions optimizer states, 2 also gradients, 3 also parameters "
+                                            "(gathered per layer in each forward)")
     bf16: bool = Field(False, description="bf16 training with fp32 master weights (GPU)")
     max_tokens_per_micro_batch: int | None = Field(
         None, ge=0, description="per rank: cut each update's rows into micro-batches of at most this many prompt + "
@@ -110,6 +130,11 @@ class LearnerResources(ActorResources):
 
 
 class ResourcesConfig(Section):
-    rollout: RolloutResources = Field(default_factory=RolloutResources)
-    learner: LearnerResources = Field(default_factory=LearnerResources)
-    reference: ActorResources = Field(default_factory=ActorResources)
+    """Where each role runs and how many of it. These settings change how and where a run goes, not what it
+    produces, so a run folder may be resumed with other resources."""
+
+    rollout: RolloutResources = Field(default_factory=RolloutResources, description="the rollout/scoring actors")
+    learner: LearnerResources = Field(default_factory=LearnerResources, description="the learner's ranks")
+    reference: ActorResources = Field(default_factory=ActorResources, description="the reference actor: a frozen "
+                                      "model scoring teacher-forced (RL's KL reference, PEAR's frozen target, "
+                                      "on-policy distillation's teacher)")
