@@ -15,8 +15,16 @@ from pear_ray.data.io import encode_prompt, encode_response
 from pear_ray.stages.common import Run
 from pear_ray.stages.score import run_score
 from pear_ray.tasks import make_task
-from pear_ray.tasks.addition import (BARE, TRACE, AdditionTask, bare_text, exact_logprobs, exact_topk, scripted_rows,
-                                     trace_text)
+from pear_ray.tasks.addition import (
+    BARE,
+    TRACE,
+    AdditionTask,
+    bare_text,
+    exact_logprobs,
+    exact_topk,
+    scripted_rows,
+    trace_text,
+)
 from pear_ray.tracking import MetricsLogger
 
 

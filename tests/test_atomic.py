@@ -2,7 +2,6 @@
 whole, and a checkpoint whose files do not match its manifest is passed over for the one before it."""
 
 import errno
-import json
 import logging
 from pathlib import Path
 

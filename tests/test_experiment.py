@@ -4,10 +4,10 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from test_job import finish, pear_ray
 
 from pear_ray.config import ConfigError, load_job
 from pear_ray.driver.experiment import cells
-from test_job import finish, pear_ray
 
 TINY_EXPERIMENT = [  # pear-vs-sft made tiny: no RL, a short prior, a handful of prompts
     "seeds=[0,1]", "stages=[score,sft,eval]", "sft.variants=[none,token]", "task.num_train=32", "task.num_eval=6",

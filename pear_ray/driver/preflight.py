@@ -24,8 +24,8 @@ from pear_ray.config import ConfigError, JobConfig, ModelSource
 from pear_ray.data import schema
 from pear_ray.data.io import load_sft_data
 from pear_ray.driver.run import check_bound, finished_stages
-from pear_ray.messages import first_line
 from pear_ray.hub import hub_snapshot
+from pear_ray.messages import first_line
 from pear_ray.models import TinyModelSpec, build_tiny_model, check_model_files
 from pear_ray.tasks import make_task
 from pear_ray.tracking.metrics import require_logger
