@@ -125,7 +125,7 @@ def main() -> None:
 
     from pear_ray.actors.learner import LearnerGroup
     from pear_ray.runtime import init_ray
-    from pear_ray.config import LearnerResources, RlConfig, RolloutResources
+    from pear_ray.config import LearnerResources, RolloutResources
     from pear_ray.actors.roles import rollout_pool
 
     load_before = other_load()
@@ -140,9 +140,9 @@ def main() -> None:
         learner = None
         try:
             t0 = time.perf_counter()
-            learner = LearnerGroup.for_rl(model_dir, LearnerResources(num_ranks=1, zero_stage=args.zero_stage,
-                                                                      num_cpus=args.cpus),
-                                          RlConfig(lr=args.lr), temperature=1.0, seed=0)  # as generate samples
+            learner = LearnerGroup(model_dir, LearnerResources(num_ranks=1, zero_stage=args.zero_stage,
+                                                               num_cpus=args.cpus),
+                                   lr=args.lr, temperature=1.0, seed=0)  # as generate samples
             startup["learner"] = time.perf_counter() - t0
             params = sum(t.numel() for t in ray.get(learner.weights_ref()).values())
             version, rng = 0, np.random.default_rng(0)
