@@ -60,7 +60,7 @@ def test_an_added_actor_takes_work_only_once_activated_and_one_that_never_starts
         needs = {"resources": {"no_such_node": 1}} if slot == 2 else {}
         return worker.options(num_cpus=0.25, **needs).remote(str(tiny_model_dir), seed=slot)
 
-    pool = ActorPool(make_actor, 1, min_size=1)
+    pool = ActorPool.start(make_actor, 1, min_size=1)
     try:
         assert pool.add_actor() == 1
         ray.get(pool.slots[1].ready)  # up, but not activated: it must not be given work yet

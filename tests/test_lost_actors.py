@@ -99,7 +99,7 @@ def test_a_hung_actor_is_killed_and_its_batches_rerun_in_map_and_in_call_all(ray
                                                                             scored_refs, hang, caplog):
     """An elastic pool (three reference actors, at least one) lets each hung actor go rather than wait for a new
     one to start; the slow test below shows a fixed pool replacing a hung (vLLM) actor."""
-    pool = ActorPool(lambda slot: reference_actor(tiny_model_dir, REFERENCE), size=3, min_size=1, call_timeout_s=3,
+    pool = ActorPool.start(lambda slot: reference_actor(tiny_model_dir, REFERENCE), size=3, min_size=1, call_timeout_s=3,
                      role="reference")
     try:
         seen, stopped = map_hanging_the_first_actor(pool, hang, "score", scored_refs[:12])
@@ -122,7 +122,7 @@ def test_a_hung_actor_is_killed_and_its_batches_rerun_in_map_and_in_call_all(ray
 def test_a_queue_answered_one_batch_after_another_is_no_hang(ray_cluster, tiny_model_dir, scored_refs):
     """Every batch queued at once on one actor takes longer in all than call_timeout_s, yet each answers in time:
     the silence counts from the last answer, not from submission."""
-    pool = ActorPool(lambda slot: reference_actor(tiny_model_dir, REFERENCE), size=1, call_timeout_s=0.5)
+    pool = ActorPool.start(lambda slot: reference_actor(tiny_model_dir, REFERENCE), size=1, call_timeout_s=0.5)
     try:
         ray.get(pool.slots[0].ready)
         started = time.monotonic()

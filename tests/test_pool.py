@@ -31,7 +31,7 @@ def batch_refs(ray_cluster, batches) -> list[ray.ObjectRef]:
 
 
 def reference_pool_of(tiny_model_dir, size: int, max_in_flight: int) -> ActorPool:
-    return ActorPool(lambda slot: reference_actor(tiny_model_dir, REFERENCE), size, max_in_flight=max_in_flight,
+    return ActorPool.start(lambda slot: reference_actor(tiny_model_dir, REFERENCE), size, max_in_flight=max_in_flight,
                      role="reference")
 
 

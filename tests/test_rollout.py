@@ -203,7 +203,7 @@ def test_a_killed_rollout_actor_loses_and_duplicates_nothing(ray_cluster, prompt
     def make_actor(slot):
         return ray.remote(RolloutWorker).options(num_cpus=0.25).remote(tiny_model_dir, seed=slot)
 
-    pool = ActorPool(make_actor, size=2, max_in_flight=2)
+    pool = ActorPool.start(make_actor, size=2, max_in_flight=2)
     batches = [prompts.slice(i, 2) for i in range(0, prompts.num_rows, 2)] * 2  # 12 batches
     refs = [ray.put(b) for b in batches]
     seen, killed = [], False
@@ -230,7 +230,7 @@ def test_streaming_a_parquet_dataset_keeps_order_and_every_row(ray_cluster, roll
     generated, _ = generate(rollout, prompts, n=2, seed=3, max_tokens=6)
     source, target = tmp_path / "in.parquet", tmp_path / "out" / "scored.parquet"
     pq.write_table(generated.drop_columns([schema.ROLLOUT_LOGPROBS]), source, row_group_size=5)  # 5 row groups
-    pool = ActorPool(lambda slot: rollout, size=1, max_in_flight=2)  # reuse the module's actor
+    pool = ActorPool.start(lambda slot: rollout, size=1, max_in_flight=2)  # reuse the module's actor
     totals = stream_parquet(pool, "score", source, target, column=schema.BEHAVIOR_LOGPROBS)
     scored = pq.read_table(target)
     assert totals["batches"] == 5 and totals["rows"] == scored.num_rows == generated.num_rows

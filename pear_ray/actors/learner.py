@@ -33,7 +33,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pear_ray.actors.data_stream import stream_rows
-from pear_ray.config import LearnerResources
+from pear_ray.actors.pool import ActorPool, Member, Members
+from pear_ray.config import EngineOptions, LearnerResources, TransformersOptions
 from pear_ray.messages import first_line
 from pear_ray.objectives import ObjectiveConfig
 from pear_ray.runtime import use_assigned_cpus
@@ -108,6 +109,36 @@ class _LearnerRank:
         value = getattr(self.engine, name)
         return value(*args) if callable(value) else value
 
+    # ------------------------------------------------------------------ colocated generation
+
+    def start_rollout(self, options: EngineOptions, seed: int) -> None:
+        """Colocated RL: a rollout engine in this rank's process (the rollout actor's interface below). The
+        transformers backend serves the very module this rank trains, so it always generates with the current
+        weights; vLLM keeps a copy of its own, reloaded in place from the module by `update_weights`."""
+        from pear_ray.actors.rollout import RolloutWorker
+
+        self.rollout = RolloutWorker(self.engine.model_dir, seed=seed, engine=options,
+                                     model=self.engine.engine.module)
+        self.shares_weights = isinstance(options, TransformersOptions)
+
+    @ray.method(num_returns=2)
+    def generate(self, prompts: pa.Table, **kwargs: Any):
+        return self.rollout.generate(prompts, **kwargs)
+
+    @ray.method(num_returns=2)
+    def score(self, table: pa.Table, **kwargs: Any):
+        return self.rollout.score(table, **kwargs)
+
+    def update_weights(self, weights: None, version: int) -> int:
+        """The rollout engine takes this rank's own current weights as `version` (in place, no copy between
+        processes); `weights` is None, as there is nothing to send."""
+        if self.shares_weights:
+            return self.rollout.set_policy_version(version)
+        return self.rollout.update_weights(self.engine.full_weights(), version)
+
+    def set_policy_version(self, version: int) -> int:
+        return self.rollout.set_policy_version(version)
+
 
 LearnerRank = ray.remote(_LearnerRank)
 
@@ -153,6 +184,21 @@ def _get_all(refs: list[ray.ObjectRef], first_rank: int = 0) -> list:
                 raise LearnerLost(first_rank + refs.index(done[0]), first_rank + len(refs), error) from None
             raise
     return ray.get(refs)
+
+
+class RanksAsMembers(Members):
+    """The learner's ranks as the members of a pool (colocated generation). The pool did not start them and must not
+    replace one: a lost rank is LearnerLost, and the stage restarts from its checkpoint (resources.learner)."""
+
+    def __init__(self, actors: list):
+        super().__init__(call_timeout_s=None, role="learner rank")
+        self.slots.update((rank, Member(rank, actor, actor.__ray_ready__.remote())) for rank, actor in enumerate(actors))
+
+    def lose(self, member: Member, error: Exception) -> Member | None:
+        raise LearnerLost(member.slot, len(self.slots), error)
+
+    def shutdown(self) -> None:
+        self.slots.clear()  # the ranks are the learner group's to stop
 
 
 class LearnerGroup:
@@ -270,6 +316,15 @@ class LearnerGroup:
     def optimizer_steps(self) -> int:
         """Optimizer updates applied so far."""
         return ray.get(self._live_actors()[0].call.remote("optimizer_steps"))
+
+    # ------------------------------------------------------------------ colocated generation
+
+    def rollout_pool(self, options: EngineOptions, *, seed: int, max_in_flight: int = 2) -> ActorPool:
+        """Colocated RL: the ranks as a rollout pool, each with a rollout engine in its process (`start_rollout`)
+        that generates with the weights the rank trains. `update_weights(None, version)` on the pool hands each
+        engine its rank's current weights in place."""
+        _get_all([actor.start_rollout.remote(options, seed + rank) for rank, actor in enumerate(self._live_actors())])
+        return ActorPool(RanksAsMembers(self.actors), max_in_flight=max_in_flight)
 
     def shutdown(self) -> None:
         """Kill the ranks and free the placement group. Safe to call twice."""

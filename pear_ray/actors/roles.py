@@ -31,7 +31,7 @@ def rollout_pool(model_dir: str | Path, resources: RolloutResources, *, seed: in
         return worker.remote(str(model_dir), seed=seed + slot, engine=resources.engine)
 
     elastic = resources.max_actors is not None
-    return ActorPool(make_actor, resources.num_actors, max_in_flight=resources.max_in_flight,
+    return ActorPool.start(make_actor, resources.num_actors, max_in_flight=resources.max_in_flight,
                      min_size=resources.num_actors if elastic else None, call_timeout_s=resources.call_timeout_s)
 
 
@@ -75,7 +75,7 @@ def reference_actor(model_dir: str | Path, resources: ActorResources):
 
 def reference_pool(model_dir: str | Path, resources: ActorResources) -> ActorPool:
     """One reference actor in a pool of its own, so that should it die a new one starts and scores the batch again."""
-    return ActorPool(lambda slot: reference_actor(model_dir, resources), size=1, role="reference")
+    return ActorPool.start(lambda slot: reference_actor(model_dir, resources), size=1, role="reference")
 
 
 def mismatch(learner: LearnerGroup, pool: ActorPool, probe_ref: ray.ObjectRef) -> dict[str, float]:
@@ -103,13 +103,14 @@ def _mismatch(pool: ActorPool, learner_ref: ray.ObjectRef, scores) -> dict[str, 
 
 
 def sync_weights(learner: LearnerGroup, pool: ActorPool, version: int, probe_ref: ray.ObjectRef | None = None,
-                 then: Callable[[], None] | None = None) -> dict[str, float]:
+                 then: Callable[[], None] | None = None, colocated: bool = False) -> dict[str, float]:
     """Hand the learner's current weights to every rollout actor (actor to actor, by ObjectRef), then measure
     the mismatch on the probe batch if one is given. `then` runs once the update (and the probe) is queued on
     every actor and before waiting for it: what it queues (the next rollouts) runs on the new weights, with no
-    idle gap."""
+    idle gap. `colocated`: the pool is the learner's own ranks (LearnerGroup.rollout_pool), whose engines take
+    their rank's weights in place, so nothing is sent."""
     started = time.perf_counter()
-    weights = learner.weights_ref()
+    weights = None if colocated else learner.weights_ref()
     update = pool.broadcast("update_weights", weights, version)
     probe = _score_probe(learner, pool, probe_ref) if probe_ref is not None else None
     if then is not None:
@@ -118,8 +119,8 @@ def sync_weights(learner: LearnerGroup, pool: ActorPool, version: int, probe_ref
     metrics = {"sync_seconds": time.perf_counter() - started, "policy_version": version}
     if probe is not None:
         metrics.update(_mismatch(pool, *probe))
-    log.info("weights v%d synced to %d rollout actor(s) in %.2f s%s", version, len(pool.actors),
-             metrics["sync_seconds"],
+    log.info("weights v%d synced to %d %s in %.2f s%s", version, len(pool.actors),
+             "learner rank(s), in place" if colocated else "rollout actor(s)", metrics["sync_seconds"],
              f"; mismatch max {metrics['mismatch_max']:.2e}" if probe_ref is not None else "")
     return metrics
 

@@ -8,6 +8,7 @@ Methods that return a batch return two objects, the batch and a small stats dict
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,11 @@ class RolloutWorker:
     new weights from the learner in place; every sample records the policy version that produced it. With
     topk > 0 either also records this model's top-k next tokens at every response token (`teacher_topk`)."""
 
-    def __init__(self, model_dir: str | Path, *, seed: int = 0, engine: EngineOptions | None = None):
+    def __init__(self, model_dir: str | Path, *, seed: int = 0, engine: EngineOptions | None = None,
+                 model: torch.nn.Module | None = None):
+        """`model`: a loaded model of the folder to serve without a copy where the backend can (see start_engine)."""
         use_assigned_cpus()
-        self.engine: RolloutEngine = start_engine(model_dir, engine, seed=seed)
+        self.engine: RolloutEngine = start_engine(model_dir, engine, seed=seed, model=model)
         self.policy_version = 0
 
     @ray.method(num_returns=2)
@@ -83,11 +86,11 @@ class RolloutWorker:
         return out, batch_stats(out.num_rows, schema.response_token_count(out), started,
                                 policy_version=self.policy_version)
 
-    def update_weights(self, weights: dict[str, Any], version: int) -> int:
-        """Load the learner's weights (HF names) without restarting the engine; samples after this carry
-        `version`."""
+    def update_weights(self, weights: dict[str, Any] | Iterable[tuple[str, Any]], version: int) -> int:
+        """Load the learner's weights (HF names; a dict or (name, tensor) pairs) without restarting the engine;
+        samples after this carry `version`."""
         faults.kill_point("weight-sync")  # the weights are here, the engine still holds the old ones
-        self.engine.update_weights(weights.items())
+        self.engine.update_weights(weights.items() if isinstance(weights, dict) else weights)
         self.policy_version = version
         return version
 

@@ -37,14 +37,17 @@ NOISE_FLOATS = 2**22  # sampling noise drawn ahead per call, at most (16 MiB)
 class TransformersEngine:
     """A transformers causal LM with a KV-cache sampling loop; rows of a call are padded on the left."""
 
-    def __init__(self, model_dir: str | Path, options: TransformersOptions | None = None, *, seed: int = 0):
+    def __init__(self, model_dir: str | Path, options: TransformersOptions | None = None, *, seed: int = 0,
+                 model: torch.nn.Module | None = None):
+        """`model`: serve this already loaded model of the folder (in eval mode) instead of loading one; its weights
+        are then whatever its owner made them (colocated RL: the learner rank's training module)."""
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         options = options or TransformersOptions()
         self.model_dir, self.version, self.max_rows = check_model_dir(model_dir), 0, options.max_rows
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(self.model_dir,
-                                                              dtype=getattr(torch, options.dtype)).eval()
+            self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(
+                self.model_dir, dtype=getattr(torch, options.dtype)).eval()
         except Exception as exc:
             raise EngineError(f"transformers failed to load model folder {self.model_dir}: "
                               f"{type(exc).__name__}: {exc}") from exc

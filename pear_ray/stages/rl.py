@@ -111,11 +111,16 @@ class RolloutBatches:
                          schema.TEACHER_LOGPROBS: run.teacher}
         self.scorers = {column: reference_pool(model(), job.resources.reference)
                         for column, model in frozen_models.items() if column in objective.columns()}
-        self.pool = rollout_pool(self.training.model, job.resources.rollout, seed=job.seed)
-        if job.resources.rollout.max_actors:  # elastic: ask for the most the pool may use while RL runs
-            request_rollout_capacity(job.resources.rollout, job.resources.rollout.max_actors)
+        rollout = job.resources.rollout
+        self.colocated = rollout.colocate
+        if self.colocated:  # the learner's ranks generate, with the weights they train
+            self.pool = learner.rollout_pool(rollout.engine, seed=job.seed, max_in_flight=rollout.max_in_flight)
+        else:
+            self.pool = rollout_pool(self.training.model, rollout, seed=job.seed)
+        if rollout.max_actors:  # elastic: ask for the most the pool may use while RL runs
+            request_rollout_capacity(rollout, rollout.max_actors)
         if step:
-            sync_weights(learner, self.pool, version=step)
+            self.sync(step)
         self.prompts = prompt_table(run, "train")
         self.drop_constant = self.rl.drop_constant_groups and schema.ADVANTAGE in objective.columns()  # else no loss
         self.fill = self.rl.fill_batch and self.drop_constant
@@ -127,8 +132,8 @@ class RolloutBatches:
         """Step `step`'s batch with the frozen models' columns, or None when too few samples carry a signal."""
         job = self.run.job
         self.started = time.perf_counter()
-        if grow_rollout_pool(self.pool, job.resources.rollout):  # actors that came up hold the start weights
-            sync_weights(self.learner, self.pool, version=step)
+        if not self.colocated and grow_rollout_pool(self.pool, job.resources.rollout):  # new actors: start weights
+            self.sync(step)
         self.submit_until(generation_horizon(step, self.rl))  # with the weights the actors hold: version step
         batch_ref, self.probe, figures = self.cut(step, self.generated(step))
         if figures["trained_samples"] < job.resources.learner.num_ranks * self.training.objective.updates()[0]:
@@ -147,8 +152,8 @@ class RolloutBatches:
         update, the same weights relabelled as the next version; then the step's pool figures."""
         pool = self.pool
         if self.probe is not None:
-            out = sync_weights(self.learner, pool, version=step + 1, probe_ref=self.probe,
-                               then=lambda: self.submit_until(generation_horizon(step + 1, self.rl)))
+            out = self.sync(step + 1, probe_ref=self.probe,
+                            then=lambda: self.submit_until(generation_horizon(step + 1, self.rl)))
         else:
             pool.call_all("set_policy_version", step + 1)
             out = {}
@@ -157,6 +162,10 @@ class RolloutBatches:
                    + pool.stats.actors_replaced, rollout_batches_rerun=pool.stats.resubmitted,
                    reference_actors_replaced=sum(scorer.stats.actors_replaced for scorer in self.scorers.values()))
         return out
+
+    def sync(self, version: int, **kwargs) -> dict:
+        """The learner's current weights to the rollout service as `version` (roles.sync_weights)."""
+        return sync_weights(self.learner, self.pool, version, colocated=self.colocated, **kwargs)
 
     def close(self) -> None:
         resources = self.run.job.resources.rollout
@@ -223,7 +232,7 @@ class RolloutBatches:
         if stale:
             log.warning("step %d: %d samples older than %d versions; regenerating", step + 1, stale,
                         self.rl.max_staleness)
-            sync_weights(self.learner, self.pool, version=step)
+            self.sync(step)
             submitted = self._submit_step(step)
             scored, regenerated, unchanged = self._collect(submitted)
             pieces += regenerated

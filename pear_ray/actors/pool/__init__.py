@@ -30,23 +30,27 @@ class PoolStats(DispatchCounts):
 
 
 class ActorPool:
-    """`map` a method over items on N actors, yielding `(index, batch_ref, stats)` as each item finishes.
+    """`map` a method over items on a role's actors (`members`), yielding `(index, batch_ref, stats)` as each item
+    finishes. At most `max_in_flight` items are queued per actor; items are pulled from the iterable only as
+    capacity frees up (back-pressure), so a large dataset is never all in the object store at once. An item whose
+    actor is lost runs again on another, at most `max_attempts` times."""
 
-    `make_actor(slot)` creates (or re-creates) the actor of a slot. At most `max_in_flight` items are queued
-    per actor; items are pulled from the iterable only as capacity frees up (back-pressure), so a large
-    dataset is never all in the object store at once.
+    def __init__(self, members: Members, *, max_in_flight: int = 2, max_attempts: int = 3):
+        self.members = members
+        self.dispatcher = Dispatcher(members, max_in_flight=max_in_flight, max_attempts=max_attempts)
 
-    With `call_timeout_s`, an actor that has work in flight and has answered none of the pool's calls for that
-    long (measured from its last answer, so a queue of batches answered one after another is no hang; an actor
-    still starting is not silent) is killed and treated as lost. A lost actor is replaced, or, with `min_size`
-    given (an elastic pool), let go while the pool has more than `min_size` actors. `role` names the actors in
-    the log.
-    """
+    @classmethod
+    def start(cls, make_actor: Callable[[int], Any], size: int, *, max_in_flight: int = 2, max_attempts: int = 3,
+              min_size: int | None = None, call_timeout_s: float | None = None, role: str = "rollout") -> ActorPool:
+        """A pool of `size` actors of its own: `make_actor(slot)` creates (or re-creates) the actor of a slot.
 
-    def __init__(self, make_actor: Callable[[int], Any], size: int, *, max_in_flight: int = 2, max_attempts: int = 3,
-                 min_size: int | None = None, call_timeout_s: float | None = None, role: str = "rollout"):
-        self.members = Membership(make_actor, size, min_size=min_size, call_timeout_s=call_timeout_s, role=role)
-        self.dispatcher = Dispatcher(self.members, max_in_flight=max_in_flight, max_attempts=max_attempts)
+        With `call_timeout_s`, an actor that has work in flight and has answered none of the pool's calls for that
+        long (measured from its last answer, so a queue of batches answered one after another is no hang; an actor
+        still starting is not silent) is killed and treated as lost. A lost actor is replaced, or, with `min_size`
+        given (an elastic pool), let go while the pool has more than `min_size` actors. `role` names the actors in
+        the log."""
+        members = Membership(make_actor, size, min_size=min_size, call_timeout_s=call_timeout_s, role=role)
+        return cls(members, max_in_flight=max_in_flight, max_attempts=max_attempts)
 
     @property
     def slots(self) -> dict[int, Member]:

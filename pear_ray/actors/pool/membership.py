@@ -62,11 +62,17 @@ class Members(ABC):
         self.slots: dict[int, Member] = {}
         self.call_timeout_s = call_timeout_s
         self.role = role
+        self.replaced = 0  # lost actors replaced in their slot
+        self.dropped = 0  # lost actors whose slot was let go
 
     @abstractmethod
     def lose(self, member: Member, error: Exception) -> Member | None:
         """`member` died or hung (`error` says which): deal with it. Returns the member now in its slot, to ask
         again (None: the slot is gone); another caller may have dealt with it already."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """The pool is done with its members."""
 
     def working(self) -> list[Member]:
         """The members taking work, in slot order."""
@@ -151,8 +157,6 @@ class Membership(Members):
         self.make_actor = make_actor
         self.slots.update((slot, self._start(slot, active=True)) for slot in range(size))
         self.min_size = size if min_size is None else min_size
-        self.replaced = 0
-        self.dropped = 0
 
     def _start(self, slot: int, active: bool) -> Member:
         actor = self.make_actor(slot)
