@@ -19,6 +19,7 @@ from pear_ray.tracking import (
     results_from_metrics,
     write_report,
 )
+from pear_ray.tracking.report import WEIGHT_NOTE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -194,9 +195,10 @@ def test_report_table_and_deltas(tmp_path):
     for line in text.splitlines():
         if line.startswith("| "):
             rows.setdefault(line.split("|")[1].strip(), [c.strip() for c in line.split("|")[2:-1]])
-    # columns: mean PEAR weight over the SFT steps (the effective-lr confound: 1 - floor logged above, averaged),
+    # columns: mean PEAR weight over the SFT steps (1 - floor logged above, averaged),
     # pass@1 SFT, pass@8 SFT, pass@1 RL, pass@8 RL, Δ pass@1, Δ pass@8; noise margin 1/sqrt(400) = 0.05
     assert "| SFT variant | mean PEAR weight (SFT) |" in text
+    assert WEIGHT_NOTE in text  # what the mean weight is not (a learning-rate factor), under the table
     assert rows["none (canonical SFT, baseline)"] == ["1.000", "0.200", "0.450", "0.300", "0.600", "+0.100", "+0.150"]
     assert rows["token"] == ["0.860", "0.300", "0.520", "0.450", "0.530", "+0.150", "(+0.010)"]  # (): noise
     assert rows["block"] == ["0.790", "0.220", "0.480", "–", "–", "–", "–"]

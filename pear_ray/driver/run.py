@@ -14,7 +14,7 @@ checkpoint. state.json also binds the folder to the config its results came from
 is refused instead of mixing results; paths in it are relative to the folder, so the folder can move. Bulk data
 moves between actors by ObjectRef; the driver holds refs, indices and metrics.
 
-(design notes: pear_ray/DESIGN.md)
+(design notes: docs/design.md)
 """
 
 from __future__ import annotations

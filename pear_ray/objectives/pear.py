@@ -19,7 +19,7 @@ acts before AdamW, sees it.
 
 The token level is the block level with B = 1, so both share one vectorised path.
 
-(design notes: pear_ray/DESIGN.md)
+(the objectives, all in one place: docs/objectives.md)
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Multi-digit addition, and a scripted behaviour policy whose log-probs are known exactly: the PEAR experiment's
-miniature world (README, "The experiment").
+miniature world (docs/experiment.md).
 
 Task. `What is 345 + 678?`, answer `1023`, checked by exact match on the extracted answer. The eval split is
 drawn first from `seed`, the train split from the same seed's later stream, skipping every eval question, so no

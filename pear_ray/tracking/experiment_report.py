@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from pear_ray import atomic
 from pear_ray.tracking.aggregate import ExperimentSummary, Score, display_name, signed
 from pear_ray.tracking.plots import EVAL_STAGE_LABELS, PLOTS_DIR, save_figure, subplots
-from pear_ray.tracking.report import DASH, REPORT_FILE
+from pear_ray.tracking.report import DASH, REPORT_FILE, WEIGHT_NOTE
 
 SCORES_PNG = "experiment_pass_at_k.png"
 DIFFERENCES_PNG = "paired_differences.png"
@@ -84,8 +84,8 @@ def _scores_section(summary: ExperimentSummary) -> list[str]:
                          *(_fmt_score(summary.scores.get((label, stage, k))) for k in summary.ks)])
         lines += [f"### {EVAL_STAGE_LABELS[stage][0].upper()}{EVAL_STAGE_LABELS[stage][1:]}", ""]
         lines += _table(["label", "mean PEAR weight", *(f"pass@{k}" for k in summary.ks)], rows)
-    lines += ["The mean PEAR weight is the average token weight over the SFT steps: under the default normalisation "
-              "it is the factor by which PEAR scales the effective learning rate (1 for canonical SFT).", ""]
+    lines += [f"The mean PEAR weight is the average token weight over the SFT steps (1 for canonical SFT). "
+              f"{WEIGHT_NOTE}", ""]
     return lines
 
 

@@ -64,6 +64,13 @@ def _delta(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else b - a
 
 
+WEIGHT_NOTE = ("It is not a learning-rate factor: a scale common to every batch cancels in AdamW's update, and only "
+               "gradient clipping, which acts before AdamW, sees it. PEAR changes how much tokens and rows count "
+               "against each other within a batch and, with `sft.pear.normalize: tokens` (the default), how much "
+               "batches count against each other; `normalize: weights` makes batches count alike, as in canonical "
+               "SFT.")
+
+
 def noise_margin(results: Results) -> tuple[float | None, int | None]:
     """Worst-case 95% half-width of one pass@k score, 1/sqrt(N) for N eval prompts (a mean of N values in [0, 1]
     has variance at most 1/(4N)); uses the smallest "num_prompts" in results, None when none is recorded."""
@@ -75,8 +82,8 @@ def noise_margin(results: Results) -> tuple[float | None, int | None]:
 
 
 def mean_pear_weights(records: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """Each variant's logged `mean_weight` averaged over its SFT steps. With `sft.pear.normalize: tokens` the SFT
-    step scales with it (an effective lr of lr x mean weight), so it sits next to every result in the table."""
+    """Each variant's logged `mean_weight` averaged over its SFT steps: how far the weights discount the data on the
+    whole, shown next to every result (what it does not mean, an effective learning rate: `WEIGHT_NOTE`)."""
     weights: dict[str, list[float]] = {}
     for rec in records:
         if rec.get("stage") == "sft" and rec.get("mean_weight") is not None:
@@ -105,9 +112,7 @@ def _results_section(results: Results, mean_weights: Mapping[str, float]) -> lis
         cells = [label.get(v, v), _fmt(mean_weights.get(v))] + [_fmt(x) for x in sft + rl]
         cells += [_fmt_delta(d, margin) for d in change]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "The mean PEAR weight is averaged over the variant's SFT steps. With `sft.pear.normalize: tokens` "
-              "(the default) a variant's SFT trained at about lr x that weight, so a difference between variants may "
-              "be the step size rather than the weighting; `normalize: weights` removes that confound.", ""]
+    lines += ["", f"The mean PEAR weight is averaged over the variant's SFT steps. {WEIGHT_NOTE}", ""]
 
     others = [v for v in variants if v != BASELINE]
     if BASELINE in results and others:
