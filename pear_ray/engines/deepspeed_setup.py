@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
-# Our names (config.py) -> transformers.get_scheduler names; all three warm up linearly over warmup_steps.
+# Our names (config/optimizer.py) -> transformers.get_scheduler names; all three warm up linearly over warmup_steps.
 _HF_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
