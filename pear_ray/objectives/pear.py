@@ -19,7 +19,7 @@ acts before AdamW, sees it.
 
 The token level is the block level with B = 1, so both share one vectorised path.
 
-(the objectives, all in one place: docs/objectives.md)
+(design notes: docs/design.md; every objective's math, in one place: docs/objectives.md)
 """
 
 from __future__ import annotations
