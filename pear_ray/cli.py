@@ -226,11 +226,12 @@ def _stage_command(stage: str):
                 fresh: FreshOption = False) -> None:
         _run(_load(job_file, [*(overrides or []), f"stages=[{stage}]"]), run_dir, fresh)
 
+    command.__doc__ = STAGE_COMMANDS[stage]
     return command
 
 
-for _stage, _help in STAGE_COMMANDS.items():
-    app.command(_stage, help=_help)(_stage_command(_stage))
+for _stage in STAGE_COMMANDS:
+    app.command(_stage)(_stage_command(_stage))
 
 
 @app.command("inspect")

@@ -92,6 +92,9 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, use_g
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": worker_env(use_gpu)}
     os.environ.update(runtime_env["env_vars"])  # the driver imports the same libraries
+    # Workers only: a task (verifiers, RL's scoring and cut, data reads) runs one torch thread however Ray reuses
+    # its process, and each actor raises its own to its CPUs (use_assigned_cpus); the driver keeps the machine's.
+    runtime_env["env_vars"].setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     to_console = log_dir is None or bool(os.environ.get(VERBOSE_ENV))
     if not to_console:
         runtime_env["env_vars"][WORKER_LOGS_ENV] = str(Path(log_dir).resolve())

@@ -22,7 +22,7 @@ from pear_ray import faults
 from pear_ray.atomic import partial_name
 from pear_ray.config import ConfigError, load_job
 from pear_ray.driver import experiment
-from pear_ray.driver.run import RunState, binding
+from pear_ray.driver.run import RunState
 from pear_ray.engines.checkpoints import MANIFEST
 from pear_ray.tracking import read_metrics
 
@@ -95,22 +95,14 @@ def test_a_moved_folder_resumes_from_another_directory(run_dir, tmp_path):
     assert "eval_sft/token" in json.loads((moved / "state.json").read_text())["done"]
 
 
-def test_an_older_state_file_is_read_leniently_and_then_bound(tmp_path, monkeypatch):
-    """Before folders were bound, state.json held no config and paths relative to the working directory."""
-    monkeypatch.chdir(tmp_path)
-    run_dir = Path("runs/old")
-    (run_dir / "data").mkdir(parents=True)
-    (run_dir / "data" / "sft.parquet").write_bytes(b"")
-    absolute = tmp_path / "somewhere"
-    (run_dir / "state.json").write_text(json.dumps({"done": {"score": "runs/old/data/sft.parquet",
-                                                             "sft/token": str(absolute)}}))
-    job = load_job(ROOT / "jobs" / "smoke.yaml")
-    state = RunState(run_dir, job)
-    assert state.resolve(state.done["score"]) == Path("runs/old/data/sft.parquet")
-    assert state.resolve(state.done["sft/token"]) == absolute
-    assert json.loads((run_dir / "state.json").read_text())["config"] == binding(job)
-    with pytest.raises(ConfigError, match="sft.optimizer.lr: 0.0001 -> 0.5"):
-        RunState(run_dir, load_job(ROOT / "jobs" / "smoke.yaml", ["sft.optimizer.lr=0.5"]))
+def test_a_state_file_without_a_config_is_refused_naming_the_folder(tmp_path):
+    """A folder from before runs were bound to their config: nothing to check the job against, so it is refused
+    (one message, what to do) rather than resumed with results that may come from other settings."""
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text(json.dumps({"done": {"score": "data/sft.parquet"}}))
+    with pytest.raises(ConfigError, match=rf"run folder {run_dir} was written by an older pear_ray.*--fresh"):
+        RunState(run_dir, load_job(ROOT / "jobs" / "smoke.yaml"))
 
 
 def test_every_cell_of_an_experiment_is_checked_before_any_runs(tmp_path, monkeypatch):

@@ -65,7 +65,11 @@ def check_bound(job: JobConfig, run_dir: Path) -> None:
     path = run_dir / STATE_FILE
     if not path.is_file():
         return  # a new folder: nothing to compare with
-    recorded = json.loads(path.read_text())["config"]
+    recorded = json.loads(path.read_text()).get("config")
+    if recorded is None:
+        raise ConfigError(f"run folder {run_dir} was written by an older pear_ray (its {STATE_FILE} records no "
+                          "config to check this job against): give another --run-dir, or add --fresh to move it "
+                          "aside and start anew")
     if fingerprint(recorded) == fingerprint(binding(job)):
         return
     old, new = _flatten(recorded), _flatten(binding(job))
