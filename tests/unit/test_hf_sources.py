@@ -25,7 +25,7 @@ from pear_ray.hub import SourceNotFound
 from pear_ray.models import resolve_model
 from pear_ray.tasks.build import make_task
 
-JOBS = Path(__file__).resolve().parent.parent / "jobs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 
 

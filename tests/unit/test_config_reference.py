@@ -12,7 +12,7 @@ from pear_ray.cli import app
 from pear_ray.config import load_job
 from pear_ray.config.reference import sections
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REGENERATE = "pear-ray config --reference > docs/config.md (or make docs)"
 runner = CliRunner()
 

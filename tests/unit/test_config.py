@@ -6,7 +6,7 @@ import pytest
 
 from pear_ray.config import ConfigError, TransformersOptions, VllmOptions, apply_override, load_job, parse_job
 
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 @pytest.mark.parametrize("job_file", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)

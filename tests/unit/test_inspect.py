@@ -133,7 +133,10 @@ def test_table_has_a_line_per_level_and_group():
     assert lines[7].split()[:2] == ["token", "all"]
 
 
-def uniform_rows(rows, default=PearSft()):
+DEFAULT_PEAR = PearSft()
+
+
+def uniform_rows(rows, default=DEFAULT_PEAR):
     """A table whose rows (source, T, raw) share one log-ratio per row, and its figures under `default`."""
     table = pa.table({
         "prompt_ids": [[1]] * len(rows),

@@ -17,7 +17,7 @@ from pear_ray.data.io import encode_prompt
 from pear_ray.models import resolve_model
 from pear_ray.objectives import Grpo, PearSft
 
-SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
+SMOKE = Path(__file__).resolve().parents[2] / "jobs" / "smoke.yaml"
 
 
 def flat(column) -> np.ndarray:

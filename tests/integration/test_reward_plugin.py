@@ -17,8 +17,8 @@ from pear_ray.tasks.registry import KINDS, VERIFIERS, WARM_UPS, register_kind, r
 from pear_ray.tasks.verify import score_chunk, score_rows
 from pear_ray.tracking import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = Path(__file__).parent / "plugins" / "reward_example.py"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = Path(__file__).parents[1] / "support" / "plugins" / "reward_example.py"
 
 
 def arithmetic(**fields) -> TaskConfig:
@@ -71,8 +71,8 @@ def test_a_sleeping_reward_times_out_and_a_raising_or_nan_one_is_an_error(ray_cl
 
 @pytest.mark.parametrize(("spec", "why"), [
     ("length_reward", "is not of the form"),
-    ("tests/plugins/no_such_file.py:length_reward", "no file"),
-    ("tests/plugins/reward_example.py:no_such_function", "has no function 'no_such_function'"),
+    ("tests/support/plugins/no_such_file.py:length_reward", "no file"),
+    ("tests/support/plugins/reward_example.py:no_such_function", "has no function 'no_such_function'"),
     ("no_such_package.rewards:length_reward", "cannot import 'no_such_package.rewards'"),
 ])
 def test_a_bad_reward_spec_is_refused_when_the_job_loads(spec, why, monkeypatch):
@@ -83,7 +83,7 @@ def test_a_bad_reward_spec_is_refused_when_the_job_loads(spec, why, monkeypatch)
 
 def test_a_reward_file_path_is_made_absolute(monkeypatch):
     """Ray workers may run in another directory: the loaded config names the file absolutely."""
-    monkeypatch.chdir(ROOT / "tests")
+    monkeypatch.chdir(ROOT / "tests" / "support")
     job = load_job(ROOT / "jobs" / "smoke.yaml", ["task.reward=plugins/reward_example.py:quarter"])
     assert job.task.reward == f"{EXAMPLE}:quarter"
 

@@ -20,7 +20,7 @@ from pear_ray.objectives import (
     topk_forward_kl,
 )
 
-PLUGIN = Path(__file__).parent / "plugins" / "objective_example.py"
+PLUGIN = Path(__file__).parents[1] / "support" / "plugins" / "objective_example.py"
 NEG_INF = float("-inf")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = "jobs/smoke.yaml"
 BIN = Path(sys.executable).parent
 PEAR_RAY = str(BIN / "pear-ray")
@@ -223,7 +223,7 @@ def test_a_client_without_the_token_is_refused(ray_head, tmp_path, token):
     assert ray_head["token"] not in output
 
 
-NODE_SCRIPT = str(Path(__file__).with_name("ray_worker_node.py"))
+NODE_SCRIPT = str(Path(__file__).parents[1] / "support" / "ray_worker_node.py")
 # RL straight from the (untrained) student, long enough for a node to join and leave while it runs; the rollout
 # pool starts with the head's one `rollout` slot and may grow to two.
 RL_STEPS = 240  # about 40 s here: a node joining takes ~10 s (raylet, then a vLLM actor), leaving ~2 s

@@ -17,6 +17,7 @@ import pytest
 import ray
 import torch
 from ray.exceptions import RayActorError
+from support.learner import OPTIMIZER, make_batch
 
 from pear_ray.actors.learner import LearnerGroup, shard_bounds
 from pear_ray.config import LearnerResources
@@ -24,28 +25,7 @@ from pear_ray.data import schema
 from pear_ray.engines import checkpoints
 from pear_ray.objectives import Grpo, PearSft, pear_loss
 
-OPTIMIZER = dict(lr=1e-3, weight_decay=0.0, grad_clip=1.0, lr_schedule="cosine", total_steps=20, seed=0)
 PEAR = PearSft(level="token", gamma=0.99)
-
-
-def make_batch(num_rows: int, seed: int, *, advantage: float | None = None) -> pa.Table:
-    """Rows of different prompt and response lengths; behaviour log-probs around the tiny model's own (~ -6) so
-    that PEAR's clipped log-ratios take both signs and the token weights are far from 1."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(num_rows):
-        prompt = rng.integers(3, 380, int(rng.integers(2, 7))).tolist()
-        response = rng.integers(3, 380, 2 + (5 * i + 3) % 11).tolist()
-        n = len(response)
-        rows.append({
-            schema.PROMPT_IDS: prompt,
-            schema.RESPONSE_IDS: response,
-            schema.BEHAVIOR_LOGPROBS: rng.uniform(-7.5, -4.5, n).tolist(),
-            schema.ROLLOUT_LOGPROBS: rng.uniform(-6.5, -5.5, n).tolist(),
-            schema.REF_LOGPROBS: rng.uniform(-6.5, -5.5, n).tolist(),
-            schema.ADVANTAGE: float(rng.normal()) if advantage is None else advantage,
-        })
-    return schema.validate(pa.Table.from_pylist(rows), vocab_size=384)
 
 
 FIRST_BATCH = make_batch(7, seed=1)  # 7 rows: uneven over 2 ranks (4 + 3)
@@ -436,7 +416,7 @@ def test_a_non_finite_gradient_stops_the_step_loudly(learners):
 
     from pear_ray.objectives import CustomObjective
 
-    plugin = Path(__file__).parent / "plugins" / "objective_example.py"
+    plugin = Path(__file__).parents[1] / "support" / "plugins" / "objective_example.py"
     group = learners(1, 1, first_step=False).group
     with pytest.raises(FloatingPointError, match="gradient norm is (inf|nan)"):
         group.step(ray.put(make_batch(2, seed=14)), CustomObjective(function=f"{plugin}:exploding"))

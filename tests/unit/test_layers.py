@@ -11,7 +11,7 @@ from pathlib import Path
 
 import networkx as nx
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pear_ray"
+PACKAGE = Path(__file__).resolve().parents[2] / "pear_ray"
 LAYERS = {
     "plugins": 0, "runtime": 0, "hub": 0, "messages": 0, "atomic": 0, "faults": 0,
     "objectives": 1, "data": 1, "models": 1,

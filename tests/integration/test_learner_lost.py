@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from test_job import ROOT, finish, pear_ray, steps
+from support.cli import ROOT, finish, pear_ray, steps
 
 SMOKE = str(ROOT / "jobs" / "smoke.yaml")
 ROWS, BATCH, EPOCHS, CHECKPOINT_EVERY = 32, 4, 12, 8  # 96 SFT steps, a checkpoint every 8

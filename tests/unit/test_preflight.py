@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from pear_ray.cli import app
 from pear_ray.models import TinyModelSpec, build_tiny_model
 
-SMOKE = str(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml")
+SMOKE = str(Path(__file__).resolve().parents[2] / "jobs" / "smoke.yaml")
 USER_TASK = ["task.kind=user", "task.args={{}}", "task.num_eval=1"]
 ROWS = [{"prompt": f"{a}+{a}=", "response": str(2 * a)} for a in range(4)]
 runner = CliRunner()

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from test_learner import OPTIMIZER, make_batch
+from support.learner import OPTIMIZER, make_batch
 
 from pear_ray.actors import data_stream
 from pear_ray.actors.learner import STREAMED, LearnerGroup, _LearnerRank

@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from test_job import ROOT, SMALL, finish, pear_ray, steps, stop_group
+from support.cli import ROOT, SMALL, finish, pear_ray, steps, stop_group
 
 from pear_ray import faults
 from pear_ray.atomic import partial_name

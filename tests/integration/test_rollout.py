@@ -115,7 +115,7 @@ def test_teacher_data_carries_the_log_probs_it_was_sampled_with(ray_cluster, tmp
     """The behaviour model writing SFT data at temperature 0.7: the behaviour log-probs are log_softmax(logits / 0.7)
     of that model, teacher-forced by plain transformers, not the raw model's (what PEAR's weights divide by); so is
     the teacher top-k it records (k above vLLM's default cap of 20 log-probs, which the stage raises)."""
-    smoke = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
+    smoke = Path(__file__).resolve().parents[2] / "jobs" / "smoke.yaml"
     job = load_job(smoke, ["sampling.temperature=0.7", "sampling.max_tokens=6", "task.num_train=4",
                            "score.teacher_sft_steps=0", "score.teacher_topk=24"])
     student = resolve_model(job.models.student, tmp_path / "student")  # the tokenizer; the behaviour model writes

@@ -4,7 +4,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from test_job import finish, pear_ray
+from support.cli import finish, pear_ray
 
 from pear_ray.config import ConfigError, load_job
 from pear_ray.driver.experiment import cells

@@ -16,7 +16,7 @@ import psutil
 import pyarrow as pa
 import pytest
 import ray
-from test_rl_pipeline import run_rl
+from support.rl import run_rl
 from transformers import AutoTokenizer
 
 from pear_ray.actors.pool import ActorPool

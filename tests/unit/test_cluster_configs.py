@@ -23,7 +23,7 @@ import yaml
 
 from pear_ray.config import load_job
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 LAUNCHER_FILES = {"aws": CLUSTER / "aws.yaml", "gcp": CLUSTER / "gcp.yaml"}
 RAYCLUSTER_FILE = CLUSTER / "kuberay" / "raycluster.yaml"

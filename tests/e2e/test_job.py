@@ -1,53 +1,17 @@
 """End to end: `pear-ray run` through score, SFT, RL and eval on tiny models, and resuming a killed run."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from support.cli import SMALL, finish, pear_ray, steps, stop_group
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pear_ray.objectives import mean_pass_at_k
-from pear_ray.tracking import read_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
-PEAR_RAY = str(Path(sys.executable).parent / "pear-ray")
-SMALL = [  # the smoke job made smaller still
-    "task.num_train=16", "task.num_eval=4", "score.teacher_sft_steps=20", "score.samples_per_prompt=2",
-    "sft.batch_size=8", "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=4", "eval.n=2", "eval.k=[1,2]",
-]
-
-
-def pear_ray(*args: str, cwd: Path = ROOT, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([PEAR_RAY, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, **kwargs)
-
-
-def finish(process: subprocess.Popen, timeout: float = 600) -> str:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    finally:
-        stop_group(process)
-    assert process.returncode == 0, output[-5000:]
-    return output
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """Stop what the test started: the CLI and everything it spawned (its session)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def steps(run_dir: Path, stage: str) -> list[dict]:
-    return sorted((r for r in read_metrics(run_dir) if r["stage"] == stage), key=lambda r: r["step"])
 
 
 def test_a_small_job_runs_every_stage(tmp_path):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from pear_ray.cli import app, describe, user_facing
 
 SUBCOMMANDS = ["run", "score", "sft", "rl", "eval", "inspect", "demo", "submit", "config", "validate", "tiny-model"]
-SMOKE = str(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml")
+SMOKE = str(Path(__file__).resolve().parents[2] / "jobs" / "smoke.yaml")
 runner = CliRunner()
 
 

@@ -1,43 +1,20 @@
 """The RL stage alone on a tiny model, rewarded by response length (so groups differ): rollouts generated up to
 rl.max_staleness versions ahead of the learner, fill_batch, the per-phase figures, and resuming mid-RL."""
 
+
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import ray
-from safetensors.torch import load_file
+from support.rl import run_rl, samples
 
-from pear_ray.config import RlConfig, parse_job
+from pear_ray.config import RlConfig
 from pear_ray.stages import rl as rl_stage
 from pear_ray.stages import rl_batch
-from pear_ray.stages.common import Run
-from pear_ray.tracking import MetricsLogger, read_metrics
 
-REWARD = Path(__file__).parent / "plugins" / "reward_example.py"
 PHASES = ("generate_seconds", "wait_seconds", "verify_seconds", "train_seconds", "sync_seconds", "step_seconds",
           "rollout_busy", "learner_busy")
-
-
-def run_rl(run_dir: Path, model: Path, resume: bool = False, **rl) -> tuple[list[dict], dict]:
-    """The stage's metrics rows and the exported weights."""
-    job = parse_job({
-        "name": "rl", "loggers": [], "models": {"student": {"path": str(model)}},
-        "task": {"kind": "addition", "num_train": 16, "num_eval": 2, "reward": f"{REWARD}:length_reward"},
-        "sampling": {"temperature": 1.0, "max_tokens": 8},
-        "rl": {"steps": 3, "prompts_per_step": 2, "group_size": 4, "optimizer": {"lr": 1e-3}, "save_rollouts": True,
-               **rl},
-        "resources": {"rollout": {"num_actors": 1, "num_cpus": 0.5}, "learner": {"num_ranks": 1, "num_cpus": 0.5}},
-    })
-    with MetricsLogger(run_dir, resume=resume, loggers=()) as metrics:
-        out = rl_stage.run_rl(Run(job, run_dir, metrics, model), "none", model)
-    rows = sorted((r for r in read_metrics(run_dir) if r["stage"] == "rl"), key=lambda r: r["step"])
-    return rows, load_file(str(out / "model.safetensors"))
-
-
-def samples(run_dir: Path, step: int):
-    return pq.read_table(run_dir / "rollouts" / "rl-none" / f"step-{step:06d}.parquet")
 
 
 FILL = {"fill_batch": True, "fill_max_extra_prompts": 4}
@@ -154,3 +131,17 @@ def test_samples_from_a_replacement_actors_start_weights_are_counted_and_regener
     assert [r["stale_regenerated"] for r in rows] == [0, 0, 8] and rows[2]["rollout_actors_lost"] == 1
     assert all(r["staleness_max"] == 0 for r in rows)
     assert samples(tmp_path, 3).column("policy_version").to_pylist() == [2] * 8
+
+
+def test_a_custom_rl_objective_trains_by_import_path(ray_cluster, tiny_model_dir, tmp_path):
+    """rl.objective names a plug-in (tests/support/plugins/objective_example.py): the stage trains with it and logs
+    the figures only the plug-in reports, not GRPO's."""
+    plugin = Path(__file__).parents[1] / "support" / "plugins" / "objective_example.py"
+    objective = {"kind": "custom", "function": f"{plugin}:reinforce", "needs": ["advantage"], "sampled": True,
+                 "args": {"scale": 1.0}}
+    rows, weights = run_rl(tmp_path, tiny_model_dir, objective=objective, drop_constant_groups=False)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # the mean log-prob of the sampled tokens under the learner, per token
+    assert all(-20 < r["logp_sum"] < 0 and r["num_tokens"] > 0 for r in rows)
+    assert all("clip_fraction" not in r for r in rows)  # not GRPO's surrogate
+    assert weights

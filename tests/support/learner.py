@@ -1,0 +1,28 @@
+"""The learner tests' optimizer settings and synthetic batches."""
+
+import numpy as np
+import pyarrow as pa
+
+from pear_ray.data import schema
+
+OPTIMIZER = dict(lr=1e-3, weight_decay=0.0, grad_clip=1.0, lr_schedule="cosine", total_steps=20, seed=0)
+
+
+def make_batch(num_rows: int, seed: int, *, advantage: float | None = None) -> pa.Table:
+    """Rows of different prompt and response lengths; behaviour log-probs around the tiny model's own (~ -6) so
+    that PEAR's clipped log-ratios take both signs and the token weights are far from 1."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(num_rows):
+        prompt = rng.integers(3, 380, int(rng.integers(2, 7))).tolist()
+        response = rng.integers(3, 380, 2 + (5 * i + 3) % 11).tolist()
+        n = len(response)
+        rows.append({
+            schema.PROMPT_IDS: prompt,
+            schema.RESPONSE_IDS: response,
+            schema.BEHAVIOR_LOGPROBS: rng.uniform(-7.5, -4.5, n).tolist(),
+            schema.ROLLOUT_LOGPROBS: rng.uniform(-6.5, -5.5, n).tolist(),
+            schema.REF_LOGPROBS: rng.uniform(-6.5, -5.5, n).tolist(),
+            schema.ADVANTAGE: float(rng.normal()) if advantage is None else advantage,
+        })
+    return schema.validate(pa.Table.from_pylist(rows), vocab_size=384)

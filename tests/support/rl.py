@@ -1,0 +1,36 @@
+"""The RL stage alone on a tiny model, rewarded by response length (so the groups of a step differ)."""
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from safetensors.torch import load_file
+
+from pear_ray.config import parse_job
+from pear_ray.stages import rl as rl_stage
+from pear_ray.stages.common import Run
+from pear_ray.tracking import MetricsLogger, read_metrics
+
+REWARD = Path(__file__).parent / "plugins" / "reward_example.py"
+
+
+def run_rl(run_dir: Path, model: Path, *, resume: bool = False, rollout: dict | None = None, ranks: int = 1,
+           **rl) -> tuple[list[dict], dict]:
+    """The stage's metrics rows and the exported weights; `rollout` adds to resources.rollout, `rl` to rl."""
+    job = parse_job({
+        "name": "rl", "loggers": [], "models": {"student": {"path": str(model)}},
+        "task": {"kind": "addition", "num_train": 16, "num_eval": 2, "reward": f"{REWARD}:length_reward"},
+        "sampling": {"temperature": 1.0, "max_tokens": 8},
+        "rl": {"steps": 3, "prompts_per_step": 2, "group_size": 4, "optimizer": {"lr": 1e-3}, "save_rollouts": True,
+               **rl},
+        "resources": {"rollout": {"num_actors": 1, "num_cpus": 0.5, **(rollout or {})},
+                      "learner": {"num_ranks": ranks, "num_cpus": 0.5}},
+    })
+    with MetricsLogger(run_dir, resume=resume, loggers=()) as metrics:
+        out = rl_stage.run_rl(Run(job, run_dir, metrics, model), "none", model)
+    rows = sorted((r for r in read_metrics(run_dir) if r["stage"] == "rl"), key=lambda r: r["step"])
+    return rows, load_file(str(out / "model.safetensors"))
+
+
+def samples(run_dir: Path, step: int):
+    """Step `step`'s saved rollouts (rl.save_rollouts)."""
+    return pq.read_table(run_dir / "rollouts" / "rl-none" / f"step-{step:06d}.parquet")
