@@ -1,14 +1,16 @@
 """pear_ray: Ray-distributed LLM post-training with PEAR-weighted SFT, then GRPO.
 
-Layout (data flows top to bottom):
-  config.py      the typed job config (YAML + dotted overrides)
-  atomic.py      files and folders written whole: a temporary name, then a rename
-  data/          the Arrow data plane: schema, readers, padded-tensor conversion
-  objectives/    the math as pure torch functions: PEAR weights and loss, GRPO losses, pass@k
-  models/        tiny local models for tests and the demo
-  engines/       one process's worth of work, no Ray: vLLM generation/scoring, DeepSpeed learner rank
-  actors/        Ray actors around the engines, the rollout pool, the learner group
-  cli.py         the `pear-ray` command
+Layout, by layer (imports point down; tests/unit/test_layers.py checks it):
+  atomic, faults, messages, plugins, runtime, hub   whole-file writes, kill points, message text, plug-in loading,
+                                                    Ray start-up with the workers' environment, the Hugging Face Hub
+  objectives/, data/, models/   the math as pure torch functions; the Arrow data plane; tiny local models
+  config/, tasks/, tracking/    the typed job config; tasks and verifiers; metrics, reports and plots
+  engines/      one process's work, no Ray: the rollout engines (vLLM, transformers), the DeepSpeed learner rank
+  actors/       Ray around the engines: rollout and reference workers, the pool, the learner group
+  stages/       the training loop and the stages (prior, score, sft, rl, eval)
+  driver/       a job's stages into one run folder; experiments; preflight; inspect
+  cli.py, submit.py   the `pear-ray` command and cluster submission
+The design notes are docs/design.md.
 
 The math is re-exported here (`pear_ray.pear_weights`, ...) but imported only when first used: Ray imports this
 package in every worker before giving it its CPUs (runtime.worker_logs_to_files), and torch imported then would

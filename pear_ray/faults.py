@@ -11,7 +11,7 @@ and has not loaded them), `checkpoint-write/<checkpoint folder>` (every rank's f
 `export/<model folder>` (the Hugging Face folder complete under its `.partial` name, not yet renamed).
 
 The driver hands the variable, and its process group as PEAR_RAY_JOB_GROUP, to every Ray worker (`job_env`, in
-runtime.worker_env). tests/test_run_folder.py kills runs at these points and checks that a rerun resumes to the
+runtime.worker_env). tests/e2e/test_run_folder.py kills runs at these points and checks that a rerun resumes to the
 results of an uninterrupted run.
 """
 

@@ -48,7 +48,7 @@ def shard_bounds(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
     return rank * q + min(rank, m), (rank + 1) * q + min(rank + 1, m)
 
 
-class _LearnerRank:
+class LearnerWorker:
     """One rank: holds a DeepSpeedLearner, cuts its shard out of each batch and delegates to the engine."""
 
     def __init__(self, rank: int, world_size: int):
@@ -140,7 +140,7 @@ class _LearnerRank:
         return self.rollout.set_policy_version(version)
 
 
-LearnerRank = ray.remote(_LearnerRank)
+LearnerRank = ray.remote(LearnerWorker)
 
 
 STREAMED = "streamed"  # a step's batch that is the next one every rank streams (LearnerGroup.stream)

@@ -12,7 +12,7 @@ import ray
 from support.learner import OPTIMIZER, make_batch
 
 from pear_ray.actors import data_stream
-from pear_ray.actors.learner import STREAMED, LearnerGroup, _LearnerRank
+from pear_ray.actors.learner import STREAMED, LearnerGroup, LearnerWorker
 from pear_ray.config import LearnerResources
 from pear_ray.data.rows import read_rows, regroup
 from pear_ray.objectives import PearSft
@@ -52,7 +52,7 @@ def test_each_rank_streams_the_rows_of_its_shard_of_every_step_from_the_start_st
     plan = batch_plan(NUM_ROWS, BATCH_SIZE, EPOCHS, SEED, min_rows=world_size)
     assert [len(batch) for batch in plan] == ([6, 6, 6, 1] if world_size == 1 else [6, 6, 7]) * EPOCHS
     whole = pq.read_table(data_file)
-    ranks = [_LearnerRank(rank, world_size) for rank in range(world_size)]
+    ranks = [LearnerWorker(rank, world_size) for rank in range(world_size)]
     for rank in ranks:
         rank.open_stream(str(data_file), plan[start:])
     for step in range(start, len(plan)):

@@ -41,7 +41,7 @@ def kill_a_learner_rank(process, run_dir: Path, timeout: float = 300) -> dict[in
     while time.monotonic() < deadline and process.poll() is None:
         if (run_dir / "metrics.jsonl").is_file() and len(steps(run_dir, "sft")) >= KILL_AFTER_STEP:
             ranks = [child for child in psutil.Process(process.pid).children(recursive=True)
-                     if " ".join(child.cmdline()).startswith("ray::_LearnerRank")]
+                     if " ".join(child.cmdline()).startswith("ray::LearnerWorker")]
             assert ranks, "no learner rank found"
             before = {r["step"]: r["loss"] for r in steps(run_dir, "sft")}
             ranks[0].kill()
