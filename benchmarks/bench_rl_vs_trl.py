@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench_rl import PROJECT_PYTHON_ENV, Setting, accepted, add_settings_args, parse_settings, run_cli, summarize
 from bench_trl_grpo import PEER, PROJECT, Workload, ensure_trl
-from machine_load import MachineLoad, add_grpo_workload, other_load
+from machine_load import MachineLoad, add_grpo_workload, measured, other_load
 
 RESULTS = Path(__file__).parent / "results"
 TRL_HARNESSES = {"TRL, project harness": PROJECT, "TRL, peer harness": PEER}
@@ -44,15 +44,6 @@ def trl_summary(runs: list[dict], timing: str) -> dict:
     step, generate = (statistics.median(run[key] for run in runs) for key in ("step_seconds", "generate_seconds"))
     return {"samples_per_s": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
             "step_seconds": step, "generate_seconds": generate, "train_seconds": step - generate}
-
-
-def measured(action, *arguments) -> tuple[object, float]:
-    """`action(*arguments)`, and the share of the box other processes took meanwhile."""
-    machine = MachineLoad()
-    machine.start()
-    result = action(*arguments)
-    machine.stop()
-    return result, machine.others_share
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import site
@@ -43,7 +44,7 @@ import time
 from pathlib import Path
 
 from bench_rl import LEARNING_RATE, PROJECT_PYTHON_ENV, job_tree  # benchmarks/ is on sys.path when run
-from machine_load import MachineLoad, add_grpo_workload, other_load
+from machine_load import MachineLoad, add_grpo_workload, measured, other_load
 
 
 def ensure_trl(venv: Path, version: str) -> None:
@@ -76,10 +77,11 @@ class Harness:
     reward: str  # "pear_ray": pear_ray's decode and verifier; "rule": a one-line exact-match rule
     timing: str  # "median": samples / median seconds between steps; "wall": samples / wall-clock seconds
     gradient_checkpointing: bool | None = None  # None: TRL's default (on)
+    bf16: bool = False  # the workload is fp32; TRL's default is bf16 autocast, on CPU too
 
     def config(self) -> dict:
         """GRPOConfig keys this harness sets beyond the workload's."""
-        keys = {} if self.logging_steps is None else {"logging_steps": self.logging_steps}
+        keys = {"bf16": self.bf16} | ({} if self.logging_steps is None else {"logging_steps": self.logging_steps})
         keys |= {} if self.progress_bar else {"disable_tqdm": True}
         return keys | ({} if self.gradient_checkpointing is None else
                        {"gradient_checkpointing": self.gradient_checkpointing})
@@ -91,14 +93,16 @@ PEER = Harness("peer", logging_steps=None, progress_bar=True, reward="rule", tim
 
 def reconciliation() -> dict[str, Harness]:
     """The two harnesses, and the project's with one thing changed at a time: each of its differences from the
-    peer's (the timing method needs no run of its own: every run is timed both ways), and gradient checkpointing,
-    which both leave at TRL's default (on; pear_ray's learner has none)."""
+    peer's (the timing method needs no run of its own: every run is timed both ways); gradient checkpointing off
+    (both leave TRL's default, on; pear_ray's learner has none); bf16 autocast, TRL's default, which a harness that
+    does not set bf16=False gets."""
     variants = {"project": PROJECT, "peer": PEER}
     for knob in ("logging_steps", "progress_bar", "reward"):
         changed = dataclasses.replace(PROJECT, **{knob: getattr(PEER, knob)})
         variants[f"project, peer's {knob}"] = dataclasses.replace(changed, name=f"project, peer's {knob}")
     variants["project, no grad checkpointing"] = dataclasses.replace(
         PROJECT, name="project, no grad checkpointing", gradient_checkpointing=False)
+    variants["project, bf16 (TRL's default)"] = dataclasses.replace(PROJECT, name="project, bf16", bf16=True)
     return variants
 
 
@@ -145,7 +149,8 @@ class Workload:
         return reward
 
     def run(self, harness: Harness, threads: int) -> dict:
-        """One GRPOTrainer run under `harness`: its step times both ways, generation seconds, what it rewarded."""
+        """One GRPOTrainer run under `harness`: its step times both ways, the seconds per step it spent generating,
+        rewarding and logging, what it rewarded and the prompt ids it generated from."""
         import torch
         from transformers import AutoModelForCausalLM, TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
@@ -153,20 +158,26 @@ class Workload:
         args = self.args
         torch.set_num_threads(threads)
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        record, generating, prompts_seen = [], [], set()
-        plain_generate = model.generate
+        record, prompts_seen, spent = [], set(), {"generate": [], "reward": [], "log": []}
 
-        def timed_generate(*positional, **keywords):
-            """TRL calls the model's own generate: time it, and note the prompts' ids (left-padded)."""
-            ids, mask = keywords["input_ids"], keywords["attention_mask"].bool()
-            prompts_seen.update(tuple(row[keep].tolist()) for row, keep in zip(ids, mask))
-            started = time.perf_counter()
-            out = plain_generate(*positional, **keywords)
-            generating.append(time.perf_counter() - started)
-            return out
+        def timed(function, name: str):
+            @functools.wraps(function)  # TRL names the reward's metrics after the function
+            def call(*positional, **keywords):
+                started = time.perf_counter()
+                out = function(*positional, **keywords)
+                spent[name].append(time.perf_counter() - started)
+                return out
+            return call
 
-        model.generate = timed_generate
-        reward = self.pear_ray_reward(record) if harness.reward == "pear_ray" else exact_match
+        def noting_prompts(generate):
+            """TRL calls the model's own generate: note the prompts' ids (left-padded) it is given."""
+            def call(*positional, input_ids, attention_mask, **keywords):
+                prompts_seen.update(tuple(row[keep].tolist()) for row, keep in zip(input_ids, attention_mask.bool()))
+                return generate(*positional, input_ids=input_ids, attention_mask=attention_mask, **keywords)
+            return call
+
+        model.generate = noting_prompts(timed(model.generate, "generate"))
+        reward = timed(self.pear_ray_reward(record) if harness.reward == "pear_ray" else exact_match, "reward")
 
         class StepEnds(TrainerCallback):
             def __init__(self):
@@ -177,22 +188,25 @@ class Workload:
 
         steps = StepEnds()
         config = GRPOConfig(
-            output_dir=str(self.folder / "trl-out"), use_cpu=True, bf16=False, seed=0, max_steps=args.warmup + args.steps,
-            learning_rate=LEARNING_RATE, per_device_train_batch_size=self.batch, num_generations=args.group_size,
-            max_completion_length=args.max_tokens, temperature=1.0, epsilon=0.2, epsilon_high=0.28,
-            loss_type="dapo", beta=0.0, **harness.config())
+            output_dir=str(self.folder / "trl-out"), use_cpu=True, seed=0,
+            max_steps=args.warmup + args.steps, learning_rate=LEARNING_RATE, per_device_train_batch_size=self.batch,
+            num_generations=args.group_size, max_completion_length=args.max_tokens, temperature=1.0, epsilon=0.2,
+            epsilon_high=0.28, loss_type="dapo", beta=0.0, **harness.config())
         trainer = GRPOTrainer(model=model, processing_class=self.tokenizer, reward_funcs=reward, args=config,
                               train_dataset=self.dataset, callbacks=[steps])
+        trainer.log = timed(trainer.log, "log")
         with open(os.devnull, "w") as console, contextlib.redirect_stdout(console), \
                 contextlib.redirect_stderr(console):  # the log lines and the bar: formatted and written, not shown
             trainer.train()
         times, w = steps.times, args.warmup
         intervals = [b - a for a, b in zip(times[w - 1:], times[w:])]
-        timed = len(times) - w
+        timed_steps = len(times) - w
         return {"median": self.batch / statistics.median(intervals),
-                "wall": self.batch * timed / (times[-1] - times[w - 1]),
+                "wall": self.batch * timed_steps / (times[-1] - times[w - 1]),
                 "step_seconds": statistics.median(intervals),
-                "generate_seconds": statistics.median(generating[w:]),
+                "generate_seconds": statistics.median(spent["generate"][w:]),
+                "reward_seconds": statistics.median(spent["reward"][w:]),
+                "log_seconds": sum(spent["log"]) / len(times),  # per step: some harnesses log every 10th
                 "record": record, "prompts_unknown": len(prompts_seen - self.prompt_ids),
                 "prompts_seen": len(prompts_seen)}
 
@@ -242,11 +256,13 @@ def spread(values: list[float]) -> str:
 
 
 def run_rounds(workload: Workload, harnesses: dict[str, Harness], rounds: int, threads: int) -> dict[str, list]:
-    """Every harness once per round, starting one later each round; {name: [its runs' figures]}."""
+    """Every harness once per round, starting one later each round; {name: [its runs' figures]}, each with the
+    share of the box other processes took during the run."""
     names, runs = list(harnesses), {name: [] for name in harnesses}
     for round_ in range(rounds):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            runs[name].append(workload.run(harnesses[name], threads))
+            run, others = measured(workload.run, harnesses[name], threads)
+            runs[name].append(run | {"others": others})
     return runs
 
 
@@ -257,6 +273,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--vary", action="store_true", help="also the project harness with one difference from "
                         "the peer's changed at a time")
+    parser.add_argument("--quiet", type=float, default=0.1, help="a round counts as quiet when other processes "
+                        "took less than this share of the box during both runs compared")
     parser.add_argument("--venv", type=Path, default=Path("/tmp/trl-venv"))
     parser.add_argument("--trl", default="1.16.0")
     args = parser.parse_args()
@@ -281,18 +299,29 @@ def main() -> None:
           f"temperature 1, 1 update per generation batch, clip 0.2/0.28, loss_type dapo, beta 0, transformers "
           f"generate, CPU, {args.threads} torch threads, one process; {args.rounds} alternating rounds x {args.steps} "
           f"steps after {args.warmup} warm-up")
-    print(f"{'harness':>36} {'samples/s (its timing)':>24} {'by median step':>20} {'by wall clock':>20} "
-          f"{'x project':>9} {'step s':>7} {'gen s':>7}")
+    print(f"{'harness':>32} {'samples/s (own timing)':>22} {'by median step':>17} {'by wall clock':>17} "
+          f"{'x project':>9} {'quiet':>9} {'step s':>6} {'gen s':>6} {'reward ms':>9} {'log ms':>6} {'others':>6}")
     for name, harness in harnesses.items():
-        own = [run[harness.timing] for run in runs[name]]
-        ratio = statistics.median(run[harness.timing] / base[PROJECT.timing]
-                                  for run, base in zip(runs[name], runs["project"]))
-        print(f"{name:>36} {spread(own):>24} {spread([r['median'] for r in runs[name]]):>20} "
-              f"{spread([r['wall'] for r in runs[name]]):>20} {ratio:9.2f} "
-              f"{statistics.median(r['step_seconds'] for r in runs[name]):7.3f} "
-              f"{statistics.median(r['generate_seconds'] for r in runs[name]):7.3f}")
-    print("samples/s: median (min-max) over rounds; x project: median over rounds of the ratio to that round's "
-          "project figure, each by its harness's own timing")
+        mine = runs[name]
+        ratios = [(run[harness.timing] / base[PROJECT.timing], max(run["others"], base["others"]))
+                  for run, base in zip(mine, runs["project"])]
+        quiet = [ratio for ratio, others in ratios if others < args.quiet]
+        median = {key: statistics.median(run[key] for run in mine)
+                  for key in ("step_seconds", "generate_seconds", "reward_seconds", "log_seconds", "others")}
+        print(f"{name:>32} {spread([r[harness.timing] for r in mine]):>22} {spread([r['median'] for r in mine]):>17} "
+              f"{spread([r['wall'] for r in mine]):>17} {statistics.median(r for r, _ in ratios):9.2f} "
+              f"{f'{statistics.median(quiet):.2f} ({len(quiet)})' if quiet else '-':>9} {median['step_seconds']:6.3f} "
+              f"{median['generate_seconds']:6.3f} {1e3 * median['reward_seconds']:9.2f} "
+              f"{1e3 * median['log_seconds']:6.2f} {100 * median['others']:5.0f}%")
+    print(f"samples/s: median (min-max) over rounds; x project: median over rounds of the ratio to that round's "
+          f"project figure, each by its harness's own timing; quiet: the same over the rounds where other processes "
+          f"took under {100 * args.quiet:.0f}% of the box during both runs (how many); step, gen, reward: medians over "
+          f"timed steps; log: seconds in Trainer.log per step; others: share of the box other processes took during a "
+          f"run (median)")
+    print("per round, samples/s by median step / by wall clock (others' share):")
+    for name in harnesses:
+        print(f"{name:>32}  " + "  ".join(f"{r['median']:3.0f}/{r['wall']:3.0f} ({100 * r['others']:.0f}%)"
+                                          for r in runs[name]))
     print(workload.prompt_check(runs))
     print("\n".join(checks))
     print(load)

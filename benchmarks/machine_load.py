@@ -56,6 +56,15 @@ class MachineLoad(threading.Thread):
                 f"{others:.0f} core-s ({100 * others / (wall * cores):.0f}% of the box)")
 
 
+def measured(action, *arguments) -> tuple[object, float]:
+    """`action(*arguments)`, and the share of the box other processes took meanwhile (MachineLoad's figure)."""
+    machine = MachineLoad()
+    machine.start()
+    result = action(*arguments)
+    machine.stop()
+    return result, machine.others_share
+
+
 def other_load() -> str:
     """CPU use of processes outside this benchmark's process tree over one second, and the load average."""
     me = psutil.Process()
