@@ -104,17 +104,16 @@ def accepted(model: str, args, setting: Setting) -> str | None:
     return None
 
 
-def timed_rows(run_dir: Path, warmup: int) -> list[dict]:
-    """The RL steps' metrics rows after the warm-up, from the run folder's metrics.jsonl."""
+def step_rows(run_dir: Path) -> list[dict]:
+    """The RL steps' metrics rows, in step order, from the run folder's metrics.jsonl."""
     from pear_ray.tracking import read_metrics
 
-    rows = sorted((r for r in read_metrics(run_dir) if r["stage"] == "rl"), key=lambda r: r["step"])
-    return rows[warmup:]
+    return sorted((r for r in read_metrics(run_dir) if r["stage"] == "rl"), key=lambda r: r["step"])
 
 
 def run_cli(model: str, args, setting: Setting, run_dir: Path) -> list[dict]:
     """The setting as a user runs it: its job file through `pear-ray run` in a subprocess (the project's
-    interpreter); returns the timed steps' rows."""
+    interpreter); returns its steps' rows."""
     run_dir.mkdir(parents=True)
     job_file = run_dir.parent / f"{run_dir.name}.yaml"
     job_file.write_text(yaml.safe_dump(job_tree(model, args, setting), sort_keys=False))
@@ -127,7 +126,7 @@ def run_cli(model: str, args, setting: Setting, run_dir: Path) -> list[dict]:
     if done.returncode:
         tail = (run_dir.parent / f"{run_dir.name}.log").read_text().splitlines()[-15:]
         raise RuntimeError(f"pear-ray run {job_file} failed ({done.returncode}):\n" + "\n".join(tail))
-    return timed_rows(run_dir, args.warmup)
+    return step_rows(run_dir)
 
 
 def run_in_process(model: str, args, setting: Setting, run_dir: Path) -> list[dict]:
@@ -142,17 +141,21 @@ def run_in_process(model: str, args, setting: Setting, run_dir: Path) -> list[di
     job = parse_job(job_tree(model, args, setting))
     with MetricsLogger(run_dir, resume=False, loggers=()) as metrics:
         run_rl(Run(job, run_dir, metrics, Path(model)), "none", Path(model))
-    return timed_rows(run_dir, args.warmup)
+    return step_rows(run_dir)
 
 
-def summarize(rounds: list[list[dict]]) -> dict:
-    """A setting's figures from its timed steps, one list per round: samples/s per round (samples / median step
-    seconds), their median, min and max; each step figure's median over every timed step."""
+def summarize(rounds: list[list[dict]], warmup: int) -> dict:
+    """A setting's figures from its steps' rows, one list per round: samples/s per round (samples / median step
+    seconds after the warm-up), their median, min and max; each step figure's median over every timed step; and
+    the median step of the warm-up after the first (which starts the actors)."""
+    timed = [rows[warmup:] for rows in rounds]
     per_round = [statistics.median(r["samples"] for r in rows) / statistics.median(r["step_seconds"] for r in rows)
-                 for rows in rounds]
-    steps = [r for rows in rounds for r in rows]
+                 for rows in timed]
+    steps = [r for rows in timed for r in rows]
+    warming = [r["step_seconds"] for rows in rounds for r in rows[1:warmup]]
     return {"samples_per_s": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
-            "rounds": per_round, **{key: statistics.median(r.get(key, 0.0) for r in steps) for key in STEP_FIGURES}}
+            "rounds": per_round, "warmup_step_seconds": statistics.median(warming) if warming else float("nan"),
+            **{key: statistics.median(r.get(key, 0.0) for r in steps) for key in STEP_FIGURES}}
 
 
 def parse_settings(args) -> list[Setting]:
@@ -197,22 +200,24 @@ def main() -> None:
                 import ray
 
                 ray.shutdown()
-    results = {f"{setting.name} ({way})": summarize(timed) for (setting, way), timed in rows.items()}
+    results = {f"{setting.name} ({way})": summarize(timed, args.warmup) for (setting, way), timed in rows.items()}
 
     print(f"\nRL stage throughput, tiny Qwen2 {TinyModelSpec()}: basic_arithmetic, {args.prompts_per_step} prompts x "
           f"{args.group_size} samples, <= {args.max_tokens} tokens, temperature 1, GRPO 1 update/step, clip 0.2/0.28, "
           f"token-mean, no KL; rollout actors and learner at 0.5 CPU each; {args.rounds} rounds x {args.steps} steps "
           f"after {args.warmup} warm-up; cli = `pear-ray run` as a user runs it, in-process = the stage alone")
-    print(f"{'setting':>38} {'samples/s':>9} {'min-max':>13} {'step s':>7} {'wait s':>7} {'gen s':>7} "
+    print(f"{'setting':>38} {'samples/s':>9} {'min-max':>13} {'warm-up s':>9} {'step s':>7} {'wait s':>7} {'gen s':>7} "
           f"{'verify s':>8} {'train s':>7} {'sync s':>7} {'rollout busy':>12} {'learner busy':>12} {'staleness':>9}")
     for name, m in results.items():
-        print(f"{name:>38} {m['samples_per_s']:9.1f} {m['min']:6.1f}-{m['max']:<6.1f} {m['step_seconds']:7.3f} "
+        print(f"{name:>38} {m['samples_per_s']:9.1f} {m['min']:6.1f}-{m['max']:<6.1f} {m['warmup_step_seconds']:9.3f} "
+              f"{m['step_seconds']:7.3f} "
               f"{m['wait_seconds']:7.3f} {m['generate_seconds']:7.3f} {m['verify_seconds']:8.3f} "
               f"{m['train_seconds']:7.3f} {m['sync_seconds']:7.3f} {m['rollout_busy']:12.2f} "
               f"{m['learner_busy']:12.2f} {m['staleness_mean']:9.2f}")
-    print("wait = driver waiting for the step's batch; gen = actor-seconds generating it; verify = decode, verifier "
-          "tasks, advantages (what is left once generated); train = learner.step; sync = weights to the actors (at "
-          "k >= 1 it waits for the generation in flight ahead of the update)")
+    print("warm-up s = median step of the warm-up after the first; wait = driver waiting for the step's batch; gen = "
+          "actor-seconds generating it; verify = decode, verifier tasks, advantages (what is left once generated); "
+          "train = learner.step; sync = weights to the actors (at k >= 1 it waits for the generation in flight ahead "
+          "of the update)")
     print(f"total run {time.perf_counter() - wall:.0f} s")
     print(machine.stop())
     print(f"machine before: {load_before}\nmachine after:  {other_load()}")

@@ -41,9 +41,11 @@ def trl_summary(runs: list[dict], timing: str) -> dict:
     """A TRL harness's runs as table figures: samples/s by its own timing; generation, and the rest of the step as
     training (reward, log-probs, backward, optimizer)."""
     per_round = [run[timing] for run in runs]
-    step, generate = (statistics.median(run[key] for run in runs) for key in ("step_seconds", "generate_seconds"))
+    step, generate, warmup = (statistics.median(run[key] for run in runs)
+                              for key in ("step_seconds", "generate_seconds", "warmup_step_seconds"))
     return {"samples_per_s": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
-            "step_seconds": step, "generate_seconds": generate, "train_seconds": step - generate}
+            "warmup_step_seconds": warmup, "step_seconds": step, "generate_seconds": generate,
+            "train_seconds": step - generate}
 
 
 def main() -> None:
@@ -92,7 +94,7 @@ def main() -> None:
                                          workload.check_pear_ray_reward(runs["TRL, project harness"][-1]["record"]),
                                          workload.check_rule(runs["TRL, project harness"][-1]["record"])]
     figures = {name: trl_summary(runs[name], TRL_HARNESSES[name].timing) if name in TRL_HARNESSES
-               else summarize(runs[name]) for name in entries}
+               else summarize(runs[name], args.warmup) for name in entries}
 
     python = sys.version.split()[0]
     lines = [f"$ {command}   ({time.strftime('%Y-%m-%d')}, Python {python}; pear_ray through `pear-ray run` with "
@@ -101,22 +103,24 @@ def main() -> None:
              f"samples, <= {args.max_tokens} tokens, temperature 1, 1 update per step, clip 0.2/0.28, token-mean, no "
              f"KL; pear_ray: rollout actors and learner at 0.5 Ray CPU each; TRL: one process, {args.threads} torch "
              f"threads; {args.rounds} alternating rounds x {args.steps} steps after {args.warmup} warm-up",
-             f"{'setting':>30} {'samples/s':>9} {'min-max':>13} {'step s':>7} {'wait s':>7} {'gen s':>7} "
-             f"{'train s':>7} {'sync s':>7} {'rollout busy':>12} {'learner busy':>12} {'others':>6}"]
+             f"{'setting':>30} {'samples/s':>9} {'min-max':>13} {'warm-up s':>9} {'step s':>7} {'wait s':>7} "
+             f"{'gen s':>7} {'train s':>7} {'sync s':>7} {'rollout busy':>12} {'learner busy':>12} {'others':>6}"]
     dash = "-"
     for name, m in figures.items():
         cells = [f"{m[key]:7.3f}" if key in m else f"{dash:>7}"
                  for key in ("step_seconds", "wait_seconds", "generate_seconds", "train_seconds", "sync_seconds")]
         busy = [f"{m[key]:12.2f}" if key in m else f"{dash:>12}" for key in ("rollout_busy", "learner_busy")]
-        lines.append(f"{name:>30} {m['samples_per_s']:9.1f} {m['min']:6.1f}-{m['max']:<6.1f} {' '.join(cells)} "
+        lines.append(f"{name:>30} {m['samples_per_s']:9.1f} {m['min']:6.1f}-{m['max']:<6.1f} "
+                     f"{m['warmup_step_seconds']:9.3f} {' '.join(cells)} "
                      f"{' '.join(busy)} {100 * statistics.median(others[name]):5.0f}%")
     if missing:
         lines.append(f"{colocated.name:>30} not available: {missing}")
     lines += [
         "samples/s: per round, pear_ray = samples / median step s, TRL project harness the same, TRL peer harness = "
-        "samples / wall-clock s of the timed steps; median and min-max over rounds. Step figures: medians over the "
-        "timed steps. pear_ray: wait = driver waiting for the step's batch, gen = actor-seconds generating it, train "
-        "= learner.step, sync = weights to the actors. TRL: gen = transformers' generate, train = the rest of the "
+        "samples / wall-clock s of the timed steps; median and min-max over rounds. warm-up s: the median step of "
+        "the warm-up after the first (pear_ray: task workers starting). Step figures: medians over the timed steps. "
+        "pear_ray: wait = driver waiting for the step's batch, gen = actor-seconds generating it, train = "
+        "learner.step, sync = weights to the actors. TRL: gen = transformers' generate, train = the rest of the "
         "step. others = share of the box other processes took while the setting ran (median over rounds).",
         *checks,
         f"total run {time.perf_counter() - started:.0f} s",

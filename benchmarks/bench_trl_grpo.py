@@ -106,7 +106,7 @@ def reconciliation() -> dict[str, Harness]:
     return variants
 
 
-NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d+)?|\.\d+)")  # `.3` is a number too, as pear_ray reads numbers
 
 
 def exact_match(completions, answer, **_) -> list[float]:
@@ -204,6 +204,7 @@ class Workload:
         return {"median": self.batch / statistics.median(intervals),
                 "wall": self.batch * timed_steps / (times[-1] - times[w - 1]),
                 "step_seconds": statistics.median(intervals),
+                "warmup_step_seconds": statistics.median(b - a for a, b in zip(times[:w - 1], times[1:w])),
                 "generate_seconds": statistics.median(spent["generate"][w:]),
                 "reward_seconds": statistics.median(spent["reward"][w:]),
                 "log_seconds": sum(spent["log"]) / len(times),  # per step: some harnesses log every 10th
@@ -246,9 +247,11 @@ class Workload:
         texts = [text for ids, *_ in record for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         answers, given = (sum((list(call[i]) for call in record), []) for i in (1, 3))
         rule = exact_match([[{"content": text}] for text in texts], answers)
-        equal = sum(a == b for a, b in zip(rule, given))
+        differ = [(text, answer, r, g) for text, answer, r, g in zip(texts, answers, rule, given) if r != g]
         return (f"reward check (peer): its rule against pear_ray's reward on the same {len(rule)} completions: "
-                f"{equal}/{len(rule)} equal")
+                f"{len(rule) - len(differ)}/{len(rule)} equal"
+                + "".join(f"\n  differs: {text!r} (answer {answer}): rule {r}, pear_ray {g}" for text, answer, r, g
+                          in differ[:3]))
 
 
 def spread(values: list[float]) -> str:

@@ -127,4 +127,6 @@ def add_grpo_workload(parser) -> None:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=15, help="steps left out of the figures: a fresh Ray instance "
+                        "(each `pear-ray run`) starts its task workers (scoring, verifiers) on demand over the first "
+                        "~15 RL steps, a few core-seconds each, on a 2-core box")
