@@ -16,7 +16,9 @@ rarely solves a prompt, so most groups would be dropped); each rollout actor and
 Ray CPU. No checkpoint inside the run (one would drain the pipeline). Each of --rounds rounds runs every setting
 once, starting one setting later each round, so that load from other processes hits them alike. Per round:
 samples/s = samples per step / median step seconds over the steps after --warmup; the table gives the median and
-the spread (min-max) of that over rounds, and the phases' medians over every timed step.
+the spread (min-max) of that over rounds, and the phases' medians over every timed step. The warm-up is long (15
+steps) because every `pear-ray run` starts a fresh Ray instance, whose task workers (scoring, verifiers) start on
+demand over the first ~15 RL steps at a few core-seconds each; the "warm-up s" column shows those steps.
 
 Run: .venv/bin/python benchmarks/bench_rl.py [--help]
 """

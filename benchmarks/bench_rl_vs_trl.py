@@ -15,8 +15,9 @@ A script of its own rather than bench_rl.py grown: TRL lives in a scratch venv (
 runner re-runs itself there and runs pear_ray's jobs with the project's interpreter, while bench_rl.py and
 bench_trl_grpo.py stay usable alone, each in its own environment.
 
-Run (about 15 minutes on a quiet 2-core box):
-  .venv/bin/python benchmarks/bench_rl_vs_trl.py --out    (writes benchmarks/results/rl_vs_trl_cpu_<date>.txt)
+Run (about 12 minutes on a quiet 2-core box: each `pear-ray run` takes ~40 s, most of it start-up; 2 rounds of 8
+settings, plus the colocated one once it exists, and TRL's two harnesses):
+  .venv/bin/python benchmarks/bench_rl_vs_trl.py --out    (appends to benchmarks/results/rl_vs_trl_cpu_<date>.txt)
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main() -> None:
     parser.set_defaults(staleness="0,1")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of TRL's one process")
     parser.add_argument("--no-trl", action="store_true", help="pear_ray's settings only")
-    parser.add_argument("--out", action="store_true", help=f"also write the table to {RESULTS.name}/"
+    parser.add_argument("--out", action="store_true", help=f"also append the table to {RESULTS.name}/"
                         "rl_vs_trl_cpu_<YYYY-MM-DD>.txt")
     parser.add_argument("--venv", type=Path, default=Path("/tmp/trl-venv"))
     parser.add_argument("--trl", default="1.16.0")
