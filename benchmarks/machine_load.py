@@ -51,8 +51,18 @@ class MachineLoad(threading.Thread):
         ours = sum(v - self.base.get(pid, 0.0) for pid, v in self.ours.items())
         wall, cores = time.perf_counter() - self.wall, psutil.cpu_count()
         others = max(0.0, self._busy() - self.machine - ours)
+        self.others_share = others / (wall * cores)  # what the line below says, as a number
         return (f"CPU over the run ({wall:.0f} s x {cores} cores): this benchmark {ours:.0f} core-s, other processes "
                 f"{others:.0f} core-s ({100 * others / (wall * cores):.0f}% of the box)")
+
+
+def measured(action, *arguments) -> tuple[object, float]:
+    """`action(*arguments)`, and the share of the box other processes took meanwhile (MachineLoad's figure)."""
+    machine = MachineLoad()
+    machine.start()
+    result = action(*arguments)
+    machine.stop()
+    return result, machine.others_share
 
 
 def other_load() -> str:
@@ -109,11 +119,14 @@ def time_steps(step, n: int) -> float:
 
 
 def add_grpo_workload(parser) -> None:
-    """The GRPO workload bench_rl.py and bench_trl_grpo.py both run, declared once so the two sides of the
-    comparison cannot drift apart: train prompts, prompts per step, samples per prompt, response length, steps."""
+    """The GRPO workload bench_rl.py, bench_trl_grpo.py and bench_rl_vs_trl.py run, declared once so the two sides
+    of the comparison cannot drift apart: train prompts, prompts per step, samples per prompt, response length,
+    steps."""
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=15, help="steps left out of the figures: a fresh Ray instance "
+                        "(each `pear-ray run`) starts its task workers (scoring, verifiers) on demand over the first "
+                        "~15 RL steps, a few core-seconds each, on a 2-core box")
