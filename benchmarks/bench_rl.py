@@ -175,18 +175,10 @@ def add_settings_args(parser) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_grpo_workload(parser)
-<<<<<<< HEAD
-    parser.add_argument("--backends", default="vllm,transformers", help="rollout backends (resources.rollout.engine.backend)")
-    parser.add_argument("--actors", default="1,2")
-    parser.add_argument("--staleness", default="0,1,2")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--json", help="also write the per-setting medians here")
-=======
     add_settings_args(parser)
     parser.add_argument("--in-process", action="store_true", help="also run each setting as the stage alone in this "
                         "process (Ray without a log folder, no loggers), as this benchmark used to")
     parser.add_argument("--json", help="also write the per-setting figures here")
->>>>>>> bench
     args = parser.parse_args()
 
     from pear_ray.models import TinyModelSpec, build_tiny_model
