@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 from machine_load import MachineLoad, add_grpo_workload, other_load  # benchmarks/ is on sys.path when a benchmark runs
 
-# The one place each of these config keys is named (the rollout backend is moving to resources.rollout.engine.backend).
+# The one place each of these config keys is named.
 BACKEND_KEY = "resources.rollout.engine.backend"
 COLOCATE_KEY = "resources.rollout.colocate"
 LEARNING_RATE = 1e-5  # rl.optimizer.lr here, learning_rate on TRL's side
