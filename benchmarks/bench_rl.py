@@ -42,6 +42,8 @@ from machine_load import MachineLoad, add_grpo_workload, other_load  # benchmark
 # The one place each of these config keys is named.
 BACKEND_KEY = "resources.rollout.engine.backend"
 COLOCATE_KEY = "resources.rollout.colocate"
+LEARNER_CPUS_KEY = "resources.learner.num_cpus"
+COLOCATED_LEARNER_CPUS = 2  # every core of this 2-core box
 LEARNING_RATE = 1e-5  # rl.optimizer.lr here, learning_rate on TRL's side
 PROJECT_PYTHON_ENV = "PEAR_RAY_BENCH_PYTHON"  # the project's interpreter, for a benchmark re-run in TRL's venv
 
@@ -65,17 +67,11 @@ class Setting:
         return f"{layout}, {self.backend} x{self.actors}"
 
     def keys(self) -> dict:
-        """The job keys this setting sets, dotted."""
+        """The job keys this setting sets, dotted. Colocated, the learner's one rank takes the whole box (both cores):
+        it generates and trains in turn."""
         keys = {BACKEND_KEY: self.backend, "resources.rollout.num_actors": self.actors,
                 "rl.max_staleness": self.staleness}
-        return keys | ({COLOCATE_KEY: True} if self.colocate else {})
-
-
-def set_dotted(tree: dict, key: str, value) -> None:
-    *path, last = key.split(".")
-    for part in path:
-        tree = tree.setdefault(part, {})
-    tree[last] = value
+        return keys | ({COLOCATE_KEY: True, LEARNER_CPUS_KEY: COLOCATED_LEARNER_CPUS} if self.colocate else {})
 
 
 def job_tree(model: str, args, setting: Setting | None = None) -> dict:
@@ -90,6 +86,8 @@ def job_tree(model: str, args, setting: Setting | None = None) -> dict:
                "optimizer": {"lr": LEARNING_RATE}, "drop_constant_groups": False, "checkpoint_every": steps + 1},
         "resources": {"rollout": {"num_cpus": 0.5}, "learner": {"num_ranks": 1, "num_cpus": 0.5, "zero_stage": 2}},
     }
+    from pear_ray.config import set_dotted
+
     for key, value in (setting.keys() if setting else {}).items():
         set_dotted(tree, key, value)
     return tree

@@ -75,9 +75,9 @@ def main() -> None:
         folder = Path(folder)
         model_dir = build_tiny_model(TinyModelSpec(), folder / "model")
         model = str(model_dir)
-        colocated = Setting("transformers", 1, 0, colocate=True)
-        missing = accepted(model, args, colocated)
-        settings = [*parse_settings(args), *([] if missing else [colocated])]
+        colocated = [Setting(backend, 1, 0, colocate=True) for backend in args.backends.split(",")]
+        missing = accepted(model, args, colocated[0])
+        settings = [*parse_settings(args), *([] if missing else colocated)]
         entries = [s.name for s in settings] + ([] if args.no_trl else list(TRL_HARNESSES))
         workload = None if args.no_trl else Workload(args, folder, model_dir)
         runs, others = {name: [] for name in entries}, {name: [] for name in entries}
@@ -115,7 +115,7 @@ def main() -> None:
                      f"{m['warmup_step_seconds']:9.3f} {' '.join(cells)} "
                      f"{' '.join(busy)} {100 * statistics.median(others[name]):5.0f}%")
     if missing:
-        lines.append(f"{colocated.name:>30} not available: {missing}")
+        lines.append(f"{'colocated':>30} not available: {missing}")
     lines += [
         "samples/s: per round, pear_ray = samples / median step s, TRL project harness the same, TRL peer harness = "
         "samples / wall-clock s of the timed steps; median and min-max over rounds. warm-up s: the median step of "
