@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import ray
 from ray.autoscaler.sdk import request_resources
 
 from pear_ray.actors.learner import LearnerGroup
-from pear_ray.actors.pool import ActorPool
+from pear_ray.actors.pool import ActorPool, Broadcast
 from pear_ray.actors.reference import ReferenceWorker
 from pear_ray.actors.rollout import RolloutWorker
 from pear_ray.config import ActorResources, RolloutResources
@@ -102,27 +103,50 @@ def _mismatch(pool: ActorPool, learner_ref: ray.ObjectRef, scores) -> dict[str, 
     return {"mismatch_max": float(every.max()), "mismatch_mean": float(every.mean())}
 
 
-def sync_weights(learner: LearnerGroup, pool: ActorPool, version: int, probe_ref: ray.ObjectRef | None = None,
-                 then: Callable[[], None] | None = None, colocated: bool = False) -> dict[str, float]:
-    """Hand the learner's current weights to every rollout actor (actor to actor, by ObjectRef), then measure
-    the mismatch on the probe batch if one is given. `then` runs once the update (and the probe) is queued on
-    every actor and before waiting for it: what it queues (the next rollouts) runs on the new weights, with no
-    idle gap. `colocated`: the pool is the learner's own ranks (LearnerGroup.rollout_pool), whose engines take
-    their rank's weights in place, so nothing is sent."""
+@dataclass
+class Sync:
+    """A weight update queued on every rollout actor (and the mismatch probe behind it), not yet waited for."""
+
+    pool: ActorPool
+    update: Broadcast
+    probe: tuple | None
+    version: int
+    colocated: bool
+    seconds: float  # the driver's time sending it
+
+    def finish(self) -> dict[str, float]:
+        """Wait until every actor holds the weights; the driver's seconds on this sync, the version, the mismatch."""
+        waiting = time.perf_counter()
+        self.pool.gather(self.update)
+        metrics = {"policy_version": self.version}
+        if self.probe is not None:
+            metrics.update(_mismatch(self.pool, *self.probe))
+        metrics["sync_seconds"] = self.seconds + time.perf_counter() - waiting
+        log.info("weights v%d synced to %d %s in %.2f s%s", self.version, len(self.pool.actors),
+                 "learner rank(s), in place" if self.colocated else "rollout actor(s)", metrics["sync_seconds"],
+                 f"; mismatch max {metrics['mismatch_max']:.2e}" if self.probe is not None else "")
+        return metrics
+
+
+def start_sync(learner: LearnerGroup, pool: ActorPool, version: int, probe_ref: ray.ObjectRef | None = None,
+               then: Callable[[], None] | None = None, colocated: bool = False) -> Sync:
+    """Hand the learner's current weights to every rollout actor (actor to actor, by ObjectRef), and queue the
+    mismatch probe behind them if one is given; `Sync.finish` waits for both. `then` runs once the update (and the
+    probe) is queued on every actor: what it queues (the next rollouts) runs on the new weights, with no idle gap.
+    `colocated`: the pool is the learner's own ranks (LearnerGroup.rollout_pool), whose engines take their rank's
+    weights in place, so nothing is sent."""
     started = time.perf_counter()
     weights = None if colocated else learner.weights_ref()
     update = pool.broadcast("update_weights", weights, version)
     probe = _score_probe(learner, pool, probe_ref) if probe_ref is not None else None
     if then is not None:
         then()
-    pool.gather(update)
-    metrics = {"sync_seconds": time.perf_counter() - started, "policy_version": version}
-    if probe is not None:
-        metrics.update(_mismatch(pool, *probe))
-    log.info("weights v%d synced to %d %s in %.2f s%s", version, len(pool.actors),
-             "learner rank(s), in place" if colocated else "rollout actor(s)", metrics["sync_seconds"],
-             f"; mismatch max {metrics['mismatch_max']:.2e}" if probe_ref is not None else "")
-    return metrics
+    return Sync(pool, update, probe, version, colocated, time.perf_counter() - started)
+
+
+def sync_weights(learner: LearnerGroup, pool: ActorPool, version: int, **kwargs) -> dict[str, float]:
+    """`start_sync`, waited for."""
+    return start_sync(learner, pool, version, **kwargs).finish()
 
 
 def probe_batch(table, rows: int = 8) -> ray.ObjectRef:

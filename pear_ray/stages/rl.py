@@ -36,6 +36,7 @@ from pear_ray.actors.roles import (
     reference_pool,
     request_rollout_capacity,
     rollout_pool,
+    start_sync,
     sync_weights,
 )
 from pear_ray.data import schema
@@ -99,7 +100,7 @@ class RolloutBatches:
 
     def __init__(self, run: Run, training: Training):
         self.run, self.rl, self.training = run, run.job.rl, training
-        self.pool, self.scorers, self.probe = None, {}, None
+        self.pool, self.scorers, self.probe, self.pending = None, {}, None, None
 
     # ------------------------------------------------------------------ the loop's interface
 
@@ -149,23 +150,40 @@ class RolloutBatches:
 
     def after_update(self, step: int, figures: dict) -> dict:
         """The new weights to every rollout actor (the next steps' generation queued behind them), or, without an
-        update, the same weights relabelled as the next version; then the step's pool figures."""
-        pool = self.pool
+        update, the same weights relabelled as the next version; then the step's pool figures.
+
+        Generating ahead (max_staleness >= 1), the driver does not wait for the update to land: an actor loads it
+        only once it has finished the batch in flight, and the learner can train on that batch meanwhile. The update
+        is waited for at the next step (or before any other sync), so its version and mismatch figures are logged
+        with the next step; `sync_seconds` is the driver's time on syncs in this step."""
+        pool, started = self.pool, time.perf_counter()
+        out = self.landed()
         if self.probe is not None:
-            out = self.sync(step + 1, probe_ref=self.probe,
-                            then=lambda: self.submit_until(generation_horizon(step + 1, self.rl)))
+            sync = start_sync(self.learner, pool, step + 1, probe_ref=self.probe, colocated=self.colocated,
+                              then=lambda: self.submit_until(generation_horizon(step + 1, self.rl)))
+            if self.rl.max_staleness and step + 1 < self.rl.steps:
+                self.pending = sync
+            else:
+                out.update(sync.finish())
         else:
             pool.call_all("set_policy_version", step + 1)
-            out = {}
+        out["sync_seconds"] = time.perf_counter() - started
         out.update(busy_fractions(figures, time.perf_counter() - self.started, len(pool.actors)))
         out.update(rollout_actors=len(pool.actors), rollout_actors_lost=pool.stats.actors_dropped
                    + pool.stats.actors_replaced, rollout_batches_rerun=pool.stats.resubmitted,
                    reference_actors_replaced=sum(scorer.stats.actors_replaced for scorer in self.scorers.values()))
         return out
 
-    def sync(self, version: int, **kwargs) -> dict:
-        """The learner's current weights to the rollout service as `version` (roles.sync_weights)."""
-        return sync_weights(self.learner, self.pool, version, colocated=self.colocated, **kwargs)
+    def sync(self, version: int) -> dict:
+        """The learner's current weights to the rollout service as `version`, waited for (after any update still
+        landing, whose figures go unlogged)."""
+        self.landed()
+        return sync_weights(self.learner, self.pool, version, colocated=self.colocated)
+
+    def landed(self) -> dict:
+        """The figures of the update after_update did not wait for, once every actor holds it ({} when none)."""
+        sync, self.pending = self.pending, None
+        return {} if sync is None else sync.finish()
 
     def close(self) -> None:
         resources = self.run.job.resources.rollout
