@@ -31,6 +31,11 @@ WORKER_ENV = {
     "VLLM_LOGGING_LEVEL": "WARNING",  # vLLM's per-engine INFO lines drown the driver's own log
 }
 CPU_ONLY_ENV = {"DS_ACCELERATOR": "cpu"}
+# Idle task workers an embedded instance keeps (Ray's default: one per CPU). RL's scoring, cut and verifier tasks
+# need a few workers at once; with only two kept, Ray ended the others when idle and started them again a step later,
+# each import of torch and transformers costing seconds of a core (a 30-step RL run on 2 cores started 61 workers, and
+# stalled for 10-20 s at a time under load; keeping 8 it started 12).
+IDLE_TASK_WORKERS = 8
 LOOPBACK = "127.0.0.1"
 VERBOSE_ENV = "PEAR_RAY_VERBOSE"  # set (by `pear-ray --verbose`): workers' output goes to the console too
 WORKER_LOGS_ENV = "PEAR_RAY_WORKER_LOGS"  # the folder workers write their output into otherwise
@@ -106,12 +111,14 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, use_g
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=to_console)
         return
     log.info("starting an embedded Ray instance on %s", LOOPBACK)
+    kept = max(IDLE_TASK_WORKERS, int(num_cpus or os.cpu_count() or 1))
     ray.init(
         num_cpus=num_cpus,
         _node_ip_address=LOOPBACK,
         include_dashboard=False,
         runtime_env=runtime_env,
         log_to_driver=to_console,
+        _system_config={"num_workers_soft_limit": kept},
         **ray_kwargs,
     )
 
