@@ -7,7 +7,7 @@ variant) goes through `train`, which owns resume, step, log, checkpoint and expo
         batch, figures <- source.batch(step)          rows of a file, a table, or RL's rollouts
         learner.step(batch, objective)                unless the source has nothing to train this step
         figures += source.after_update(step)          RL: the new weights go to the rollout service
-        log figures; checkpoint every `checkpoint_every` steps
+        log figures; checkpoint every `checkpoint_every` steps (the metrics published first, on object storage)
     export the model to a Hugging Face folder
 
 What differs between trainings is where the batches come from, a `BatchSource`; the loop never looks inside one.
@@ -93,6 +93,7 @@ def train(run: Run, training: Training, source: BatchSource,
                 progress.set_postfix({shown: f"{figures[shown]:.3f}"})
             run.metrics.log(training.stage, step + 1, figures, variant=training.variant)
             if (step + 1) % training.checkpoint_every == 0 and step + 1 < training.steps:
+                run.folder.publish()  # a checkpoint in the bucket always has the metrics it resumes after
                 learner.save_checkpoint(run.checkpoints(training.name), {"step": step + 1})
         if before_export is not None:
             before_export(learner)
