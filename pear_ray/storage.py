@@ -34,6 +34,7 @@ SCRATCH_ENV = "PEAR_RAY_SCRATCH"
 DEFAULT_SCRATCH = Path("~/.cache/pear_ray/scratch")
 SCHEMES = ("s3", "gs", "gcs")
 SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+GCS_RETRY_SECONDS = 30  # Google's client retries for 15 minutes by default: a preflight would seem to hang
 FETCHING = ".fetching"  # suffix of a download in progress (moved into place whole)
 UNPUBLISHED_SUFFIXES = (".partial", FETCHING)  # files still being written: atomic.py's, and our downloads
 CHUNK = 8 << 20
@@ -73,14 +74,18 @@ def scratch_root() -> Path:
     return Path(os.environ.get(SCRATCH_ENV) or DEFAULT_SCRATCH).expanduser()
 
 
-def describe_failure(error: OSError) -> str:
-    """What the store said, in words a user acts on; the store's own message (redacted) when it is none of those."""
+def describe_failure(error: OSError, scheme: str = "s3") -> str:
+    """What the store said, in words a user acts on; the store's own message (redacted) when it is none of those.
+    pyarrow gives no error codes, only the SDKs' names for them in the text."""
     text = str(error)
     if any(code in text for code in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
-                                     "EXPIRED_TOKEN", "PermissionDenied", "Unauthenticated")):
-        return ("access refused: check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or "
-                "the node's role) and that they may read and write there")
-    if any(code in text for code in ("NETWORK_CONNECTION", "curlCode", "Could not resolve", "Connection refused")):
+                                     "EXPIRED_TOKEN", "PERMISSION_DENIED", "UNAUTHENTICATED", "OAuth2 access token")):
+        where = ("GOOGLE_APPLICATION_CREDENTIALS or the node's service account" if scheme == "gs" else
+                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or the node's role")
+        return f"access refused: check the credentials ({where}) and that they may read and write there"
+    if any(code in text for code in ("NETWORK_CONNECTION", "curlCode", "Could not resolve", "UNAVAILABLE")):
+        if scheme == "gs":
+            return "the store cannot be reached: check the network"
         return f"the store cannot be reached at {endpoint()}: check AWS_ENDPOINT_URL and the network"
     return redact((text.strip().splitlines() or [type(error).__name__])[0])
 
@@ -107,10 +112,11 @@ class Remote:
         region and credentials the way the provider chain does)."""
         from pyarrow import fs
 
+        options = f"?retry_limit_seconds={GCS_RETRY_SECONDS}" if self.scheme == "gs" else ""
         try:
-            return fs.FileSystem.from_uri(f"{self.scheme}://{self.bucket}")[0]
+            return fs.FileSystem.from_uri(f"{self.scheme}://{self.bucket}{options}")[0]
         except OSError as error:
-            raise StorageError(self.url(), describe_failure(error)) from None
+            raise StorageError(self.url(), describe_failure(error, self.scheme)) from None
 
     def path(self, relative: str = "") -> str:
         """The file system's path of a file or folder under this one (`bucket/prefix/relative`)."""
@@ -176,7 +182,8 @@ class RunFolder:
         return f"{self.remote.bucket}/{self._bucket_key(path)}"
 
     def _failure(self, what: str, error: OSError) -> StorageError:
-        return StorageError(what, error.reason if isinstance(error, StorageError) else describe_failure(error))
+        return StorageError(what, error.reason if isinstance(error, StorageError)
+                            else describe_failure(error, self.remote.scheme))
 
     # ------------------------------------------------------------------ reading where the folder lives
 
@@ -196,7 +203,7 @@ class RunFolder:
         except StorageError as error:
             return error.reason
         except OSError as error:
-            return describe_failure(error)
+            return describe_failure(error, self.remote.scheme)
         return None
 
     def _bucket_exists(self) -> bool:

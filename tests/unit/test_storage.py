@@ -223,7 +223,21 @@ def test_a_url_holding_credentials_is_refused_without_repeating_them():
     assert SECRET_ACCESS_KEY not in str(refused.value) and ACCESS_KEY_ID not in str(refused.value)
 
 
-def test_the_store_s_own_messages_are_redacted(monkeypatch):
+GCS_NO_TOKEN = ("google::cloud::Status(UNAVAILABLE: Retry policy exhausted, with a last message of Could not create a "
+                "OAuth2 access token to authenticate the request.")
+
+
+@pytest.mark.parametrize("scheme, said, meant", [
+    ("s3", "AWS Error ACCESS_DENIED during HeadObject operation: No response body.", "access refused: check the "
+     "credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or the node's role)"),
+    ("gs", GCS_NO_TOKEN, "access refused: check the credentials (GOOGLE_APPLICATION_CREDENTIALS or the node's"),
+    ("gs", "google::cloud::Status(PERMISSION_DENIED: Permission denied on bucket)", "access refused"),
+    ("gs", "google::cloud::Status(UNAVAILABLE: Retry policy exhausted: connection refused)",
+     "the store cannot be reached: check the network"),
+    ("s3", f"AWS Error UNKNOWN during PutObject: signature for {SECRET_ACCESS_KEY} rejected\nmore",
+     "AWS Error UNKNOWN during PutObject: signature for *** rejected"),  # the store's own words, one line, redacted
+])
+def test_what_the_store_says_becomes_one_line_a_user_acts_on(monkeypatch, scheme, said, meant):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)
-    error = OSError(f"AWS Error UNKNOWN during PutObject: signature for {SECRET_ACCESS_KEY} rejected\nmore")
-    assert storage.describe_failure(error) == "AWS Error UNKNOWN during PutObject: signature for *** rejected"
+    described = storage.describe_failure(OSError(said), scheme)
+    assert described.startswith(meant) and "\n" not in described and SECRET_ACCESS_KEY not in described
