@@ -122,6 +122,13 @@ def resume(run: Run, learner, name: str, stage: str, variant: str | None = None)
     return start
 
 
+def checkpoint(run: Run, learner, name: str, step: int) -> None:
+    """Checkpoint training `name` at `step`, the run folder published first: a checkpoint in a bucket always has the
+    metrics rows it resumes after (a resume drops the later ones; rows missing before it would stay missing)."""
+    run.folder.publish()
+    learner.save_checkpoint(run.checkpoints(name), {"step": step})
+
+
 def prompt_table(run: Run, split: str, n: int | None = None) -> pa.Table:
     """The task's prompts of a split (`n` of them, default the config's count), tokenized the one way every stage
     tokenizes."""

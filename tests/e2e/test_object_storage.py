@@ -185,3 +185,33 @@ def test_a_prefix_bound_to_another_config_is_refused_and_left_as_it_was(s3, buck
     assert message.startswith(" holds the results of another config; changed since:")
     assert "sft.optimizer.lr: 0.5 -> 0.0001" in message and "--fresh" in message
     assert {name: s3.read(f"{prefix}/{name}") for name in s3.objects(prefix)} == held
+
+
+@pytest.mark.slow  # about 4 minutes: a tiny experiment of two seeds, then its rerun on an empty scratch
+def test_an_experiment_in_a_bucket_is_aggregated_again_on_a_fresh_machine_without_training(s3, bucket, tmp_path):
+    """The job folder in a bucket: each cell publishes its folder and the shared prior, the experiment its report,
+    summary and wall times; a rerun on an empty scratch trains nothing (the cells' state, metrics and eval results,
+    and the prior, come from the bucket) and writes the same summary."""
+    url, prefix = f"s3://{bucket}/experiment", f"{bucket}/experiment"
+    tiny = ["seeds=[0,1]", "stages=[score,sft,eval]", "sft.variants=[none,token]", "task.num_train=32",
+            "task.num_eval=6", "models.student.prior.steps=4", "models.student.prior.num_prompts=32", "sft.epochs=1",
+            "sft.batch_size=16", "eval.n=2", "eval.k=[1,2]", "models.student.tiny.hidden_size=64",
+            "models.student.tiny.num_heads=2", "models.student.tiny.num_kv_heads=2",
+            "models.student.tiny.intermediate_size=128"]
+
+    def experiment(scratch: Path) -> str:
+        return finish(pear_ray("run", str(ROOT / "jobs" / "pear-vs-sft.yaml"), *tiny, "--run-dir", url,
+                               env={**os.environ, **s3.env(PEAR_RAY_SCRATCH=str(scratch))}))
+
+    first = experiment(tmp_path / "first")
+    objects = s3.objects(prefix)
+    assert {"report.md", "summary.json", "wall_seconds.json", "seed0/state.json", "seed1/eval/sft-token.parquet",
+            "seed1/models/sft-token/model.safetensors"} <= set(objects)
+    assert any(name.startswith("priors/") and name.endswith("model.safetensors") for name in objects)
+    summary = s3.read(f"{prefix}/summary.json")
+    again = experiment(tmp_path / "second")
+    assert "prior: done in an earlier run" in again and again.count("INFO sft/token: done in an earlier run") == 2
+    assert "prior sft" not in again and "sft-token:" not in again  # no training bar: nothing trained
+    assert s3.read(f"{prefix}/summary.json") == summary
+    assert len(json.loads(s3.read(f"{prefix}/wall_seconds.json"))) == 2  # both invocations
+    assert f"report: {url}/report.md" in again and f"report: {url}/report.md" in first
