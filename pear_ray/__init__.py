@@ -1,8 +1,9 @@
 """pear_ray: Ray-distributed LLM post-training with PEAR-weighted SFT, then GRPO.
 
 Layout, by layer (imports point down; tests/unit/test_layers.py checks it):
-  atomic, faults, messages, plugins, runtime, hub   whole-file writes, kill points, message text, plug-in loading,
-                                                    Ray start-up with the workers' environment, the Hugging Face Hub
+  atomic, faults, messages, plugins, runtime, hub, storage
+                                whole-file writes, kill points, message text, plug-in loading, Ray start-up with the
+                                workers' environment, the Hugging Face Hub, run folders in a bucket
   objectives/, data/, models/   the math as pure torch functions; the Arrow data plane; tiny local models
   config/, tasks/, tracking/    the typed job config; tasks and verifiers; metrics, reports and plots
   engines/      one process's work, no Ray: the rollout engines (vLLM, transformers), the DeepSpeed learner rank

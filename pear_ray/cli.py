@@ -76,7 +76,8 @@ OverridesArg = Annotated[
 ]
 
 RunDirOption = Annotated[
-    Path | None, typer.Option(help="run folder", show_default="<output_dir>/<name> of the job")
+    str | None, typer.Option(help="run folder: a path, or a bucket's URL (s3://bucket/prefix, gs://bucket/prefix)",
+                             show_default="<output_dir>/<name> of the job")
 ]
 FreshOption = Annotated[bool, typer.Option(help="move an existing run folder aside (to a sibling named with the time) "
                                                 "and start anew")]
@@ -174,22 +175,31 @@ def tiny_model(
     typer.echo(str(path))
 
 
-def _run(job: JobConfig, run_dir: Path | None, fresh: bool = False) -> None:
+def _run(job: JobConfig, run_dir: str | None, fresh: bool = False) -> None:
     """One run folder, or for a job with seeds/grid an experiment: one folder per cell and an aggregated report;
     the job checked first (preflight), so a bad one starts nothing and writes no folder."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from pear_ray.driver.experiment import is_experiment, run_experiment
     from pear_ray.driver.run import run_job
+    from pear_ray.storage import RunFolder
     from pear_ray.tracking.report import results_summary
 
     drive = run_experiment if is_experiment(job) else run_job
+    location = _location(job, run_dir)
     with logging_redirect_tqdm():  # a log line during a stage's progress bar goes above it, not into it
-        report = _into(job, run_dir or job.run_dir, fresh, lambda folder: drive(job, folder))
-    typer.echo(f"{results_summary(report)}\n\nreport: {report}")
+        report = _into(job, location, fresh, lambda folder: drive(job, folder))
+    typer.echo(f"{results_summary(report)}\n\nreport: {RunFolder(location).where(report)}")
 
 
-def _into(job: JobConfig, folder: Path, fresh: bool, action):
+def _location(job: JobConfig, run_dir: str | None) -> str:
+    """The run folder: --run-dir, else the job's output_dir/name (either a path or a bucket's URL)."""
+    from pear_ray.storage import join
+
+    return run_dir or join(job.output_dir, job.name)
+
+
+def _into(job: JobConfig, folder: str, fresh: bool, action):
     """`action(folder)` once the job passes preflight, after moving the folder aside with --fresh."""
     from pear_ray.driver.preflight import preflight
     from pear_ray.driver.run import set_aside
@@ -239,9 +249,14 @@ def inspect_(job_file: JobArg, overrides: OverridesArg = None, run_dir: RunDirOp
              fresh: FreshOption = False) -> None:
     """Before training: how PEAR would weight the job's SFT data under the student as it is (runs score if needed)."""
     from pear_ray.driver.inspect import format_table, run_inspect
+    from pear_ray.storage import is_url
 
     job = _load(job_file, overrides)
-    figures, json_path, png_path = _into(job, run_dir or job.run_dir, fresh, lambda folder: run_inspect(job, folder))
+    location = _location(job, run_dir)
+    if is_url(location):
+        raise typer.BadParameter(f"{location}: inspect writes its figures into a local folder; give --run-dir a path",
+                                 param_hint="--run-dir")
+    figures, json_path, png_path = _into(job, location, fresh, lambda folder: run_inspect(job, Path(folder)))
     typer.echo(format_table(figures))
     typer.echo("\n".join(["", *figures["verdict"], "", f"figures: {json_path}", f"plot: {png_path}"]))
 

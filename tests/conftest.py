@@ -11,6 +11,7 @@ Fixtures: one tiny model folder per session (built locally, no downloads) and on
 from pathlib import Path
 
 import pytest
+from support.s3 import S3Store, moto_server
 
 from pear_ray.models import TinyModelSpec, build_tiny_model
 
@@ -44,3 +45,18 @@ def ray_cluster():
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3() -> S3Store:
+    """moto's S3 server on a free loopback port, for the module's tests; stopped after them."""
+    with moto_server() as store:
+        yield store
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch, tmp_path) -> S3Store:
+    """This process pointed at the module's store (the standard variables), with a scratch folder of the test's own."""
+    for name, value in s3.env(PEAR_RAY_SCRATCH=str(tmp_path / "scratch")).items():
+        monkeypatch.setenv(name, value)
+    return s3

@@ -6,7 +6,8 @@ cell under the job's folder, then one aggregated report with paired statistics.
     <job folder>/report.md, summary.json, plots/
 
 Every cell is an ordinary run (`run_job`): rerunning the command skips finished cells and resumes the unfinished
-one. All cells are checked before the first starts, so a bad grid value, or a cell folder holding another config's
+one. The job folder may be a URL (s3://bucket/prefix), as a run folder may: each cell publishes its own folder, the
+experiment its report, summary and wall times. All cells are checked before the first starts, so a bad grid value, or a cell folder holding another config's
 results, is refused up front. Cells run one after another by default; with `parallel_cells: N` up to N run at
 once, each driven by a Ray task (on a cluster their actors spread over the nodes, as Ray places them).
 """
@@ -30,9 +31,11 @@ from pear_ray import atomic
 from pear_ray.config import JobConfig, parse_job, set_dotted
 from pear_ray.driver.run import check_bound, run_job
 from pear_ray.runtime import init_ray
+from pear_ray.storage import RunFolder, join
 from pear_ray.tracking import read_metrics
 from pear_ray.tracking.aggregate import aggregate, write_summary
 from pear_ray.tracking.experiment_report import write_experiment_report
+from pear_ray.tracking.plots import PLOTS_DIR
 from pear_ray.tracking.report import mean_pear_weights
 
 log = logging.getLogger(__name__)
@@ -75,40 +78,47 @@ def prior_key(job: JobConfig) -> str:
     return f"seed{job.seed}-{hashlib.sha256(inputs.encode()).hexdigest()[:12]}"
 
 
-def run_experiment(job: JobConfig, job_dir: Path) -> Path:
-    """Run every cell into `job_dir`, then write the aggregated report; returns its path."""
+def run_experiment(job: JobConfig, job_dir: str | Path) -> Path:
+    """Run every cell into `job_dir` (a path or URL), then write the aggregated report; returns its path (in the
+    local copy)."""
     started = time.perf_counter()
     planned = cells(job)  # every cell's config is valid before anything starts
     for _, folder, cell_job in planned:
-        check_bound(cell_job, job_dir / folder)
-    init_ray(log_dir=job_dir / "logs", use_gpu=job.uses_gpu)
+        check_bound(cell_job, join(job_dir, folder))
+    job_folder = RunFolder(job_dir)
+    job_folder.fetch(job_folder.local / WALL_TIME_FILE)
+    init_ray(log_dir=job_folder.local / "logs", use_gpu=job.uses_gpu)
     try:
         if job.parallel_cells > 1:
             run_side_by_side(planned, job_dir, job.parallel_cells)
         else:
             for index, (_, folder, cell_job) in enumerate(planned):
                 log.info("experiment %s: cell %d of %d (%s)", job.name, index + 1, len(planned), folder)
-                run_job(cell_job, job_dir / folder, prior_dir=job_dir / "priors" / prior_key(cell_job))
+                run_job(cell_job, join(job_dir, folder),
+                        prior_dir=job_folder.local / "priors" / prior_key(cell_job))
     finally:
-        wall_seconds = add_wall_time(job_dir, time.perf_counter() - started)
-    per_prompt, weights = collect(job_dir, planned)
+        wall_seconds = add_wall_time(job_folder.local, time.perf_counter() - started)
+        job_folder.publish(job_folder.local / WALL_TIME_FILE)
+    per_prompt, weights = collect(job_folder, planned)
     summary = aggregate(per_prompt, job.eval.k, mean_weights=weights)
-    write_summary(job_dir, summary)
-    return write_experiment_report(
-        job_dir, summary, job_name=job.name, seeds=job.seeds or [job.seed],
+    summary_path = write_summary(job_folder.local, summary)
+    report = write_experiment_report(
+        job_folder.local, summary, job_name=job.name, seeds=job.seeds or [job.seed],
         cells=[point for point in dict.fromkeys(point for point, _, _ in planned) if point],
         extra={"task": job.task.title,
                "eval": f"{job.task.num_eval} held-out prompts, n={job.eval.n} samples each, k={job.eval.k}",
                "variants": ", ".join(job.sft_variants)},
         wall_seconds=wall_seconds)
+    job_folder.publish(summary_path, job_folder.local / PLOTS_DIR, report)
+    return report
 
 
 @ray.remote(num_cpus=0)
-def _run_cell(cell_job: JobConfig, run_dir: Path) -> str:
+def _run_cell(cell_job: JobConfig, run_dir: str) -> str:
     return str(run_job(cell_job, run_dir))
 
 
-def run_side_by_side(planned: list[tuple[str, str, JobConfig]], job_dir: Path, at_once: int) -> None:
+def run_side_by_side(planned: list[tuple[str, str, JobConfig]], job_dir: str | Path, at_once: int) -> None:
     """Up to `at_once` cells at a time, each driven by a Ray task pinned to this node (so every run folder lands
     where a sequential run would put it), each cell's actors placed by Ray wherever the cluster has room. Cells
     train their own prior here: two cells of one seed must not write one shared prior folder at the same time."""
@@ -118,22 +128,25 @@ def run_side_by_side(planned: list[tuple[str, str, JobConfig]], job_dir: Path, a
         while waiting and len(running) < at_once:
             _, folder, cell_job = waiting.pop(0)
             log.info("experiment: starting cell %s (%d running)", folder, len(running) + 1)
-            running[_run_cell.options(scheduling_strategy=here).remote(cell_job, job_dir / folder)] = folder
+            running[_run_cell.options(scheduling_strategy=here).remote(cell_job, join(job_dir, folder))] = folder
         [done], _ = ray.wait(list(running), num_returns=1)
         log.info("experiment: cell %s finished", running.pop(done))
         ray.get(done)  # a failed cell fails the experiment here, with its own error
 
 
-def collect(job_dir: Path, planned: list[tuple[str, str, JobConfig]]) -> tuple[pa.Table, dict]:
+def collect(job_folder: RunFolder, planned: list[tuple[str, str, JobConfig]]) -> tuple[pa.Table, dict]:
     """Every cell's per-prompt eval results (with its grid point as `cell`), and each (cell, variant)'s mean PEAR
-    weight over its SFT steps."""
+    weight over its SFT steps (both fetched into the local copy first, for a job folder in a bucket)."""
     tables, weights = [], {}
     for point, folder, _ in planned:
-        for path in sorted((job_dir / folder / "eval").glob("*.parquet")):
+        cell = job_folder.local / folder
+        job_folder.fetch(cell / "eval")
+        for path in sorted((cell / "eval").glob("*.parquet")):
             table = pq.read_table(path)
             tables.append(table.append_column("cell", pa.array([point] * table.num_rows)))
-        for variant, weight in mean_pear_weights(read_metrics(job_dir / folder)).items():
+        for variant, weight in mean_pear_weights(read_metrics(cell)).items():
             weights.setdefault((point, variant), []).append(weight)
     if not tables:
-        raise RuntimeError(f"{job_dir}: no cell wrote per-prompt eval results (does the job have an eval stage?)")
+        raise RuntimeError(f"{job_folder.location}: no cell wrote per-prompt eval results (does the job have an eval "
+                           "stage?)")
     return pa.concat_tables(tables), {key: float(np.mean(values)) for key, values in weights.items()}

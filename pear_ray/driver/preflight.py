@@ -2,7 +2,8 @@
 
 `config`, `run`, every stage command, `inspect` and `submit` call `preflight` first, so a bad job costs seconds and
 one message instead of a traceback after Ray has started and models were built. It checks, in order: the run
-folder (a folder, writable, not bound to another config), the loggers, every model the job names (a complete
+folder (a folder, writable, not bound to another config; in a bucket: the store reachable, the bucket there, access
+granted, read without writing anything), the loggers, every model the job names (a complete
 Hugging Face folder or Hub id: config, weights, a tokenizer the embedding covers, positions for the prompt and
 response limits; all sharing the student's tokenizer), the task (its name and args, its prompt files), and the SFT
 data (readable, valid against the schema and the student's tokenizer, every row within the model's positions), with
@@ -23,7 +24,7 @@ from typing import Any
 from pear_ray.config import ConfigError, JobConfig, ModelSource
 from pear_ray.data import schema
 from pear_ray.data.io import load_sft_data
-from pear_ray.driver.run import check_bound, finished_stages
+from pear_ray.driver.run import check_bound, finished_stages, run_folder
 from pear_ray.hub import hub_snapshot
 from pear_ray.messages import first_line
 from pear_ray.models import TinyModelSpec, build_tiny_model, check_model_files
@@ -46,7 +47,7 @@ class ModelFacts:
     max_positions: int | None = None
 
 
-def preflight(job: JobConfig, run_dir: Path | None, *, fresh: bool = False) -> None:
+def preflight(job: JobConfig, run_dir: str | Path | None, *, fresh: bool = False) -> None:
     """Raise a ConfigError (bad input: exit status 2) naming what is wrong and where. `run_dir` None skips the run
     folder (a job for a cluster); `fresh`, its binding to a config (--fresh moves it aside)."""
     if run_dir is not None:
@@ -60,18 +61,28 @@ def preflight(job: JobConfig, run_dir: Path | None, *, fresh: bool = False) -> N
     check_data(job, models)
 
 
-def check_run_folder(job: JobConfig, run_dir: Path, *, bound: bool = True) -> None:
-    """A folder (or none yet) somewhere writable, holding no other config's results (with `bound`)."""
+def check_run_folder(job: JobConfig, run_dir: str | Path, *, bound: bool = True) -> None:
+    """A folder (or none yet) somewhere writable, or in a bucket that answers, holding no other config's results
+    (with `bound`)."""
+    folder = run_folder(run_dir)  # a malformed URL, or one holding credentials, is refused here
+    if folder.remote is None:
+        check_local_folder(Path(run_dir))
+    elif (problem := folder.problem()) is not None:
+        raise ConfigError(f"run folder {folder.location}: {problem}")
+    if bound:
+        check_bound(job, folder)
+    if "sft" in job.stages and "score" not in job.stages and "score" not in finished_stages(folder):
+        raise ConfigError(f"the sft stage trains on the SFT data the score stage writes into the run folder "
+                          f"{run_dir}, which has none: run the score stage first (pear-ray score, or pear-ray run)")
+
+
+def check_local_folder(run_dir: Path) -> None:
+    """A folder, or none yet, somewhere writable."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir}: a file is in the way (give --run-dir another path)")
     existing = next(parent for parent in (run_dir, *run_dir.absolute().parents) if parent.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run folder {run_dir}: cannot write into {existing}")
-    if bound and run_dir.is_dir():
-        check_bound(job, run_dir)
-    if "sft" in job.stages and "score" not in job.stages and "score" not in finished_stages(run_dir):
-        raise ConfigError(f"the sft stage trains on the SFT data the score stage writes into the run folder "
-                          f"{run_dir}, which has none: run the score stage first (pear-ray score, or pear-ray run)")
 
 
 def model_facts(source: ModelSource, key: str, what: str | None = None) -> ModelFacts:

@@ -14,6 +14,11 @@ checkpoint. state.json also binds the folder to the config its results came from
 is refused instead of mixing results; paths in it are relative to the folder, so the folder can move. Bulk data
 moves between actors by ObjectRef; the driver holds refs, indices and metrics.
 
+The run folder may be a URL (s3://bucket/prefix; pear_ray/storage.py): the driver works in its local copy, publishes
+what changed at every checkpoint and stage end (state.json last, so the bucket never records a stage whose outputs
+it lacks), and a rerun on a machine with nothing local fetches state.json and the metrics first, then each finished
+stage's output when a later stage reads it.
+
 (design notes: docs/design.md)
 """
 
@@ -25,7 +30,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,10 +44,16 @@ from pear_ray.stages.prior import train_prior
 from pear_ray.stages.rl import run_rl
 from pear_ray.stages.score import run_score
 from pear_ray.stages.sft import run_sft
+from pear_ray.storage import RunFolder
 from pear_ray.tracking import MetricsLogger, read_metrics, results_from_metrics, write_report
+from pear_ray.tracking.metrics import RESUMED_FILES
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
+# What a run folder's publishing leaves to others: checkpoints (each learner rank uploads its own), the Ray logs
+# (each node's own), W&B's files (it syncs them to its server) and state.json (published last, by RunState, once
+# what it records is there).
+NOT_PUBLISHED = ("checkpoints", "logs", "wandb", STATE_FILE)
 
 
 # Settings that change how or where a run goes, not what it produces: a rerun into a run folder may change them
@@ -60,15 +70,27 @@ def fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def check_bound(job: JobConfig, run_dir: Path) -> None:
+def run_folder(location: str | Path | RunFolder) -> RunFolder:
+    """A run folder given as a path or URL (or already opened)."""
+    return location if isinstance(location, RunFolder) else RunFolder(location, skip=NOT_PUBLISHED)
+
+
+def recorded_state(folder: RunFolder) -> dict | None:
+    """A run folder's state.json, read where the folder lives (None for a new folder)."""
+    text = folder.read_text(STATE_FILE)
+    return None if text is None else json.loads(text)
+
+
+def check_bound(job: JobConfig, run_dir: str | Path | RunFolder) -> None:
     """Refuse a job whose results would differ from those already in `run_dir` (ConfigError naming each change)."""
-    path = run_dir / STATE_FILE
-    if not path.is_file():
+    folder = run_folder(run_dir)
+    state = recorded_state(folder)
+    if state is None:
         return  # a new folder: nothing to compare with
-    recorded = json.loads(path.read_text()).get("config")
+    recorded = state.get("config")
     if recorded is None:
-        raise ConfigError(f"run folder {run_dir} was written by an older pear_ray (its {STATE_FILE} records no "
-                          "config to check this job against): give another --run-dir, or add --fresh to move it "
+        raise ConfigError(f"run folder {folder.location} was written by an older pear_ray (its {STATE_FILE} records "
+                          "no config to check this job against): give another --run-dir, or add --fresh to move it "
                           "aside and start anew")
     if fingerprint(recorded) == fingerprint(binding(job)):
         return
@@ -77,15 +99,15 @@ def check_bound(job: JobConfig, run_dir: Path) -> None:
     changes = [f"  {key}: {json.dumps(old.get(key, unset))} -> {json.dumps(new.get(key, unset))}"
                for key in sorted(old.keys() | new.keys()) if old.get(key, unset) != new.get(key, unset)]
     raise ConfigError("\n".join([
-        f"run folder {run_dir} holds the results of another config; changed since:", *changes,
+        f"run folder {folder.location} holds the results of another config; changed since:", *changes,
         "rerun with the old settings to resume it, give another --run-dir, or add --fresh to move the folder "
         "aside (to a sibling named with the time) and start anew"]))
 
 
-def finished_stages(run_dir: Path) -> dict[str, str]:
+def finished_stages(run_dir: str | Path | RunFolder) -> dict[str, str]:
     """The stages a run folder records as finished, and what each produced (nothing for a new folder)."""
-    path = run_dir / STATE_FILE
-    return json.loads(path.read_text())["done"] if path.is_file() else {}
+    state = recorded_state(run_folder(run_dir))
+    return state["done"] if state is not None else {}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -99,37 +121,39 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def set_aside(run_dir: Path) -> Path | None:
+def set_aside(run_dir: str | Path) -> str | None:
     """Move a run folder to a sibling named with the time (for --fresh: nothing is deleted); returns where."""
-    if not run_dir.exists():
-        return None
-    aside = run_dir.with_name(f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    while aside.exists():
-        aside = aside.with_name(aside.name + "-1")
-    run_dir.rename(aside)
-    log.info("moved the run folder %s aside to %s", run_dir, aside)
+    aside = run_folder(run_dir).move_aside()
+    if aside is not None:
+        log.info("moved the run folder %s aside to %s", run_dir, aside)
     return aside
 
 
 class RunState:
     """Which stages of a run folder have finished and what each produced (a path relative to the folder), under
-    the config the folder is bound to."""
+    the config the folder is bound to. Opening it readies the folder's local copy (pear_ray/storage.py)."""
 
-    def __init__(self, run_dir: Path, job: JobConfig):
-        check_bound(job, run_dir)
-        self.dir, self.path, self.config = run_dir, run_dir / STATE_FILE, binding(job)
+    def __init__(self, run_dir: str | Path | RunFolder, job: JobConfig):
+        self.folder = run_folder(run_dir)
+        check_bound(job, self.folder)
+        self.folder.prepare(STATE_FILE, RESUMED_FILES)
+        self.dir, self.config = self.folder.local, binding(job)
+        self.path = self.dir / STATE_FILE
         self.max_restarts = job.resources.learner.max_restarts
-        self.done = finished_stages(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.done = finished_stages(self.folder)
         self.save()  # bound from the start: a run killed before its first stage has partial outputs too
 
     def once(self, key: str, stage: Callable[[], Path | dict]) -> str:
-        """Run `stage` unless it finished before; record its output."""
+        """Run `stage` unless it finished before; record its output, once it and all else the stage wrote is
+        published."""
         if key in self.done:
             log.info("%s: done in an earlier run, skipping", key)
             return self.done[key]
         log.info("%s: starting", key)
         result = self._with_restarts(key, stage)
+        if isinstance(result, Path):
+            self.folder.publish(result)  # it may lie outside the folder (an experiment's shared prior)
+        self.folder.publish()
         self.done[key] = os.path.relpath(result, self.dir) if isinstance(result, Path) else str(result)
         self.save()
         return self.done[key]
@@ -154,12 +178,16 @@ class RunState:
         return self.output_of(key)
 
     def output_of(self, key: str) -> Path:
-        """Where a finished stage's file or folder is (recorded relative to the run folder)."""
-        return self.dir / self.done[key]
+        """Where a finished stage's file or folder is (recorded relative to the run folder), fetched into the local
+        copy if it is not there."""
+        path = Path(os.path.normpath(self.dir / self.done[key]))
+        self.folder.fetch(path)
+        return path
 
     def save(self) -> None:
         atomic.write_text(self.path, json.dumps({"fingerprint": fingerprint(self.config), "config": self.config,
                                                  "done": self.done}, indent=1))
+        self.folder.publish(self.path)
 
 
 def prepare_student(run: Run, state: RunState, prior_dir: Path | None = None) -> None:
@@ -168,23 +196,29 @@ def prepare_student(run: Run, state: RunState, prior_dir: Path | None = None) ->
     only in later stages share one)."""
     if run.job.models.student.prior is not None:
         base = run.student
+        prior_dir = run.fetched(prior_dir or run.model("student-prior"))  # another cell's, maybe, in a bucket
         run.student = state.output("prior", lambda: train_prior(run, base, prior_dir))
 
 
-def run_job(job: JobConfig, run_dir: Path, prior_dir: Path | None = None) -> Path:
-    """Run the job's stages into `run_dir`; returns the report's path."""
+def run_job(job: JobConfig, run_dir: str | Path, prior_dir: Path | None = None) -> Path:
+    """Run the job's stages into `run_dir` (a path or URL); returns the report's path (in the local copy)."""
     state = RunState(run_dir, job)  # refuses another config's folder before anything starts
+    run_dir = state.dir
     if threading.current_thread() is threading.main_thread():  # not so in a Ray task driving an experiment's cell
         signal.signal(signal.SIGTERM, _exit_cleanly)  # a killed run still shuts its actors down
     dump_job(job, run_dir / "config.yaml")
     init_ray(log_dir=run_dir / "logs", use_gpu=job.uses_gpu)
+    state.folder.fetch(run_dir / "models" / "student")  # a tiny student built by an earlier run
     student = resolve_model(job.models.student, run_dir / "models" / "student")
     stages = set(job.stages)
     with MetricsLogger(run_dir, resume=True, loggers=job.loggers, run_name=job.name,
                        config=job.model_dump(mode="json")) as metrics:
-        run = Run(job, run_dir, metrics, student)
+        run = Run(job, run_dir, metrics, student, state.folder)
         prepare_student(run, state, prior_dir)
-        data = state.output("score", lambda: run_score(run)) if "score" in stages else run.data("sft")
+        if "score" in stages:
+            data = state.output("score", lambda: run_score(run))
+        else:  # an earlier run's, when there is one (preflight made sure of it where SFT reads it)
+            data = state.output_of("score") if "score" in state.done else run.data("sft")
         for variant in job.sft_variants:
             model = run.student
             if "sft" in stages:
@@ -198,7 +232,10 @@ def run_job(job: JobConfig, run_dir: Path, prior_dir: Path | None = None) -> Pat
     results = results_from_metrics(read_metrics(run_dir))
     extra = {"student": job.models.student.model_dump(exclude_none=True), "task": job.task.title,
              "eval": f"n={job.eval.n} samples per prompt, k={job.eval.k}"}
-    return write_report(run_dir, results, seed=job.seed, job_name=job.name, extra=extra)
+    report = write_report(run_dir, results, seed=job.seed, job_name=job.name, extra=extra,
+                          location=state.folder.location if state.folder.remote else None)
+    state.folder.publish()
+    return report
 
 
 def _exit_cleanly(signum, frame) -> None:

@@ -1,10 +1,16 @@
 """Learner checkpoints: DeepSpeed's (module, optimizer, LR scheduler) plus our update counter, the caller's client
 state and every rank's RNG states, so a resumed run continues exactly where it stopped.
 
-Never half-used: every rank writes its files into ckpt_dir/<tag>; then rank 0 flushes them to disk, records each
-file's size in <tag>/manifest.json and, last, points ckpt_dir/latest at the tag (each by an atomic rename). A resume
-takes the checkpoint `latest` names when its files match its manifest, else the newest one that does, with a
-warning. A write that fails (a full disk) removes its partial folder and leaves `latest` where it was.
+Never half-used: every rank writes its files into ckpt_dir/<tag>; then rank 0 records each file's size in
+<tag>/manifest.json and, last, points ckpt_dir/latest at the tag (each by an atomic rename). A resume takes the
+checkpoint `latest` names when its files match its manifest, else the newest one that does, with a warning. A write
+that fails (a full disk) removes its partial folder and leaves `latest` where it was.
+
+ckpt_dir may be a URL (a run folder on object storage, pear_ray/storage.py): each rank then writes its files to its
+node's scratch copy and uploads them itself; after all ranks' uploads (the barrier they meet at), rank 0 lists what
+the bucket holds into the manifest, uploads it, then `latest`. So the rule is the same: files, manifest, pointer, and
+an upload cut before its manifest is passed over like a truncated checkpoint. A resume reads the manifests and sizes
+in the bucket, and each rank fetches the checkpoint it loads into its node's copy.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import errno
 import json
 import logging
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +27,7 @@ import numpy as np
 import torch
 
 from pear_ray import atomic, faults
+from pear_ray.storage import RunFolder
 
 log = logging.getLogger(__name__)
 _STATE_KEY = "pear_ray"  # our entry in DeepSpeed's client_state
@@ -29,99 +37,119 @@ LATEST = "latest"  # DeepSpeed's name for the pointer file, so its own tools (ze
 
 def save(learner, ckpt_dir: str | Path, client_state: dict | None = None, tag: str | None = None) -> str:
     """Checkpoint under ckpt_dir/tag (default `step<N>`, N the optimizer updates so far), RNG states in
-    rng_rank<r>.pt. ckpt_dir must be one folder every rank can write (a shared filesystem on a cluster). Returns
+    rng_rank<r>.pt. ckpt_dir is a folder every rank can write (a shared filesystem on a cluster) or a URL. Returns
     the tag; raises OSError saying what is left to resume from when the checkpoint could not be written."""
-    ckpt_dir = Path(ckpt_dir)
+    store = RunFolder(ckpt_dir)
     tag = tag or f"step{learner.optimizer_steps}"
-    folder = ckpt_dir / tag
-    (folder / MANIFEST).unlink(missing_ok=True)  # a folder being (re)written is no checkpoint until committed
+    folder = store.local / tag
+    store.remove(f"{tag}/{MANIFEST}")  # a folder being (re)written is no checkpoint until committed
     state = {_STATE_KEY: {"step": learner.optimizer_steps, "client_state": dict(client_state or {})}}
     try:
-        learner.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+        learner.engine.save_checkpoint(str(store.local), tag=tag, client_state=state, save_latest=False)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         folder.mkdir(parents=True, exist_ok=True)  # DeepSpeed creates it only on ranks that write model files
         torch.save(rng, folder / f"rng_rank{learner.rank}.pt")
-        learner.deepspeed.comm.barrier()  # every rank's files are written
-        faults.kill_point(f"checkpoint-write/{ckpt_dir.name}")
+        store.publish(*own_files(folder, learner.rank))
+        learner.deepspeed.comm.barrier()  # every rank's files are written (and uploaded)
+        faults.kill_point(f"checkpoint-write/{store.local.name}")
         if learner.rank == 0:
-            _commit(ckpt_dir, tag, learner.optimizer_steps)
+            _commit(store, tag, learner.optimizer_steps)
     except (OSError, RuntimeError) as error:  # torch.save reports a file it cannot open or write as RuntimeError
-        previous = _pointer(ckpt_dir)
+        previous = _pointer(store)
         if learner.rank == 0 and tag != previous:
             shutil.rmtree(folder, ignore_errors=True)  # frees what the failed write took
         left = (f"the previous checkpoint {previous} is intact; a rerun resumes from it" if previous
                 else "there is no earlier checkpoint; a rerun starts this training again")
         raise OSError(getattr(error, "errno", None) or errno.EIO,
-                      f"checkpoint {tag} could not be written to {ckpt_dir} ({error}); {left}") from error
+                      f"checkpoint {tag} could not be written to {store.location} ({error}); {left}") from error
     return tag
 
 
-def _commit(ckpt_dir: Path, tag: str, step: int) -> None:
-    """Make ckpt_dir/tag the checkpoint to resume from: its files on disk, their sizes in its manifest, then the
-    pointer."""
-    folder = ckpt_dir / tag
-    atomic.sync_tree(folder)
-    files = {str(path.relative_to(folder)): path.stat().st_size
-             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+def own_files(folder: Path, rank: int) -> list[Path]:
+    """The files of a checkpoint folder that learner rank `rank` wrote, and uploads: those naming it (DeepSpeed's
+    `*pp_rank_<r>_*`, our `rng_rank<r>.pt`), and for rank 0 those naming no rank (the model states of ZeRO 0-2)."""
+    owned = []
+    for file in sorted(folder.iterdir()):
+        named = re.search(r"(?:pp_rank_|rng_rank)(\d+)", file.name)
+        if file.is_file() and (int(named.group(1)) if named else 0) == rank:
+            owned.append(file)
+    return owned
+
+
+def _commit(ckpt_dir: str | Path | RunFolder, tag: str, step: int) -> None:
+    """Make ckpt_dir/tag the checkpoint to resume from: its files on disk (or in the bucket), their sizes in its
+    manifest, then the pointer."""
+    store = ckpt_dir if isinstance(ckpt_dir, RunFolder) else RunFolder(ckpt_dir)
+    folder = store.local / tag
+    if store.remote is None:
+        atomic.sync_tree(folder)
+    files = {name: size for name, size in store.sizes(tag).items() if name != MANIFEST}
     atomic.write_text(folder / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
-    atomic.write_text(ckpt_dir / LATEST, tag)
+    store.publish(folder / MANIFEST)
+    atomic.write_text(store.local / LATEST, tag)
+    store.publish(store.local / LATEST)
 
 
-def _pointer(ckpt_dir: Path) -> str | None:
-    latest = ckpt_dir / LATEST
-    return latest.read_text().strip() if latest.is_file() else None
+def _pointer(store: RunFolder) -> str | None:
+    latest = store.read_text(LATEST)
+    return latest.strip() if latest is not None else None
 
 
-def _problem(folder: Path) -> str | None:
-    """Why the checkpoint in `folder` cannot be used; None when every file its manifest lists is there, whole."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
+def _problem(manifest: str | None, sizes: dict[str, int]) -> str | None:
+    """Why a checkpoint cannot be used, given its manifest and the sizes of the files its folder holds; None when
+    every file the manifest lists is there, whole."""
+    if manifest is None:
         return "it has no manifest: its writing never finished"
-    for name, size in json.loads(manifest.read_text())["files"].items():
-        path = folder / name
-        if not path.is_file():
+    for name, size in json.loads(manifest)["files"].items():
+        if name not in sizes:
             return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, its manifest says {size}"
+        if sizes[name] != size:
+            return f"{name} has {sizes[name]} bytes, its manifest says {size}"
     return None
 
 
-def usable_tag(ckpt_dir: str | Path) -> str | None:
+def usable_tag(ckpt_dir: str | Path | RunFolder) -> str | None:
     """The checkpoint to resume from: the one `latest` names when it is whole, else the newest whole one (with a
-    warning); None when there is none (training starts afresh)."""
-    ckpt_dir = Path(ckpt_dir)
-    pointer = _pointer(ckpt_dir)
-    committed = sorted(ckpt_dir.glob(f"*/{MANIFEST}"), key=lambda path: json.loads(path.read_text())["step"],
-                       reverse=True)
-    candidates = ([pointer] if pointer else []) + [path.parent.name for path in committed
-                                                   if path.parent.name != pointer]
+    warning); None when there is none (training starts afresh). Read where ckpt_dir lives (the bucket for a URL)."""
+    store = ckpt_dir if isinstance(ckpt_dir, RunFolder) else RunFolder(ckpt_dir)
+    pointer = _pointer(store)
+    sizes: dict[str, dict[str, int]] = {}  # tag -> file -> size
+    for name, size in store.sizes().items():
+        tag, _, file = name.partition("/")
+        if file:
+            sizes.setdefault(tag, {})[file] = size
+    manifests = {tag: store.read_text(f"{tag}/{MANIFEST}") for tag, files in sizes.items() if MANIFEST in files}
+    committed = sorted(manifests, key=lambda tag: json.loads(manifests[tag])["step"], reverse=True)
+    candidates = ([pointer] if pointer else []) + [tag for tag in committed if tag != pointer]
     for tag in candidates:
-        problem = _problem(ckpt_dir / tag)
+        problem = _problem(manifests.get(tag), sizes.get(tag, {}))
         if problem is None:
             if tag != pointer:
-                log.warning("resuming from the earlier checkpoint %s in %s", tag, ckpt_dir)
+                log.warning("resuming from the earlier checkpoint %s in %s", tag, store.location)
             return tag
-        log.warning("checkpoint %s in %s is unusable: %s", tag, ckpt_dir, problem)
+        log.warning("checkpoint %s in %s is unusable: %s", tag, store.location, problem)
     return None
 
 
 def load(learner, ckpt_dir: str | Path, tag: str | None = None) -> dict:
-    """Restore what `save` wrote (tag defaults to `usable_tag`'s pick); returns the caller's client_state."""
-    ckpt_dir = Path(ckpt_dir)
-    tag = tag or usable_tag(ckpt_dir)
+    """Restore what `save` wrote (tag defaults to `usable_tag`'s pick); returns the caller's client_state. From a
+    URL, the rank first fetches the checkpoint into its node's copy (files already there whole are kept)."""
+    store = RunFolder(ckpt_dir)
+    tag = tag or usable_tag(store)
     if tag is None:
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
-    path, state = learner.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+        raise FileNotFoundError(f"no complete checkpoint in {store.location}")
+    store.fetch(store.local / tag)
+    path, state = learner.engine.load_checkpoint(str(store.local), tag=tag, load_optimizer_states=True,
                                                  load_lr_scheduler_states=True)
     if path is None:
-        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {ckpt_dir}")
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {store.location}")
     ours = (state or {}).get(_STATE_KEY)
     if ours is None:
-        raise ValueError(f"{ckpt_dir}/{tag} was not written by pear_ray's learner")
+        raise ValueError(f"{store.location}/{tag} was not written by pear_ray's learner")
     learner.optimizer_steps = int(ours["step"])
-    rng_file = ckpt_dir / tag / f"rng_rank{learner.rank}.pt"
+    rng_file = store.local / tag / f"rng_rank{learner.rank}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=False)
         random.setstate(rng["python"])
@@ -130,6 +158,6 @@ def load(learner, ckpt_dir: str | Path, tag: str | None = None) -> dict:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     else:
-        log.warning("no RNG state for rank %d in %s (saved with fewer ranks?); RNG not restored", learner.rank,
-                    ckpt_dir / tag)
+        log.warning("no RNG state for rank %d in %s/%s (saved with fewer ranks?); RNG not restored", learner.rank,
+                    store.location, tag)
     return dict(ours["client_state"])

@@ -20,6 +20,7 @@ from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt
 from pear_ray.engines.checkpoints import usable_tag
 from pear_ray.models import resolve_model
+from pear_ray.storage import RunFolder
 from pear_ray.tasks import make_task
 from pear_ray.tasks.verify import score_rows
 from pear_ray.tracking import MetricsLogger
@@ -32,18 +33,26 @@ BAR_PIECE_PROMPTS = 16  # prompts per generation request when a progress bar sho
 
 @dataclass
 class Run:
-    """One job in its run folder: where each stage reads and writes."""
+    """One job in its run folder: where each stage reads and writes. `dir` is the folder's local copy; `folder`
+    says where it lives (a path, or a bucket the driver publishes to and fetches from: pear_ray/storage.py)."""
 
     job: JobConfig
     dir: Path
     metrics: MetricsLogger
     student: Path  # the student base model folder
+    folder: RunFolder | None = None  # default: the local folder `dir`
+
+    def __post_init__(self):
+        if self.folder is None:
+            self.folder = RunFolder(self.dir)
 
     def model(self, name: str) -> Path:
         return self.dir / "models" / name
 
-    def checkpoints(self, name: str) -> Path:
-        return self.dir / "checkpoints" / name
+    def checkpoints(self, name: str) -> str:
+        """Where training `name` checkpoints: a folder, or its URL (each learner rank then writes to its node's copy
+        and uploads what it wrote)."""
+        return self.folder.where(self.dir / "checkpoints" / name)
 
     def data(self, name: str) -> Path:
         return self.dir / "data" / f"{name}.parquet"
@@ -52,19 +61,25 @@ class Run:
         """Per-prompt eval results of a variant after stage `after`."""
         return self.dir / "eval" / f"{after}-{variant}.parquet"
 
+    def fetched(self, path: Path) -> Path:
+        """`path`, fetched into the local copy first if the run folder lives in a bucket that has it (an earlier
+        run's, on another machine)."""
+        self.folder.fetch(path)
+        return path
+
     def reference(self, default: Path) -> Path:
         """The frozen reference model (RL's KL term, PEAR's frozen target): models.reference when the job gives one,
         else `default` (the RL start model, the student before SFT)."""
         if self.job.models.reference is None:
             return default
-        return resolve_model(self.job.models.reference, self.model("reference"))
+        return resolve_model(self.job.models.reference, self.fetched(self.model("reference")))
 
     def behavior(self) -> Path:
         """The behaviour model's folder (given, or built once)."""
         if self.job.models.behavior is None or self.job.models.behavior.scripted is not None:
             raise ValueError("this needs a behaviour model: give models.behavior as a path or a tiny spec (data.sft "
                              "with a behavior_logprobs column needs none for SFT)")
-        return resolve_model(self.job.models.behavior, self.model("behavior"))
+        return resolve_model(self.job.models.behavior, self.fetched(self.model("behavior")))
 
     @property
     def teacher_dir(self) -> Path:
@@ -76,7 +91,7 @@ class Run:
         score stage gives it one."""
         if not self.job.score.teacher_sft_steps:
             return self.behavior()
-        if not is_exported(self.teacher_dir):
+        if not is_exported(self.fetched(self.teacher_dir)):
             raise FileNotFoundError(f"the trained teacher {self.teacher_dir} is not there: run the score stage first")
         return self.teacher_dir
 
@@ -105,6 +120,13 @@ def resume(run: Run, learner, name: str, stage: str, variant: str | None = None)
         log.info("%s: resuming at step %d", name, start)
     run.metrics.truncate_after(stage, variant, start)
     return start
+
+
+def checkpoint(run: Run, learner, name: str, step: int) -> None:
+    """Checkpoint training `name` at `step`, the run folder published first: a checkpoint in a bucket always has the
+    metrics rows it resumes after (a resume drops the later ones; rows missing before it would stay missing)."""
+    run.folder.publish()
+    learner.save_checkpoint(run.checkpoints(name), {"step": step})
 
 
 def prompt_table(run: Run, split: str, n: int | None = None) -> pa.Table:

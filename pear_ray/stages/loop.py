@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pear_ray.actors.learner import LearnerGroup
 from pear_ray.config import OptimizerConfig
 from pear_ray.objectives import ObjectiveConfig
-from pear_ray.stages.common import Run, resume
+from pear_ray.stages.common import Run, checkpoint, resume
 
 Batch = ray.ObjectRef | str  # an Arrow table's ref, or actors.learner.STREAMED
 
@@ -93,7 +93,7 @@ def train(run: Run, training: Training, source: BatchSource,
                 progress.set_postfix({shown: f"{figures[shown]:.3f}"})
             run.metrics.log(training.stage, step + 1, figures, variant=training.variant)
             if (step + 1) % training.checkpoint_every == 0 and step + 1 < training.steps:
-                learner.save_checkpoint(run.checkpoints(training.name), {"step": step + 1})
+                checkpoint(run, learner, training.name, step + 1)
         if before_export is not None:
             before_export(learner)
         learner.export_hf(training.export)

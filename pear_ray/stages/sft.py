@@ -126,7 +126,7 @@ def frozen_targets(run: Run, data_path: Path) -> Path:
     """The SFT data with PEAR's frozen target as `ref_logprobs`: the log-probs of the student before SFT (or of
     models.reference), scored by the reference actor once per run; a finished file is reused, never recomputed."""
     target = run.data("sft-ref")
-    if target.is_file():  # the sink moves only a finished file into place
+    if run.fetched(target).is_file():  # the sink moves only a finished file into place
         return target
     model = run.reference(run.student)
     log.info("scoring PEAR's frozen target with %s into %s", model, target)

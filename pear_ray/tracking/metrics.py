@@ -12,6 +12,9 @@ Names the plots and report look for: SFT records (stage "sft") carry "loss" and 
 the weight histogram is `histogram("sft", step, "pear_weights", w[mask])`; RL records (stage "rl") carry "reward"
 and "response_length".
 
+All of it is written locally; for a run folder in a bucket (pear_ray/storage.py) the driver publishes what changed at
+every checkpoint and stage end, and a resume fetches RESUMED_FILES before the logger opens.
+
 One TensorBoard run per (variant, stage) is deliberate: TensorBoard overlays runs that share a tag, so "sft/loss"
 shows every variant on one chart (the comparison the project exists for), and a resumed stage can purge its own
 steps after the checkpoint without touching any other variant or stage.
@@ -41,6 +44,9 @@ from pear_ray import atomic
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 HISTOGRAM_DIR = "histograms"
+WANDB_ID_FILE, MLFLOW_ID_FILE = "wandb_run_id", "mlflow_run_id"
+# What a resumed logger reads of its run folder (TensorBoard only appends: a resumed pair purges its own steps).
+RESUMED_FILES = (METRICS_FILE, HISTOGRAM_DIR, WANDB_ID_FILE, MLFLOW_ID_FILE)
 PEAR_WEIGHTS_HISTOGRAM = "pear_weights"  # histogram name (stage "sft") the weight-histogram plot draws
 DEFAULT_VARIANT = "default"  # stands for variant=None in folder names and plot labels
 RESERVED_FIELDS = ("time", "stage", "variant", "step")
@@ -129,7 +135,7 @@ class _WandbMirror:
     def __init__(self, run_dir: Path, resume: bool, run_name: str | None, config: Mapping | None):
         import wandb
 
-        id_file = run_dir / "wandb_run_id"
+        id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resume and id_file.exists() else None
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "pear_ray"), name=run_name, id=run_id,
@@ -161,7 +167,7 @@ class _MlflowMirror:
     def __init__(self, run_dir: Path, resume: bool, run_name: str | None, config: Mapping | None):
         import mlflow
 
-        id_file = run_dir / "mlflow_run_id"
+        id_file = run_dir / MLFLOW_ID_FILE
         run_id = id_file.read_text().strip() if resume and id_file.exists() else None
         self.mlflow = mlflow
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)

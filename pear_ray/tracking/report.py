@@ -176,7 +176,7 @@ def _diagnostics_section(run_dir: Path) -> list[str]:
 
 
 def write_report(run_dir: str | Path, results: Results, *, seed: int, job_name: str,
-                 extra: Mapping[str, Any] | None = None, make_plots: bool = True) -> Path:
+                 extra: Mapping[str, Any] | None = None, make_plots: bool = True, location: str | None = None) -> Path:
     """Write run_dir/report.md and return its path.
 
     results: {variant: {stage: {metric: value}}}
@@ -187,6 +187,7 @@ def write_report(run_dir: str | Path, results: Results, *, seed: int, job_name: 
       `metrics.results_from_metrics(read_metrics(run_dir))` rebuilds it from the logged eval_* records.
     extra: further header lines (student, teacher, task, n samples...), shown as "key: value".
     make_plots: (re)draw the plots first; otherwise embed whatever PNGs run_dir/plots/ already holds.
+    location: where the run folder lives when run_dir is only its local copy (a bucket's URL), named in the header.
     """
     run_dir = Path(run_dir)
     if make_plots:
@@ -199,7 +200,7 @@ def write_report(run_dir: str | Path, results: Results, *, seed: int, job_name: 
         f"- seed: {seed}",
         f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- config: {config_line}",
-        f"- run folder: `{run_dir.resolve()}`",
+        f"- run folder: `{location or run_dir.resolve()}`",
         *(f"- {key}: {value}" for key, value in (extra or {}).items()),
         "",
         "## Results: canonical SFT vs PEAR-SFT as the RL starting point",
