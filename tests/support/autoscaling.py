@@ -208,6 +208,11 @@ class AutoscalingCluster:
         loopback, token auth on, the token file where Ray looks for it; the token itself is in no variable."""
         return base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_file), **extra)
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a Jobs API client sends (JobSubmissionClient(cluster.address, headers=cluster.headers))."""
+        return {"authorization": f"Bearer {self.token}"}
+
     def nodes(self) -> list[Node]:
         """Every node the cluster has had (DEAD ones too), with its type as the autoscaler reported it."""
         status = self._get("/api/cluster_status")["clusterStatus"] or {}
@@ -229,8 +234,23 @@ class AutoscalingCluster:
             time.sleep(0.5)
         return nodes
 
+    def kill_node(self, node_id: str) -> int:
+        """Take a node away without notice, as a cloud loses one: SIGKILL to its raylet, its agents and every
+        process under them (its workers). Returns how many processes were killed."""
+        procs = [proc for proc in _processes_of(self.process.pid, str(self.temp))
+                 if node_id in " ".join(_cmdline(proc))]
+        procs += [child for proc in procs for child in _children(proc)]
+        assert any("raylet" in " ".join(_cmdline(proc)) for proc in procs), f"no raylet of node {node_id} found"
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+        return len(procs)
+
     def _get(self, path: str) -> Any:
-        request = urllib.request.Request(self.address + path, headers={"authorization": f"Bearer {self.token}"})
+        request = urllib.request.Request(self.address + path, headers=self.headers)
         with urllib.request.urlopen(request, timeout=10) as response:
             body = json.loads(response.read())
         return body["data"] if isinstance(body, dict) and "data" in body else body
@@ -271,3 +291,17 @@ def _stop_processes(session_id: int, marker: str) -> list[psutil.Process]:
                 pass
         psutil.wait_procs(alive, timeout=5)
     return _processes_of(session_id, marker)
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
