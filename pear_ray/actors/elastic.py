@@ -73,10 +73,11 @@ def nodes_up() -> int:
 class PoolScaler:
     """Sizes an elastic pool for one phase (`phase`: score, rl, eval) between num_actors and max_actors.
 
-    `grow()` each step (RL) or batch (score, eval) lets retired actors go and starts the actors asked for as room
-    appears; `decide(wait_share, busy_share)` after each step records what the step waited on and, with
-    scale.by=wait, asks the autoscaler for one actor's room more or releases one actor (it finishes its work, then
-    leaves); `close()` withdraws the request. `scale_up_seconds` holds, for each actor that came up, the seconds from
+    `grow()` each step lets retired actors go and starts the actors asked for as room appears; `decide(wait_share,
+    busy_share)` after each step records what the step waited on and, with scale.by=wait, asks the autoscaler for one
+    actor's room more or releases one actor (it finishes its work, then leaves); `close()` withdraws the request. RL
+    calls them once per step (`observe` adds the step's figures); score and eval, through `on_result`, once per
+    batch the pool returns. `scale_up_seconds` holds, for each actor that came up, the seconds from
     the request for its room to its taking work.
     """
 
@@ -91,6 +92,7 @@ class PoolScaler:
         self.scale_up_seconds: list[float] = []
         self.reported = 0  # scale-ups already in a step's figures
         self.peak = len(pool.actors)
+        self.result_at, self.result_waited = time.perf_counter(), pool.dispatcher.counts.wait_seconds  # on_result
         request_rollout_capacity(resources, self.requested)
 
     def grow(self) -> list[int]:
@@ -139,6 +141,16 @@ class PoolScaler:
             self.reported = len(self.scale_up_seconds)
         return figures
 
+    def on_result(self, stats: dict) -> None:
+        """Score and eval: each batch the pool returns is a step. Its wait share: the part of the time since the last
+        batch that the driver spent waiting on the pool; its busy share: the batch's actor-seconds over the pool's."""
+        now, waited = time.perf_counter(), self.pool.dispatcher.counts.wait_seconds
+        seconds = max(now - self.result_at, 1e-6)
+        self.decide(min((waited - self.result_waited) / seconds, 1.0),
+                    min(stats["seconds"] / (max(len(self.pool.actors), 1) * seconds), 1.0))
+        self.result_at, self.result_waited = now, waited
+        self.grow()
+
     def close(self) -> None:
         """The phase is over: withdraw the request, so idle nodes go."""
         request_rollout_capacity(self.resources, 0)
@@ -149,26 +161,13 @@ class PoolScaler:
 
 @contextmanager
 def scaled_by_results(pool: ActorPool, resources: RolloutResources, phase: str) -> Iterator[PoolScaler | None]:
-    """Score and eval, with scale.by=wait: the pool is sized as its results come back, each batch a step (the wait
-    share: the time since the last batch that the driver spent waiting on the pool; the busy share: the batch's
-    actor-seconds over the pool's), and the request is withdrawn at the end. Otherwise the pool keeps its size."""
+    """Score and eval, with scale.by=wait: the pool is sized as its results come back (PoolScaler.on_result), and
+    the request is withdrawn at the end. Otherwise the pool keeps its size."""
     if resources.max_actors is None or resources.scale.by != "wait":
         yield None
         return
     scaler = PoolScaler(pool, resources, phase)
-    counts = pool.dispatcher.counts
-    last = {"at": time.perf_counter(), "waited": counts.wait_seconds}
-
-    def on_result(stats: dict) -> None:
-        now = time.perf_counter()
-        seconds = max(now - last["at"], 1e-6)
-        wait_share = (counts.wait_seconds - last["waited"]) / seconds
-        busy_share = stats["seconds"] / (max(len(pool.actors), 1) * seconds)
-        last.update(at=now, waited=counts.wait_seconds)
-        scaler.decide(min(wait_share, 1.0), min(busy_share, 1.0))
-        scaler.grow()
-
-    pool.dispatcher.on_result = on_result
+    pool.dispatcher.on_result = scaler.on_result
     try:
         yield scaler
     finally:

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,10 +169,10 @@ class AutoscalingCluster:
                 raise RuntimeError(f"`ray start --head` exited with {self.process.returncode}:\n"
                                    f"{self.log.read_text()[-3000:]}")
             try:
-                self._get("/api/jobs/")
+                self._get("/api/jobs/", attempts=1)
                 if any(node.type == HEAD for node in self.nodes()):
                     return
-            except (OSError, urllib.error.URLError, ValueError):
+            except (OSError, ValueError):  # not listening yet, or answering before it is ready
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the head did not come up in {timeout_s:.0f} s:\n{self.log.read_text()[-3000:]}")
@@ -241,19 +240,21 @@ class AutoscalingCluster:
                  if node_id in " ".join(_cmdline(proc))]
         procs += [child for proc in procs for child in _children(proc)]
         assert any("raylet" in " ".join(_cmdline(proc)) for proc in procs), f"no raylet of node {node_id} found"
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        _signal(procs, signal.SIGKILL, wait_s=10)
         return len(procs)
 
-    def _get(self, path: str) -> Any:
+    def _get(self, path: str, attempts: int = 3) -> Any:
+        """GET from the dashboard, a dropped connection (a busy machine) tried again."""
         request = urllib.request.Request(self.address + path, headers=self.headers)
-        with urllib.request.urlopen(request, timeout=10) as response:
-            body = json.loads(response.read())
-        return body["data"] if isinstance(body, dict) and "data" in body else body
+        for attempt in range(attempts):
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    body = json.loads(response.read())
+                return body["data"] if isinstance(body, dict) and "data" in body else body
+            except OSError:  # URLError, a reset or closed connection, a timeout
+                if attempt + 1 == attempts:
+                    raise
+                time.sleep(1)
 
 
 def _processes_of(session_id: int, marker: str) -> list[psutil.Process]:
@@ -278,19 +279,18 @@ def _stop_processes(session_id: int, marker: str) -> list[psutil.Process]:
         procs = _processes_of(session_id, marker)
         if not procs:
             return []
-        for proc in procs:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=3)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        _signal(_signal(procs, signal.SIGTERM, wait_s=3), signal.SIGKILL, wait_s=5)
     return _processes_of(session_id, marker)
+
+
+def _signal(procs: list[psutil.Process], signal_number: int, wait_s: float) -> list[psutil.Process]:
+    """Send the signal to each process (those gone already are skipped); returns those still alive after wait_s."""
+    for proc in procs:
+        try:
+            proc.send_signal(signal_number)
+        except psutil.Error:
+            pass
+    return psutil.wait_procs(procs, timeout=wait_s)[1]
 
 
 def _cmdline(proc: psutil.Process) -> list[str]:
