@@ -110,8 +110,8 @@ def main() -> None:
             import ray
 
             from pear_ray.actors.learner import LearnerGroup
-            from pear_ray.runtime import init_ray
             from pear_ray.config import LearnerResources
+            from pear_ray.runtime import init_ray
 
             init_ray(num_cpus=threads * len(ray_stages))
             table_ref = ray.put(table)

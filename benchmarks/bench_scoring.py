@@ -80,8 +80,8 @@ class PoolVariant:
     def __init__(self, model_dir: str, num_actors: int, actor_cpus: float, max_in_flight: int, warm_ref):
         import ray
 
-        from pear_ray.config import RolloutResources
         from pear_ray.actors.roles import rollout_pool
+        from pear_ray.config import RolloutResources
 
         started = time.perf_counter()
         self.pool = rollout_pool(model_dir, RolloutResources(num_actors=num_actors, num_cpus=actor_cpus,
@@ -151,8 +151,8 @@ def main() -> None:
 
         import ray
 
-        from pear_ray.runtime import init_ray
         from pear_ray.engines.hf_scorer import HfScorer
+        from pear_ray.runtime import init_ray
 
         scorer = HfScorer(model_dir, rows_per_forward=args.hf_rows_per_forward)
         variants: dict[str, object] = {f"HF {t}t": HfVariant(scorer, t) for t in hf_threads}

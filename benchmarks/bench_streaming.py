@@ -134,10 +134,10 @@ def main() -> None:
 
         import ray
 
-        from pear_ray.runtime import init_ray
-        from pear_ray.config import RolloutResources
         from pear_ray.actors.roles import rollout_pool
         from pear_ray.actors.streaming import stream_parquet
+        from pear_ray.config import RolloutResources
+        from pear_ray.runtime import init_ray
 
         store = args.object_store_mib * MiB
         # +1 CPU: the read tasks and the sink take 0.1 each

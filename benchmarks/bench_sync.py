@@ -124,9 +124,9 @@ def main() -> None:
     import ray
 
     from pear_ray.actors.learner import LearnerGroup
-    from pear_ray.runtime import init_ray
-    from pear_ray.config import LearnerResources, RolloutResources
     from pear_ray.actors.roles import rollout_pool
+    from pear_ray.config import LearnerResources, RolloutResources
+    from pear_ray.runtime import init_ray
 
     load_before = other_load()
     machine = MachineLoad()

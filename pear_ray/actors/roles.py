@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from ray.autoscaler.sdk import request_resources
 
 from pear_ray.actors.learner import LearnerGroup
 from pear_ray.actors.pool import ActorPool, Broadcast
@@ -25,7 +24,8 @@ PROBE_COLUMN = "probe_logprobs"
 
 
 def rollout_pool(model_dir: str | Path, resources: RolloutResources, *, seed: int) -> ActorPool:
-    """N rollout/scoring actors, each placed by the role's resources (N independent of the learner)."""
+    """N rollout/scoring actors, each placed by the role's resources (N independent of the learner); with max_actors,
+    an elastic pool that actors/elastic.py sizes."""
     worker = ray.remote(RolloutWorker).options(**actor_options(resources))
 
     def make_actor(slot: int):
@@ -34,40 +34,6 @@ def rollout_pool(model_dir: str | Path, resources: RolloutResources, *, seed: in
     elastic = resources.max_actors is not None
     return ActorPool.start(make_actor, resources.num_actors, max_in_flight=resources.max_in_flight,
                      min_size=resources.num_actors if elastic else None, call_timeout_s=resources.call_timeout_s)
-
-
-def request_rollout_capacity(resources: RolloutResources, actors: int) -> None:
-    """Ask the autoscaler for room for `actors` rollout actors in all (0 withdraws the request, so it can
-    scale the rollout group back down); a no-op on a cluster without an autoscaler."""
-    request_resources(bundles=[rollout_bundle(resources)] * actors)
-
-
-def rollout_bundle(resources: RolloutResources) -> dict[str, float]:
-    """What one rollout actor occupies."""
-    bundle = {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.resources}
-    return {name: amount for name, amount in bundle.items() if amount > 0}
-
-
-def grow_rollout_pool(pool: ActorPool, resources: RolloutResources, start_timeout_s: float = 300.0) -> list[int]:
-    """Elastic pools: start one more rollout actor when the cluster has room for it (a node joined), up to
-    max_actors, without waiting for it to come up. Returns the slots of actors that have come up since the last
-    call: they take work from now on, and still hold the weights they started with.
-
-    One actor starts at a time, and only once every other one has started: until then the cluster's free
-    resources still count what a starting actor is about to take. Shrinking needs no call: the pool lets an
-    actor go when its node leaves.
-    """
-    started = pool.activate_started(start_timeout_s)
-    for slot in started:
-        log.info("rollout actor %d is up: the pool has %d actors", slot, len(pool.actors))
-    if (len(pool.slots) < (resources.max_actors or 0) and pool.settled()  # the cheap checks first: once per RL step
-            and _fits(rollout_bundle(resources), ray.available_resources())):
-        log.info("the cluster has room for another rollout actor: starting actor %d", pool.add_actor())
-    return started
-
-
-def _fits(bundle: dict[str, float], available: dict[str, float]) -> bool:
-    return all(available.get(name, 0.0) >= amount for name, amount in bundle.items())
 
 
 def reference_actor(model_dir: str | Path, resources: ActorResources):

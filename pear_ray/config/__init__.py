@@ -24,6 +24,7 @@ from pear_ray.config.resources import (
     ActorResources,
     EngineOptions,
     LearnerResources,
+    PoolScaling,
     ResourcesConfig,
     RolloutResources,
     TransformersOptions,
@@ -33,8 +34,8 @@ from pear_ray.config.stages import EvalConfig, RlConfig, ScoreConfig, SftConfig,
 
 __all__ = [
     "ActorResources", "ConfigError", "DataConfig", "EngineOptions", "EvalConfig", "JobConfig", "LearnerResources",
-    "ModelSource", "ModelsConfig", "OptimizerConfig", "PriorConfig", "ResourcesConfig", "RlConfig", "RolloutResources",
-    "SamplingConfig", "ScoreConfig", "ScriptedPolicy", "Section", "SftConfig", "Stage", "TaskConfig",
-    "TransformersOptions", "VllmOptions", "apply_override", "dump_job", "load_job", "parse_job", "parse_variant",
-    "set_dotted",
+    "ModelSource", "ModelsConfig", "OptimizerConfig", "PoolScaling", "PriorConfig", "ResourcesConfig", "RlConfig",
+    "RolloutResources", "SamplingConfig", "ScoreConfig", "ScriptedPolicy", "Section", "SftConfig", "Stage",
+    "TaskConfig", "TransformersOptions", "VllmOptions", "apply_override", "dump_job", "load_job", "parse_job",
+    "parse_variant", "set_dotted",
 ]

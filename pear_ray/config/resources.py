@@ -80,14 +80,37 @@ EngineOptions = Annotated[Annotated[VllmOptions, Tag("vllm")] | Annotated[Transf
                           Discriminator(_backend)]
 
 
+class PoolScaling(Section):
+    """How an elastic rollout/scoring pool (max_actors set) sizes itself between num_actors and max_actors, through
+    the cluster's autoscaler (ray.autoscaler.sdk.request_resources; a no-op on a cluster without one)."""
+
+    by: Literal["max", "wait"] = Field(
+        "max", description="max: during RL, ask the autoscaler for room for max_actors for the whole stage and start "
+        "one more actor whenever the cluster has room (score and eval keep num_actors). wait: every pool (score, RL, "
+        "eval) follows what its phase waits on: the autoscaler is asked for one more actor's room when the pool's "
+        "consumer waited on it in most of the last `window` steps, and one actor is released (it finishes the work "
+        "it has, then leaves) when the pool sat idle through all of them; each phase withdraws its request when it "
+        "ends, so idle nodes go")
+    window: int = Field(4, ge=1, description="wait: the steps (RL steps; in score and eval, batches the pool "
+                        "returns) a decision looks back on; after a change the pool is watched this many steps again")
+    grow_at: float = Field(0.5, gt=0, le=1, description="wait: a step waited on the pool when its consumer waited at "
+                           "least this share of it (RL: the learner, wait_seconds / step_seconds; score and eval: the "
+                           "driver taking the pool's results)")
+    shrink_at: float = Field(0.5, gt=0, le=1, description="wait: a step found the pool idle when its actors would "
+                             "have been busy at most this share of it with one actor fewer (busy share x actors / "
+                             "(actors - 1))")
+
+
 class RolloutResources(ActorResources):
     """The rollout/scoring service: actors that generate (score's teacher, RL, eval) and score teacher-forced, each
     running one engine; sized and placed apart from the learner, which is how collection scales apart from
     training."""
 
     num_actors: int = Field(1, ge=1, description="actors to start with, and the fewest to keep")
-    max_actors: int | None = Field(None, ge=1, description="grow up to this many as the cluster has room; "
-                                   "null keeps the pool at num_actors")
+    max_actors: int | None = Field(None, ge=1, description="an elastic pool: grow up to this many, as `scale` "
+                                   "says; null keeps the pool at num_actors")
+    scale: PoolScaling = Field(default_factory=PoolScaling, description="how an elastic pool picks its size: "
+                               "{by: max} (the default) or {by: wait, window, grow_at, shrink_at}")
     max_in_flight: int = Field(2, ge=1, description="batches queued per actor (back-pressure)")
     call_timeout_s: float = Field(900.0, gt=0, description="seconds an actor with work in flight may answer none of "
                                   "it before it counts as hung: it is killed and replaced, its batches re-run. "
@@ -107,6 +130,8 @@ class RolloutResources(ActorResources):
     def _max_not_below_min(self) -> RolloutResources:
         if self.max_actors is not None and self.max_actors < self.num_actors:
             raise ValueError(f"max_actors={self.max_actors} is below num_actors={self.num_actors}")
+        if self.scale.by == "wait" and self.max_actors is None:
+            raise ValueError("scale.by=wait sizes an elastic pool: set max_actors (the most actors it may grow to)")
         return self
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pear_ray.actors.elastic import scaled_by_results
 from pear_ray.actors.roles import rollout_pool
 from pear_ray.data import schema
 from pear_ray.data.io import write_table
@@ -51,8 +52,9 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
     pool = rollout_pool(model, job.resources.rollout, seed=job.seed)
     try:
         sampling = job.sampling.model_dump() | {"temperature": job.eval.temperature}
-        rollouts(pool, prompts, n=job.eval.n, seed=job.seed, desc=f"eval {after}-{variant}", on_piece=score,
-                 **sampling)
+        with scaled_by_results(pool, job.resources.rollout, "eval"):
+            rollouts(pool, prompts, n=job.eval.n, seed=job.seed, desc=f"eval {after}-{variant}", on_piece=score,
+                     **sampling)
     finally:
         pool.shutdown()
     table = pa.concat_tables(scored)

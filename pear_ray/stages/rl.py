@@ -30,15 +30,9 @@ import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pear_ray.actors.elastic import PoolScaler
 from pear_ray.actors.learner import LearnerGroup
-from pear_ray.actors.roles import (
-    grow_rollout_pool,
-    reference_pool,
-    request_rollout_capacity,
-    rollout_pool,
-    start_sync,
-    sync_weights,
-)
+from pear_ray.actors.roles import reference_pool, rollout_pool, start_sync, sync_weights
 from pear_ray.data import schema
 from pear_ray.stages.common import Run, prompt_table, rollout_pieces
 from pear_ray.stages.loop import Training, train
@@ -95,12 +89,15 @@ class RolloutBatches:
     regenerated if an actor replaced meanwhile made them too stale; scored (decode, verify, advantages) and cut to the
     groups that carry a signal in Ray tasks next to them, topped up with more prompts under fill_batch; then the
     frozen models' log-probs the objective reads. After each update the new weights go to the rollout service, and
-    the next steps' generation is queued behind them.
+    the next steps' generation is queued behind them. An elastic pool (max_actors) is sized by a PoolScaler
+    (actors/elastic.py): at the start of a step the actors that came up get the weights and take work; after it, the
+    learner's wait share (wait_seconds / step_seconds) and the actors' busy share go to the scaler, which may ask for
+    room for one more or release one.
     """
 
     def __init__(self, run: Run, training: Training):
         self.run, self.rl, self.training = run, run.job.rl, training
-        self.pool, self.scorers, self.probe, self.pending = None, {}, None, None
+        self.pool, self.scaler, self.scorers, self.probe, self.pending = None, None, {}, None, None
 
     # ------------------------------------------------------------------ the loop's interface
 
@@ -118,8 +115,8 @@ class RolloutBatches:
             self.pool = learner.rollout_pool(rollout.engine, seed=job.seed, max_in_flight=rollout.max_in_flight)
         else:
             self.pool = rollout_pool(self.training.model, rollout, seed=job.seed)
-        if rollout.max_actors:  # elastic: ask for the most the pool may use while RL runs
-            request_rollout_capacity(rollout, rollout.max_actors)
+        if rollout.max_actors:  # elastic
+            self.scaler = PoolScaler(self.pool, rollout, "rl")
         if step:
             self.sync(step)
         self.prompts = prompt_table(run, "train")
@@ -133,7 +130,7 @@ class RolloutBatches:
         """Step `step`'s batch with the frozen models' columns, or None when too few samples carry a signal."""
         job = self.run.job
         self.started = time.perf_counter()
-        if not self.colocated and grow_rollout_pool(self.pool, job.resources.rollout):  # new actors: start weights
+        if self.scaler is not None and self.scaler.grow():  # new actors: they hold the start weights
             self.sync(step)
         self.submit_until(generation_horizon(step, self.rl))  # with the weights the actors hold: version step
         batch_ref, self.probe, figures = self.cut(step, self.generated(step))
@@ -169,6 +166,8 @@ class RolloutBatches:
             pool.call_all("set_policy_version", step + 1)
         out["sync_seconds"] = time.perf_counter() - started
         out.update(busy_fractions(figures, time.perf_counter() - self.started, len(pool.actors)))
+        if self.scaler is not None:
+            out.update(self.scaler.observe(figures["wait_seconds"] / out["step_seconds"], out["rollout_busy"]))
         out.update(rollout_actors=len(pool.actors), rollout_actors_lost=pool.stats.actors_dropped
                    + pool.stats.actors_replaced, rollout_batches_rerun=pool.stats.resubmitted,
                    reference_actors_replaced=sum(scorer.stats.actors_replaced for scorer in self.scorers.values()))
@@ -186,10 +185,9 @@ class RolloutBatches:
         return {} if sync is None else sync.finish()
 
     def close(self) -> None:
-        resources = self.run.job.resources.rollout
+        if self.scaler is not None:
+            self.scaler.close()
         if self.pool is not None:
-            if resources.max_actors:
-                request_rollout_capacity(resources, 0)
             self.pool.shutdown()
         for scorer in self.scorers.values():
             scorer.shutdown()

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from pear_ray.actors.elastic import scaled_by_results
 from pear_ray.actors.roles import rollout_pool
 from pear_ray.actors.streaming import stream_parquet
 from pear_ray.data import schema
@@ -58,7 +59,8 @@ def score_with_behavior(run: Run, table: pa.Table, target: Path, *, column: str 
     write_table(table, unscored, row_group_size=run.job.score.batch_size)
     pool = behavior_pool(run, run.behavior())
     try:
-        with tqdm(total=table.num_rows, desc=f"score ({column or schema.TEACHER_TOPK})") as progress:
+        with (tqdm(total=table.num_rows, desc=f"score ({column or schema.TEACHER_TOPK})") as progress,
+              scaled_by_results(pool, run.job.resources.rollout, "score")):
             stream_parquet(pool, "score", unscored, target, progress=progress, column=column, topk=topk)
     finally:
         pool.shutdown()
@@ -86,8 +88,10 @@ def teacher_writes_data(run: Run, target: Path) -> Path:
     prompts = prompt_table(run, "train")
     pool = behavior_pool(run, teacher)
     try:
-        data = rollouts(pool, prompts, n=job.score.samples_per_prompt, seed=job.seed, topk=job.score.teacher_topk,
-                        desc="score (teacher writes the data)", **job.sampling.model_dump())
+        with scaled_by_results(pool, job.resources.rollout, "score"):
+            data = rollouts(pool, prompts, n=job.score.samples_per_prompt, seed=job.seed,
+                            topk=job.score.teacher_topk, desc="score (teacher writes the data)",
+                            **job.sampling.model_dump())
     finally:
         pool.shutdown()
     data, failures = with_rewards(run, data)

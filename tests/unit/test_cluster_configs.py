@@ -3,9 +3,10 @@
 Nothing here brings a cluster up. The launcher configs are validated against the JSON schema Ray itself ships
 (ray/autoscaler/ray-schema.json) and go through Ray's own `prepare_config` + `validate_config`, as `ray up`
 does; the KubeRay manifests are checked for the fields the ray.io/v1 CRDs require and are parsed by Ray's KubeRay
-autoscaler code into an autoscaling config. Then, for every node-group layout: the custom resources the groups
-declare cover (names, and capacity) what every job in jobs/ asks for, the dashboard is not exposed beyond the
-cluster, and Ray token auth stays on. Each check is a function returning a list of problems, so the negative
+autoscaler code into an autoscaling config. Then, for every node-group layout: the node types are
+cluster/node_types.yaml's (defined once; the tests' local autoscaling cluster is generated from the same file), the
+custom resources the groups declare cover (names, and capacity) what every job in jobs/ asks for, the dashboard is not
+exposed beyond the cluster, and Ray token auth stays on. Each check is a function returning a list of problems, so the negative
 tests can show it catches a broken config.
 """
 
@@ -20,6 +21,7 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from support.autoscaling import FAKE_HEAD_TYPE, HEAD, fake_provider_config, node_types
 
 from pear_ray.config import load_job
 
@@ -202,6 +204,25 @@ def layout_problems(groups: dict[str, dict[str, Any]]) -> list[str]:
     return problems
 
 
+def node_type_problems(groups: dict[str, dict[str, Any]], defined: dict[str, dict[str, Any]]) -> list[str]:
+    """The groups are the defined node types: the same names, the same custom resources, the same min/max workers
+    (the head's are fixed by the config's form), the same GPUs a node where the config states them (AWS infers them
+    from the instance type)."""
+    problems = []
+    if set(groups) != set(defined):
+        problems.append(f"node types {sorted(groups)}, cluster/node_types.yaml defines {sorted(defined)}")
+    for name in set(groups) & set(defined):
+        group, spec = groups[name], defined[name]
+        if group["custom"] != spec["resources"]:
+            problems.append(f"{name}: custom resources {group['custom']}, defined {spec['resources']}")
+        if group["gpu"] is not None and group["gpu"] != spec["gpus"]:
+            problems.append(f"{name}: {group['gpu']} GPUs a node, defined {spec['gpus']}")
+        if name != HEAD and (group["min"], group["max"]) != (spec["min_workers"], spec["max_workers"]):
+            problems.append(f"{name}: min/max workers {group['min']}/{group['max']}, defined "
+                            f"{spec['min_workers']}/{spec['max_workers']}")
+    return problems
+
+
 def launcher_security_problems(config: dict[str, Any]) -> list[str]:
     """The head's dashboard binds to loopback; every `ray start` keeps token auth on; the token is synced."""
     problems = []
@@ -278,6 +299,7 @@ def test_launcher_config_matches_rays_schema(cloud, ray_schema):
 def test_launcher_node_groups(cloud, demands):
     config = _yaml(LAUNCHER_FILES[cloud])
     groups = launcher_groups(config)
+    assert node_type_problems(groups, node_types()) == []
     assert layout_problems(groups) == []
     assert coverage_problems(groups, demands) == []
     assert launcher_security_problems(config) == []
@@ -296,6 +318,7 @@ def test_raycluster_required_fields_and_autoscaler_parse(demands):
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
         assert _gpu_limit(group) >= 1, f"{group['groupName']} has no nvidia.com/gpu limit"
     groups = kuberay_groups(cr["spec"])
+    assert node_type_problems(groups, node_types()) == []
     assert layout_problems(groups) == []
     assert coverage_problems(groups, demands) == []
     assert kuberay_security_problems(cr["spec"]) == []
@@ -303,11 +326,11 @@ def test_raycluster_required_fields_and_autoscaler_parse(demands):
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
     parsed = _derive_autoscaling_config_from_ray_cr({**cr, "metadata": {**cr["metadata"], "namespace": "default"}})
-    node_types = parsed["available_node_types"]
+    parsed_types = parsed["available_node_types"]
     for name in ("learner", "rollout"):
-        assert node_types[name]["resources"][name] == groups[name]["custom"][name]
-        assert node_types[name]["resources"]["GPU"] == groups[name]["gpu"]
-        assert node_types[name]["min_workers"] == groups[name]["min"]
+        assert parsed_types[name]["resources"][name] == groups[name]["custom"][name]
+        assert parsed_types[name]["resources"]["GPU"] == groups[name]["gpu"]
+        assert parsed_types[name]["min_workers"] == groups[name]["min"]
 
 
 def test_rayjob_runs_a_real_job_on_the_same_cluster_spec():
@@ -328,6 +351,28 @@ def test_rayjob_runs_a_real_job_on_the_same_cluster_spec():
         assert missing_paths({"spec": spec["rayClusterSpec"]}, [p for p in RAYCLUSTER_REQUIRED if p.startswith("spec.")]) == []
     else:
         assert spec["clusterSelector"].get("ray.io/cluster") == _yaml(RAYCLUSTER_FILE)["metadata"]["name"]
+
+
+# ---------------------------------------------------------------------------------------------- the test cluster
+
+
+def test_the_local_autoscaling_cluster_has_the_defined_node_types_cpu_only(ray_schema):
+    defined = node_types()
+    config = fake_provider_config(6379, worker_cpus={"rollout": 2}, max_workers={"rollout": 2}, idle_timeout_s=6)
+    jsonschema.validate(config, ray_schema)
+    from ray.autoscaler._private.util import validate_config
+
+    validate_config(config)  # what the autoscaler checks when the head starts on it
+    assert config["provider"]["type"] == "fake_multinode" and config["head_node_type"] == FAKE_HEAD_TYPE
+    groups = launcher_groups(config)
+    groups[HEAD] = groups.pop(FAKE_HEAD_TYPE)
+    assert layout_problems(groups) == []
+    rollout_max = {**defined, "rollout": {**defined["rollout"], "max_workers": 2}}  # the test's override
+    assert node_type_problems(groups, rollout_max) == []
+    for name, node_type in config["available_node_types"].items():
+        assert node_type["resources"].get("GPU", 0) == 0, name  # CPU only: the custom resources alone place roles
+    assert config["available_node_types"]["rollout"]["resources"]["CPU"] == 2
+    assert config["available_node_types"]["learner"]["resources"]["CPU"] == 1
 
 
 # ---------------------------------------------------------------------------------------------- every file
@@ -371,6 +416,12 @@ def test_checks_catch_broken_configs(ray_schema, demands):
     bad["available_node_types"]["rollout"]["min_workers"] = 1
     assert layout_problems(launcher_groups(bad))
 
+    bad = copy.deepcopy(aws)
+    bad["available_node_types"]["rollout"]["max_workers"] = 4  # drifted from cluster/node_types.yaml
+    bad["available_node_types"]["learner"]["resources"] = {"learner": 8, "extra": 1}
+    bad["available_node_types"]["spare"] = bad["available_node_types"]["rollout"]
+    assert len(node_type_problems(launcher_groups(bad), node_types())) == 3
+
     cr = _yaml(RAYCLUSTER_FILE)
     bad = copy.deepcopy(cr)
     del bad["spec"]["workerGroupSpecs"][1]["minReplicas"]
@@ -393,3 +444,4 @@ def test_checks_catch_broken_configs(ray_schema, demands):
     bad = copy.deepcopy(cr)
     bad["spec"]["workerGroupSpecs"][0]["rayStartParams"]["resources"] = '"{\\"learner\\": 16}"'  # more than 8 GPUs
     assert layout_problems(kuberay_groups(bad["spec"]))
+    assert node_type_problems(kuberay_groups(bad["spec"]), node_types())

@@ -2,8 +2,8 @@
 survives an actor dying or hanging and every batch comes back exactly once. Two parts, each readable alone:
 
   membership.py  which actors the role has: starting them, replacing a lost one (dead, or hung: alive but silent
-                 past `call_timeout_s`), growing and shrinking an elastic pool; the calls in flight on each actor
-                 and hang detection over them
+                 past `call_timeout_s`), growing and shrinking an elastic pool (a planned removal: the actor
+                 finishes its work, then leaves); the calls in flight on each actor and hang detection over them
   dispatch.py    the work: `map`/`submit` with back-pressure, `broadcast`/`gather`, an item lost with its actor
                  run again on another
 
@@ -95,6 +95,12 @@ class ActorPool:
 
     def settled(self) -> bool:
         return self.members.settled()
+
+    def retire(self, slot: int) -> None:
+        self.members.retire(slot)
+
+    def release_retired(self) -> list[int]:
+        return self.members.release_retired()
 
     def shutdown(self) -> None:
         self.members.shutdown()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ class DispatchCounts:
     completed: int = 0
     resubmitted: int = 0  # items queued again after their actor was lost
     per_actor_completed: dict[int, int] = field(default_factory=dict)  # by slot
+    wait_seconds: float = 0.0  # the caller blocked waiting for the next item of a `map` (what a scaler reads)
 
 
 @dataclass
@@ -70,6 +71,9 @@ class Dispatcher:
         self.max_in_flight = max_in_flight
         self.max_attempts = max_attempts
         self.counts = DispatchCounts()
+        # Called on the driver with each item's stats as it comes back, before the next hand-out: where a scaler
+        # may grow or shrink the pool mid-map (actors/elastic.py).
+        self.on_result: Callable[[dict], None] | None = None
 
     def map(self, method: str, items: Iterable[Any], **kwargs: Any) -> Iterator[tuple[int, ray.ObjectRef, dict]]:
         return iter(Mapping(self, method, items, kwargs))
@@ -148,7 +152,9 @@ class Mapping:
             self.hand_out()
             if not self.pending:
                 return
+            waiting = time.perf_counter()
             ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.members.until_deadline())
+            counts.wait_seconds += time.perf_counter() - waiting
             if not ready:  # an actor may have hung
                 for member, error in self.members.hung():
                     self._run_again(member, None, error)
@@ -163,6 +169,8 @@ class Mapping:
                 continue
             counts.completed += 1
             counts.per_actor_completed[member.slot] = counts.per_actor_completed.get(member.slot, 0) + 1
+            if self.dispatcher.on_result is not None:
+                self.dispatcher.on_result(stats)
             yield work.index, batch_ref, stats
 
     def _has_capacity(self) -> bool:

@@ -36,6 +36,7 @@ class Member:
     actor: Any
     ready: ray.ObjectRef  # resolves once the actor's constructor has run
     active: bool = True  # takes work; an actor added to a running pool waits until activate_started()
+    retiring: bool = False  # leaving by plan: no new work; it goes once it has answered every call (release_retired)
     started_at: float = field(default_factory=time.monotonic)
     in_flight: set[ray.ObjectRef] = field(default_factory=set)  # the calls it has not answered (one ref each)
     heard_at: float = field(default_factory=time.monotonic)  # its last answer, or the work it got while idle
@@ -146,7 +147,8 @@ class Membership(Members):
 
     A lost actor is killed and replaced in its slot; an elastic membership (`min_size` given) lets it go instead
     while it has more than `min_size` actors (its node left the cluster), rather than start a replacement that
-    may have nowhere to run. It grows by `add_actor`, one actor at a time that takes work once started.
+    may have nowhere to run. It grows by `add_actor`, one actor at a time that takes work once started, and shrinks
+    by `retire`, one actor that finishes its work first.
     """
 
     def __init__(self, make_actor: Callable[[int], Any], size: int, *, min_size: int | None = None,
@@ -174,7 +176,7 @@ class Membership(Members):
         within `timeout_s` (the room it was meant for is gone). Returns the slots activated."""
         activated = []
         for slot, member in list(self.slots.items()):
-            if member.active:
+            if member.active or member.retiring:
                 continue
             done, _ = ray.wait([member.ready], timeout=0)
             try:
@@ -189,22 +191,38 @@ class Membership(Members):
                 ray.kill(self.slots.pop(slot).actor)
         return activated
 
+    def retire(self, slot: int) -> None:
+        """A planned removal: the actor in `slot` takes no new work from now on and leaves once it has answered
+        every call it was given (`release_retired`), so none of its work is lost or run twice."""
+        member = self.slots[slot]
+        member.active, member.retiring = False, True
+        log.info("%s actor %d retires: it finishes its %d calls in flight, then leaves", self.role, slot,
+                 member.load)
+
+    def release_retired(self) -> list[int]:
+        """Kill the retiring actors that have answered every call, and let their slots go. Returns those slots."""
+        released = [slot for slot, member in self.slots.items() if member.retiring and not member.in_flight]
+        for slot in released:
+            ray.kill(self.slots.pop(slot).actor)
+            log.info("%s actor %d left the pool: %d actors", self.role, slot, len(self.actors))
+        return released
+
     def settled(self) -> bool:
         """Every actor has started (so the cluster's free resources no longer count ones about to be taken)."""
         refs = [member.ready for member in self.slots.values()]
         return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs)
 
     def lose(self, member: Member, error: Exception) -> Member | None:
-        """Kill a lost actor and let its slot go (elastic, above minimum) or start a new actor in it."""
+        """Kill a lost actor and let its slot go (retiring, or elastic above minimum) or start a new actor in it."""
         if not self.current(member):
             return self.slots.get(member.slot)
         ray.kill(member.actor)  # hung, or unreachable rather than dead (a node cut off): it must go
         cause = error if isinstance(error, ActorHung) else type(error).__name__
-        if len(self.actors) > self.min_size:
-            log.warning("%s actor %d lost (%s); going on with %d actors", self.role, member.slot, cause,
-                        len(self.actors) - 1)
+        if member.retiring or len(self.actors) > self.min_size:
             del self.slots[member.slot]
             self.dropped += 1
+            log.warning("%s actor %d lost (%s); going on with %d actors", self.role, member.slot, cause,
+                        len(self.actors))
             return None
         log.warning("%s actor %d lost (%s); replacing it", self.role, member.slot, cause)
         self.slots[member.slot] = self._start(member.slot, active=True)
