@@ -16,6 +16,11 @@ file through Ray Data (actors/data_stream.py).
 
 Bulk results stay in the object store: `logprobs` returns an ObjectRef of the concatenated column and `weights_ref`
 the ObjectRef of rank 0's full state dict, for the driver to hand to other actors without fetching them.
+
+Nodes that go. The group knows each rank's node (its placement group's); `notice()`, asked after every step, says
+whether one of them is draining (actors/draining.py), and the training loop then checkpoints and raises
+`LearnerPreempted`, so that its stage starts again from there with a new group, which Ray places elsewhere. A rank
+lost without notice is `LearnerLost`: the stage starts again from its last checkpoint (resources.learner.max_restarts).
 """
 
 from __future__ import annotations

@@ -93,12 +93,12 @@ def train(run: Run, training: Training, source: BatchSource,
             if shown in figures:
                 progress.set_postfix({shown: f"{figures[shown]:.3f}"})
             run.metrics.log(training.stage, step + 1, figures, variant=training.variant)
-            notice = learner.notice()  # a node of the ranks drains: checkpoint if there is time; the driver restarts
-            scheduled = (step + 1) % training.checkpoint_every == 0 and step + 1 < training.steps
-            if scheduled or notice and notice.checkpoint:
-                learner.save_checkpoint(run.checkpoints(training.name), {"step": step + 1})
-            if notice:
+            if notice := learner.notice():  # a node of the ranks drains: the driver starts the stage again elsewhere,
+                if notice.checkpoint:  # from here if the deadline leaves time, else from the last checkpoint
+                    learner.save_checkpoint(run.checkpoints(training.name), {"step": step + 1})
                 raise LearnerPreempted(notice, step + 1)
+            if (step + 1) % training.checkpoint_every == 0 and step + 1 < training.steps:
+                learner.save_checkpoint(run.checkpoints(training.name), {"step": step + 1})
         if before_export is not None:
             before_export(learner)
         learner.export_hf(training.export)

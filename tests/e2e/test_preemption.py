@@ -337,13 +337,15 @@ def sft_job(data: Path, run_dir: Path) -> list[str]:
 @pytest.mark.slow  # about 90 s: two SFT runs on a cluster of three nodes
 def test_a_learner_node_drained_mid_sft_costs_no_step(learner_cluster, scored_data, tmp_path):
     reference, run_dir = tmp_path / "reference", tmp_path / "drill"
+    started = time.monotonic()
     finish(run_job(learner_cluster, *sft_job(scored_data, reference)))
+    reference_seconds = time.monotonic() - started
     wait_until_gone(learner_cluster.nodes, "LearnerWorker")
 
     started = time.monotonic()
     process = run_job(learner_cluster, *sft_job(scored_data, run_dir))
     drained = watch(process, node_running(learner_cluster.nodes, "LearnerWorker"), "the learner rank started")
-    watch(process, lambda: (run_dir / "metrics.jsonl").is_file() and steps(run_dir, "sft"), "the first SFT step")
+    watch(process, lambda: (run_dir / "metrics.jsonl").is_file() and len(steps(run_dir, "sft")) >= 10, "SFT step 10")
     learner_cluster.drain(drained)  # the learner sees it within a second
     output = finish(process)
     seconds = time.monotonic() - started
@@ -358,7 +360,8 @@ def test_a_learner_node_drained_mid_sft_costs_no_step(learner_cluster, scored_da
     assert_same_steps(run_dir, reference, "sft")
     assert_same_weights(run_dir, reference, "sft-token")
     drill_row(node="learner", phase="sft", notice=True, notice_at_step=stopped, steps_lost=stopped - resumed,
-              lost_without_notice=stopped % CHECKPOINT_EVERY, identical=True, seconds=round(seconds, 1))
+              lost_without_notice=stopped % CHECKPOINT_EVERY, identical=True, seconds=round(seconds, 1),
+              uninterrupted_seconds=round(reference_seconds, 1))
 
 
 # ------------------------------------------------------------------ a rollout node drained or killed mid-RL
@@ -394,12 +397,15 @@ def rl_job(run_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def rl_reference(rollout_cluster, tmp_path_factory) -> Path:
+def rl_reference(rollout_cluster, tmp_path_factory) -> tuple[Path, float]:
+    """The uninterrupted run's folder, and the seconds it took."""
     run_dir = tmp_path_factory.mktemp("rl") / "reference"
     nodes = rollout_nodes(rollout_cluster)
+    started = time.monotonic()
     finish(run_job(rollout_cluster, *rl_job(run_dir)))
+    seconds = time.monotonic() - started
     wait_until_gone(nodes, "RolloutWorker")
-    return run_dir
+    return run_dir, seconds
 
 
 def samples(run_dir: Path, step: int) -> list[list[int]]:
@@ -408,7 +414,8 @@ def samples(run_dir: Path, step: int) -> list[list[int]]:
 
 def rollout_drill(cluster: LocalCluster, reference: Path, run_dir: Path, take_away) -> tuple[str, list[dict], float]:
     """Run RL, take the rollout actor's node away with `take_away(node)` after step 3, then check the run ends with
-    the reference's results on the other node; returns the output, the RL rows and the seconds the run took."""
+    the reference's results, the rollouts on the other node; returns the output, the RL rows and the seconds the run
+    took."""
     nodes = rollout_nodes(cluster)
     started = time.monotonic()
     process = run_job(cluster, *rl_job(run_dir))
@@ -430,16 +437,18 @@ def rollout_drill(cluster: LocalCluster, reference: Path, run_dir: Path, take_aw
 
 @pytest.mark.slow  # about two minutes: two RL runs
 def test_a_rollout_node_drained_mid_rl_hands_its_work_to_another(rollout_cluster, rl_reference, tmp_path):
-    output, rows, seconds = rollout_drill(rollout_cluster, rl_reference, tmp_path / "drill", rollout_cluster.drain)
+    reference, reference_seconds = rl_reference
+    output, rows, seconds = rollout_drill(rollout_cluster, reference, tmp_path / "drill", rollout_cluster.drain)
     assert re.search(r"rollout actor 0 is on a draining node \(\d+ calls to finish there\); replacing it", output)
     assert "lost (" not in output  # it left; it was not lost
     drill_row(node="rollout", phase="rl", notice=True, steps_lost=0, batches_rerun=rows[-1]["rollout_batches_rerun"],
-              identical=True, seconds=round(seconds, 1))
+              identical=True, seconds=round(seconds, 1), uninterrupted_seconds=round(reference_seconds, 1))
 
 
 @pytest.mark.slow  # about two minutes: two RL runs
 def test_a_rollout_node_killed_mid_rl_costs_no_step(rollout_cluster, rl_reference, tmp_path):
-    output, rows, seconds = rollout_drill(rollout_cluster, rl_reference, tmp_path / "drill", rollout_cluster.kill)
+    reference, reference_seconds = rl_reference
+    output, rows, seconds = rollout_drill(rollout_cluster, reference, tmp_path / "drill", rollout_cluster.kill)
     assert re.search(r"rollout actor 0 lost \(Actor(Unavailable|Died)Error\); replacing it", output)
     drill_row(node="rollout", phase="rl", notice=False, steps_lost=0, batches_rerun=rows[-1]["rollout_batches_rerun"],
-              identical=True, seconds=round(seconds, 1))
+              identical=True, seconds=round(seconds, 1), uninterrupted_seconds=round(reference_seconds, 1))
