@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.numpy import load_file
 from support.cli import ROOT, finish, pear_ray, steps, stop_group
+from support.learner import write_scored_sft_rows
 
 BIN = Path(sys.executable).parent
 NODE_SCRIPT = str(ROOT / "tests" / "support" / "ray_worker_node.py")
@@ -308,12 +309,7 @@ ROWS, BATCH, EPOCHS, CHECKPOINT_EVERY = 32, 4, 12, 50  # 96 SFT steps (~12 s her
 @pytest.fixture(scope="module")
 def scored_data(tmp_path_factory) -> Path:
     """SFT rows that already carry behaviour log-probs, so the score stage only copies them (no vLLM)."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
-    rows = [{"prompt_ids": rng.integers(3, 300, 6).tolist(), "response_ids": rng.integers(3, 300, 5).tolist(),
-             "behavior_logprobs": (-rng.uniform(0.5, 3.0, 5)).tolist()} for _ in range(ROWS)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_scored_sft_rows(tmp_path_factory.mktemp("data") / "sft.jsonl", ROWS)
 
 
 @pytest.fixture(scope="module")
