@@ -73,7 +73,7 @@ def nodes_up() -> int:
 class PoolScaler:
     """Sizes an elastic pool for one phase (`phase`: score, rl, eval) between num_actors and max_actors.
 
-    `grow()` each step lets retired actors go and starts the actors asked for as room appears; `decide(wait_share,
+    `grow()` each step starts the actors asked for as room appears; `decide(wait_share,
     busy_share)` after each step records what the step waited on and, with scale.by=wait, asks the autoscaler for one
     actor's room more or releases one actor (it finishes its work, then leaves); `close()` withdraws the request. RL
     calls them once per step (`observe` adds the step's figures); score and eval, through `on_result`, once per
@@ -96,16 +96,15 @@ class PoolScaler:
         request_rollout_capacity(resources, self.requested)
 
     def grow(self) -> list[int]:
-        """Let go the retired actors that finished their work, start one more actor if one is asked for and there is
-        room; returns the slots of actors that came up (they take work now)."""
-        released = self.pool.release_retired()
+        """Start one more actor if one is asked for and there is room; returns the slots of actors that came up (they
+        take work now)."""
         came_up = grow_rollout_pool(self.pool, self.resources, self.requested)
         now, size = time.monotonic(), len(self.pool.actors)
         for nth in range(size - len(came_up) + 1, size + 1):
             if nth in self.asked_at:
                 self.scale_up_seconds.append(now - self.asked_at.pop(nth))
         self.peak = max(self.peak, size)
-        if came_up or released:
+        if came_up:
             self.waits, self.busy = [], []  # another size: judged by the steps that follow
         return came_up
 

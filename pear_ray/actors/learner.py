@@ -16,12 +16,18 @@ file through Ray Data (actors/data_stream.py).
 
 Bulk results stay in the object store: `logprobs` returns an ObjectRef of the concatenated column and `weights_ref`
 the ObjectRef of rank 0's full state dict, for the driver to hand to other actors without fetching them.
+
+Nodes that go. The group knows each rank's node (its placement group's); `notice()`, asked after every step, says
+whether one of them is draining (actors/draining.py), and the training loop then checkpoints and raises
+`LearnerPreempted`, so that its stage starts again from there with a new group, which Ray places elsewhere. A rank
+lost without notice is `LearnerLost`: the stage starts again from its last checkpoint (resources.learner.max_restarts).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +35,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError
+from ray.util import placement_group_table
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pear_ray.actors.data_stream import stream_rows
+from pear_ray.actors.draining import DrainWatch, LearnerNotice, learner_notice
 from pear_ray.actors.pool import ActorPool, Member, Members
 from pear_ray.config import EngineOptions, LearnerResources, TransformersOptions
 from pear_ray.messages import first_line
@@ -151,6 +159,18 @@ def _as_ref(batch: ray.ObjectRef | pa.Table | pa.RecordBatch) -> ray.ObjectRef:
     return batch if isinstance(batch, ray.ObjectRef) else ray.put(batch)
 
 
+class LearnerPreempted(RuntimeError):
+    """A node of the learner's ranks is draining (a preemption notice): the training loop stopped at a step boundary,
+    after a checkpoint when the deadline left time for one, so that its stage starts again on other nodes from its last
+    checkpoint. A planned restart: it does not count against resources.learner.max_restarts."""
+
+    def __init__(self, notice: LearnerNotice, step: int):
+        self.notice, self.step = notice, step
+        self.what = (f"{notice}; stopped after step {step}, "
+                     + ("checkpointed there" if notice.checkpoint else "too close to its deadline to checkpoint"))
+        super().__init__(self.what)
+
+
 class LearnerLost(RuntimeError):
     """A learner rank is gone (killed, out of memory, its node lost): this group cannot go on, its stage can only
     stop or start again from its last checkpoint (resources.learner.max_restarts)."""
@@ -197,6 +217,9 @@ class RanksAsMembers(Members):
     def lose(self, member: Member, error: Exception) -> Member | None:
         raise LearnerLost(member.slot, len(self.slots), error)
 
+    def heed_drains(self) -> None:
+        """Nothing: the training loop moves the whole group when a node of its ranks drains (LearnerGroup.notice)."""
+
     def shutdown(self) -> None:
         self.slots.clear()  # the ranks are the learner group's to stop
 
@@ -216,6 +239,8 @@ class LearnerGroup:
         self.resources = resources or LearnerResources()
         self.world_size = self.resources.num_ranks
         self.actors: list = []
+        self.drains = DrainWatch()
+        self.checkpoint_seconds: float | None = None  # how long the last checkpoint took
         bundle = {"CPU": self.resources.num_cpus, "GPU": self.resources.num_gpus, **self.resources.resources}
         bundle = {key: value for key, value in bundle.items() if value > 0}
         self.placement_group = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
@@ -224,6 +249,9 @@ class LearnerGroup:
             if not ready:
                 raise TimeoutError(f"the learner's {self.world_size} bundles of {bundle} were not placed within "
                                    f"{ready_timeout_s:.0f} s: the cluster lacks those resources")
+            # Ray places nothing on a draining node, so a group started after a notice is elsewhere.
+            placed = placement_group_table(self.placement_group)["bundles_to_node_id"]
+            self.rank_nodes = [placed[rank] for rank in range(self.world_size)]
             self.actors = [
                 LearnerRank.options(
                     num_cpus=self.resources.num_cpus,
@@ -247,8 +275,8 @@ class LearnerGroup:
         except BaseException:
             self.shutdown()
             raise
-        log.info("learner group up: %d rank(s), ZeRO-%d, rendezvous %s:%d", self.world_size,
-                 self.resources.zero_stage, master_addr, master_port)
+        log.info("learner group up: %d rank(s), ZeRO-%d, rendezvous %s:%d, on node(s) %s", self.world_size,
+                 self.resources.zero_stage, master_addr, master_port, ", ".join(dict.fromkeys(self.rank_nodes)))
 
     def _live_actors(self) -> list:
         if not self.actors:
@@ -302,7 +330,15 @@ class LearnerGroup:
 
     def save_checkpoint(self, ckpt_dir: str | Path, client_state: dict | None = None, tag: str | None = None) -> str:
         """Checkpoint all ranks (model, optimizer, scheduler, step, RNG) plus client_state; returns the tag."""
-        return self._all("call", "save_checkpoint", str(ckpt_dir), client_state, tag)[0]
+        started = time.perf_counter()
+        tag = self._all("call", "save_checkpoint", str(ckpt_dir), client_state, tag)[0]
+        self.checkpoint_seconds = time.perf_counter() - started
+        return tag
+
+    def notice(self) -> LearnerNotice | None:
+        """Whether a node of the ranks is draining, so that the group must move, and whether there is time to
+        checkpoint first (by the last checkpoint's duration); None: stay. Cheap enough for every step."""
+        return learner_notice(self.drains(), self.rank_nodes, time.time(), self.checkpoint_seconds)
 
     def load_checkpoint(self, ckpt_dir: str | Path, tag: str | None = None) -> dict:
         """Restore the latest (or the tagged) checkpoint on all ranks; returns the saved client_state."""

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pear_ray import atomic
-from pear_ray.actors.learner import LearnerLost
+from pear_ray.actors.learner import LearnerLost, LearnerPreempted
 from pear_ray.config import ConfigError, JobConfig, dump_job
 from pear_ray.models import resolve_model
 from pear_ray.runtime import init_ray
@@ -160,11 +160,15 @@ class RunState:
 
     def _with_restarts(self, key: str, stage: Callable[[], Path | dict]) -> Path | dict:
         """`stage()`, run again (it resumes from its last checkpoint) when a learner rank dies, up to
-        resources.learner.max_restarts times."""
+        resources.learner.max_restarts times, and whenever a node of the learner drains (a planned restart, on other
+        nodes: a draining node gets no new work)."""
         restarts = 0
         while True:
             try:
                 return stage()
+            except LearnerPreempted as preempted:
+                log.warning("%s: %s; starting the stage again on other nodes (not counted as a restart)", key,
+                            preempted.what)
             except LearnerLost as lost:
                 if restarts == self.max_restarts:
                     raise

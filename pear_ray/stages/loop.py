@@ -8,6 +8,7 @@ variant) goes through `train`, which owns resume, step, log, checkpoint and expo
         learner.step(batch, objective)                unless the source has nothing to train this step
         figures += source.after_update(step)          RL: the new weights go to the rollout service
         log figures; checkpoint every `checkpoint_every` steps
+        a node of the learner is draining: checkpoint (if its deadline allows), raise LearnerPreempted
     export the model to a Hugging Face folder
 
 What differs between trainings is where the batches come from, a `BatchSource`; the loop never looks inside one.
@@ -26,7 +27,7 @@ from typing import Protocol
 import ray
 from tqdm import tqdm
 
-from pear_ray.actors.learner import LearnerGroup
+from pear_ray.actors.learner import LearnerGroup, LearnerPreempted
 from pear_ray.config import OptimizerConfig
 from pear_ray.objectives import ObjectiveConfig
 from pear_ray.stages.common import Run, checkpoint, resume
@@ -92,6 +93,10 @@ def train(run: Run, training: Training, source: BatchSource,
             if shown in figures:
                 progress.set_postfix({shown: f"{figures[shown]:.3f}"})
             run.metrics.log(training.stage, step + 1, figures, variant=training.variant)
+            if notice := learner.notice():  # a node of the ranks drains: the driver starts the stage again elsewhere,
+                if notice.checkpoint:  # from here if the deadline leaves time, else from the last checkpoint
+                    learner.save_checkpoint(run.checkpoints(training.name), {"step": step + 1})
+                raise LearnerPreempted(notice, step + 1)
             if (step + 1) % training.checkpoint_every == 0 and step + 1 < training.steps:
                 checkpoint(run, learner, training.name, step + 1)
         if before_export is not None:

@@ -7,10 +7,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 from support.cli import ROOT, finish, pear_ray, steps
+from support.learner import write_scored_sft_rows
 
 SMOKE = str(ROOT / "jobs" / "smoke.yaml")
 ROWS, BATCH, EPOCHS, CHECKPOINT_EVERY = 32, 4, 12, 8  # 96 SFT steps, a checkpoint every 8
@@ -20,12 +20,7 @@ KILL_AFTER_STEP = 20
 @pytest.fixture(scope="module")
 def scored_data(tmp_path_factory) -> Path:
     """SFT rows that already carry behaviour log-probs, so the score stage only copies them (no vLLM)."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
-    rows = [{"prompt_ids": rng.integers(3, 300, 6).tolist(), "response_ids": rng.integers(3, 300, 5).tolist(),
-             "behavior_logprobs": (-rng.uniform(0.5, 3.0, 5)).tolist()} for _ in range(ROWS)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_scored_sft_rows(tmp_path_factory.mktemp("data") / "sft.jsonl", ROWS)
 
 
 def job(scored_data: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -110,12 +110,13 @@ def test_an_actor_released_by_plan_finishes_its_work_then_leaves(ray_cluster, ti
         assert pool.slots[1].load > 0
         leaving = pool.slots[1].actor
         pool.retire(1)
-        assert len(pool.actors) == 1 and pool.release_retired() == []  # not while its calls are in flight
+        assert len(pool.actors) == 1 and pool.members.leaving[0].actor is leaving  # its calls are in flight
+        assert ray.get(leaving.health.remote()) is not None  # it is still there to answer them
         seen = [index for index, batch_ref, _ in mapping if ray.get(batch_ref).num_rows == 2]
         assert sorted(seen) == list(range(len(prompt_refs)))  # every batch once, the retiring actor's included
         assert pool.stats.submitted == given and pool.stats.resubmitted == 0  # none run twice
         assert pool.stats.per_actor_completed[1] > 0
-        assert pool.release_retired() == [1] and list(pool.slots) == [0]
+        assert pool.members.leaving == [] and list(pool.slots) == [0]  # its last answer let it go
         assert pool.activate_started(timeout_s=60) == []  # a released actor never takes work again
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(leaving.health.remote())
@@ -145,9 +146,8 @@ def test_the_scaler_asks_for_one_more_actor_while_waited_on_and_releases_one_whe
         assert scaler.requested == 2
         scaler.decide(0.0, 0.2)
         scaler.decide(0.0, 0.2)  # busy 0.2 with 2 actors: 0.4 with one, below shrink_at
-        assert scaler.requested == 1 and len(pool.actors) == 1 and pool.slots[1].retiring
-        scaler.grow()
-        assert list(pool.slots) == [0]  # it had nothing in flight: gone at the next step
+        assert scaler.requested == 1 and list(pool.slots) == [0]  # the newest retired
+        assert pool.members.leaving == []  # it had nothing in flight: gone at once
     finally:
         scaler.close()
         pool.shutdown()

@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -41,6 +42,21 @@ NODE_TYPES_FILE = Path(__file__).resolve().parents[2] / "cluster" / "node_types.
 BIN = Path(sys.executable).parent
 HEAD = "head"
 FAKE_HEAD_TYPE = "ray.head.default"  # what the fake provider calls its head, whatever the config says
+# What `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds N` does, kept running so a
+# drill's notice is not late by the seconds that command takes to start: one "NODE_ID SECONDS" line per notice.
+DRAINER = """
+import sys, time
+import ray
+from ray.core.generated import autoscaler_pb2
+
+gcs = ray._raylet.GcsClient(address=sys.argv[1])
+print("ready", flush=True)
+for line in sys.stdin:
+    node, seconds = line.split()
+    accepted, why = gcs.drain_node(node, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                   "preemption drill", int((time.time() + float(seconds)) * 1000))
+    print("accepted" if accepted else f"refused: {why}", flush=True)
+"""
 
 
 def node_types() -> dict[str, dict[str, Any]]:
@@ -125,6 +141,8 @@ class AutoscalingCluster:
         self.temp: Path | None = None
         self.process: subprocess.Popen | None = None
         self.types: dict[str, str] = {}  # node id -> type, as the autoscaler reported it while the node was up
+        self.drainer: subprocess.Popen | None = None  # DRAINER, once a node was drained
+        self.deadlines: list[threading.Timer] = []  # a drained node killed at its deadline
 
     # ------------------------------------------------------------------ start and stop
 
@@ -183,6 +201,11 @@ class AutoscalingCluster:
         SIGKILL to anything of this cluster's still running. Raises if something survived."""
         if self.process is None:
             return
+        for timer in self.deadlines:
+            timer.cancel()
+        if self.drainer is not None:
+            self.drainer.kill()
+            self.drainer.wait()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -236,12 +259,38 @@ class AutoscalingCluster:
     def kill_node(self, node_id: str) -> int:
         """Take a node away without notice, as a cloud loses one: SIGKILL to its raylet, its agents and every
         process under them (its workers). Returns how many processes were killed."""
-        procs = [proc for proc in _processes_of(self.process.pid, str(self.temp))
-                 if node_id in " ".join(_cmdline(proc))]
-        procs += [child for proc in procs for child in _children(proc)]
+        procs = self._node_processes(node_id)
         assert any("raylet" in " ".join(_cmdline(proc)) for proc in procs), f"no raylet of node {node_id} found"
         _signal(procs, signal.SIGKILL, wait_s=10)
         return len(procs)
+
+    def drain(self, node_id: str, deadline_s: float) -> None:
+        """Ray's preemption notice for a node (reason PREEMPTION, with its deadline), then the node killed at the
+        deadline, as a cloud reclaims a spot VM (Ray itself never kills a node for its deadline)."""
+        if self.drainer is None:
+            self.drainer = subprocess.Popen([sys.executable, "-c", DRAINER, self.gcs_address], env=self.client_env(),
+                                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert self.drainer.stdout.readline() == "ready\n"
+        self.drainer.stdin.write(f"{node_id} {deadline_s}\n")
+        self.drainer.stdin.flush()
+        assert (answer := self.drainer.stdout.readline()) == "accepted\n", answer
+        self.deadlines.append(threading.Timer(deadline_s, self._node_reclaimed, [node_id]))
+        self.deadlines[-1].start()
+
+    def _node_reclaimed(self, node_id: str) -> None:
+        _signal(self._node_processes(node_id), signal.SIGKILL, wait_s=10)
+
+    def nodes_running(self, actor_class: str) -> set[str]:
+        """The ids of the nodes where an actor of that class lives (its worker process is titled ray::<class>)."""
+        return {node.node_id for node in self.nodes() if node.state == "ALIVE"
+                and any(" ".join(_cmdline(proc)).startswith(f"ray::{actor_class}")
+                        for proc in self._node_processes(node.node_id))}
+
+    def _node_processes(self, node_id: str) -> list[psutil.Process]:
+        """A node's raylet and agents (their command lines name the node) and every process under them."""
+        procs = [proc for proc in _processes_of(self.process.pid, str(self.temp))
+                 if node_id in " ".join(_cmdline(proc))]
+        return procs + [child for proc in procs for child in _children(proc)]
 
     def _get(self, path: str, attempts: int = 3) -> Any:
         """GET from the dashboard, a dropped connection (a busy machine) tried again."""

@@ -1,5 +1,8 @@
 """The learner tests' optimizer settings and synthetic batches."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 
@@ -26,3 +29,13 @@ def make_batch(num_rows: int, seed: int, *, advantage: float | None = None) -> p
             schema.ADVANTAGE: float(rng.normal()) if advantage is None else advantage,
         })
     return schema.validate(pa.Table.from_pylist(rows), vocab_size=384)
+
+
+def write_scored_sft_rows(path: Path, num_rows: int) -> Path:
+    """A JSONL file of SFT rows that already carry behaviour log-probs, so a job's score stage only copies them (no
+    vLLM): the data of the jobs that train a learner and stop or move it mid-SFT."""
+    rng = np.random.default_rng(0)
+    rows = [{"prompt_ids": rng.integers(3, 300, 6).tolist(), "response_ids": rng.integers(3, 300, 5).tolist(),
+             "behavior_logprobs": (-rng.uniform(0.5, 3.0, 5)).tolist()} for _ in range(num_rows)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -2,8 +2,9 @@
 survives an actor dying or hanging and every batch comes back exactly once. Two parts, each readable alone:
 
   membership.py  which actors the role has: starting them, replacing a lost one (dead, or hung: alive but silent
-                 past `call_timeout_s`), growing and shrinking an elastic pool (a planned removal: the actor
-                 finishes its work, then leaves); the calls in flight on each actor and hang detection over them
+                 past `call_timeout_s`), growing and shrinking an elastic pool, an actor leaving its slot (retired by
+                 plan, or its node draining: it finishes its calls in flight, then goes); the calls in flight on each
+                 actor and hang detection over them
   dispatch.py    the work: `map`/`submit` with back-pressure, `broadcast`/`gather`, an item lost with its actor
                  run again on another
 
@@ -20,13 +21,14 @@ from typing import Any
 import ray
 
 from pear_ray.actors.pool.dispatch import Broadcast, DispatchCounts, Dispatcher, Mapping, batch_stats
-from pear_ray.actors.pool.membership import ActorHung, Member, Members, Membership
+from pear_ray.actors.pool.membership import ActorHung, Member, Members, Membership, NodeDraining
 
 
 @dataclass
 class PoolStats(DispatchCounts):
     actors_replaced: int = 0
     actors_dropped: int = 0
+    actors_drained: int = 0  # of those replaced or dropped: the ones that left as their node drained
 
 
 class ActorPool:
@@ -70,7 +72,7 @@ class ActorPool:
     def stats(self) -> PoolStats:
         """The counts so far (a copy)."""
         return PoolStats(**asdict(self.dispatcher.counts), actors_replaced=self.members.replaced,
-                         actors_dropped=self.members.dropped)
+                         actors_dropped=self.members.dropped, actors_drained=self.members.drained)
 
     def map(self, method: str, items: Iterable[Any], **kwargs: Any) -> Iterator[tuple[int, ray.ObjectRef, dict]]:
         return self.dispatcher.map(method, items, **kwargs)
@@ -99,12 +101,9 @@ class ActorPool:
     def retire(self, slot: int) -> None:
         self.members.retire(slot)
 
-    def release_retired(self) -> list[int]:
-        return self.members.release_retired()
-
     def shutdown(self) -> None:
         self.members.shutdown()
 
 
 __all__ = ["ActorHung", "ActorPool", "Broadcast", "Dispatcher", "Mapping", "Member", "Members", "Membership",
-           "PoolStats", "batch_stats"]
+           "NodeDraining", "PoolStats", "batch_stats"]

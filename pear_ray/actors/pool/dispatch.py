@@ -4,7 +4,10 @@
 actor at a time, and pulls the next item from its iterable only as capacity frees up (back-pressure), so a large
 dataset is never all in the object store at once; `submit` hands out every item at once. `broadcast` and `gather`
 (`call_all`: both) run one method on every actor. An item whose actor is lost (its call raised: dead or
-unreachable; or it hung) is queued again for another, at most `max_attempts` tries in all.
+unreachable; or it hung) is queued again for another, at most `max_attempts` tries in all. Before handing out work and
+while waiting for it, dispatch has the membership act on draining nodes (`heed_drains`): an actor on one takes no
+new work; what it answers from then on is copied off its node before the node goes, and what it cannot finish before
+the node's deadline runs again elsewhere.
 
 Dispatch reaches the actors only through `Members` (pool/membership.py): it never starts, replaces or kills one,
 and what becomes of a lost actor is `Members.lose`'s to decide. So it runs the same over the pool's own actors and
@@ -95,6 +98,7 @@ class Dispatcher:
     def broadcast(self, method: str, *args: Any, **kwargs: Any) -> Broadcast:
         """`call_all` without the wait: the call is queued on every actor behind the work it has, so work
         submitted after it runs after it; `gather` waits for the results."""
+        self.members.heed_drains()
         calls = [(member, self.members.call(member, method, *args, **kwargs)) for member in self.members.working()]
         return Broadcast(method, args, kwargs, calls)
 
@@ -127,6 +131,7 @@ class Mapping:
         """Hand items to actors while they have capacity (every item when `eager`)."""
         # With nothing of its own in flight a mapping takes a slot anyway: another mapping's eager items may hold
         # every slot, and this one could not wait for them to finish.
+        self.members.heed_drains()
         while (eager or self._has_capacity() or not self.pending) and (self.retry or not self.exhausted):
             if self.retry:
                 work = self.retry.popleft()
@@ -153,14 +158,16 @@ class Mapping:
             if not self.pending:
                 return
             waiting = time.perf_counter()
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.members.until_deadline())
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.members.next_check())
             counts.wait_seconds += time.perf_counter() - waiting
-            if not ready:  # an actor may have hung
-                for member, error in self.members.hung():
+            if not ready:  # an actor may have hung, its node's deadline be near, or another call found it lost
+                for member, error in self.members.overdue() + self._lost_elsewhere():
                     self._run_again(member, None, error)
                 continue
             [ready] = ready
             member, work, batch_ref = self.pending.pop(ready)
+            if member.leaving_by is not None:  # its node is draining: keep a copy of the batch on the driver's node
+                ray.wait([batch_ref], fetch_local=True)
             self.members.answered(member, ready)
             try:
                 stats = ray.get(ready)
@@ -172,6 +179,15 @@ class Mapping:
             if self.dispatcher.on_result is not None:
                 self.dispatcher.on_result(stats)
             yield work.index, batch_ref, stats
+
+    def _lost_elsewhere(self) -> list[tuple[Member, Exception]]:
+        """Actors with items of this mapping in flight that another call found lost (a weight sync, another
+        mapping): their items run again now rather than when Ray declares the actor dead (a node gone without
+        notice: its health checks' timeout, some 30 s)."""
+        gone = {member for member, _, _ in self.pending.values()
+                if not self.members.current(member) and member not in self.members.leaving}
+        return [(member, RuntimeError(f"{self.members.role} actor {member.slot} was found lost by another call"))
+                for member in gone]
 
     def _has_capacity(self) -> bool:
         return any(member.load < self.dispatcher.max_in_flight for member in self.members.working())
