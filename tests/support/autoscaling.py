@@ -11,8 +11,9 @@ set of Ray processes on this machine, all on 127.0.0.1, token auth on. Its node 
 
 It is started the way that works from the wheel: `ray start --head --block --autoscaling-config=CFG` with
 RAY_FAKE_CLUSTER=1 (the fake provider refuses to run without it), AUTOSCALER_UPDATE_INTERVAL_S=1 (an autoscaler
-round a second, not every five) and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (loopback only) in its environment. It is
-stopped by SIGTERM to that `ray start` process, which ends every node the autoscaler launched, then anything of its
+round a second, not every five) and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (loopback only) in its environment; the
+provider is that one, but a node killed by a drill stops being listed, as on a cloud
+(provider/reclaimable_provider.py). It is stopped by SIGTERM to that `ray start` process, which ends every node the autoscaler launched, then anything of its
 own left over. ray.cluster_utils.AutoscalingCluster is not used: it reads a config file the wheel does not ship, and
 its start and shutdown run `ray stop --force`, which stops every Ray instance of the user on the machine.
 """
@@ -100,7 +101,8 @@ def fake_provider_config(gcs_port: int, *, worker_cpus: dict[str, int], max_work
         "max_workers": sum(spec["max_workers"] for spec in available.values()),
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_timeout_s / 60,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+        "provider": {"type": "external", "module": "reclaimable_provider.ReclaimableFakeProvider",
+                     "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs_port}"},
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": available,
@@ -160,7 +162,7 @@ class AutoscalingCluster:
         config.write_text(json.dumps(fake_provider_config(
             gcs_port, worker_cpus=self.worker_cpus, max_workers=self.max_workers, idle_timeout_s=self.idle_timeout_s)))
         env = base_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="token",
-                       RAY_AUTH_TOKEN_PATH=str(self.token_file))
+                       RAY_AUTH_TOKEN_PATH=str(self.token_file), PYTHONPATH=str(Path(__file__).parent / "provider"))
         self.log = self.temp / "head.log"
         # Ports of its own for the dashboard agent and metrics: Ray's defaults are taken while the test session's
         # embedded Ray instance runs, and the job server then finds no agent.
