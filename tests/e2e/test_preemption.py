@@ -182,13 +182,13 @@ def learner_cluster():
         yield cluster
 
 
-def sft_job(data: Path, run_dir: Path) -> list[str]:
+def sft_job(data: Path, run_dir: Path | str) -> list[str]:
     return ["stages=[score,sft]", f"data.sft={data}", "models.behavior=null", "score.teacher_sft_steps=0",
             f"sft.batch_size={BATCH}", f"sft.epochs={EPOCHS}", f"sft.checkpoint_every={CHECKPOINT_EVERY}",
             "resources.learner.resources={learner: 1}", "--run-dir", str(run_dir)]
 
 
-@pytest.mark.slow  # about 90 s: two SFT runs on a cluster of three nodes
+@pytest.mark.slow  # about 2 minutes: two SFT runs, a learner node launched for each and one for the move
 def test_a_learner_node_drained_mid_sft_costs_no_step(learner_cluster, scored_data, tmp_path):
     reference, run_dir = tmp_path / "reference", tmp_path / "drill"
     started = time.monotonic()
@@ -294,4 +294,50 @@ def test_a_rollout_node_killed_mid_rl_costs_no_step(rollout_cluster, rl_referenc
     output, rows, seconds = rollout_drill(rollout_cluster, reference, tmp_path / "drill", rollout_cluster.kill_node)
     assert re.search(r"rollout actor 0 lost \(Actor(Unavailable|Died)Error\); replacing it", output)
     drill_row(node="rollout", phase="rl", notice=False, steps_lost=0, batches_rerun=rows[-1]["rollout_batches_rerun"],
+              identical=True, seconds=round(seconds, 1), uninterrupted_seconds=round(reference_seconds, 1))
+
+
+# ------------------------------------------------------------------ the whole cluster gone
+
+def scratch_copy(machine: Path, url: str) -> Path:
+    """Where a run folder in the bucket is cached on a machine whose scratch is `machine`."""
+    return machine / url.replace("://", "/", 1)
+
+
+@pytest.mark.slow  # about 3 minutes: three SFT runs on two autoscaling clusters
+def test_a_run_whose_whole_cluster_went_resumes_on_a_new_one_from_the_bucket(s3, scored_data, tmp_path):
+    """The run folder in a bucket (an S3 server on loopback, its endpoint and credentials in every node's environment
+    as a cloud's instance role would give them); the cluster, driver included, goes at once after the SFT checkpoint;
+    the same command on a new cluster, whose machine has nothing local, ends with the uninterrupted run's steps and
+    weights."""
+    bucket = s3.create_bucket("drills")
+    reference, url = f"s3://{bucket}/reference", f"s3://{bucket}/drill"
+
+    def job(cluster: AutoscalingCluster, run_url: str, machine: str) -> subprocess.Popen:
+        env = cluster.client_env(RAY_ADDRESS=cluster.gcs_address, **s3.env(PEAR_RAY_SCRATCH=str(tmp_path / machine)))
+        return pear_ray("run", SMOKE, *sft_job(scored_data, run_url), env=env)
+
+    learner_only = {"learner": 1, "rollout": 0}
+
+    def checkpointed() -> bool:
+        return "latest" in s3.objects(f"{bucket}/drill/checkpoints/sft-token")
+
+    with AutoscalingCluster(max_workers=learner_only, node_env=s3.env()) as first:
+        started = time.monotonic()
+        finish(job(first, reference, "reference"))
+        reference_seconds = time.monotonic() - started
+        wait_until_gone(first, "LearnerWorker")
+        started = time.monotonic()
+        process = job(first, url, "first")
+        watch(process, checkpointed, "the checkpoint in the bucket")
+        stop_group(process)  # the head machine goes with the driver on it, then the rest of the cluster
+    trained_before = len(steps(scratch_copy(tmp_path / "first", url), "sft"))  # the first machine's own log
+    with AutoscalingCluster(max_workers=learner_only, node_env=s3.env()) as second:
+        output = finish(job(second, url, "second"))
+    seconds = time.monotonic() - started
+    assert f"sft-token: resuming at step {CHECKPOINT_EVERY}" in output, output[-3000:]
+    resumed, expected = scratch_copy(tmp_path / "second", url), scratch_copy(tmp_path / "reference", reference)
+    assert_same_steps(resumed, expected, "sft")
+    assert_same_weights(resumed, expected, "sft-token")
+    drill_row(node="every node", phase="sft", notice=False, steps_lost=trained_before - CHECKPOINT_EVERY,
               identical=True, seconds=round(seconds, 1), uninterrupted_seconds=round(reference_seconds, 1))

@@ -130,16 +130,20 @@ class AutoscalingCluster:
     `head_cpus`: the head's CPUs (the driver, the learner and tasks that ask for no custom resource run there);
     `worker_cpus` and `max_workers`: per worker type, the CPUs of one node (default 1; a whole number, as Ray's
     cluster config schema wants) and the most nodes (default
-    cluster/node_types.yaml's); `idle_timeout_s`: how long a node sits idle before the autoscaler removes it.
+    cluster/node_types.yaml's); `idle_timeout_s`: how long a node sits idle before the autoscaler removes it;
+    `node_env`: what every node's environment has besides (as a cloud image or instance role gives it: a store's
+    endpoint and credentials).
     Submit jobs to `address` (the Jobs API) with `client_env()`; `gcs_address` is for `ray status` and ray.init.
     """
 
     def __init__(self, *, head_cpus: float = 2, worker_cpus: dict[str, int] | None = None,
-                 max_workers: dict[str, int] | None = None, idle_timeout_s: float = 6.0):
+                 max_workers: dict[str, int] | None = None, idle_timeout_s: float = 6.0,
+                 node_env: dict[str, str] | None = None):
         self.head_cpus = head_cpus
         self.worker_cpus = worker_cpus or {}
         self.max_workers = max_workers or {}
         self.idle_timeout_s = idle_timeout_s
+        self.node_env = node_env or {}
         self.temp: Path | None = None
         self.process: subprocess.Popen | None = None
         self.types: dict[str, str] = {}  # node id -> type, as the autoscaler reported it while the node was up
@@ -162,7 +166,8 @@ class AutoscalingCluster:
         config.write_text(json.dumps(fake_provider_config(
             gcs_port, worker_cpus=self.worker_cpus, max_workers=self.max_workers, idle_timeout_s=self.idle_timeout_s)))
         env = base_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="token",
-                       RAY_AUTH_TOKEN_PATH=str(self.token_file), PYTHONPATH=str(Path(__file__).parent / "provider"))
+                       RAY_AUTH_TOKEN_PATH=str(self.token_file), PYTHONPATH=str(Path(__file__).parent / "provider"),
+                       **self.node_env)
         self.log = self.temp / "head.log"
         # Ports of its own for the dashboard agent and metrics: Ray's defaults are taken while the test session's
         # embedded Ray instance runs, and the job server then finds no agent.
