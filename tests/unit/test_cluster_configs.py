@@ -363,7 +363,8 @@ def test_the_local_autoscaling_cluster_has_the_defined_node_types_cpu_only(ray_s
     from ray.autoscaler._private.util import validate_config
 
     validate_config(config)  # what the autoscaler checks when the head starts on it
-    assert config["provider"]["type"] == "fake_multinode" and config["head_node_type"] == FAKE_HEAD_TYPE
+    assert config["head_node_type"] == FAKE_HEAD_TYPE
+    assert config["provider"]["module"] == "reclaimable_provider.ReclaimableFakeProvider"  # the fake one, killed nodes unlisted
     groups = launcher_groups(config)
     groups[HEAD] = groups.pop(FAKE_HEAD_TYPE)
     assert layout_problems(groups) == []
