@@ -84,46 +84,49 @@ def test_an_added_actor_takes_work_only_once_activated_and_one_that_never_starts
         pool.shutdown()
 
 
-def test_elastic_pool_goes_on_without_a_lost_actor(ray_cluster, tiny_model_dir, prompt_refs):
+@pytest.fixture
+def grown_pool(ray_cluster, tiny_model_dir) -> ActorPool:
+    """An elastic pool grown from one actor to two (slots 0 and 1)."""
     pool = rollout_pool(tiny_model_dir, ELASTIC, seed=0)
     try:
         assert _grow_for(pool, ELASTIC, 60, until_actors=2) == [1]
-        seen = []
-        for index, batch_ref, _ in pool.map("generate", prompt_refs, n=2, max_tokens=4, seed=0):
-            seen.append(index)
-            assert ray.get(batch_ref).num_rows == 2
-            if len(seen) == 1:
-                ray.kill(pool.slots[1].actor)  # as if its node left
-        assert sorted(seen) == list(range(len(prompt_refs)))  # every batch exactly once
-        assert list(pool.slots) == [0] and pool.stats.actors_dropped == 1 and pool.stats.actors_replaced == 0
-        assert len(pool.call_all("health")) == 1
+        yield pool
     finally:
         pool.shutdown()
 
 
-def test_an_actor_released_by_plan_finishes_its_work_then_leaves(ray_cluster, tiny_model_dir, prompt_refs):
-    pool = rollout_pool(tiny_model_dir, ELASTIC, seed=0)
-    try:
-        assert _grow_for(pool, ELASTIC, 60, until_actors=2) == [1]
-        mapping = pool.submit("generate", prompt_refs, n=2, max_tokens=4, seed=0)  # every item handed out now
-        given = pool.stats.submitted
-        assert pool.slots[1].load > 0
-        leaving = pool.slots[1].actor
-        pool.retire(1)
-        assert len(pool.actors) == 1 and pool.members.leaving[0].actor is leaving  # its calls are in flight
-        assert ray.get(leaving.health.remote()) is not None  # it is still there to answer them
-        seen = [index for index, batch_ref, _ in mapping if ray.get(batch_ref).num_rows == 2]
-        assert sorted(seen) == list(range(len(prompt_refs)))  # every batch once, the retiring actor's included
-        assert pool.stats.submitted == given and pool.stats.resubmitted == 0  # none run twice
-        assert pool.stats.per_actor_completed[1] > 0
-        assert pool.members.leaving == [] and list(pool.slots) == [0]  # its last answer let it go
-        assert pool.activate_started(timeout_s=60) == []  # a released actor never takes work again
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(leaving.health.remote())
-        list(pool.map("generate", prompt_refs, n=1, max_tokens=2, seed=0))
-        assert pool.stats.per_actor_completed[0] == 2 * len(prompt_refs) - pool.stats.per_actor_completed[1]
-    finally:
-        pool.shutdown()
+def test_elastic_pool_goes_on_without_a_lost_actor(grown_pool, prompt_refs):
+    pool = grown_pool
+    seen = []
+    for index, batch_ref, _ in pool.map("generate", prompt_refs, n=2, max_tokens=4, seed=0):
+        seen.append(index)
+        assert ray.get(batch_ref).num_rows == 2
+        if len(seen) == 1:
+            ray.kill(pool.slots[1].actor)  # as if its node left
+    assert sorted(seen) == list(range(len(prompt_refs)))  # every batch exactly once
+    assert list(pool.slots) == [0] and pool.stats.actors_dropped == 1 and pool.stats.actors_replaced == 0
+    assert len(pool.call_all("health")) == 1
+
+
+def test_an_actor_released_by_plan_finishes_its_work_then_leaves(grown_pool, prompt_refs):
+    pool = grown_pool
+    mapping = pool.submit("generate", prompt_refs, n=2, max_tokens=4, seed=0)  # every item handed out now
+    given = pool.stats.submitted
+    assert pool.slots[1].load > 0
+    leaving = pool.slots[1].actor
+    pool.retire(1)
+    assert len(pool.actors) == 1 and pool.members.leaving[0].actor is leaving  # its calls are in flight
+    assert ray.get(leaving.health.remote()) is not None  # it is still there to answer them
+    seen = [index for index, batch_ref, _ in mapping if ray.get(batch_ref).num_rows == 2]
+    assert sorted(seen) == list(range(len(prompt_refs)))  # every batch once, the retiring actor's included
+    assert pool.stats.submitted == given and pool.stats.resubmitted == 0  # none run twice
+    assert pool.stats.per_actor_completed[1] > 0
+    assert pool.members.leaving == [] and list(pool.slots) == [0]  # its last answer let it go
+    assert pool.activate_started(timeout_s=60) == []  # a released actor never takes work again
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(leaving.health.remote())
+    list(pool.map("generate", prompt_refs, n=1, max_tokens=2, seed=0))
+    assert pool.stats.per_actor_completed[0] == 2 * len(prompt_refs) - pool.stats.per_actor_completed[1]
 
 
 def test_the_scaler_asks_for_one_more_actor_while_waited_on_and_releases_one_when_idle(ray_cluster, tiny_model_dir):
