@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=3, help="resources.rollout.scale.window")
     parser.add_argument("--gen-tokens", type=int, default=256, help="new tokens per sample, generation-bound")
     parser.add_argument("--staleness", type=int, default=0, help="rl.max_staleness")
+    parser.add_argument("--parts", default="rl,whole", help="rl (the three RL jobs), whole (the whole smoke job)")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
 
@@ -205,15 +206,18 @@ def main() -> None:
     with AutoscalingCluster(head_cpus=6, max_workers={"rollout": args.max_actors, "learner": 0}) as cluster:
         watch = NodeWatch(cluster)
         watch.start()
-        for setting, scale_by in (("generation-bound", "wait"), ("learner-bound", "wait"), ("learner-bound", "max")):
+        settings = (("generation-bound", "wait"), ("learner-bound", "wait"), ("learner-bound", "max"))
+        for setting, scale_by in settings if "rl" in args.parts else ():
             name = f"{setting}, scale.by {scale_by}"
             results[name] = run_job(cluster, watch, args, setting, scale_by)
             report(name, results[name])
-        results["whole job"] = whole_job(cluster, watch, args)
-        print("\nthe whole smoke job (score, sft, rl, eval), scale.by wait: rollout nodes launched / removed per phase")
-        for key, counts in results["whole job"].items():
-            print(f"  {key:>16}: launched {counts['launched']}, removed {counts['removed']}"
-                  + (f"; the pool grew to {counts['pool_peak']} actors" if "pool_peak" in counts else ""))
+        if "whole" in args.parts:
+            results["whole job"] = whole_job(cluster, watch, args)
+            print("\nthe whole smoke job (score, sft, rl, eval), scale.by wait: rollout nodes launched / removed per "
+                  "phase")
+            for key, counts in results["whole job"].items():
+                print(f"  {key:>16}: launched {counts['launched']}, removed {counts['removed']}"
+                      + (f"; the pool grew to {counts['pool_peak']} actors" if "pool_peak" in counts else ""))
         watch.halt.set()
     print(f"\nidle timeout {AutoscalingCluster().idle_timeout_s:.0f} s, autoscaler round 1 s; a rollout node is a raylet "
           f"with 1 CPU on this machine; window {args.window} steps, grow_at/shrink_at 0.5; generate = actor-seconds")
