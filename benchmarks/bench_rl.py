@@ -43,7 +43,7 @@ from machine_load import MachineLoad, add_grpo_workload, other_load  # benchmark
 BACKEND_KEY = "resources.rollout.engine.backend"
 COLOCATE_KEY = "resources.rollout.colocate"
 LEARNER_CPUS_KEY = "resources.learner.num_cpus"
-COLOCATED_LEARNER_CPUS = 2  # every core of this 2-core box
+COLOCATED_LEARNER_CPUS = 1.75  # both cores of this box as torch threads (rounded), 0.25 left for the per-step tasks
 LEARNING_RATE = 1e-5  # rl.optimizer.lr here, learning_rate on TRL's side
 PROJECT_PYTHON_ENV = "PEAR_RAY_BENCH_PYTHON"  # the project's interpreter, for a benchmark re-run in TRL's venv
 

@@ -36,6 +36,7 @@ CPU_ONLY_ENV = {"DS_ACCELERATOR": "cpu"}
 # each import of torch and transformers costing seconds of a core (a 30-step RL run on 2 cores started 61 workers, and
 # stalled for 10-20 s at a time under load; keeping 8 it started 12).
 IDLE_TASK_WORKERS = 8
+_embedded = {"started": False}  # whether this process started its own Ray instance, which never grows
 LOOPBACK = "127.0.0.1"
 VERBOSE_ENV = "PEAR_RAY_VERBOSE"  # set (by `pear-ray --verbose`): workers' output goes to the console too
 WORKER_LOGS_ENV = "PEAR_RAY_WORKER_LOGS"  # the folder workers write their output into otherwise
@@ -59,7 +60,7 @@ def worker_logs_to_files() -> None:
 
 
 def use_assigned_cpus() -> int:
-    """Size torch's thread pool to the CPUs Ray gave this actor (at least one thread), and return it. Call it in
+    """Size torch's thread pool to the CPUs Ray gave this actor (rounded, at least one thread), and return it. Call it in
     an actor's constructor, before its engine starts (vLLM's CPU worker forbids changing it afterwards): Ray only
     sets OMP_NUM_THREADS, which torch has already read if anything imported it earlier in the worker, and then every
     actor on a 2-core box runs two threads and fights the others for the cores. Outside a Ray worker, a no-op."""
@@ -68,7 +69,7 @@ def use_assigned_cpus() -> int:
     context = ray.get_runtime_context()
     if context.worker.mode != ray.WORKER_MODE:
         return torch.get_num_threads()
-    threads = max(1, math.floor(context.get_assigned_resources().get("CPU", 1.0)))
+    threads = max(1, math.floor(context.get_assigned_resources().get("CPU", 1.0) + 0.5))  # 1.75 CPUs: 2 threads
     torch.set_num_threads(threads)
     return threads
 
@@ -111,6 +112,7 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, use_g
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=to_console)
         return
     log.info("starting an embedded Ray instance on %s", LOOPBACK)
+    _embedded["started"] = True
     kept = max(IDLE_TASK_WORKERS, int(num_cpus or os.cpu_count() or 1))
     ray.init(
         num_cpus=num_cpus,
@@ -121,6 +123,13 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, use_g
         _system_config={"num_workers_soft_limit": kept},
         **ray_kwargs,
     )
+
+
+def free_cpus_short_of(cpus: float) -> tuple[float, bool] | None:
+    """None when the cluster has `cpus` CPUs free now; else (the CPUs free, whether it can never get more: an embedded
+    instance started by this driver, not a cluster whose autoscaler may add a node)."""
+    free = ray.available_resources().get("CPU", 0.0)
+    return None if free >= cpus else (free, _embedded["started"])
 
 
 def actor_options(resources) -> dict:

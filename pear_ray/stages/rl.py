@@ -33,7 +33,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pear_ray.actors.elastic import PoolScaler
 from pear_ray.actors.learner import LearnerGroup
 from pear_ray.actors.roles import reference_pool, rollout_pool, start_sync, sync_weights
+from pear_ray.config import ConfigError
 from pear_ray.data import schema
+from pear_ray.runtime import free_cpus_short_of
 from pear_ray.stages.common import Run, prompt_table, rollout_pieces
 from pear_ray.stages.loop import Training, train
 from pear_ray.stages.rl_batch import (
@@ -45,6 +47,7 @@ from pear_ray.stages.rl_batch import (
     score_samples,
     step_prompts,
 )
+from pear_ray.tasks.verify import DEFAULT_NUM_CPUS as VERIFIER_CPUS
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,20 @@ class Generated:
     wait_seconds: float
 
 
+def room_for_step_tasks(cpus: float) -> None:
+    """Each step's scoring, cut and verifier tasks need `cpus` CPUs beside the learner and the pools, or they wait for
+    ever: refused on an embedded Ray instance (it never grows), a warning on a cluster (a node may join)."""
+    if (short := free_cpus_short_of(cpus)) is None:
+        return
+    free, never_more = short
+    what = (f"RL's per-step tasks (scoring, verifiers) need {cpus:g} CPU free beside the learner and the rollout and "
+            f"reference actors; {free:g} is left")
+    if never_more:
+        raise ConfigError(f"{what} on this machine: lower resources.learner.num_cpus (x num_ranks), "
+                          "resources.rollout.num_cpus (x num_actors) or resources.reference.num_cpus")
+    log.warning("%s: they wait until a node with CPUs joins the cluster", what)
+
+
 class RolloutBatches:
     """RL's batch source for the training loop (stages/loop.py).
 
@@ -117,6 +134,7 @@ class RolloutBatches:
             self.pool = rollout_pool(self.training.model, rollout, seed=job.seed)
         if rollout.max_actors:  # elastic
             self.scaler = PoolScaler(self.pool, rollout, "rl")
+        room_for_step_tasks(VERIFIER_CPUS)  # the largest of them
         if step:
             self.sync(step)
         self.prompts = prompt_table(run, "train")

@@ -33,7 +33,8 @@ def actor_threads(num_cpus):
     actor = ray.remote(RolloutWorker).options(num_cpus=num_cpus).remote(model, engine=TransformersOptions())
     return ray.get(actor.health.remote())["torch_threads"]
 
-print(json.dumps({"half": actor_threads(0.5), "two": actor_threads(2), "task": ray.get(task_threads.remote())}))
+print(json.dumps({"half": actor_threads(0.5), "most": actor_threads(1.75), "two": actor_threads(2),
+                  "task": ray.get(task_threads.remote())}))
 """
 
 
@@ -44,4 +45,26 @@ def test_actors_and_tasks_get_the_threads_their_cpus_say(tiny_model_dir, tmp_pat
                          text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     threads = json.loads(out.stdout.strip().splitlines()[-1])
-    assert threads == {"half": 1, "two": 2, "task": 1}
+    assert threads == {"half": 1, "most": 2, "two": 2, "task": 1}  # rounded: 1.75 CPUs leave a task room
+
+
+def test_a_run_whose_actors_leave_no_cpu_for_rl_s_step_tasks_is_refused_not_left_waiting(ray_cluster):
+    """On an embedded instance, RL's scoring and verifier tasks would wait for ever behind a learner that holds every
+    CPU (a colocated learner given the whole machine): refused, naming the keys to lower."""
+    import ray
+
+    from pear_ray.config import ConfigError
+    from pear_ray.stages.rl import room_for_step_tasks
+
+    class Hog:  # defined here, so Ray ships it by value
+        def ready(self) -> bool:
+            return True
+
+    room_for_step_tasks(0.25)  # the session's instance has room
+    hog = ray.remote(num_cpus=ray.available_resources()["CPU"] - 0.1)(Hog).remote()
+    try:
+        ray.get(hog.ready.remote())
+        with pytest.raises(ConfigError, match=r"need 0.25 CPU free .*resources.learner.num_cpus"):
+            room_for_step_tasks(0.25)
+    finally:
+        ray.kill(hog)
