@@ -14,7 +14,7 @@ class ActorResources(Section):
     """Resources of one actor of a role; custom resources pin roles to node groups on a cluster."""
 
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs each actor of the role takes; its torch threads are this, "
-                            "rounded down, at least 1 (fractions let several actors share a core on a laptop)")
+                            "rounded to the nearest, at least 1 (fractions let several actors share a core on a laptop)")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs each actor takes (0: CPU only; any role above 0 makes "
                             "the job a GPU job, and the workers then use the CUDA accelerator)")
     resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources each actor needs, "
