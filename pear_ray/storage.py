@@ -270,9 +270,13 @@ class RunFolder:
         try:
             with open(file, "rb") as source, self.remote.filesystem.open_output_stream(target) as sink:
                 shutil.copyfileobj(source, sink, CHUNK)
+            stored = self.remote.filesystem.get_file_info(target)
         except OSError as error:
             raise self._failure(f"uploading {file} to {self.remote.scheme}://{target}", error) from None
-        self.published[file] = (stat.st_size, stat.st_mtime_ns)
+        # The local copy takes the object's time: a node that later finds it at the bucket's size and time keeps it.
+        mtime = stored.mtime_ns or stat.st_mtime_ns
+        os.utime(file, ns=(stat.st_atime_ns, mtime))
+        self.published[file] = (stat.st_size, mtime)
         log.debug("uploaded %s://%s (%d bytes)", self.remote.scheme, target, stat.st_size)
         return stat.st_size
 
@@ -282,8 +286,9 @@ class RunFolder:
 
     def fetch(self, path: Path, *, refresh: bool = False) -> bool:
         """Download a file or folder of the folder into the local copy, when the bucket has it; files already
-        there at the bucket's size are kept unless `refresh`. Returns whether it is there locally now. For a local
-        folder, only the latter."""
+        there at the bucket's size and no older than the bucket's are kept unless `refresh` (a copy older than the
+        bucket's is another run's, or an earlier export of this one). Returns whether it is there locally now. For a
+        local folder, only the latter."""
         path = Path(path)
         if self.remote is not None:
             prefix = self._remote_path(path)
@@ -294,20 +299,22 @@ class RunFolder:
             except OSError as error:
                 raise self._failure(f"looking for {self.remote.scheme}://{prefix}", error) from None
             if info.type == fs.FileType.File:
-                self._download(prefix, path, info.size, refresh)
+                self._download(prefix, path, info, refresh)
             elif info.type == fs.FileType.Directory:
                 for relative, entry in self._listing(prefix).items():
-                    self._download(entry.path, path / relative, entry.size, refresh)
+                    self._download(entry.path, path / relative, entry, refresh)
         return path.exists()
 
-    def _download(self, source: str, target: Path, size: int, refresh: bool) -> None:
-        if not refresh and target.is_file() and target.stat().st_size == size:
+    def _download(self, source: str, target: Path, info, refresh: bool) -> None:
+        if not refresh and target.is_file() and _same(target.stat(), info):
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=FETCHING)
         try:
             with os.fdopen(handle, "wb") as sink, self.remote.filesystem.open_input_stream(source) as stream:
                 shutil.copyfileobj(stream, sink, CHUNK)
+            if info.mtime_ns:
+                os.utime(temporary, ns=(time.time_ns(), info.mtime_ns))  # the object's time: see upload
             os.replace(temporary, target)  # ranks sharing a node may fetch the same file: each moves a whole copy
         except OSError as error:
             Path(temporary).unlink(missing_ok=True)
@@ -380,6 +387,25 @@ class RunFolder:
             raise self._failure(f"moving {self.location} aside", error) from None
         shutil.rmtree(self.local, ignore_errors=True)
         return f"{self.remote.scheme}://{aside}"
+
+
+def materialize(location: str | Path) -> Path:
+    """This node's copy of a file or folder given by its location, for code that may run on any node (an actor, a
+    read task): a URL's is fetched into this node's scratch (files already there at the bucket's size are kept, so
+    it is fetched once per node); a path is its own copy (on a cluster, one every node reaches: a model cache, a
+    shared file system)."""
+    if not is_url(location):
+        return Path(location)
+    copy = RunFolder(location)
+    if not copy.fetch(copy.local):
+        raise FileNotFoundError(f"{copy.location} is not in the bucket")
+    return copy.local
+
+
+def _same(local: os.stat_result, remote) -> bool:
+    """Whether a local file is the bucket's: the same size, and not older (uploads and downloads give the local copy
+    the object's time; to the second, as S3 lists whole seconds). An older one is another run's."""
+    return local.st_size == remote.size and local.st_mtime_ns // 10**9 >= (remote.mtime_ns or 0) // 10**9
 
 
 def _files(path: Path) -> list[Path]:

@@ -23,6 +23,7 @@ from ray.data import Datasource, ReadTask, TaskPoolStrategy
 from ray.data.block import BlockMetadata
 
 from pear_ray.data.rows import read_rows, regroup
+from pear_ray.storage import materialize
 
 BLOCK_BYTES = 8 << 20  # data per read task: a few blocks in flight stay well inside a small object store
 READ_CPUS = 0.1  # the reads are light; a whole CPU each would wait behind the learner ranks' reservations
@@ -34,7 +35,7 @@ class ParquetRows(Datasource):
 
     def __init__(self, path: str | Path, rows: np.ndarray):
         self.path, self.rows = str(path), np.asarray(rows, dtype=np.int64)
-        metadata = pq.ParquetFile(path).metadata
+        metadata = pq.ParquetFile(materialize(path)).metadata
         groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
         self.row_bytes = sum(group.total_byte_size for group in groups) / max(1, metadata.num_rows)
 
@@ -55,7 +56,7 @@ class ParquetRows(Datasource):
 
 
 def _read_block(path: str, rows: np.ndarray) -> list[pa.Table]:
-    return [read_rows(path, rows)]
+    return [read_rows(materialize(path), rows)]  # a read task runs on any node: a file in a bucket is fetched to it
 
 
 def stream_rows(path: str | Path, groups: list[np.ndarray]) -> Iterator[pa.Table]:

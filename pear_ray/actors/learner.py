@@ -46,6 +46,7 @@ from pear_ray.config import EngineOptions, LearnerResources, TransformersOptions
 from pear_ray.messages import first_line
 from pear_ray.objectives import ObjectiveConfig
 from pear_ray.runtime import use_assigned_cpus
+from pear_ray.storage import materialize
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class LearnerWorker:
     def start(self, model_dir: str, master_addr: str, master_port: int, **engine_kwargs: Any) -> None:
         from pear_ray.engines.deepspeed_learner import DeepSpeedLearner  # heavy: import in the actor only
 
-        self.engine = DeepSpeedLearner(model_dir, rank=self.rank, world_size=self.world_size,
+        self.engine = DeepSpeedLearner(materialize(model_dir), rank=self.rank, world_size=self.world_size,
                                        master_addr=master_addr, master_port=master_port, **engine_kwargs)
 
     def _check_splittable(self, num_rows: int, what: str, min_rows_per_rank: int) -> None:

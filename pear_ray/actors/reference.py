@@ -14,6 +14,7 @@ from pear_ray.actors.pool import batch_stats
 from pear_ray.data import schema
 from pear_ray.engines.hf_scorer import HfScorer
 from pear_ray.runtime import use_assigned_cpus
+from pear_ray.storage import materialize
 
 
 class ReferenceWorker:
@@ -21,7 +22,7 @@ class ReferenceWorker:
 
     def __init__(self, model_dir: str | Path, *, rows_per_forward: int = 32):
         use_assigned_cpus()
-        self.scorer = HfScorer(model_dir, rows_per_forward=rows_per_forward)
+        self.scorer = HfScorer(materialize(model_dir), rows_per_forward=rows_per_forward)
         self.vocab_size = self.scorer.model.config.vocab_size
 
     @ray.method(num_returns=2)

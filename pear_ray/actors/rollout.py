@@ -24,6 +24,7 @@ from pear_ray.data import schema
 from pear_ray.engines.backends import start_engine
 from pear_ray.engines.rollout_engine import RolloutEngine
 from pear_ray.runtime import use_assigned_cpus
+from pear_ray.storage import materialize
 
 GENERATED = (schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS, schema.FINISH_REASON, schema.POLICY_VERSION,
              schema.TEACHER_TOPK)
@@ -36,9 +37,10 @@ class RolloutWorker:
 
     def __init__(self, model_dir: str | Path, *, seed: int = 0, engine: EngineOptions | None = None,
                  model: torch.nn.Module | None = None):
-        """`model`: a loaded model of the folder to serve without a copy where the backend can (see start_engine)."""
+        """`model_dir`: where the model folder lives (a path, or a URL this node fetches); `model`: a loaded model of
+        the folder to serve without a copy where the backend can (see start_engine)."""
         use_assigned_cpus()
-        self.engine: RolloutEngine = start_engine(model_dir, engine, seed=seed, model=model)
+        self.engine: RolloutEngine = start_engine(materialize(model_dir), engine, seed=seed, model=model)
         self.policy_version = 0
 
     @ray.method(num_returns=2)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pear_ray import atomic, faults
+from pear_ray.storage import RunFolder
 
 # Files of a model folder that make up its tokenizer; export_hf copies them next to the weights.
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
@@ -55,16 +56,19 @@ def checksum(learner) -> float:
 
 def export_hf(learner, out_dir: str | Path) -> str | None:
     """Write a Hugging Face model folder (safetensors, config, generation config, the tokenizer files of the model
-    folder the learner started from) from rank 0. Returns the folder on rank 0, None elsewhere."""
+    folder the learner started from) from rank 0; `out_dir` a URL: into this node's copy, then uploaded, so any node
+    finds it in the bucket. Returns `out_dir` on rank 0, None elsewhere."""
     weights = state_dict(learner)
     if learner.rank != 0:
         return None
-    with atomic.replacing(out_dir) as partial:
+    store = RunFolder(out_dir)
+    with atomic.replacing(store.local) as partial:
         partial.mkdir()
         learner.engine.module.save_pretrained(str(partial), state_dict=weights)
         for pattern in TOKENIZER_PATTERNS:
             for source in learner.model_dir.glob(pattern):
                 if source.is_file():
                     shutil.copy2(source, partial / source.name)
-        faults.kill_point(f"export/{Path(out_dir).name}")
+        faults.kill_point(f"export/{store.local.name}")
+    store.publish(store.local)
     return str(out_dir)

@@ -61,6 +61,15 @@ class Run:
         """Per-prompt eval results of a variant after stage `after`."""
         return self.dir / "eval" / f"{after}-{variant}.parquet"
 
+    def shared(self, path: Path) -> str:
+        """Where a process on any node finds `path` of this node's copy (a model folder, a data file): the path
+        itself, or, for a run folder in a bucket, its URL once what changed under it is uploaded (the actor fetches
+        it: storage.materialize). A path outside the bucket's copy (a model given by path) is passed as it is."""
+        if self.folder.remote is None or not Path(path).absolute().is_relative_to(self.folder.root.absolute()):
+            return str(path)
+        self.folder.publish(path)
+        return self.folder.where(path)
+
     def fetched(self, path: Path) -> Path:
         """`path`, fetched into the local copy first if the run folder lives in a bucket that has it (an earlier
         run's, on another machine)."""

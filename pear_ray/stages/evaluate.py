@@ -49,7 +49,7 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
         so_far = correct_counts(pa.concat_tables(scored), job.eval.correct_threshold).tolist()
         return {f"pass@{k}": f"{mean_pass_at_k(so_far, job.eval.n, k):.3f}" for k in job.eval.k}
 
-    pool = rollout_pool(model, job.resources.rollout, seed=job.seed)
+    pool = rollout_pool(run.shared(model), job.resources.rollout, seed=job.seed)
     try:
         sampling = job.sampling.model_dump() | {"temperature": job.eval.temperature}
         with scaled_by_results(pool, job.resources.rollout, "eval"):

@@ -74,7 +74,7 @@ def train(run: Run, training: Training, source: BatchSource,
           before_export: Callable[[LearnerGroup], None] | None = None) -> Path:
     """Run `training` on the batches of `source`; returns the exported folder. `before_export` sees the trained
     learner last (SFT plots its PEAR weights)."""
-    learner = LearnerGroup(training.model, run.job.resources.learner, **training.optimizer.model_dump(),
+    learner = LearnerGroup(run.shared(training.model), run.job.resources.learner, **training.optimizer.model_dump(),
                            total_steps=training.steps, seed=training.seed, temperature=training.temperature)
     try:
         start = resume(run, learner, training.name, training.stage, training.variant)
@@ -101,7 +101,8 @@ def train(run: Run, training: Training, source: BatchSource,
                 checkpoint(run, learner, training.name, step + 1)
         if before_export is not None:
             before_export(learner)
-        learner.export_hf(training.export)
+        learner.export_hf(run.folder.where(training.export))  # rank 0 writes it on its node (and uploads it)
+        run.fetched(training.export)
     finally:
         source.close()
         learner.shutdown()

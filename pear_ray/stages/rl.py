@@ -124,14 +124,14 @@ class RolloutBatches:
         self.learner = learner
         frozen_models = {schema.REF_LOGPROBS: lambda: run.reference(self.training.model),
                          schema.TEACHER_LOGPROBS: run.teacher}
-        self.scorers = {column: reference_pool(model(), job.resources.reference)
+        self.scorers = {column: reference_pool(run.shared(model()), job.resources.reference)
                         for column, model in frozen_models.items() if column in objective.columns()}
         rollout = job.resources.rollout
         self.colocated = rollout.colocate
         if self.colocated:  # the learner's ranks generate, with the weights they train
             self.pool = learner.rollout_pool(rollout.engine, seed=job.seed, max_in_flight=rollout.max_in_flight)
         else:
-            self.pool = rollout_pool(self.training.model, rollout, seed=job.seed)
+            self.pool = rollout_pool(run.shared(self.training.model), rollout, seed=job.seed)
         if rollout.max_actors:  # elastic
             self.scaler = PoolScaler(self.pool, rollout, "rl")
         room_for_step_tasks(VERIFIER_CPUS)  # the largest of them
@@ -143,6 +143,7 @@ class RolloutBatches:
         self.submitted: dict[int, Submitted] = {}
         self.next_step = step  # the first step not queued yet
         self.task_ref = ray.put(run.task)
+        self.student = run.shared(run.student)  # its tokenizer decodes the samples, on any node
 
     def batch(self, step: int) -> tuple[ray.ObjectRef | None, dict]:
         """Step `step`'s batch with the frozen models' columns, or None when too few samples carry a signal."""
@@ -235,7 +236,7 @@ class RolloutBatches:
         return Submitted(iter(mapping), mapping.refs(), self._score_task(mapping.refs()))
 
     def _score_task(self, pieces: list[ray.ObjectRef]) -> tuple[ray.ObjectRef, ray.ObjectRef]:
-        return score_samples.remote(self.run.student, self.task_ref, self.run.job.task, self.rl.normalize_std,
+        return score_samples.remote(self.student, self.task_ref, self.run.job.task, self.rl.normalize_std,
                                     *pieces)
 
     def _cut_task(self, step: int, *tables: ray.ObjectRef) -> tuple:

@@ -18,6 +18,7 @@ from pear_ray.data import schema
 from pear_ray.data.io import write_table
 from pear_ray.objectives import group_advantages, informative_groups_mask
 from pear_ray.stages.common import decoded_rewards
+from pear_ray.storage import materialize
 
 
 def generation_horizon(step: int, rl: RlConfig) -> int:
@@ -54,12 +55,13 @@ def busy_fractions(stats: dict, seconds: float, actors: int) -> dict[str, float]
 
 
 @functools.cache
-def cached_tokenizer(student: Path):
-    return AutoTokenizer.from_pretrained(student)
+def cached_tokenizer(student: str):
+    """The student's tokenizer on this node (`student`: where its folder lives, a path or a URL)."""
+    return AutoTokenizer.from_pretrained(materialize(student))
 
 
 @ray.remote(num_cpus=0.1, num_returns=2)
-def score_samples(student: Path, task, task_config, normalize_std: bool, *pieces: pa.Table) -> tuple[pa.Table, dict]:
+def score_samples(student: str, task, task_config, normalize_std: bool, *pieces: pa.Table) -> tuple[pa.Table, dict]:
     """Next to the samples: decode, verify (verifier tasks), group-normalise the advantages."""
     table, failures = decoded_rewards(pa.concat_tables(pieces), cached_tokenizer(student), task, task_config)
     rewards, groups = rewards_and_groups(table)

@@ -75,7 +75,7 @@ def behavior_pool(run: Run, model: Path):
     engine = resources.engine
     if engine.backend == "vllm" and engine.max_logprobs != -1 and engine.max_logprobs < k:  # -1: no cap
         resources = resources.model_copy(update={"engine": engine.model_copy(update={"max_logprobs": k})})
-    return rollout_pool(model, resources, seed=run.job.seed)
+    return rollout_pool(run.shared(model), resources, seed=run.job.seed)
 
 
 def teacher_writes_data(run: Run, target: Path) -> Path:

@@ -65,7 +65,7 @@ def run_sft(run: Run, variant: str, data_path: Path) -> Path:
             probe = read_rows(data_path, np.arange(min(HISTOGRAM_ROWS, num_rows)))
             log_weight_histogram(run, learner, objective, probe, variant, len(plan))
 
-    return train(run, training, StreamedRows(data_path, plan), before_export=plot_weights)
+    return train(run, training, StreamedRows(run.shared(data_path), plan), before_export=plot_weights)
 
 
 def sft_on_rows(run: Run, base: Path, rows: pa.Table, out: Path, *, steps: int, optimizer: OptimizerConfig,
@@ -85,7 +85,7 @@ class StreamedRows:
     """SFT batches streamed from a Parquet file to the learner ranks (each its shard, through Ray Data), in a seeded
     plan of row indices per step; counts the samples seen."""
 
-    def __init__(self, path: Path, plan: list[np.ndarray]):
+    def __init__(self, path: str, plan: list[np.ndarray]):
         self.path, self.plan = path, plan
 
     def start(self, learner: LearnerGroup, step: int) -> None:
@@ -130,7 +130,7 @@ def frozen_targets(run: Run, data_path: Path) -> Path:
         return target
     model = run.reference(run.student)
     log.info("scoring PEAR's frozen target with %s into %s", model, target)
-    pool = reference_pool(model, run.job.resources.reference)
+    pool = reference_pool(run.shared(model), run.job.resources.reference)
     try:
         stream_parquet(pool, "score", data_path, target, column=schema.REF_LOGPROBS)
     finally:

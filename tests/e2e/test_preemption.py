@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 from support.autoscaling import AutoscalingCluster
 from support.cli import ROOT, finish, pear_ray, steps, stop_group
 from support.learner import write_scored_sft_rows
+from support.provider.reclaimable_provider import NODE_DISKS_ENV
 
 SMOKE = str(ROOT / "jobs" / "smoke.yaml")
 DEADLINE_S = 30  # notice given before a drained node is killed (Ray's own on SIGTERM: 30 s)
@@ -226,11 +227,22 @@ RL_STEPS = 12
 POOL_FIGURES = ("rollout_actors_lost", "rollout_batches_rerun", "stale_regenerated", "mismatch_max", "mismatch_mean")
 
 
+def own_disks(s3, disks: Path) -> dict[str, str]:
+    """Every node's environment on a cluster whose nodes have disks of their own (a folder each under `disks`: the
+    head's `head`, the others' `node<N>`) and reach the bucket, as a cloud's image and instance role give it."""
+    return s3.env(PEAR_RAY_SCRATCH=str(disks / "head"), **{NODE_DISKS_ENV: str(disks)})
+
+
 @pytest.fixture(scope="module")
-def rollout_cluster():
+def node_disks(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("disks")
+
+
+@pytest.fixture(scope="module")
+def rollout_cluster(s3, node_disks):
     """An autoscaling cluster whose head holds the learner, and that launches rollout nodes (up to two: the one
-    taken away and its replacement) for the rollout actor."""
-    with AutoscalingCluster(max_workers={"rollout": 2, "learner": 0}) as cluster:
+    taken away and its replacement) for the rollout actor; each node with a disk of its own."""
+    with AutoscalingCluster(max_workers={"rollout": 2, "learner": 0}, node_env=own_disks(s3, node_disks)) as cluster:
         yield cluster
 
 
@@ -322,7 +334,7 @@ def test_a_run_whose_whole_cluster_went_resumes_on_a_new_one_from_the_bucket(s3,
     def checkpointed() -> bool:
         return "latest" in s3.objects(f"{bucket}/drill/checkpoints/sft-token")
 
-    with AutoscalingCluster(max_workers=learner_only, node_env=s3.env()) as first:
+    with AutoscalingCluster(max_workers=learner_only, node_env=own_disks(s3, tmp_path / "first-disks")) as first:
         started = time.monotonic()
         finish(job(first, reference, "reference"))
         reference_seconds = time.monotonic() - started
@@ -332,12 +344,48 @@ def test_a_run_whose_whole_cluster_went_resumes_on_a_new_one_from_the_bucket(s3,
         watch(process, checkpointed, "the checkpoint in the bucket")
         stop_group(process)  # the head machine goes with the driver on it, then the rest of the cluster
     trained_before = len(steps(scratch_copy(tmp_path / "first", url), "sft"))  # the first machine's own log
-    with AutoscalingCluster(max_workers=learner_only, node_env=s3.env()) as second:
+    with AutoscalingCluster(max_workers=learner_only, node_env=own_disks(s3, tmp_path / "second-disks")) as second:
         output = finish(job(second, url, "second"))
     seconds = time.monotonic() - started
     assert f"sft-token: resuming at step {CHECKPOINT_EVERY}" in output, output[-3000:]
     resumed, expected = scratch_copy(tmp_path / "second", url), scratch_copy(tmp_path / "reference", reference)
     assert_same_steps(resumed, expected, "sft")
     assert_same_weights(resumed, expected, "sft-token")
+    # The driver's export came through the bucket from the learner node's disk, where the rank wrote it.
+    written = [model_file(disk, url, "sft-token") for disk in (tmp_path / "second-disks").glob("node*")]
+    exported = model_file(tmp_path / "second", url, "sft-token").read_bytes()
+    assert [file.read_bytes() for file in written if file.is_file()] == [exported]
     drill_row(node="every node", phase="sft", notice=False, steps_lost=trained_before - CHECKPOINT_EVERY,
               identical=True, seconds=round(seconds, 1), uninterrupted_seconds=round(reference_seconds, 1))
+
+
+# ------------------------------------------------------------------ nodes with disks of their own
+
+def model_file(disk: Path, url: str, model: str) -> Path:
+    return scratch_copy(disk, url) / "models" / model / "model.safetensors"
+
+
+@pytest.mark.slow  # about a minute: one RL run
+def test_an_rl_run_in_a_bucket_on_nodes_with_disks_of_their_own_ends_as_a_local_one(rollout_cluster, rl_reference,
+                                                                                     node_disks, s3, tmp_path):
+    """The run folder in a bucket, and no two processes on different nodes share a disk: the driver's machine, the
+    head (the learner, the reference scorer) and the rollout node each cache it in a scratch folder of their own, so
+    a process finds what another wrote only through the bucket: the student the driver built, the export the
+    learner wrote. The run ends with the results of the same run into a local folder."""
+    reference, _ = rl_reference
+    url, driver = f"s3://{s3.create_bucket('cloud')}/rl", tmp_path / "driver"
+    finish(pear_ray("run", SMOKE, *rl_job(url), env=rollout_cluster.client_env(
+        RAY_ADDRESS=rollout_cluster.gcs_address, **s3.env(PEAR_RAY_SCRATCH=str(driver)))))
+    run_dir = scratch_copy(driver, url)
+    assert_same_steps(run_dir, reference, "rl", besides=POOL_FIGURES)
+    for step in range(1, RL_STEPS + 1):
+        assert samples(run_dir, step) == samples(reference, step), step
+    assert_same_weights(run_dir, reference, "rl-token")
+    built = model_file(driver, url, "student").read_bytes()
+    fetched = [disk.name for disk in sorted(node_disks.iterdir()) if model_file(disk, url, "student").is_file()]
+    assert "head" in fetched and any(name.startswith("node") for name in fetched), fetched  # learner, rollout node
+    for name in fetched:
+        assert model_file(node_disks / name, url, "student").read_bytes() == built, name
+    exported = model_file(node_disks / "head", url, "rl-token").read_bytes()  # written by the learner, on the head
+    assert exported == model_file(driver, url, "rl-token").read_bytes()
+    assert exported == s3.read("cloud/rl/models/rl-token/model.safetensors")

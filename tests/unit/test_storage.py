@@ -4,6 +4,7 @@ interrupted upload passed over, and no credential in any message."""
 
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
 
@@ -87,6 +88,30 @@ def test_fetch_brings_a_file_or_folder_from_the_bucket_into_a_fresh_scratch(buck
     second.fetch(second.local / "data" / "sft.parquet", refresh=True)  # ...unless refreshed
     assert (second.local / "data" / "sft.parquet").read_text() == "rows"
     assert not list(second.local.rglob(f"*{storage.FETCHING}"))
+
+
+def test_materialize_fetches_to_each_node_once_and_again_when_the_bucket_holds_a_newer_copy(bucket, s3_env,
+                                                                                              monkeypatch, tmp_path):
+    """What an actor on any node does with a location it is given (a model folder, a data file)."""
+    writer = RunFolder(f"s3://{bucket}/run")  # the node that wrote the export
+    weights = write(writer.local / "models" / "sft" / "model.safetensors", "weights v1")
+    writer.publish()
+    url = f"s3://{bucket}/run/models/sft"
+    assert storage.materialize(tmp_path / "models" / "given") == tmp_path / "models" / "given"  # a path: itself
+    inode = weights.stat().st_ino
+    assert storage.materialize(url) == weights.parent and weights.stat().st_ino == inode  # the writer's node: kept
+    monkeypatch.setenv(storage.SCRATCH_ENV, str(tmp_path / "node2"))
+    copy = storage.materialize(url) / "model.safetensors"
+    assert copy == tmp_path / "node2" / "s3" / bucket / "run" / "models" / "sft" / "model.safetensors"
+    assert copy.read_text() == "weights v1"
+    fetched = copy.stat().st_ino
+    assert storage.materialize(url) / "model.safetensors" == copy and copy.stat().st_ino == fetched  # fetched once
+    time.sleep(1.1)  # another run's export at the same place and of the same size: node2's copy is stale
+    write(weights, "weights v2")
+    writer.publish()
+    assert (storage.materialize(url) / "model.safetensors").read_text() == "weights v2"
+    with pytest.raises(FileNotFoundError, match=f"s3://{bucket}/run/models/rl is not in the bucket"):
+        storage.materialize(f"s3://{bucket}/run/models/rl")
 
 
 def test_prepare_drops_a_scratch_copy_of_another_state_and_refreshes_what_a_resume_reads(bucket, s3_env, caplog):

@@ -8,15 +8,19 @@ with two differences that make its nodes behave as a cloud's do:
   a node's runtime-env agent replaces an unpacked working_dir it has not set up itself (Ray's WorkingDirPlugin.create
   unpacks with overwrite=True), deleting it from under the workers of the other nodes that run in it: a task worker
   started after that cannot even import transformers (its working directory is gone). On a cloud every node has its
-  own disk.
+  own disk;
+- with NODE_DISKS_ENV set (in the head's environment), each node's pear_ray scratch folder is a folder of its own
+  under it (PEAR_RAY_SCRATCH=<it>/node<N>), as each cloud node caches a run folder in a bucket on its own disk.
 
 Loaded by the autoscaler inside the head (provider type `external`, this folder alone on its PYTHONPATH), not by tests.
 """
 
-import functools
+import os
 
 import ray._private.parameter
 from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+
+NODE_DISKS_ENV = "PEAR_RAY_TEST_NODE_DISKS"
 
 
 class ReclaimableFakeProvider(FakeMultiNodeProvider):
@@ -29,10 +33,16 @@ class ReclaimableFakeProvider(FakeMultiNodeProvider):
             return super().non_terminated_nodes(tag_filters)
 
     def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
-        with self.lock:  # the parent builds its RayParams from the module: given a runtime-env folder per node
+        with self.lock:  # the parent builds its RayParams from the module: given folders of the node's own
             params = ray._private.parameter.RayParams
-            own_folder = f"runtime_resources_node{self._next_node_id + 1}"
-            ray._private.parameter.RayParams = functools.partial(params, runtime_env_dir_name=own_folder)
+            number = self._next_node_id + 1
+
+            def own_params(*, env_vars, **kwargs):
+                if disks := os.environ.get(NODE_DISKS_ENV):
+                    env_vars = {**env_vars, "PEAR_RAY_SCRATCH": f"{disks}/node{number}"}
+                return params(runtime_env_dir_name=f"runtime_resources_node{number}", env_vars=env_vars, **kwargs)
+
+            ray._private.parameter.RayParams = own_params
             try:
                 super()._create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
             finally:
