@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support.autoscaling import AutoscalingCluster  # noqa: E402
 from support.learner import write_scored_sft_rows  # noqa: E402
 from support.provider.reclaimable_provider import NODE_DISKS_ENV  # noqa: E402
-from support.s3 import moto_server  # noqa: E402
+from support.stores import moto_server  # noqa: E402
 
 BUCKET, PREFIX = "disks", "run"
 

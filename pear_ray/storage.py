@@ -12,8 +12,8 @@ file is never seen half-uploaded; a set of files (a checkpoint) counts once the 
 
 Credentials and the endpoint come from the standard provider chain (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_SESSION_TOKEN, AWS_ENDPOINT_URL for an S3-compatible store, AWS_REGION / AWS_DEFAULT_REGION, a profile, the
-node's role; Google's application default credentials for gs://). None of them is ever part of a message, and a URL
-that carries credentials is refused.
+node's role; Google's application default credentials for gs://, or none with STORAGE_EMULATOR_HOST naming an
+emulator). None of them is ever part of a message, and a URL that carries credentials is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ DEFAULT_SCRATCH = Path("~/.cache/pear_ray/scratch")
 SCHEMES = ("s3", "gs", "gcs")
 SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 GCS_RETRY_SECONDS = 30  # Google's client retries for 15 minutes by default: a preflight would seem to hang
+GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"  # Google's clients' variable for a GCS emulator's address
 FETCHING = ".fetching"  # suffix of a download in progress (moved into place whole)
 UNPUBLISHED_SUFFIXES = (".partial", FETCHING)  # files still being written: atomic.py's, and our downloads
 CHUNK = 8 << 20
@@ -114,6 +115,8 @@ class Remote:
 
         options = f"?retry_limit_seconds={GCS_RETRY_SECONDS}" if self.scheme == "gs" else ""
         try:
+            if self.scheme == "gs" and (emulator := os.environ.get(GCS_EMULATOR_ENV)):
+                return _gcs_emulator(emulator)
             return fs.FileSystem.from_uri(f"{self.scheme}://{self.bucket}{options}")[0]
         except OSError as error:
             raise StorageError(self.url(), describe_failure(error, self.scheme)) from None
@@ -124,6 +127,18 @@ class Remote:
 
     def url(self, relative: str = "") -> str:
         return f"{self.scheme}://{self.path(relative)}"
+
+
+def _gcs_emulator(address: str):
+    """A GCS file system on an emulator or another GCS-compatible server at `address` (`http://host:port`), without
+    credentials, as Google's own clients do when STORAGE_EMULATOR_HOST is set."""
+    from datetime import timedelta
+
+    from pyarrow import fs
+
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    return fs.GcsFileSystem(anonymous=True, scheme=parts.scheme, endpoint_override=parts.netloc,
+                            retry_time_limit=timedelta(seconds=GCS_RETRY_SECONDS))
 
 
 def _remote(url: str) -> Remote:

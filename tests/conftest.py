@@ -11,7 +11,7 @@ Fixtures: one tiny model folder per session (built locally, no downloads) and on
 from pathlib import Path
 
 import pytest
-from support.s3 import S3Store, moto_server
+from support.stores import GcsStore, S3Store, gcs_emulator, moto_server
 
 from pear_ray.models import TinyModelSpec, build_tiny_model
 
@@ -51,6 +51,13 @@ def ray_cluster():
 def s3() -> S3Store:
     """moto's S3 server on a free loopback port, for the module's tests; stopped after them."""
     with moto_server() as store:
+        yield store
+
+
+@pytest.fixture(scope="module")
+def gcs() -> GcsStore:
+    """A GCS emulator on a free loopback port, for the module's tests; stopped after them."""
+    with gcs_emulator() as store:
         yield store
 
 

@@ -1,4 +1,4 @@
-"""Run folders in a bucket (an S3 server on loopback): a job runs into s3://, is killed after an SFT checkpoint and
+"""Run folders in a bucket (an S3 server on loopback; the GCS emulator for gs://): a job runs into s3://, is killed after an SFT checkpoint and
 resumes on a "fresh machine" (an empty scratch folder, nothing local) from what the bucket holds, to the results of
 an uninterrupted run; a bucket that cannot be used is refused before anything starts; no credential is written or
 printed anywhere."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from support.cli import ROOT, SMALL, finish, pear_ray, stop_group
-from support.s3 import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Store, free_port, moto_server
+from support.stores import ACCESS_KEY_ID, SECRET_ACCESS_KEY, ObjectStore, S3Store, free_port, moto_server
 
 from pear_ray import faults
 from pear_ray.config import load_job
@@ -41,15 +41,15 @@ def scored_data(tmp_path_factory) -> list[str]:
     return [f"data.sft={path}", "models.behavior=null", "score.teacher_sft_steps=0"]
 
 
-def run(s3, scratch: Path, url: str, *args: str, env: dict | None = None):
+def run(store, scratch: Path, url: str, *args: str, env: dict | None = None):
     """`pear-ray run` into `url`, as on a machine whose only local folder for the run is `scratch`."""
     return pear_ray("run", *JOB, *args, "--run-dir", url,
-                    env={**os.environ, **s3.env(PEAR_RAY_SCRATCH=str(scratch)), **(env or {})})
+                    env={**os.environ, **store.env(PEAR_RAY_SCRATCH=str(scratch)), **(env or {})})
 
 
-def killed(s3, scratch: Path, url: str, *args: str) -> str:
+def killed(store, scratch: Path, url: str, *args: str) -> str:
     """The run killed where CUT_AT_SECOND_CHECKPOINT says; its output."""
-    process = run(s3, scratch, url, *args, env={faults.KILL_AT_ENV: CUT_AT_SECOND_CHECKPOINT})
+    process = run(store, scratch, url, *args, env={faults.KILL_AT_ENV: CUT_AT_SECOND_CHECKPOINT})
     try:
         output, _ = process.communicate(timeout=600)
     finally:
@@ -58,8 +58,8 @@ def killed(s3, scratch: Path, url: str, *args: str) -> str:
     return output
 
 
-def records(s3, prefix: str) -> list[dict]:
-    return [json.loads(line) for line in s3.read(f"{prefix}/metrics.jsonl").decode().splitlines()]
+def records(store, prefix: str) -> list[dict]:
+    return [json.loads(line) for line in store.read(f"{prefix}/metrics.jsonl").decode().splitlines()]
 
 
 def by_step(rows: list[dict], stage: str) -> dict[int, dict]:
@@ -74,42 +74,49 @@ def assert_same_figures(got: dict, expected: dict) -> None:
             assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (expected["stage"], expected["step"], name)
 
 
-def written_text(s3, prefix: str, *folders: Path) -> str:
+def written_text(store, prefix: str, *folders: Path) -> str:
     """Every object under `prefix` and every file in `folders`, as one text, to search for secrets in."""
-    texts = [s3.read(f"{prefix}/{name}").decode(errors="replace") for name in s3.objects(prefix)]
+    texts = [store.read(f"{prefix}/{name}").decode(errors="replace") for name in store.objects(prefix)]
     texts += [path.read_text(errors="replace") for folder in folders for path in folder.rglob("*") if path.is_file()]
     return "\n".join(texts)
 
 
-def test_a_run_killed_after_an_sft_checkpoint_resumes_from_the_bucket_with_nothing_local(s3, bucket, scored_data,
+@pytest.fixture(params=["s3", pytest.param("gs", marks=pytest.mark.slow)])
+def store(request) -> ObjectStore:
+    """moto's S3 server, or the GCS emulator (slow: the same code as for S3 above pyarrow's file system)."""
+    return request.getfixturevalue("s3" if request.param == "s3" else "gcs")
+
+
+def test_a_run_killed_after_an_sft_checkpoint_resumes_from_the_bucket_with_nothing_local(store, scored_data,
                                                                                        tmp_path):
     """The drill "the whole cluster gone, the run resumed on a new one from the bucket": the second checkpoint's
     upload is cut before its manifest, the first machine's disk is gone, and the rerun on an empty scratch takes
     state, data and checkpoint from the bucket, passes over the cut checkpoint and logs every step once, the steps
     it repeats with the values the killed run logged."""
-    url, prefix = f"s3://{bucket}/killed", f"{bucket}/killed"
+    bucket = store.create_bucket("killed-runs")
+    url, prefix = f"{store.scheme}://{bucket}/killed", f"{bucket}/killed"
     first, second = tmp_path / "first-machine", tmp_path / "second-machine"
-    console = killed(s3, first, url, *scored_data)
-    checkpoints = s3.objects(f"{prefix}/checkpoints/sft-token")
-    assert s3.read(f"{prefix}/checkpoints/sft-token/latest") == b"step1"
+    console = killed(store, first, url, *scored_data)
+    checkpoints = store.objects(f"{prefix}/checkpoints/sft-token")
+    assert store.read(f"{prefix}/checkpoints/sft-token/latest") == b"step1"
     assert f"step1/{MANIFEST}" in checkpoints and f"step2/{MANIFEST}" not in checkpoints
     assert {name.partition("/")[2] for name in checkpoints if name.startswith("step2/")} == {
         name.partition("/")[2] for name in checkpoints if name.startswith("step1/") and not name.endswith(MANIFEST)}
-    before = by_step(records(s3, prefix), "sft")
+    before = by_step(records(store, prefix), "sft")
     assert sorted(before) == [1, 2]  # step 2 was published with the metrics, before its checkpoint
-    assert json.loads(s3.read(f"{prefix}/state.json"))["done"] == {"score": "data/sft.parquet"}
+    assert json.loads(store.read(f"{prefix}/state.json"))["done"] == {"score": "data/sft.parquet"}
 
-    output = finish(run(s3, second, url, *scored_data))
+    output = finish(run(store, second, url, *scored_data))
     assert "score: done in an earlier run, skipping" in output and "sft-token: resuming at step 1" in output
     assert f"report: {url}/report.md" in output
-    after = by_step(records(s3, prefix), "sft")
-    assert sorted(after) == [1, 2, 3, 4] and len([r for r in records(s3, prefix) if r["stage"] == "sft"]) == 4
+    after = by_step(records(store, prefix), "sft")
+    assert sorted(after) == [1, 2, 3, 4] and len([r for r in records(store, prefix) if r["stage"] == "sft"]) == 4
     assert_same_figures(after[2], before[2])  # the repeated step, as the killed run logged it
-    assert set(json.loads(s3.read(f"{prefix}/state.json"))["done"]) == {"score", "sft/token"}
+    assert set(json.loads(store.read(f"{prefix}/state.json"))["done"]) == {"score", "sft/token"}
     for name in ("report.md", "config.yaml", "data/sft.parquet", "models/sft-token/model.safetensors",
                  "plots/sft_loss.png"):
-        assert name in s3.objects(prefix), name
-    written = written_text(s3, prefix, first, second) + console + output
+        assert name in store.objects(prefix), name
+    written = written_text(store, prefix, first, second) + console + output
     assert SECRET_ACCESS_KEY not in written and ACCESS_KEY_ID not in written
 
 

@@ -9,17 +9,27 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support.s3 import ACCESS_KEY_ID, SECRET_ACCESS_KEY, moto_server
+from support.stores import ACCESS_KEY_ID, SECRET_ACCESS_KEY, ObjectStore, moto_server
 
 from pear_ray import storage
 from pear_ray.engines import checkpoints
 from pear_ray.storage import RunFolder, StorageError
 
 
+@pytest.fixture(params=["s3", "gs"])
+def store(request, monkeypatch, tmp_path) -> ObjectStore:
+    """This process pointed at one of the module's stores (moto's S3, the GCS emulator), with a scratch folder of the
+    test's own: the layer's behaviour is the same on both."""
+    store = request.getfixturevalue("s3" if request.param == "s3" else "gcs")
+    for name, value in store.env(PEAR_RAY_SCRATCH=str(tmp_path / "scratch")).items():
+        monkeypatch.setenv(name, value)
+    return store
+
+
 @pytest.fixture
-def bucket(s3_env) -> str:
+def bucket(store) -> str:
     """A bucket of the test's own."""
-    return s3_env.create_bucket(f"bucket-{uuid.uuid4().hex[:12]}")
+    return store.create_bucket(f"bucket-{uuid.uuid4().hex[:12]}")
 
 
 def write(path: Path, text: str) -> Path:
@@ -33,7 +43,7 @@ def uploads(caplog) -> list[str]:
     return [record.args[1] for record in caplog.records if record.getMessage().startswith("uploaded ")]
 
 
-def test_a_folder_in_a_bucket_maps_to_a_scratch_copy_and_back(s3_env, tmp_path):
+def test_a_folder_in_a_bucket_maps_to_a_scratch_copy_and_back(store, tmp_path):
     folder = RunFolder("s3://runs/jobs/smoke/", skip=("checkpoints",))
     assert folder.location == "s3://runs/jobs/smoke"
     assert folder.local == tmp_path / "scratch" / "s3" / "runs" / "jobs" / "smoke"
@@ -47,8 +57,8 @@ def test_a_folder_in_a_bucket_maps_to_a_scratch_copy_and_back(s3_env, tmp_path):
         RunFolder("s3://runs/../etc")
 
 
-def test_publish_uploads_the_folder_less_what_it_skips_and_only_what_changed(bucket, s3_env, caplog):
-    folder = RunFolder(f"s3://{bucket}/run", skip=("checkpoints", "state.json"))
+def test_publish_uploads_the_folder_less_what_it_skips_and_only_what_changed(bucket, store, caplog):
+    folder = RunFolder(f"{store.scheme}://{bucket}/run", skip=("checkpoints", "state.json"))
     write(folder.local / "metrics.jsonl", "{}\n")
     write(folder.local / "models" / "sft" / "model.safetensors", "weights")
     write(folder.local / "models" / "rl.partial" / "model.safetensors", "half of an export")
@@ -56,7 +66,7 @@ def test_publish_uploads_the_folder_less_what_it_skips_and_only_what_changed(buc
     write(folder.local / "state.json", "{}")
     with caplog.at_level(logging.DEBUG, logger=storage.__name__):
         folder.publish()
-        assert s3_env.objects(f"{bucket}/run") == {"metrics.jsonl": 3, "models/sft/model.safetensors": 7}
+        assert store.objects(f"{bucket}/run") == {"metrics.jsonl": 3, "models/sft/model.safetensors": 7}
         caplog.clear()
         folder.publish()
         assert uploads(caplog) == []  # nothing changed
@@ -64,18 +74,18 @@ def test_publish_uploads_the_folder_less_what_it_skips_and_only_what_changed(buc
         folder.publish()
         assert uploads(caplog) == [f"{bucket}/run/metrics.jsonl"]
         folder.publish(folder.local / "state.json")  # named: published whatever `skip` says
-    assert s3_env.read(f"{bucket}/run/state.json") == b"{}"
+    assert store.read(f"{bucket}/run/state.json") == b"{}"
 
 
-def test_fetch_brings_a_file_or_folder_from_the_bucket_into_a_fresh_scratch(bucket, s3_env, monkeypatch, tmp_path):
-    first = RunFolder(f"s3://{bucket}/run")
+def test_fetch_brings_a_file_or_folder_from_the_bucket_into_a_fresh_scratch(bucket, store, monkeypatch, tmp_path):
+    first = RunFolder(f"{store.scheme}://{bucket}/run")
     write(first.local / "data" / "sft.parquet", "rows")
     write(first.local / "models" / "sft" / "config.json", "{}")
     write(first.local / "models" / "sft" / "model.safetensors", "weights")
     first.publish()
     monkeypatch.setenv(storage.SCRATCH_ENV, str(tmp_path / "fresh"))
-    second = RunFolder(f"s3://{bucket}/run")
-    assert second.local == tmp_path / "fresh" / "s3" / bucket / "run" and not second.local.exists()
+    second = RunFolder(f"{store.scheme}://{bucket}/run")
+    assert second.local == tmp_path / "fresh" / store.scheme / bucket / "run" and not second.local.exists()
     assert second.fetch(second.local / "models" / "sft")
     assert sorted(p.name for p in (second.local / "models" / "sft").iterdir()) == ["config.json", "model.safetensors"]
     assert second.fetch(second.local / "data" / "sft.parquet")
@@ -90,19 +100,19 @@ def test_fetch_brings_a_file_or_folder_from_the_bucket_into_a_fresh_scratch(buck
     assert not list(second.local.rglob(f"*{storage.FETCHING}"))
 
 
-def test_materialize_fetches_to_each_node_once_and_again_when_the_bucket_holds_a_newer_copy(bucket, s3_env,
+def test_materialize_fetches_to_each_node_once_and_again_when_the_bucket_holds_a_newer_copy(bucket, store,
                                                                                               monkeypatch, tmp_path):
     """What an actor on any node does with a location it is given (a model folder, a data file)."""
-    writer = RunFolder(f"s3://{bucket}/run")  # the node that wrote the export
+    writer = RunFolder(f"{store.scheme}://{bucket}/run")  # the node that wrote the export
     weights = write(writer.local / "models" / "sft" / "model.safetensors", "weights v1")
     writer.publish()
-    url = f"s3://{bucket}/run/models/sft"
+    url = f"{store.scheme}://{bucket}/run/models/sft"
     assert storage.materialize(tmp_path / "models" / "given") == tmp_path / "models" / "given"  # a path: itself
     inode = weights.stat().st_ino
     assert storage.materialize(url) == weights.parent and weights.stat().st_ino == inode  # the writer's node: kept
     monkeypatch.setenv(storage.SCRATCH_ENV, str(tmp_path / "node2"))
     copy = storage.materialize(url) / "model.safetensors"
-    assert copy == tmp_path / "node2" / "s3" / bucket / "run" / "models" / "sft" / "model.safetensors"
+    assert copy == tmp_path / "node2" / store.scheme / bucket / "run" / "models" / "sft" / "model.safetensors"
     assert copy.read_text() == "weights v1"
     fetched = copy.stat().st_ino
     assert storage.materialize(url) / "model.safetensors" == copy and copy.stat().st_ino == fetched  # fetched once
@@ -110,19 +120,19 @@ def test_materialize_fetches_to_each_node_once_and_again_when_the_bucket_holds_a
     write(weights, "weights v2")
     writer.publish()
     assert (storage.materialize(url) / "model.safetensors").read_text() == "weights v2"
-    with pytest.raises(FileNotFoundError, match=f"s3://{bucket}/run/models/rl is not in the bucket"):
-        storage.materialize(f"s3://{bucket}/run/models/rl")
+    with pytest.raises(FileNotFoundError, match=f"{store.scheme}://{bucket}/run/models/rl is not in the bucket"):
+        storage.materialize(f"{store.scheme}://{bucket}/run/models/rl")
 
 
-def test_prepare_drops_a_scratch_copy_of_another_state_and_refreshes_what_a_resume_reads(bucket, s3_env, caplog):
-    folder = RunFolder(f"s3://{bucket}/run", skip=("state.json",))
+def test_prepare_drops_a_scratch_copy_of_another_state_and_refreshes_what_a_resume_reads(bucket, store, caplog):
+    folder = RunFolder(f"{store.scheme}://{bucket}/run", skip=("state.json",))
     write(folder.local / "state.json", "one")
     write(folder.local / "metrics.jsonl", "bucket's rows\n")
     write(folder.local / "data" / "sft.parquet", "rows")
     folder.publish()
     folder.publish(folder.local / "state.json")
     write(folder.local / "metrics.jsonl", "rows logged after the last publish\n")
-    again = RunFolder(f"s3://{bucket}/run", skip=("state.json",))  # a rerun on this machine: the copy is kept
+    again = RunFolder(f"{store.scheme}://{bucket}/run", skip=("state.json",))  # a rerun on this machine: the copy is kept
     with caplog.at_level(logging.DEBUG, logger=storage.__name__):
         again.prepare("state.json", ["metrics.jsonl"])
         assert (again.local / "metrics.jsonl").read_text() == "bucket's rows\n"  # the bucket is the truth
@@ -131,21 +141,21 @@ def test_prepare_drops_a_scratch_copy_of_another_state_and_refreshes_what_a_resu
     assert uploads(caplog) == []  # what the bucket holds already is not uploaded again
     write(folder.local / "state.json", "two")  # the scratch copy moved on, its state never reached the bucket
     write(folder.local / "models" / "stale" / "x", "from a run the bucket does not know")
-    RunFolder(f"s3://{bucket}/run").prepare("state.json", ["metrics.jsonl"])
+    RunFolder(f"{store.scheme}://{bucket}/run").prepare("state.json", ["metrics.jsonl"])
     assert sorted(p.relative_to(folder.local).as_posix() for p in folder.local.rglob("*") if p.is_file()) == [
         "metrics.jsonl", "state.json"]  # dropped; only what a resume reads first is fetched back
     assert (folder.local / "state.json").read_text() == "one"
 
 
-def test_move_aside_in_a_bucket_keeps_everything_under_a_new_prefix(bucket, s3_env):
-    folder = RunFolder(f"s3://{bucket}/run")
+def test_move_aside_in_a_bucket_keeps_everything_under_a_new_prefix(bucket, store):
+    folder = RunFolder(f"{store.scheme}://{bucket}/run")
     write(folder.local / "state.json", "{}")
     write(folder.local / "models" / "sft" / "w", "w")
     folder.publish()
     aside = folder.move_aside()
-    assert aside.startswith(f"s3://{bucket}/run-")
-    assert s3_env.objects(aside.removeprefix("s3://")) == {"state.json": 2, "models/sft/w": 1}
-    assert s3_env.objects(f"{bucket}/run") == {} and not folder.local.exists()
+    assert aside.startswith(f"{store.scheme}://{bucket}/run-")
+    assert store.objects(aside.removeprefix(f"{store.scheme}://")) == {"state.json": 2, "models/sft/w": 1}
+    assert store.objects(f"{bucket}/run") == {} and not folder.local.exists()
     assert folder.move_aside() is None  # nothing left to move
 
 
@@ -169,40 +179,40 @@ def test_each_rank_publishes_the_files_naming_it_and_rank_0_those_naming_none(tm
         10: ["zero_pp_rank_10_mp_rank_00_model_states.pt"]}
 
 
-def test_a_checkpoint_counts_once_every_rank_uploaded_then_its_manifest_then_latest(bucket, s3_env, monkeypatch,
+def test_a_checkpoint_counts_once_every_rank_uploaded_then_its_manifest_then_latest(bucket, store, monkeypatch,
                                                                                     tmp_path, caplog):
     """Two ranks on two nodes (two scratch folders): each uploads what it wrote; rank 0 then lists the bucket into
     the manifest (rank 1's files are not on its node), uploads it, then `latest`."""
-    url = f"s3://{bucket}/run/checkpoints/sft"
+    url = f"{store.scheme}://{bucket}/run/checkpoints/sft"
     with caplog.at_level(logging.DEBUG, logger=storage.__name__):
         for rank in (1, 0):
             monkeypatch.setenv(storage.SCRATCH_ENV, str(tmp_path / f"node{rank}"))
-            store = RunFolder(url)
-            checkpoint_files(store.local / "step3", 3, rank)
-            store.publish(*checkpoints.own_files(store.local / "step3", rank))
+            folder = RunFolder(url)
+            checkpoint_files(folder.local / "step3", 3, rank)
+            folder.publish(*checkpoints.own_files(folder.local / "step3", rank))
         assert checkpoints.usable_tag(url) is None  # files alone are no checkpoint
-        checkpoints._commit(store, "step3", 3)
+        checkpoints._commit(folder, "step3", 3)
     order = [key.removeprefix(f"{bucket}/run/checkpoints/sft/") for key in uploads(caplog)]
     assert order[-2:] == ["step3/manifest.json", "latest"]
     assert sorted(order[:-2]) == sorted(f"step3/{name}" for name in (
         "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank1.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "rng_rank0.pt", "mp_rank_00_model_states.pt"))
-    manifest = json.loads(s3_env.read(f"{bucket}/run/checkpoints/sft/step3/manifest.json"))
-    assert manifest == {"step": 3, "files": {name.removeprefix("step3/"): size for name, size in s3_env.objects(
+    manifest = json.loads(store.read(f"{bucket}/run/checkpoints/sft/step3/manifest.json"))
+    assert manifest == {"step": 3, "files": {name.removeprefix("step3/"): size for name, size in store.objects(
         f"{bucket}/run/checkpoints/sft").items() if name.startswith("step3/") and not name.endswith("manifest.json")}}
     assert len(manifest["files"]) == 5
     assert checkpoints.usable_tag(url) == "step3"
 
 
 @pytest.mark.parametrize("damage", ["upload cut before the manifest", "an object cut short", "an object missing"])
-def test_a_damaged_checkpoint_in_a_bucket_is_passed_over_for_the_previous_one(bucket, s3_env, caplog, damage):
-    url = f"s3://{bucket}/checkpoints/sft"
-    store = RunFolder(url)
+def test_a_damaged_checkpoint_in_a_bucket_is_passed_over_for_the_previous_one(bucket, store, caplog, damage):
+    url = f"{store.scheme}://{bucket}/checkpoints/sft"
+    folder = RunFolder(url)
     for step in (3, 6):
-        store.publish(*checkpoint_files(store.local / f"step{step}", step, 0))
+        folder.publish(*checkpoint_files(folder.local / f"step{step}", step, 0))
         if step == 3 or damage != "upload cut before the manifest":
-            checkpoints._commit(store, f"step{step}", step)
-    fs = s3_env.filesystem()
+            checkpoints._commit(folder, f"step{step}", step)
+    fs = store.filesystem()
     model = f"{bucket}/checkpoints/sft/step6/mp_rank_00_model_states.pt"
     if damage == "upload cut before the manifest":  # and the pointer moved anyway: the worst order
         with fs.open_output_stream(f"{bucket}/checkpoints/sft/latest") as out:
@@ -219,7 +229,8 @@ def test_a_damaged_checkpoint_in_a_bucket_is_passed_over_for_the_previous_one(bu
     assert "resuming from the earlier checkpoint step3" in warnings
 
 
-def test_bad_buckets_are_named_in_one_line_without_credentials(bucket, s3_env, monkeypatch):
+def test_bad_buckets_are_named_in_one_line_without_credentials(s3_env, monkeypatch):
+    bucket = s3_env.create_bucket("bad-buckets")
     assert RunFolder(f"s3://{bucket}/run").problem() is None
     problems = {"missing": RunFolder("s3://no-such-bucket/run").problem()}
     s3_env.filesystem().open_output_stream(f"{bucket}/a-file").close()
