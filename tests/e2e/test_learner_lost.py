@@ -69,6 +69,7 @@ def test_a_lost_learner_rank_fails_the_stage_cleanly_and_the_same_command_resume
     assert_resumed_exactly(run_dir, before_kill)
 
 
+@pytest.mark.slow  # about 35 s: a rank killed and the stage restarted
 def test_with_max_restarts_the_stage_restarts_by_itself_from_its_checkpoint(scored_data, tmp_path):
     run_dir = tmp_path / "run"
     process = pear_ray(*job(scored_data, run_dir, "resources.learner.max_restarts=1"))

@@ -82,6 +82,7 @@ def test_fresh_moves_the_old_folder_aside_and_starts_anew(run_dir):
     assert not (run_dir / "models" / "sft-token").exists()
 
 
+@pytest.mark.slow  # about 30 s: a stage runs again
 def test_a_moved_folder_resumes_from_another_directory(run_dir, tmp_path):
     moved = tmp_path / "elsewhere" / "moved"
     moved.parent.mkdir()
@@ -245,8 +246,9 @@ TEACHER_KILL_POINTS = {  # 20 teacher steps, a checkpoint every 5
 }
 
 
-@pytest.mark.parametrize("kill_point", [  # the sweep below kills the teacher after a checkpoint too
-    pytest.param("after a checkpoint", marks=pytest.mark.slow), "writing its second checkpoint"])
+@pytest.mark.parametrize("kill_point", [  # about 45 s each; the object-storage test kills a run in the default suite
+    pytest.param("after a checkpoint", marks=pytest.mark.slow),
+    pytest.param("writing its second checkpoint", marks=pytest.mark.slow)])
 def test_a_run_killed_during_teacher_training_resumes_with_each_step_logged_once(finished, tmp_path, kill_point):
     """SIGKILL of the whole job while the score stage trains its teacher, after a checkpoint or while writing the
     next: the rerun continues from the last whole checkpoint, the rows logged after it go, the cut checkpoint is

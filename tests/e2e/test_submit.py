@@ -45,6 +45,7 @@ def _job_id(output: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow  # about 50 s: a whole job on the cluster; the bad-config test submits in the default suite
 def test_submit_wait_runs_the_job_on_the_cluster_and_writes_its_outputs(ray_head):
     out_dir = ray_head.temp / "out"
     result = _pear_ray(ray_head, "submit", SMOKE, *SMALL, f"output_dir={out_dir}",

@@ -40,6 +40,7 @@ def test_colocated_rl_is_the_split_synchronous_run(split, tiny_model_dir, tmp_pa
     assert all(r["rollout_actors"] == 1 for r in rows)
 
 
+@pytest.mark.slow  # about 10 s; every RL resume goes through the same loop (test_run_folder)
 def test_colocated_rl_resumes_to_the_uninterrupted_result(split, tiny_model_dir, tmp_path, monkeypatch):
     """Killed in step 3, after the step-2 checkpoint: the rerun loads it and ends as the uninterrupted run."""
     split_dir, split_rows, split_weights = split

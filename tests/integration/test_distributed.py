@@ -24,7 +24,7 @@ def flat(column) -> np.ndarray:
     return np.concatenate(column.to_pylist())
 
 
-@pytest.mark.parametrize(("rollout_actors", "learner_ranks"), [(2, 1), (1, 2)])
+@pytest.mark.parametrize(("rollout_actors", "learner_ranks"), [pytest.param(2, 1, marks=pytest.mark.slow), (1, 2)])
 def test_generate_train_sync_roundtrip(ray_cluster, tmp_path_factory, rollout_actors, learner_ranks):
     job = load_job(SMOKE, [f"resources.rollout.num_actors={rollout_actors}",
                            f"resources.learner.num_ranks={learner_ranks}", "sft.optimizer.lr=0.01"])

@@ -42,6 +42,7 @@ def _grow_for(pool: ActorPool, resources: RolloutResources, seconds: float, unti
     return came_up
 
 
+@pytest.mark.slow  # about 30 s: vLLM actors started one by one; test_autoscaling grows a pool in the default suite
 def test_pool_grows_to_max_actors_while_the_cluster_has_room(ray_cluster, tiny_model_dir):
     fixed_resources = RolloutResources(num_actors=1, num_cpus=0.25)
     too_big = RolloutResources(num_actors=1, max_actors=2, num_cpus=0.25, resources={"no_such_node": 1})
@@ -58,6 +59,7 @@ def test_pool_grows_to_max_actors_while_the_cluster_has_room(ray_cluster, tiny_m
         elastic.shutdown()
 
 
+@pytest.mark.slow  # about 20 s: three vLLM actors started
 def test_an_added_actor_takes_work_only_once_activated_and_one_that_never_starts_is_dropped(
         ray_cluster, tiny_model_dir, prompt_refs):
     worker = ray.remote(RolloutWorker)
@@ -95,6 +97,7 @@ def grown_pool(ray_cluster, tiny_model_dir) -> ActorPool:
         pool.shutdown()
 
 
+@pytest.mark.slow  # about 20 s (its grown pool); test_rollout's killed actor is the default suite's
 def test_elastic_pool_goes_on_without_a_lost_actor(grown_pool, prompt_refs):
     pool = grown_pool
     seen = []
@@ -108,6 +111,7 @@ def test_elastic_pool_goes_on_without_a_lost_actor(grown_pool, prompt_refs):
     assert len(pool.call_all("health")) == 1
 
 
+@pytest.mark.slow  # about 20 s (its grown pool); test_autoscaling releases actors in the default suite
 def test_an_actor_released_by_plan_finishes_its_work_then_leaves(grown_pool, prompt_refs):
     pool = grown_pool
     mapping = pool.submit("generate", prompt_refs, n=2, max_tokens=4, seed=0)  # every item handed out now
@@ -156,6 +160,7 @@ def test_the_scaler_asks_for_one_more_actor_while_waited_on_and_releases_one_whe
         pool.shutdown()
 
 
+@pytest.mark.slow  # about 30 s; the scaler's own test and RL's scaling stay in the default suite
 def test_a_pool_waited_on_during_a_map_grows_mid_map(ray_cluster, tiny_model_dir, prompt_refs):
     pool = rollout_pool(tiny_model_dir, BY_WAIT, seed=0)
     try:

@@ -95,6 +95,7 @@ def map_hanging_the_first_actor(pool: ActorPool, hang, method: str, refs,
     return seen, process
 
 
+@pytest.mark.slow  # about 35 s: hangs waited out; dead actors stay in the default suite
 def test_a_hung_actor_is_killed_and_its_batches_rerun_in_map_and_in_call_all(ray_cluster, tiny_model_dir,
                                                                             scored_refs, hang, caplog):
     """An elastic pool (three reference actors, at least one) lets each hung actor go rather than wait for a new
