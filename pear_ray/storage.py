@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterable
@@ -96,7 +97,10 @@ class StorageError(OSError):
 
     def __init__(self, what: str, reason: str):
         super().__init__(f"{what}: {reason}")
-        self.reason = reason
+        self.what, self.reason = what, reason
+
+    def __reduce__(self):  # raised in an actor, it reaches the driver whole (Ray pickles it)
+        return type(self), (self.what, self.reason)
 
 
 class Remote:
@@ -412,7 +416,12 @@ def materialize(location: str | Path) -> Path:
     if not is_url(location):
         return Path(location)
     copy = RunFolder(location)
-    if not copy.fetch(copy.local):
+    try:
+        found = copy.fetch(copy.local)
+    except StorageError as error:  # the driver reached the store: this node's environment lacks what it needs
+        raise StorageError(error.what, f"{error.reason} (on {socket.gethostname()}: every node needs the store's "
+                           "endpoint and credentials in its own environment)") from None
+    if not found:
         raise FileNotFoundError(f"{copy.location} is not in the bucket")
     return copy.local
 

@@ -4,6 +4,8 @@ interrupted upload passed over, and no credential in any message."""
 
 import json
 import logging
+import pickle
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -240,6 +242,8 @@ def test_bad_buckets_are_named_in_one_line_without_credentials(s3_env, monkeypat
         problems["refused"] = RunFolder(f"s3://{bucket}/run").problem()
         with pytest.raises(StorageError) as refused:
             RunFolder(f"s3://{bucket}/run").read_text("state.json")
+        with pytest.raises(StorageError) as on_a_node:  # an actor's fetch, on a node without the credentials
+            storage.materialize(f"s3://{bucket}/run/models/student")
     monkeypatch.setenv("AWS_ENDPOINT_URL", locked.endpoint)  # stopped: nothing listens there now
     problems["unreachable"] = RunFolder(f"s3://{bucket}/run").problem()
     assert problems["missing"].startswith("the bucket no-such-bucket does not exist")
@@ -248,7 +252,12 @@ def test_bad_buckets_are_named_in_one_line_without_credentials(s3_env, monkeypat
     assert str(refused.value).startswith(f"reading s3://{bucket}/run/state.json: access refused")
     assert problems["unreachable"] == f"the store cannot be reached at {locked.endpoint}: check AWS_ENDPOINT_URL " \
                                       "and the network"
-    for text in [*problems.values(), str(refused.value)]:
+    assert str(on_a_node.value) == (f"looking for s3://{bucket}/run/models/student: access refused: check the "
+                                    "credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or the node's "
+                                    f"role) and that they may read and write there (on {socket.gethostname()}: every "
+                                    "node needs the store's endpoint and credentials in its own environment)")
+    assert str(pickle.loads(pickle.dumps(on_a_node.value))) == str(on_a_node.value)  # as Ray hands it to the driver
+    for text in [*problems.values(), str(refused.value), str(on_a_node.value)]:
         assert "\n" not in text and SECRET_ACCESS_KEY not in text and ACCESS_KEY_ID not in text
 
 
