@@ -53,6 +53,18 @@ def merged(named: Iterable[tuple[str, torch.Tensor]], scaling: float) -> Iterato
             yield hf_name(name), tensor
 
 
+def adaptable_modules(config) -> list[str]:
+    """Names of the modules of a causal LM with this Hugging Face config that peft can give an adapter (linear,
+    embedding, convolution), from the model built on the meta device: no weights, no memory."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return [name for name, module in model.named_modules() if isinstance(module, kinds)]
+
+
 def missing_targets(module_names: Iterable[str], target_modules: Iterable[str]) -> list[str]:
     """The target modules that match no module of the model, by peft's rule for a list: a module's full name
     equals the target or ends with '.' + target."""
