@@ -40,6 +40,7 @@ import torch
 
 from pear_ray.data.tensors import from_tensor, to_tensors, token_counts
 from pear_ray.engines import checkpoints, weights
+from pear_ray.engines import lora as adapters
 from pear_ray.engines.deepspeed_setup import build_engine, join_process_group, prepare_deepspeed, seed_everything
 from pear_ray.engines.hf_scorer import forward
 from pear_ray.engines.packing import micro_batch_bounds
@@ -101,6 +102,7 @@ class DeepSpeedLearner:
             weight_decay=weight_decay, grad_clip=grad_clip, warmup_steps=warmup_steps, total_steps=total_steps,
             lr_schedule=lr_schedule, bf16=bf16, betas=betas, eps=eps, lora=lora)
         self.device = self.engine.device
+        self.dropout = adapters.dropout_layers(self.engine.module)  # LoRA's, on in training forwards only
 
     # ------------------------------------------------------------------ training
 
@@ -125,8 +127,8 @@ class DeepSpeedLearner:
         updates = self._aligned([self._micro_batches(table.slice(int(a), int(b - a)), columns)
                                  for a, b in zip(bounds[:-1], bounds[1:])])
         # One update per step sees the weights the samples are scored at: its own forward gives logp_old (detached),
-        # bit for bit the no-grad pass's, so that pass is skipped.
-        own_old = on_policy and minibatches == epochs == 1
+        # bit for bit the no-grad pass's, so that pass is skipped; not under adapter dropout, which that forward has.
+        own_old = on_policy and minibatches == epochs == 1 and not self.dropout
         if on_policy and not own_old:
             with torch.no_grad():
                 for micro_batches in updates:
@@ -148,7 +150,8 @@ class DeepSpeedLearner:
                     if micro is None:
                         loss = self._filler()
                     else:
-                        terms = objective.loss(self._inputs(micro, temperature, own_old))
+                        with adapters.dropout_on(self.dropout):
+                            terms = objective.loss(self._inputs(micro, temperature, own_old))
                         if global_size is None:
                             [global_size] = self._all_reduce_sum([float(terms.size)])
                         loss = divide(terms.total, global_size / self.world_size)

@@ -98,7 +98,8 @@ def build_engine(deepspeed, model_dir: Path, *, world_size: int, zero_stage: int
     # save/load_checkpoint include it.
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
                                                    config=config)
-    # No dropout, ever: the training forward, logp_old and logprobs() must all be the same distribution (and
-    # from_pretrained already returns the model in eval mode). Dropout-free RL is the usual choice for LLMs.
+    # No model dropout, ever: the training forward, logp_old and logprobs() must all be the same distribution (and
+    # from_pretrained already returns the model in eval mode). Dropout-free RL is the usual choice for LLMs. Only
+    # LoRA's own dropout, when asked for, is switched on in training forwards (the learner's step).
     engine.module.eval()
     return engine, scheduler, pad_id

@@ -8,6 +8,7 @@ W + scaling * B @ A, computed here from the live parameters without touching the
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +31,25 @@ def with_adapters(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
     config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def dropout_layers(model: torch.nn.Module) -> list[torch.nn.Dropout]:
+    """The adapters' dropout layers (none when the dropout is 0: peft then puts an identity there)."""
+    return [layer for name, layer in model.named_modules()
+            if name.endswith(f"lora_dropout.{ADAPTER}") and isinstance(layer, torch.nn.Dropout)]
+
+
+@contextmanager
+def dropout_on(layers: list[torch.nn.Dropout]) -> Iterator[None]:
+    """`layers` in training mode for a training forward, back in eval mode after it: the learner keeps the model in
+    eval mode, so log-prob passes see the model itself."""
+    for layer in layers:
+        layer.train()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.eval()
 
 
 def hf_name(peft_name: str) -> str:

@@ -8,7 +8,15 @@ import torch
 from pydantic import ValidationError
 
 from pear_ray.config import LoraConfig
-from pear_ray.engines.lora import adaptable_modules, hf_name, merged, missing_targets, with_adapters
+from pear_ray.engines.lora import (
+    adaptable_modules,
+    dropout_layers,
+    dropout_on,
+    hf_name,
+    merged,
+    missing_targets,
+    with_adapters,
+)
 from pear_ray.models import TinyModelSpec, build_tiny_model
 
 
@@ -44,6 +52,19 @@ def test_merged_weights_are_peft_merge_and_unload_under_the_plain_names(model_di
     assert all(torch.equal(ours[name], expected[name]) for name in ours)  # the same operations, bit for bit
     changed = {name for name in ours if not torch.equal(ours[name], plain[name])}
     assert changed == {name for name in ours if name.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight"))}
+
+
+def test_adapter_dropout_is_on_only_inside_dropout_on(model_dir):
+    model = adapted(model_dir, LoraConfig(r=4, dropout=0.5)).eval()
+    ids = torch.tensor([[5, 17, 42, 9]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with dropout_on(dropout_layers(model)):
+            dropped = [model(input_ids=ids).logits for _ in range(2)]
+        after = model(input_ids=ids).logits
+    assert not torch.equal(dropped[0], plain) and not torch.equal(dropped[0], dropped[1])
+    assert torch.equal(after, plain)
+    assert dropout_layers(adapted(model_dir, LoraConfig(r=4))) == []
 
 
 def test_hf_name_strips_the_peft_wrapping():

@@ -29,10 +29,11 @@ RL = Grpo(kl_coef=0.1, tis_cap=1.5, loss_aggregation="sequence-mean")
 RL_BATCH = make_batch(4, seed=23)
 
 
-def start(model_dir: Path, ranks: int = 1, zero_stage: int = 0, budget: int | None = None) -> LearnerGroup:
+def start(model_dir: Path, ranks: int = 1, zero_stage: int = 0, budget: int | None = None,
+          lora: LoraConfig = LORA) -> LearnerGroup:
     resources = LearnerResources(num_ranks=ranks, zero_stage=zero_stage, num_cpus=0.25,
                                  max_tokens_per_micro_batch=budget)
-    return LearnerGroup(model_dir, resources, lora=LORA, **ADAM_AS_GRADIENT)
+    return LearnerGroup(model_dir, resources, lora=lora, **ADAM_AS_GRADIENT)
 
 
 def adapter(export: str | Path) -> dict[str, torch.Tensor]:
@@ -165,3 +166,18 @@ def test_checkpoint_holds_only_the_adapters_and_resumes_exactly(trained, tiny_mo
         assert max_abs_diff(ray.get(resumed.weights_ref()), uninterrupted) == 0.0
     finally:
         resumed.shutdown()
+
+
+def test_adapter_dropout_is_in_training_forwards_only(ray_cluster, tiny_model_dir):
+    """With dropout the step's loss is not the loss of the log-probs at the same weights, which stay deterministic;
+    an on-policy step (its logp_old from the dropout-free pass) runs too."""
+    group = start(tiny_model_dir, lora=LORA.model_copy(update={"dropout": 0.5}))
+    try:
+        group.step(ray.put(BATCHES[0]), SFT)  # B is zero at first, so dropout shows from the second forward on
+        batch = ray.put(BATCHES[1])
+        logprobs = [ray.get(group.logprobs(batch)).flatten().to_numpy() for _ in range(2)]
+        assert (logprobs[0] == logprobs[1]).all()
+        assert group.step(batch, SFT)["loss"] != pytest.approx(float(-logprobs[0].mean()), abs=1e-4)
+        assert group.step(ray.put(RL_BATCH), RL)["step"] == 3
+    finally:
+        group.shutdown()
