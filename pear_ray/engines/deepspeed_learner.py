@@ -286,8 +286,9 @@ class DeepSpeedLearner:
         return weights.state_dict(self)
 
     def full_weights(self):
-        """(HF name, tensor) of every parameter and persistent buffer as this rank holds them, uncopied: for a
-        rollout engine in this process (ZeRO 0-2 keep the full weights on every rank)."""
+        """(HF name, tensor) of every parameter and persistent buffer as this rank holds them, uncopied (under LoRA
+        the merged ones are new tensors): for a rollout engine in this process (ZeRO 0-2 keep the full weights on
+        every rank)."""
         return weights.gathered_params(self, to_all=True)
 
     def parameter_checksum(self) -> float:
