@@ -42,7 +42,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pear_ray.actors.data_stream import stream_rows
 from pear_ray.actors.draining import DrainWatch, LearnerNotice, learner_notice
 from pear_ray.actors.pool import ActorPool, Member, Members
-from pear_ray.config import EngineOptions, LearnerResources, TransformersOptions
+from pear_ray.config import EngineOptions, LearnerResources, LoraConfig, TransformersOptions
 from pear_ray.messages import first_line
 from pear_ray.objectives import ObjectiveConfig
 from pear_ray.runtime import use_assigned_cpus
@@ -234,9 +234,9 @@ class LearnerGroup:
     """
 
     def __init__(self, model_dir: str | Path, resources: LearnerResources | None = None, *,
-                 ready_timeout_s: float = 600.0, **optimizer: Any):
+                 lora: LoraConfig | None = None, ready_timeout_s: float = 600.0, **optimizer: Any):
         """`optimizer`: DeepSpeedLearner's settings (lr, weight_decay, grad_clip, warmup_steps, total_steps,
-        lr_schedule, seed, temperature); the resources give the rest."""
+        lr_schedule, seed, temperature); `lora`: train adapters on the frozen model; the resources give the rest."""
         self.resources = resources or LearnerResources()
         self.world_size = self.resources.num_ranks
         self.actors: list = []
@@ -268,7 +268,7 @@ class LearnerGroup:
                 zero_stage=self.resources.zero_stage, bf16=self.resources.bf16,
                 max_tokens_per_micro_batch=self.resources.max_tokens_per_micro_batch,
                 local_rank=0,  # a GPU rank sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES per actor)
-                **optimizer,
+                lora=lora, **optimizer,
             )
             _get_all([actor.start.remote(str(model_dir), master_addr, master_port, **engine_kwargs)
                       for actor in self.actors])

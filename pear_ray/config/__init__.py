@@ -18,7 +18,7 @@ from pear_ray.config.base import ConfigError, Section
 from pear_ray.config.data import DataConfig, SamplingConfig, TaskConfig
 from pear_ray.config.job import JobConfig, Stage
 from pear_ray.config.loading import apply_override, dump_job, load_job, parse_job, set_dotted
-from pear_ray.config.models import ModelsConfig, ModelSource, PriorConfig, ScriptedPolicy
+from pear_ray.config.models import LoraConfig, ModelsConfig, ModelSource, PriorConfig, ScriptedPolicy
 from pear_ray.config.optimizer import OptimizerConfig
 from pear_ray.config.resources import (
     ActorResources,
@@ -34,8 +34,8 @@ from pear_ray.config.stages import EvalConfig, RlConfig, ScoreConfig, SftConfig,
 
 __all__ = [
     "ActorResources", "ConfigError", "DataConfig", "EngineOptions", "EvalConfig", "JobConfig", "LearnerResources",
-    "ModelSource", "ModelsConfig", "OptimizerConfig", "PoolScaling", "PriorConfig", "ResourcesConfig", "RlConfig",
-    "RolloutResources", "SamplingConfig", "ScoreConfig", "ScriptedPolicy", "Section", "SftConfig", "Stage",
+    "LoraConfig", "ModelSource", "ModelsConfig", "OptimizerConfig", "PoolScaling", "PriorConfig", "ResourcesConfig",
+    "RlConfig", "RolloutResources", "SamplingConfig", "ScoreConfig", "ScriptedPolicy", "Section", "SftConfig", "Stage",
     "TaskConfig", "TransformersOptions", "VllmOptions", "apply_override", "dump_job", "load_job", "parse_job",
     "parse_variant", "set_dotted",
 ]

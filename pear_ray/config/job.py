@@ -55,7 +55,7 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _what_each_role_can_be(self) -> JobConfig:
-        """Only the behaviour policy can be scripted; only the student is given a prior."""
+        """Only the behaviour policy can be scripted; only the student is given a prior or adapters."""
         for role in ("student", "behavior", "reference"):
             source = getattr(self.models, role)
             if source is not None and source.scripted is not None and role != "behavior":
@@ -64,6 +64,8 @@ class JobConfig(Section):
             if source is not None and source.prior is not None and role != "student":
                 raise ValueError(f"models.{role}.prior: only models.student is given a prior (trained before the "
                                  "score stage); a behaviour or reference model is used as built")
+            if source is not None and source.lora is not None and role != "student":
+                raise ValueError(f"models.{role}.lora: only models.student is trained, so only it takes adapters")
         return self
 
     @model_validator(mode="after")
@@ -107,6 +109,14 @@ class JobConfig(Section):
         if rollout.colocate and rollout.max_actors is not None:
             raise ValueError("resources.rollout.colocate: the rollout pool is the learner's ranks and cannot grow; "
                              "drop resources.rollout.max_actors")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_fits_the_learner(self) -> JobConfig:
+        """The learner hands out the adapters merged into the full weights, which only ZeRO 0-2 keep on every rank."""
+        if self.models.student.lora is not None and self.resources.learner.zero_stage == 3:
+            raise ValueError("models.student.lora: the learner merges the adapters into the full weights every rank "
+                             "holds, which ZeRO-3 partitions; use resources.learner.zero_stage 0, 1 or 2 with LoRA")
         return self
 
     @property

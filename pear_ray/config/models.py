@@ -33,6 +33,24 @@ class PriorConfig(Section):
                              "prompt")
 
 
+class LoraConfig(Section):
+    """Low-rank adapters on the student: the learner trains B @ A (rank r, scaled by alpha / r) beside each target
+    module's frozen weight, and hands out the merged weights W + (alpha / r) B @ A under the model's own names."""
+
+    r: int = Field(8, gt=0, description="rank of each adapter (the inner size of B @ A)")
+    alpha: float = Field(16.0, gt=0, description="the adapters' scale is alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on each adapter's input in training forwards "
+                           "(never in log-prob passes); 0: none, so logp_old and the training forward agree")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="names (or dotted name suffixes) of the linear modules that get an adapter; the "
+        "default is the attention and MLP projections of Qwen2 and Llama models")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
 class ModelSource(Section):
     """A Hugging Face model folder or Hub id, a tiny model built on the spot from a spec, optionally given a prior, or
     (behaviour only) a scripted policy: exactly one of path, tiny and scripted."""
@@ -46,6 +64,8 @@ class ModelSource(Section):
                                             "log-probs are exact (task.kind addition)")
     prior: PriorConfig | None = Field(None, description="models.student with tiny only: canonical SFT on a "
                                       "scripted policy's responses before the score stage; null: the model as built")
+    lora: LoraConfig | None = Field(None, description="models.student only: SFT and RL train low-rank adapters on "
+                                    "the frozen model (exported merged, and as a peft adapter); null: every weight")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:

@@ -5,10 +5,11 @@ one message instead of a traceback after Ray has started and models were built. 
 folder (a folder, writable, not bound to another config; in a bucket: the store reachable, the bucket there, access
 granted, read without writing anything), the loggers, every model the job names (a complete
 Hugging Face folder or Hub id: config, weights, a tokenizer the embedding covers, positions for the prompt and
-response limits; all sharing the student's tokenizer), the task (its name and args, its prompt files), and the SFT
-data (readable, valid against the schema and the student's tokenizer, every row within the model's positions), with
-a behaviour model for the score stage where the data lacks what it needs. What the config alone decides (plug-ins
-importable included) was checked by its validators when the job loaded; each rule is checked in one place.
+response limits; all sharing the student's tokenizer; the student's LoRA target modules among its modules), the
+task (its name and args, its prompt files), and the SFT data (readable, valid against the schema and the student's
+tokenizer, every row within the model's positions), with a behaviour model for the score stage where the data lacks
+what it needs. What the config alone decides (plug-ins importable included) was checked by its validators when the
+job loaded; each rule is checked in one place.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pear_ray.config import ConfigError, JobConfig, ModelSource
 from pear_ray.data import schema
 from pear_ray.data.io import load_sft_data
 from pear_ray.driver.run import check_bound, finished_stages, run_folder
+from pear_ray.engines.lora import adaptable_modules, missing_targets
 from pear_ray.hub import hub_snapshot
 from pear_ray.messages import first_line
 from pear_ray.models import TinyModelSpec, build_tiny_model, check_model_files
@@ -45,6 +47,7 @@ class ModelFacts:
     tokenizer: Any
     vocab_size: int | None = None
     max_positions: int | None = None
+    config: Any = None  # its Hugging Face config, for the modules LoRA adapts
 
 
 def preflight(job: JobConfig, run_dir: str | Path | None, *, fresh: bool = False) -> None:
@@ -57,6 +60,7 @@ def preflight(job: JobConfig, run_dir: str | Path | None, *, fresh: bool = False
     models = {role: model_facts(getattr(job.models, role), f"models.{role}") for role in ROLES
               if getattr(job.models, role) is not None and getattr(job.models, role).scripted is None}
     check_models(job, models)
+    check_lora(job, models["student"])
     check_task(job)
     check_data(job, models)
 
@@ -118,16 +122,17 @@ def read_model_folder(folder: Path, key: str) -> ModelFacts:
     where = f"{key} ({folder})" if str(folder) not in key else key
     check_model_files(folder, where)  # an IncompleteModel is bad input too
     try:
-        config = AutoConfig.from_pretrained(folder).get_text_config()
+        config = AutoConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as error:  # noqa: BLE001 - transformers raises many kinds; the message names the cause
         raise ConfigError(f"{where}: transformers cannot load it ({type(error).__name__}: {first_line(error)})") \
             from None
-    vocab_size = getattr(config, "vocab_size", None)
+    text = config.get_text_config()
+    vocab_size = getattr(text, "vocab_size", None)
     if vocab_size is not None and len(tokenizer) > vocab_size:
         raise ConfigError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                           f"{vocab_size} rows; ids from {vocab_size} on would index past it")
-    return ModelFacts(key, tokenizer, vocab_size, getattr(config, "max_position_embeddings", None))
+    return ModelFacts(key, tokenizer, vocab_size, getattr(text, "max_position_embeddings", None), config)
 
 
 def check_models(job: JobConfig, models: dict[str, ModelFacts]) -> None:
@@ -146,6 +151,20 @@ def check_models(job: JobConfig, models: dict[str, ModelFacts]) -> None:
                 f"({job.data.max_prompt_tokens}) + the longest response (data.max_response_tokens "
                 f"{job.data.max_response_tokens}, sampling.max_tokens {job.sampling.max_tokens}) is {longest}; "
                 "lower them")
+
+
+def check_lora(job: JobConfig, student: ModelFacts) -> None:
+    """models.student.lora's target modules are modules of the student that peft can adapt (peft would only say so
+    once the learner starts). A Hub model not downloaded yet is checked when the learner wraps it."""
+    lora = job.models.student.lora
+    if lora is None or student.config is None:
+        return
+    adaptable = adaptable_modules(student.config)
+    missing = missing_targets(adaptable, lora.target_modules)
+    if missing:
+        names = sorted({name.rpartition(".")[2] for name in adaptable})
+        raise ConfigError(f"models.student.lora.target_modules: {missing} match no linear, embedding or convolution "
+                          f"module of {student.key}; its modules of those kinds are named {names}")
 
 
 def check_task(job: JobConfig) -> None:

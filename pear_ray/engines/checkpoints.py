@@ -1,5 +1,6 @@
 """Learner checkpoints: DeepSpeed's (module, optimizer, LR scheduler) plus our update counter, the caller's client
-state and every rank's RNG states, so a resumed run continues exactly where it stopped.
+state and every rank's RNG states, so a resumed run continues exactly where it stopped. Under LoRA the module's
+state is the adapters alone (the frozen weights are the start model's, which the learner loads anyway).
 
 Never half-used: every rank writes its files into ckpt_dir/<tag>; then rank 0 records each file's size in
 <tag>/manifest.json and, last, points ckpt_dir/latest at the tag (each by an atomic rename). A resume takes the
@@ -45,7 +46,8 @@ def save(learner, ckpt_dir: str | Path, client_state: dict | None = None, tag: s
     store.remove(f"{tag}/{MANIFEST}")  # a folder being (re)written is no checkpoint until committed
     state = {_STATE_KEY: {"step": learner.optimizer_steps, "client_state": dict(client_state or {})}}
     try:
-        learner.engine.save_checkpoint(str(store.local), tag=tag, client_state=state, save_latest=False)
+        learner.engine.save_checkpoint(str(store.local), tag=tag, client_state=state, save_latest=False,
+                                       exclude_frozen_parameters=learner.lora is not None)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -142,7 +144,8 @@ def load(learner, ckpt_dir: str | Path, tag: str | None = None) -> dict:
         raise FileNotFoundError(f"no complete checkpoint in {store.location}")
     store.fetch(store.local / tag)
     path, state = learner.engine.load_checkpoint(str(store.local), tag=tag, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=True)
+                                                 load_lr_scheduler_states=True,
+                                                 load_module_strict=learner.lora is None)  # LoRA: adapters only
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {store.location}")
     ours = (state or {}).get(_STATE_KEY)

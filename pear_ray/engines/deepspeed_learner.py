@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -39,11 +40,15 @@ import torch
 
 from pear_ray.data.tensors import from_tensor, to_tensors, token_counts
 from pear_ray.engines import checkpoints, weights
+from pear_ray.engines import lora as adapters
 from pear_ray.engines.deepspeed_setup import build_engine, join_process_group, prepare_deepspeed, seed_everything
 from pear_ray.engines.hf_scorer import forward
 from pear_ray.engines.packing import micro_batch_bounds
 from pear_ray.objectives import ObjectiveConfig, ObjectiveInputs
 from pear_ray.objectives.pear import divide
+
+if TYPE_CHECKING:
+    from pear_ray.config import LoraConfig
 
 
 class DeepSpeedLearner:
@@ -55,7 +60,9 @@ class DeepSpeedLearner:
     `total_steps`. `temperature` is the rollouts' sampling temperature: on-policy objectives and `logprobs` see
     logits / temperature, the distribution the rollout sampled from, so importance ratios compare like with like;
     other objectives train the model's own distribution. `max_tokens_per_micro_batch` (None or 0: one padded
-    forward per update) bounds the tokens of one packed forward (module docstring).
+    forward per update) bounds the tokens of one packed forward (module docstring). `lora` (ZeRO 0-2): train
+    low-rank adapters on the frozen model instead of every weight (engines/lora.py); the weights handed out and
+    exported are still the plain model's, with the adapters merged, and checkpoints hold only the adapters.
     """
 
     def __init__(self, model_dir: str | Path, *, rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
@@ -63,14 +70,18 @@ class DeepSpeedLearner:
                  grad_clip: float = 1.0, warmup_steps: int = 0, total_steps: int | None = None,
                  lr_schedule: str = "constant", seed: int = 0, bf16: bool = False, local_rank: int = 0,
                  num_threads: int | None = None, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 temperature: float = 1.0, max_tokens_per_micro_batch: int | None = None):
+                 temperature: float = 1.0, max_tokens_per_micro_batch: int | None = None,
+                 lora: LoraConfig | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+        if lora is not None and zero_stage == 3:
+            raise ValueError("LoRA needs the full weights on every rank to merge the adapters: zero_stage 0, 1 or 2")
         self.model_dir = Path(model_dir)
         self.rank, self.world_size, self.zero_stage = rank, world_size, zero_stage
         self.temperature = temperature
+        self.lora = lora
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch or None  # None: pad, one forward per update
         self.optimizer_steps = 0  # updates applied (SFT steps and RL updates alike)
         if num_threads:
@@ -89,8 +100,9 @@ class DeepSpeedLearner:
         self.engine, self.lr_scheduler, self.pad_id = build_engine(
             self.deepspeed, self.model_dir, world_size=world_size, zero_stage=zero_stage, lr=lr,
             weight_decay=weight_decay, grad_clip=grad_clip, warmup_steps=warmup_steps, total_steps=total_steps,
-            lr_schedule=lr_schedule, bf16=bf16, betas=betas, eps=eps)
+            lr_schedule=lr_schedule, bf16=bf16, betas=betas, eps=eps, lora=lora)
         self.device = self.engine.device
+        self.dropout = adapters.dropout_layers(self.engine.module)  # LoRA's, on in training forwards only
 
     # ------------------------------------------------------------------ training
 
@@ -115,8 +127,8 @@ class DeepSpeedLearner:
         updates = self._aligned([self._micro_batches(table.slice(int(a), int(b - a)), columns)
                                  for a, b in zip(bounds[:-1], bounds[1:])])
         # One update per step sees the weights the samples are scored at: its own forward gives logp_old (detached),
-        # bit for bit the no-grad pass's, so that pass is skipped.
-        own_old = on_policy and minibatches == epochs == 1
+        # bit for bit the no-grad pass's, so that pass is skipped; not under adapter dropout, which that forward has.
+        own_old = on_policy and minibatches == epochs == 1 and not self.dropout
         if on_policy and not own_old:
             with torch.no_grad():
                 for micro_batches in updates:
@@ -138,7 +150,8 @@ class DeepSpeedLearner:
                     if micro is None:
                         loss = self._filler()
                     else:
-                        terms = objective.loss(self._inputs(micro, temperature, own_old))
+                        with adapters.dropout_on(self.dropout):
+                            terms = objective.loss(self._inputs(micro, temperature, own_old))
                         if global_size is None:
                             [global_size] = self._all_reduce_sum([float(terms.size)])
                         loss = divide(terms.total, global_size / self.world_size)
@@ -273,8 +286,9 @@ class DeepSpeedLearner:
         return weights.state_dict(self)
 
     def full_weights(self):
-        """(HF name, tensor) of every parameter and persistent buffer as this rank holds them, uncopied: for a
-        rollout engine in this process (ZeRO 0-2 keep the full weights on every rank)."""
+        """(HF name, tensor) of every parameter and persistent buffer as this rank holds them, uncopied (under LoRA
+        the merged ones are new tensors): for a rollout engine in this process (ZeRO 0-2 keep the full weights on
+        every rank)."""
         return weights.gathered_params(self, to_all=True)
 
     def parameter_checksum(self) -> float:

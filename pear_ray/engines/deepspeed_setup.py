@@ -15,9 +15,15 @@ import os
 import random
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from pear_ray.engines import lora as adapters
+
+if TYPE_CHECKING:
+    from pear_ray.config import LoraConfig
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 # Our names (config/optimizer.py) -> transformers.get_scheduler names; all three warm up linearly over warmup_steps.
@@ -56,9 +62,10 @@ def join_process_group(deepspeed, *, rank: int, world_size: int, local_rank: int
 
 def build_engine(deepspeed, model_dir: Path, *, world_size: int, zero_stage: int, lr: float, weight_decay: float,
                  grad_clip: float, warmup_steps: int, total_steps: int | None, lr_schedule: str, bf16: bool,
-                 betas: tuple[float, float], eps: float):
+                 betas: tuple[float, float], eps: float, lora: LoraConfig | None = None):
     """(DeepSpeed engine, LR scheduler, pad id) for the model folder, loaded in fp32 (bf16 training keeps fp32
-    master weights). torch AdamW: DeepSpeed's fused/CPU Adam would JIT-compile for ~40 s on CPU."""
+    master weights). torch AdamW: DeepSpeed's fused/CPU Adam would JIT-compile for ~40 s on CPU. With `lora` the
+    model gets adapters first and the optimizer holds only them."""
     from transformers import AutoModelForCausalLM, get_scheduler
 
     if lr_schedule not in LR_SCHEDULES:
@@ -67,7 +74,10 @@ def build_engine(deepspeed, model_dir: Path, *, world_size: int, zero_stage: int
         raise ValueError(f"lr_schedule {lr_schedule!r} decays to 0 at total_steps: give total_steps > 0")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if lora is not None:
+        model = adapters.with_adapters(model, lora)
+    trained = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     def make_scheduler(opt):
         return get_scheduler(_HF_SCHEDULES[lr_schedule], opt, num_warmup_steps=warmup_steps,
@@ -88,7 +98,8 @@ def build_engine(deepspeed, model_dir: Path, *, world_size: int, zero_stage: int
     # save/load_checkpoint include it.
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
                                                    config=config)
-    # No dropout, ever: the training forward, logp_old and logprobs() must all be the same distribution (and
-    # from_pretrained already returns the model in eval mode). Dropout-free RL is the usual choice for LLMs.
+    # No model dropout, ever: the training forward, logp_old and logprobs() must all be the same distribution (and
+    # from_pretrained already returns the model in eval mode). Dropout-free RL is the usual choice for LLMs. Only
+    # LoRA's own dropout, when asked for, is switched on in training forwards (the learner's step).
     engine.module.eval()
     return engine, scheduler, pad_id

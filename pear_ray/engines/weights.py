@@ -12,15 +12,26 @@ from pathlib import Path
 import torch
 
 from pear_ray import atomic, faults
+from pear_ray.engines import lora as adapters
 from pear_ray.storage import RunFolder
 
 # Files of a model folder that make up its tokenizer; export_hf copies them next to the weights.
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                       "chat_template*", "spiece.model")
+ADAPTER_FOLDER = "adapter"  # under LoRA, where export_hf puts the peft adapter beside the merged model
 
 
 def gathered_params(learner, to_all: bool = False):
-    """Yield (HF name, full tensor) per parameter, then persistent buffers; on rank 0 only unless to_all."""
+    """Yield (HF name, full tensor) per parameter, then persistent buffers; on rank 0 only unless to_all. Under
+    LoRA, those of the plain model with the adapters merged (new tensors where merged)."""
+    if learner.lora is None:
+        yield from _module_tensors(learner, to_all)
+    else:
+        yield from adapters.merged(_module_tensors(learner, to_all), learner.lora.scaling)
+
+
+def _module_tensors(learner, to_all: bool):
+    """(name, full tensor) of the training module's parameters, then persistent buffers."""
     module = learner.engine.module
     emit = to_all or learner.rank == 0
     for name, param in module.named_parameters():
@@ -56,15 +67,20 @@ def checksum(learner) -> float:
 
 def export_hf(learner, out_dir: str | Path) -> str | None:
     """Write a Hugging Face model folder (safetensors, config, generation config, the tokenizer files of the model
-    folder the learner started from) from rank 0; `out_dir` a URL: into this node's copy, then uploaded, so any node
-    finds it in the bucket. Returns `out_dir` on rank 0, None elsewhere."""
+    folder the learner started from) from rank 0; under LoRA the merged model, plus the adapters alone as a peft
+    folder in `adapter/`. `out_dir` a URL: into this node's copy, then uploaded, so any node finds it in the bucket.
+    Returns `out_dir` on rank 0, None elsewhere."""
     weights = state_dict(learner)
     if learner.rank != 0:
         return None
     store = RunFolder(out_dir)
+    model = learner.engine.module
     with atomic.replacing(store.local) as partial:
         partial.mkdir()
-        learner.engine.module.save_pretrained(str(partial), state_dict=weights)
+        if learner.lora is not None:
+            model.save_pretrained(str(partial / ADAPTER_FOLDER))  # PeftModel: the adapters and their config
+            model = model.get_base_model()
+        model.save_pretrained(str(partial), state_dict=weights)
         for pattern in TOKENIZER_PATTERNS:
             for source in learner.model_dir.glob(pattern):
                 if source.is_file():

@@ -28,7 +28,7 @@ import ray
 from tqdm import tqdm
 
 from pear_ray.actors.learner import LearnerGroup, LearnerPreempted
-from pear_ray.config import OptimizerConfig
+from pear_ray.config import LoraConfig, OptimizerConfig
 from pear_ray.objectives import ObjectiveConfig
 from pear_ray.stages.common import Run, checkpoint, resume
 
@@ -68,14 +68,16 @@ class Training:
     checkpoint_every: int
     seed: int
     temperature: float = 1.0  # the rollouts' sampling temperature, for on-policy objectives (RL)
+    lora: LoraConfig | None = None  # adapters on the frozen model (models.student.lora), else every weight trains
 
 
 def train(run: Run, training: Training, source: BatchSource,
           before_export: Callable[[LearnerGroup], None] | None = None) -> Path:
     """Run `training` on the batches of `source`; returns the exported folder. `before_export` sees the trained
     learner last (SFT plots its PEAR weights)."""
-    learner = LearnerGroup(run.shared(training.model), run.job.resources.learner, **training.optimizer.model_dump(),
-                           total_steps=training.steps, seed=training.seed, temperature=training.temperature)
+    learner = LearnerGroup(run.shared(training.model), run.job.resources.learner, lora=training.lora,
+                           **training.optimizer.model_dump(), total_steps=training.steps, seed=training.seed,
+                           temperature=training.temperature)
     try:
         start = resume(run, learner, training.name, training.stage, training.variant)
         source.start(learner, start)

@@ -58,7 +58,7 @@ def run_rl(run: Run, variant: str, start_model: Path) -> Path:
     training = Training(name=f"rl-{variant}", stage="rl", variant=variant, model=start_model,
                         export=run.model(f"rl-{variant}"), objective=job.rl_objective(variant), optimizer=rl.optimizer,
                         steps=rl.steps, checkpoint_every=rl.checkpoint_every, seed=job.seed,
-                        temperature=job.sampling.temperature)
+                        temperature=job.sampling.temperature, lora=job.models.student.lora)
     return train(run, training, RolloutBatches(run, training))
 
 
@@ -160,7 +160,7 @@ class RolloutBatches:
         scoring = time.perf_counter()
         for column, scorer in self.scorers.items():  # at the rollouts' temperature, as the policy is scored
             [(_, batch_ref, _)] = scorer.map("score", [batch_ref], column=column,
-                                             temperature=job.sampling.temperature)
+                                             temperature=job.sampling.temperature, lora=job.models.student.lora)
         figures["score_seconds"] = time.perf_counter() - scoring
         return batch_ref, figures
 

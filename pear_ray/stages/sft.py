@@ -58,7 +58,8 @@ def run_sft(run: Run, variant: str, data_path: Path) -> Path:
     plan = batch_plan(num_rows, sft.batch_size, sft.epochs, job.seed, job.resources.learner.num_ranks)
     training = Training(name=f"sft-{variant}", stage="sft", variant=variant, model=run.student,
                         export=run.model(f"sft-{variant}"), objective=objective, optimizer=sft.optimizer,
-                        steps=len(plan), checkpoint_every=sft.checkpoint_every, seed=job.seed)
+                        steps=len(plan), checkpoint_every=sft.checkpoint_every, seed=job.seed,
+                        lora=job.models.student.lora)
 
     def plot_weights(learner: LearnerGroup) -> None:
         if objective.weighted:
