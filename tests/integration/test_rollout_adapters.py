@@ -1,14 +1,18 @@
 """LoRA adapters as policy versions (`update_adapter`) on both rollout engines, on the tiny model: base + adapter
 scores and samples as the same engine loaded with the merged model does, a new version replaces the one before
 without the engine holding more, a bad adapter is refused and the one before kept, and full weights drop the
-adapter. One engine of each kind for the module."""
+adapter. One engine of each kind for the module; and a rollout actor taking an adapter through Ray."""
 
+import pyarrow as pa
 import pytest
+import ray
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from pear_ray.actors.rollout import RolloutWorker
 from pear_ray.config import TransformersOptions, VllmOptions
+from pear_ray.data import schema
 from pear_ray.engines.adapters import AdapterWeights
 from pear_ray.engines.rollout_engine import EngineError
 from pear_ray.engines.transformers_engine import TransformersEngine
@@ -121,3 +125,24 @@ def test_vllm_refuses_an_adapter_above_its_max_rank(engine, tiny_model_dir):
     with pytest.raises(EngineError, match="greater than max_lora_rank 8"):
         engine.update_adapter(adapter)
     assert engine.health()["alive"]
+
+
+def test_a_rollout_actor_takes_an_adapter_as_a_policy_version(ray_cluster, tiny_model_dir):
+    """As a learner sends it: the adapter crosses to the actor's process, and the samples after it carry its version
+    and score as the merged model does."""
+    adapter, merged_state = make_adapter(tiny_model_dir, seed=5)
+    merged = TransformersEngine(tiny_model_dir)
+    merged.update_weights(merged_state.items())
+    actor = ray.remote(RolloutWorker).options(num_cpus=0.25).remote(tiny_model_dir, seed=0,
+                                                                     engine=TransformersOptions())
+    try:
+        assert ray.get(actor.update_adapter.remote(adapter, 7)) == 7
+        samples, _ = actor.generate.remote(pa.table({schema.PROMPT_IDS: PROMPTS}), max_tokens=4, seed=1)
+        samples = ray.get(samples)
+        assert set(samples.column(schema.POLICY_VERSION).to_pylist()) == {7}
+        scored, stats = actor.score.remote(samples)
+        assert ray.get(stats)["policy_version"] == 7
+        expected = merged.score(PROMPTS, samples.column(schema.RESPONSE_IDS).to_pylist())
+        assert max_diff(ray.get(scored).column(schema.BEHAVIOR_LOGPROBS).to_pylist(), expected) < TOL
+    finally:
+        ray.kill(actor)
