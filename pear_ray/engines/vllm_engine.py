@@ -235,9 +235,9 @@ class VllmEngine:
     def update_adapter(self, adapter: AdapterWeights) -> int:
         """`RolloutEngine.update_adapter` through vLLM's multi-LoRA serving: the adapter is written as a peft folder
         into this engine's scratch folder and added as a LoRARequest whose id is the new weight version, so vLLM
-        loads fresh weights (it caches adapters by id) and the prefix cache, keyed by adapter name and path, cannot serve KV of
-        an older one. Every generation and score then passes it. The old adapter is removed from vLLM and disk: the
-        engine holds one (max_loras = 1)."""
+        loads fresh weights (it caches adapters by id) and the prefix cache (keyed by adapter name and path) cannot
+        serve KV of an older one. Every generation and score then passes it. The old adapter leaves vLLM and the
+        disk: the engine holds one (max_loras = 1)."""
         from vllm.lora.request import LoRARequest
 
         if self.llm is None:
