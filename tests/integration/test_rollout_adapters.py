@@ -49,6 +49,18 @@ def make_adapter(model_dir, seed: int, r: int = 4) -> tuple[AdapterWeights, dict
     return AdapterWeights.of_peft_model(model), model.merge_and_unload().state_dict()
 
 
+def hf_scores(model_dir, state: dict[str, torch.Tensor]) -> list[list[float]]:
+    """Teacher-forced log-probs of RESPONSES under a plain transformers forward of the folder's model with `state`."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.load_state_dict(state)
+    scores = []
+    for prompt, response in zip(PROMPTS, RESPONSES, strict=True):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1], -1)
+        scores.append(logp.gather(1, torch.tensor(response)[:, None])[:, 0].tolist())
+    return scores
+
+
 def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for row_a, row_b in zip(a, b, strict=True) for x, y in zip(row_a, row_b, strict=True))
 
@@ -93,6 +105,7 @@ def test_adapter_versions_serve_as_the_merged_models(engine, tiny_model_dir):
         merged.append(outputs(engine))
     engine.update_weights(base_state.items())
     assert_same_policy(outputs(engine), base)
+    assert max_diff(merged[0]["scores"], hf_scores(tiny_model_dir, versions[0][1])) < 1e-4  # a sound reference
     assert max_diff(merged[0]["scores"], base["scores"]) > 0.05  # the adapters change the model
     assert max_diff(merged[1]["scores"], merged[0]["scores"]) > 0.05
 
