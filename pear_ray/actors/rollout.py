@@ -21,6 +21,7 @@ from pear_ray import faults
 from pear_ray.actors.pool import batch_stats
 from pear_ray.config import EngineOptions
 from pear_ray.data import schema
+from pear_ray.engines.adapters import AdapterWeights
 from pear_ray.engines.backends import start_engine
 from pear_ray.engines.rollout_engine import RolloutEngine
 from pear_ray.runtime import use_assigned_cpus
@@ -32,7 +33,7 @@ GENERATED = (schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS, schema.FINISH_REASON,
 
 class RolloutWorker:
     """Generates responses with their sampled-token log-probs, scores given responses teacher-forced, and takes
-    new weights from the learner in place; every sample records the policy version that produced it. With
+    new weights (or a new LoRA adapter) from the learner in place; every sample records the policy version that produced it. With
     topk > 0 either also records this model's top-k next tokens at every response token (`teacher_topk`)."""
 
     def __init__(self, model_dir: str | Path, *, seed: int = 0, engine: EngineOptions | None = None,
@@ -93,6 +94,14 @@ class RolloutWorker:
         samples after this carry `version`."""
         faults.kill_point("weight-sync")  # the weights are here, the engine still holds the old ones
         self.engine.update_weights(weights.items() if isinstance(weights, dict) else weights)
+        self.policy_version = version
+        return version
+
+    def update_adapter(self, adapter: AdapterWeights, version: int) -> int:
+        """Serve base + the learner's LoRA adapter (replacing the one before) without restarting the engine: a policy
+        version that costs the adapter's bytes; samples after this carry `version`."""
+        faults.kill_point("weight-sync")  # the adapter is here, the engine still serves the old policy
+        self.engine.update_adapter(adapter)
         self.policy_version = version
         return version
 

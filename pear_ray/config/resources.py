@@ -44,6 +44,9 @@ class VllmOptions(Section):
     max_logprobs: int = Field(
         20, ge=-1, description="the most top-k log-probs vLLM gives per position; -1: the whole vocabulary. "
         "score.teacher_topk = k raises it to k for the score stage")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = Field(
+        None, description="serve LoRA adapters (update_adapter: a policy version is base + the learner's adapter) "
+        "of rank up to this, one at a time; at least the adapter's r (the ranks vLLM has kernels for). null: no LoRA")
     args: dict[str, Any] = Field(
         default_factory=dict, description="any other vllm.LLM keyword, passed as is (e.g. max_num_seqs, "
         "enable_prefix_caching, tensor_parallel_size)")
@@ -53,9 +56,10 @@ class VllmOptions(Section):
     def _args_are_not_typed_fields(cls, args: dict[str, Any]) -> dict[str, Any]:
         if typed := sorted(set(args) & (set(cls.model_fields) - {"backend", "args"})):
             raise ValueError(f"{typed} are options of their own: set resources.rollout.engine.{typed[0]}, not in args")
-        if fixed := sorted(set(args) & {"model", "seed", "distributed_executor_backend", "logprobs_mode"}):
+        if fixed := sorted(set(args) & {"model", "seed", "distributed_executor_backend", "logprobs_mode", "enable_lora",
+                                        "max_loras"}):
             raise ValueError(f"{fixed} are set by the engine (the model folder, the job's seed, an in-process engine "
-                             "that reports the sampler's log-probs)")
+                             "that reports the sampler's log-probs, one LoRA slot when max_lora_rank is set)")
         return args
 
 

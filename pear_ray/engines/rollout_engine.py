@@ -18,6 +18,8 @@ from pear_ray.models import IncompleteModel, check_model_files
 if TYPE_CHECKING:
     import torch
 
+    from pear_ray.engines.adapters import AdapterWeights
+
 TopK = list[tuple[int, float]]  # one position's top-k next tokens as (id, log-prob), best first
 
 
@@ -63,7 +65,14 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load new weights (Hugging Face names, e.g. a learner's state_dict items) in place and return the engine's
-        new weight version; anything but the model's exact set is refused before loading any (`check_weight_set`)."""
+        new weight version; anything but the model's exact set is refused before loading any (`check_weight_set`).
+        Full weights are the whole policy: an adapter taken before is dropped."""
+        ...
+
+    def update_adapter(self, adapter: AdapterWeights) -> int:
+        """Serve base + this LoRA adapter from now on, replacing any adapter before it (the base weights are those of
+        the folder or of the last `update_weights`), and return the engine's new weight version. Costs the adapter's
+        bytes (`AdapterWeights.nbytes`), not the model's."""
         ...
 
     def health(self) -> dict[str, Any]:
@@ -104,17 +113,17 @@ def check_score_rows(prompts: list[list[int]], responses: list[list[int]], max_t
 
 
 def check_weight_set(weights: list[tuple[str, torch.Tensor]], shapes: dict[str, tuple[int, ...]],
-                     model_dir: str | Path, *, tied: Collection[str] = ()) -> None:
+                     model_dir: str | Path, *, tied: Collection[str] = (), call: str = "update_weights") -> None:
     """Refuse anything but the exact tensors of `shapes` (name -> shape), each once, before an engine loads any: a
     partial or misnamed set would leave vLLM's parameters half unloaded, or keep some of the old weights in a
     transformers model without a word. `tied`: the second names of a tied head, one tensor under two names, which a
     learner's state_dict repeats and a checkpoint may leave out; they may be given or not (and if `shapes` knows
-    them, with the right shape)."""
+    them, with the right shape). `call`: the method refusing, for the message."""
     got = {name: tuple(t.shape) for name, t in weights}
     unknown = sorted(set(got) - set(shapes) - set(tied))
     missing = sorted(set(shapes) - set(got) - set(tied))
     wrong = [f"{n} {got[n]} != {shapes[n]}" for n in sorted(set(got) & set(shapes)) if got[n] != shapes[n]]
     if unknown or missing or wrong or len(got) != len(weights):
-        raise ValueError(f"update_weights for {model_dir} needs exactly the model's {len(shapes)} tensors: "
+        raise ValueError(f"{call} for {model_dir} needs exactly its {len(shapes)} tensors: "
                          f"unknown {unknown[:5]}, missing {missing[:5]}, wrong shapes {wrong[:5]}, "
                          f"duplicates {len(weights) - len(got)} (nothing was loaded)")

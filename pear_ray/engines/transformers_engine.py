@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
@@ -31,6 +31,9 @@ from pear_ray.engines.rollout_engine import (
     seed_per_prompt,
 )
 
+if TYPE_CHECKING:
+    from pear_ray.engines.adapters import AdapterWeights
+
 NOISE_FLOATS = 2**22  # sampling noise drawn ahead per call, at most (16 MiB)
 
 
@@ -45,6 +48,8 @@ class TransformersEngine:
 
         options = options or TransformersOptions()
         self.model_dir, self.version, self.max_rows = check_model_dir(model_dir), 0, options.max_rows
+        self.borrowed = model is not None
+        self.lora_shape: tuple[int, float, tuple[str, ...]] | None = None  # (r, alpha, targets) of its LoRA layers
         try:
             self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(
                 self.model_dir, dtype=getattr(torch, options.dtype)).eval()
@@ -154,9 +159,33 @@ class TransformersEngine:
         """`RolloutEngine.update_weights`; a tied head's second name may be given or left out."""
         weights = list(named_tensors)
         check_weight_set(weights, self.shapes, self.model_dir, tied=self.tied)
+        self._drop_lora_layers()
         self.model.load_state_dict(dict(weights), strict=False)  # strict would want a tied head's second name
         self.version += 1
         return self.version
+
+    def update_adapter(self, adapter: AdapterWeights) -> int:
+        """`RolloutEngine.update_adapter`: the model gets the adapter's LoRA layers (peft) at the first adapter or
+        when r, alpha or targets change, then each adapter's weights are copied into them in place. Not for a
+        borrowed model: its owner's module is not this engine's to wrap."""
+        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+        if self.borrowed:
+            raise EngineError(f"the engine on {self.model_dir} serves its owner's model as it is; it takes no adapter")
+        shape = (adapter.r, adapter.alpha, adapter.target_modules)
+        if shape != self.lora_shape:  # new LoRA layers start as the base model (B = 0)
+            self._drop_lora_layers()
+            self.model, self.lora_shape = get_peft_model(self.model, adapter.lora_config()).eval(), shape
+        expected = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(self.model).items()}
+        check_weight_set(list(adapter.tensors.items()), expected, self.model_dir, call="update_adapter")
+        set_peft_model_state_dict(self.model, adapter.tensors)
+        self.version += 1
+        return self.version
+
+    def _drop_lora_layers(self) -> None:
+        """Back to the plain model, the base weights as they are (peft's unload, which merges nothing)."""
+        if self.lora_shape is not None:
+            self.model, self.lora_shape = self.model.unload(), None
 
     def health(self) -> dict[str, Any]:
         """`RolloutEngine.health`."""

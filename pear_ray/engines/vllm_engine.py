@@ -17,6 +17,8 @@ from __future__ import annotations
 import gc
 import math
 import os
+import shutil
+import tempfile
 import weakref
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -41,6 +43,8 @@ from pear_ray.engines.rollout_engine import (  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
+
+    from pear_ray.engines.adapters import AdapterWeights
 
 
 def _topk(position: dict, k: int) -> TopK:
@@ -95,6 +99,7 @@ class VllmEngine:
 
     def __init__(self, model_dir: str | Path, options: VllmOptions | None = None, *, seed: int = 0):
         self.llm, self.model_dir, self.version = None, check_model_dir(model_dir), 0
+        self.lora = None  # the LoRARequest of the adapter served with the base weights, if any
         options = options or VllmOptions()
         if others := [str(e.model_dir) for e in VllmEngine._live if e.llm is not None]:
             raise EngineError(f"cannot start an engine on {self.model_dir}: this process already runs one on "
@@ -103,7 +108,8 @@ class VllmEngine:
 
         try:
             self.llm = LLM(model=str(self.model_dir), seed=seed, distributed_executor_backend="uni",
-                           logprobs_mode="processed_logprobs", **options.args,
+                           logprobs_mode="processed_logprobs", enable_lora=options.max_lora_rank is not None,
+                           max_loras=1, **options.args,
                            **options.model_dump(exclude={"backend", "args"}, exclude_none=True))  # null: vLLM's
         except Exception as exc:
             raise EngineError(f"vLLM failed to start on model folder {self.model_dir}: "
@@ -112,12 +118,15 @@ class VllmEngine:
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._shapes = _checkpoint_shapes(self.model_dir)
         self._tied = bool(getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False))
+        # adapters as peft folders: vLLM 0.32 loads a LoRA from a path only
+        self._adapter_dir = Path(tempfile.mkdtemp(prefix="pear_ray-lora-")) if options.max_lora_rank else None
         VllmEngine._live.add(self)
 
     def _run(self, prompts: list[list[int]], params) -> list:
         if self.llm is None:
             raise EngineError(f"the engine on {self.model_dir} was shut down")
-        return self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        return self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False,
+                                 lora_request=self.lora)
 
     def generate(self, prompts: list[list[int]], *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 32, seed: int | list[int] | None = None, stop_token_ids: list[int] | None = None,
@@ -219,8 +228,41 @@ class VllmEngine:
         if self._tied:
             self.llm.collective_rpc(_refresh_tied_head)
         self.llm.reset_prefix_cache()
+        self._drop_adapter()
         self.version += 1
         return self.version
+
+    def update_adapter(self, adapter: AdapterWeights) -> int:
+        """`RolloutEngine.update_adapter` through vLLM's multi-LoRA serving: the adapter is written as a peft folder
+        into this engine's scratch folder and added as a LoRARequest whose id is the new weight version, so vLLM
+        loads fresh weights (it caches adapters by id) and the prefix cache (keyed by adapter name and path) cannot
+        serve KV of an older one. Every generation and score then passes it. The old adapter leaves vLLM and the
+        disk: the engine holds one (max_loras = 1)."""
+        from vllm.lora.request import LoRARequest
+
+        if self.llm is None:
+            raise EngineError(f"the engine on {self.model_dir} was shut down")
+        if self._adapter_dir is None:
+            raise EngineError(f"the engine on {self.model_dir} was started without LoRA: set "
+                              f"resources.rollout.engine.max_lora_rank to at least the adapter's r ({adapter.r})")
+        version = self.version + 1
+        request = LoRARequest(f"policy-{version}", version, str(adapter.save(self._adapter_dir / str(version))))
+        try:  # vLLM loads and checks it now (rank, target modules), not at the next generation
+            self.llm.llm_engine.add_lora(request)
+        except Exception as exc:
+            shutil.rmtree(request.lora_path)
+            raise EngineError(f"vLLM refused the adapter for {self.model_dir} (the engine keeps serving the one "
+                              f"before): {type(exc).__name__}: {exc}") from exc
+        self._drop_adapter()
+        self.lora, self.version = request, version
+        return self.version
+
+    def _drop_adapter(self) -> None:
+        """Serve the base weights alone; the adapter leaves vLLM's cache and the scratch folder."""
+        if self.lora is not None:
+            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
+            shutil.rmtree(self.lora.lora_path)
+            self.lora = None
 
     def health(self) -> dict:
         """Model folder, weight version and a one-token greedy generation as a liveness check (~ms); never raises."""
@@ -237,6 +279,8 @@ class VllmEngine:
         """Free the engine (and its KV cache); the object is unusable afterwards."""
         llm, self.llm = getattr(self, "llm", None), None
         VllmEngine._live.discard(self)
+        if getattr(self, "_adapter_dir", None) is not None:
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()  # tears down the worker and vLLM's torch.distributed state
             del llm
