@@ -160,7 +160,7 @@ class RolloutBatches:
         scoring = time.perf_counter()
         for column, scorer in self.scorers.items():  # at the rollouts' temperature, as the policy is scored
             [(_, batch_ref, _)] = scorer.map("score", [batch_ref], column=column,
-                                             temperature=job.sampling.temperature, lora=job.models.student.lora)
+                                             temperature=job.sampling.temperature)
         figures["score_seconds"] = time.perf_counter() - scoring
         return batch_ref, figures
 
