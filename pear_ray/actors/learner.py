@@ -25,6 +25,7 @@ lost without notice is `LearnerLost`: the stage starts again from its last check
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -239,6 +240,7 @@ class LearnerGroup:
         lr_schedule, seed, temperature); `lora`: train adapters on the frozen model; the resources give the rest."""
         self.resources = resources or LearnerResources()
         self.world_size = self.resources.num_ranks
+        self.lora = lora
         self.actors: list = []
         self.drains = DrainWatch()
         self.checkpoint_seconds: float | None = None  # how long the last checkpoint took
@@ -318,9 +320,24 @@ class LearnerGroup:
     # ------------------------------------------------------------------ weights, checkpoints
 
     def weights_ref(self) -> ray.ObjectRef:
-        """ObjectRef of the full weights {HF name: CPU tensor} from rank 0, for rollout actors' reload_weights.
-        Returns once they are ready; the driver need not fetch them."""
-        refs = [actor.call.remote("state_dict_for_rollout") for actor in self._live_actors()]
+        """ObjectRef of the full weights {HF name: CPU tensor} from rank 0 (under LoRA, merged), for rollout actors'
+        update_weights. Returns once they are ready; the driver need not fetch them."""
+        return self._rank_0_ref("state_dict_for_rollout")
+
+    def policy_update(self) -> tuple[str, ray.ObjectRef]:
+        """What a rollout actor takes to serve the current policy, and its method: under LoRA the adapters alone
+        (`update_adapter`, engines/adapters.py), else the full weights (`update_weights`)."""
+        if self.lora is None:
+            return "update_weights", self.weights_ref()
+        return "update_adapter", self._rank_0_ref("adapter_for_rollout")
+
+    @functools.cached_property
+    def policy_nbytes(self) -> int:
+        """Bytes one sync sends to each rollout actor (the adapters' under LoRA)."""
+        return ray.get(self._live_actors()[0].call.remote("policy_nbytes"))
+
+    def _rank_0_ref(self, method: str) -> ray.ObjectRef:
+        refs = [actor.call.remote(method) for actor in self._live_actors()]
         _get_all(refs[1:], first_rank=1)  # None from ranks > 0; raises if one failed
         ray.wait(refs[:1], fetch_local=False)
         return refs[0]

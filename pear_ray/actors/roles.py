@@ -79,6 +79,7 @@ class Sync:
     version: int
     colocated: bool
     seconds: float  # the driver's time sending it
+    nbytes: int  # sent to each actor: the full weights, the adapters under LoRA, nothing colocated
 
     def finish(self) -> dict[str, float]:
         """Wait until every actor holds the weights; the driver's seconds on this sync, the version, the mismatch."""
@@ -88,26 +89,28 @@ class Sync:
         if self.probe is not None:
             metrics.update(_mismatch(self.pool, *self.probe))
         metrics["sync_seconds"] = self.seconds + time.perf_counter() - waiting
-        log.info("weights v%d synced to %d %s in %.2f s%s", self.version, len(self.pool.actors),
+        metrics["sync_bytes"] = self.nbytes
+        log.info("weights v%d synced to %d %s in %.2f s (%s B each)%s", self.version, len(self.pool.actors),
                  "learner rank(s), in place" if self.colocated else "rollout actor(s)", metrics["sync_seconds"],
-                 f"; mismatch max {metrics['mismatch_max']:.2e}" if self.probe is not None else "")
+                 f"{self.nbytes:,}", f"; mismatch max {metrics['mismatch_max']:.2e}" if self.probe is not None else "")
         return metrics
 
 
 def start_sync(learner: LearnerGroup, pool: ActorPool, version: int, probe_ref: ray.ObjectRef | None = None,
                then: Callable[[], None] | None = None, colocated: bool = False) -> Sync:
-    """Hand the learner's current weights to every rollout actor (actor to actor, by ObjectRef), and queue the
-    mismatch probe behind them if one is given; `Sync.finish` waits for both. `then` runs once the update (and the
+    """Hand the learner's current policy to every rollout actor (actor to actor, by ObjectRef: its weights, or under
+    LoRA its adapters alone), and queue the mismatch probe behind them if one is given; `Sync.finish` waits for both. `then` runs once the update (and the
     probe) is queued on every actor: what it queues (the next rollouts) runs on the new weights, with no idle gap.
     `colocated`: the pool is the learner's own ranks (LearnerGroup.rollout_pool), whose engines take their rank's
     weights in place, so nothing is sent."""
     started = time.perf_counter()
-    weights = None if colocated else learner.weights_ref()
-    update = pool.broadcast("update_weights", weights, version)
+    method, policy = ("update_weights", None) if colocated else learner.policy_update()
+    update = pool.broadcast(method, policy, version)
     probe = _score_probe(learner, pool, probe_ref) if probe_ref is not None else None
     if then is not None:
         then()
-    return Sync(pool, update, probe, version, colocated, time.perf_counter() - started)
+    return Sync(pool, update, probe, version, colocated, time.perf_counter() - started,
+                0 if colocated else learner.policy_nbytes)
 
 
 def sync_weights(learner: LearnerGroup, pool: ActorPool, version: int, **kwargs) -> dict[str, float]:

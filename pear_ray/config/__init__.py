@@ -29,6 +29,7 @@ from pear_ray.config.resources import (
     RolloutResources,
     TransformersOptions,
     VllmOptions,
+    serving_adapters,
 )
 from pear_ray.config.stages import EvalConfig, RlConfig, ScoreConfig, SftConfig, parse_variant
 
@@ -36,6 +37,7 @@ __all__ = [
     "ActorResources", "ConfigError", "DataConfig", "EngineOptions", "EvalConfig", "JobConfig", "LearnerResources",
     "LoraConfig", "ModelSource", "ModelsConfig", "OptimizerConfig", "PoolScaling", "PriorConfig", "ResourcesConfig",
     "RlConfig", "RolloutResources", "SamplingConfig", "ScoreConfig", "ScriptedPolicy", "Section", "SftConfig", "Stage",
-    "TaskConfig", "TransformersOptions", "VllmOptions", "apply_override", "dump_job", "load_job", "parse_job",
+    "TaskConfig", "TransformersOptions", "VllmOptions",
+    "serving_adapters", "apply_override", "dump_job", "load_job", "parse_job",
     "parse_variant", "set_dotted",
 ]

@@ -22,6 +22,9 @@ class ActorResources(Section):
                                         "(cluster/ declares them per node type)")
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # LoRA ranks vLLM has kernels for
+
+
 class VllmOptions(Section):
     """The vLLM engine (engines/vllm_engine.py). The defaults suit tiny models on CPU; on a GPU, e.g. {dtype:
     bfloat16, kv_cache_memory_bytes: null, gpu_memory_utilization: 0.85}."""
@@ -44,9 +47,10 @@ class VllmOptions(Section):
     max_logprobs: int = Field(
         20, ge=-1, description="the most top-k log-probs vLLM gives per position; -1: the whole vocabulary. "
         "score.teacher_topk = k raises it to k for the score stage")
-    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = Field(
+    max_lora_rank: Literal[VLLM_LORA_RANKS] | None = Field(
         None, description="serve LoRA adapters (update_adapter: a policy version is base + the learner's adapter) "
-        "of rank up to this, one at a time; at least the adapter's r (the ranks vLLM has kernels for). null: no LoRA")
+        "of rank up to this, one at a time; at least the adapter's r (the ranks vLLM has kernels for). null: no LoRA "
+        "(RL with models.student.lora sets the smallest that fits)")
     args: dict[str, Any] = Field(
         default_factory=dict, description="any other vllm.LLM keyword, passed as is (e.g. max_num_seqs, "
         "enable_prefix_caching, tensor_parallel_size)")
@@ -82,6 +86,14 @@ def _backend(value: Any) -> str:
 
 EngineOptions = Annotated[Annotated[VllmOptions, Tag("vllm")] | Annotated[TransformersOptions, Tag("transformers")],
                           Discriminator(_backend)]
+
+
+def serving_adapters(engine: EngineOptions, r: int) -> EngineOptions:
+    """The rollout engine's options for RL that syncs LoRA adapters of rank `r`: vLLM with a LoRA slot (the smallest
+    rank of its kernels that fits, unless given); the transformers backend as it is."""
+    if not isinstance(engine, VllmOptions) or engine.max_lora_rank is not None:
+        return engine
+    return engine.model_copy(update={"max_lora_rank": min(rank for rank in VLLM_LORA_RANKS if rank >= r)})
 
 
 class PoolScaling(Section):

@@ -285,6 +285,12 @@ class DeepSpeedLearner:
     def state_dict_for_rollout(self) -> dict[str, torch.Tensor] | None:
         return weights.state_dict(self)
 
+    def adapter_for_rollout(self):
+        return weights.adapter(self)
+
+    def policy_nbytes(self) -> int:
+        return weights.policy_nbytes(self)
+
     def full_weights(self):
         """(HF name, tensor) of every parameter and persistent buffer as this rank holds them, uncopied (under LoRA
         the merged ones are new tensors): for a rollout engine in this process (ZeRO 0-2 keep the full weights on

@@ -13,6 +13,7 @@ import torch
 
 from pear_ray import atomic, faults
 from pear_ray.engines import lora as adapters
+from pear_ray.engines.adapters import AdapterWeights
 from pear_ray.storage import RunFolder
 
 # Files of a model folder that make up its tokenizer; export_hf copies them next to the weights.
@@ -52,6 +53,19 @@ def state_dict(learner) -> dict[str, torch.Tensor] | None:
     the training dtype; None on other ranks."""
     out = {name: tensor.to("cpu", copy=True).contiguous() for name, tensor in gathered_params(learner)}
     return out if learner.rank == 0 else None
+
+
+def adapter(learner) -> AdapterWeights | None:
+    """Under LoRA, the adapters alone on rank 0 (CPU copies): what an adapter-only sync sends; None on other
+    ranks. ZeRO 0-2 keep them whole on every rank."""
+    return AdapterWeights.of_peft_model(learner.engine.module) if learner.rank == 0 else None
+
+
+def policy_nbytes(learner) -> int:
+    """Bytes a sync sends to each rollout actor: the adapters' under LoRA, else every weight's."""
+    if learner.lora is not None:
+        return sum(p.numel() * p.element_size() for p in learner.engine.module.parameters() if p.requires_grad)
+    return sum(tensor.numel() * tensor.element_size() for _, tensor in gathered_params(learner, to_all=True))
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pear_ray.actors.elastic import PoolScaler
 from pear_ray.actors.learner import LearnerGroup
 from pear_ray.actors.roles import reference_pool, rollout_pool, start_sync, sync_weights
-from pear_ray.config import ConfigError
+from pear_ray.config import ConfigError, serving_adapters
 from pear_ray.data import schema
 from pear_ray.runtime import free_cpus_short_of
 from pear_ray.stages.common import Run, prompt_table, rollout_pieces
@@ -131,6 +131,8 @@ class RolloutBatches:
         if self.colocated:  # the learner's ranks generate, with the weights they train
             self.pool = learner.rollout_pool(rollout.engine, seed=job.seed, max_in_flight=rollout.max_in_flight)
         else:
+            if self.training.lora is not None:  # each sync sends the adapters: the engines serve base + adapter
+                rollout = rollout.model_copy(update={"engine": serving_adapters(rollout.engine, self.training.lora.r)})
             self.pool = rollout_pool(run.shared(self.training.model), rollout, seed=job.seed)
         if rollout.max_actors:  # elastic
             self.scaler = PoolScaler(self.pool, rollout, "rl")
