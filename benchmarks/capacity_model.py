@@ -340,6 +340,10 @@ def print_assumptions() -> None:
           f"{PCIE_EFFICIENCY}, host copy {HOST_COPY_BYTES_PER_S / GB:.0f} GB/s per stream, "
           f"{NODE_MEMORY_BYTES_PER_S / GB:.0f} GB/s per node (GUESSES); object store pulls "
           "every remote node's copy from the learner node's link; nccl column over the 400G link (NVLink in 1 node)")
+    print(f"  object store, measured here: a pickled torch-tensor dict puts at {TORCH_PUT_BYTES_PER_S / GB:.2f} GB/s and "
+          f"gets + copies at {TORCH_GET_BYTES_PER_S / GB:.1f} GB/s (2-core box: a GPU node's cores are faster), "
+          f"{OBJECT_STORE_OVERHEAD_S * 1e3:.0f} ms fixed per sync; vLLM reload {VLLM_RELOAD_OVERHEAD_S * 1e3:.0f} ms "
+          "fixed per sync (GUESS from rl_cpu_2026-12-02.txt), in every sync column")
     print("  learner and rollout GPUs share a node only when both fit in one (learn column: learner GPUs, * = that "
           "node); LoRA rows change only the sync: LoRA's cheaper backward (no weight gradients) and its "
           "slower decode kernels are not priced")
