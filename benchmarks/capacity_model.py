@@ -50,9 +50,9 @@ LINK_GBITS = (100, 400)  # the node links compared (Ethernet or InfiniBand NICs;
 LINK_EFFICIENCY = 0.8  # GUESS: payload share of a link's line rate for Ray's object transfer and NCCL alike
 
 # --- Object store, measured here (capacity_model.py --measure, 2026-12-07, 2 shared cores; 0.5B bf16, 1 puller) --
-TORCH_PUT_BYTES_PER_S = 0.25e9  # a {name: torch tensor} dict, as weights_ref puts it today: pickled (3.7 s / 942 MB)
-TORCH_GET_BYTES_PER_S = 0.8e9  # ... and got + copied into place by the puller (1.2 s / 942 MB): not zero-copy
-OBJECT_STORE_OVERHEAD_S = 0.004  # a tiny sync's fixed cost (numpy-view payload, 1 puller: 4.6 ms, copying 0.3 ms)
+TORCH_PUT_BYTES_PER_S = 0.25e9  # a {name: torch tensor} dict, as weights_ref puts it today: pickled (3.7 s / 942 MiB)
+TORCH_GET_BYTES_PER_S = 0.8e9  # ... and got + copied into place by the puller (1.2 s / 942 MiB): not zero-copy
+OBJECT_STORE_OVERHEAD_S = 0.004  # a tiny sync's fixed cost (numpy views, 1 puller: 2.8-4.6 ms in 3 runs)
 VLLM_RELOAD_OVERHEAD_S = 0.03  # GUESS from rl_cpu_2026-12-02.txt: a tiny model's sync through vLLM's reload_weights
 # takes 36 ms (1 actor), ~30 ms more than the object store alone; the in-place reload's fixed cost per sync
 
@@ -105,6 +105,8 @@ QWEN2_SHAPES = {
 }
 # bench_sync.py's / bench_learner.py's tiny spec (pear_ray.models.TinyModelSpec, untied, vocab 384).
 TINY_SHAPE = Qwen2Shape("tiny", 128, 4, 4, 4, 256, 384, tie_embeddings=False)
+# bench_rl.py's: the default TinyModelSpec, whose syncs rl_cpu_2026-12-02.txt measured (fp32).
+BENCH_RL_SHAPE = Qwen2Shape("bench_rl tiny", 64, 2, 2, 2, 128, 384, tie_embeddings=False)
 
 
 def projection_shapes(shape: Qwen2Shape) -> dict[str, tuple[int, int]]:
@@ -352,7 +354,7 @@ def print_assumptions() -> None:
 # --- Measured here: the object-store path at small sizes -------------------------------------------------------
 
 
-def host_copy_bytes_per_s(nbytes: int = 256 * 2**20) -> float:
+def measure_copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
     """One memory copy's bandwidth on this machine (the model's HOST_COPY constant, measured here)."""
     import torch
 
@@ -432,7 +434,7 @@ def measure_object_store(cases: dict[str, dict[str, tuple[int, ...]]], actor_cou
 
 def print_measured(rank: int) -> None:
     """Model vs measured where this box can compare: the object-store sync on one node, the H100 learner."""
-    copy_bw = host_copy_bytes_per_s()
+    copy_bw = measure_copy_bandwidth()
     half = QWEN2_SHAPES["0.5B"]
     cases = {"tiny full": full_tensor_shapes(TINY_SHAPE), f"tiny LoRA r{rank}": lora_tensor_shapes(TINY_SHAPE, rank),
              "0.5B full": full_tensor_shapes(half), f"0.5B LoRA r{rank}": lora_tensor_shapes(half, rank)}
@@ -454,8 +456,7 @@ def print_measured(rank: int) -> None:
           "rates (taken "
           "from an earlier run of the 0.5B torch row: a calibration there, a check elsewhere); no PCIe, no link, "
           "no vLLM reload")
-    tiny = QWEN2_SHAPES["0.5B"].__class__("bench_rl tiny", 64, 2, 2, 2, 128, 384, tie_embeddings=False)
-    fp32_bytes = 4 * full_param_count(tiny)
+    fp32_bytes = 4 * full_param_count(BENCH_RL_SHAPE)
     for n, measured_s in ((1, 0.036), (2, 0.050)):
         predicted = object_store_sync_seconds(fp32_bytes, Layout(rollout_gpus=n, learner_gpus=1), tp=1,
                                               link_bytes_per_s=math.inf, host_copy_bytes_per_s=copy_bw,
