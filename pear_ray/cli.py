@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import logging
 import os
@@ -136,7 +137,8 @@ def config(
     from pear_ray.driver.preflight import preflight
 
     job = _load(job_file, overrides)
-    preflight(job, None)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the YAML: libraries imported here (DeepSpeed) log there
+        preflight(job, None)
     typer.echo(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
 
 
