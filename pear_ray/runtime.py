@@ -29,6 +29,9 @@ WORKER_ENV = {
     "TORCHDYNAMO_DISABLE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_LOGGING_LEVEL": "WARNING",  # vLLM's per-engine INFO lines drown the driver's own log
+    # Weights cross the object store as buffers, not pickled: a 0.5B sync 10-27x faster here. A tensor received so is
+    # read-only; every consumer (the engines' reloads, load_state_dict, peft's adapter loading) copies from it.
+    "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
 }
 CPU_ONLY_ENV = {"DS_ACCELERATOR": "cpu"}
 # Idle task workers an embedded instance keeps (Ray's default: one per CPU). RL's scoring, cut and verifier tasks
