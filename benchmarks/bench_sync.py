@@ -65,6 +65,7 @@ def run_steps(learner, pool, prompts: pa.Table, args, version: int, rng) -> tupl
     import ray
 
     from pear_ray.actors.roles import mismatch, probe_batch, sync_weights
+    from pear_ray.objectives import Grpo
 
     n = len(pool.actors)
     bounds = np.linspace(0, prompts.num_rows, n + 1).round().astype(int)  # one batch of prompts per actor
@@ -83,7 +84,7 @@ def run_steps(learner, pool, prompts: pa.Table, args, version: int, rng) -> tupl
         batch = with_advantages(batch, rng)
         batch_ref = ray.put(batch)
         t1 = time.perf_counter()
-        stats = learner.rl_step(batch_ref)
+        stats = learner.step(batch_ref, Grpo())
         t2 = time.perf_counter()
         if probe is None:
             probe = probe_batch(batch, rows=args.probe_rows)
