@@ -165,7 +165,9 @@ class AutoscalingCluster:
         config = self.temp / "autoscaling.json"
         config.write_text(json.dumps(fake_provider_config(
             gcs_port, worker_cpus=self.worker_cpus, max_workers=self.max_workers, idle_timeout_s=self.idle_timeout_s)))
+        # A raylet on a busy 2-core box may take longer than Ray's 30 s to register with the GCS (seen once in CI).
         env = base_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="token",
+                       RAY_raylet_start_wait_time_s="120",
                        RAY_AUTH_TOKEN_PATH=str(self.token_file), PYTHONPATH=str(Path(__file__).parent / "provider"),
                        **self.node_env)
         self.log = self.temp / "head.log"
