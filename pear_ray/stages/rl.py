@@ -131,7 +131,8 @@ class RolloutBatches:
                 log.info("KL reference: the learner's base model, adapters off (no reference actor)")
                 self.scorers[schema.REF_LOGPROBS] = LearnerReference(learner)
             else:
-                log.info("KL reference: a reference actor on %s", run.reference(self.training.model))
+                log.info("KL reference: a reference actor on %s",
+                         "models.reference" if job.models.reference else self.training.model)
         self.scorers.update({column: reference_pool(run.shared(model()), job.resources.reference)
                              for column, model in frozen_models.items() if column in columns
                              and column not in self.scorers})
