@@ -108,8 +108,9 @@ class LearnerWorker:
         self._check_splittable(next(self.stream_sizes), f"a {objective.kind} step", objective.updates()[0])
         return self.engine.step(next(self.stream), objective)
 
-    def logprobs(self, batch: pa.Table) -> pa.ListArray:
-        return self.engine.logprobs(self._shard(batch, "logprobs", min_rows_per_rank=0))  # a rank may get no rows
+    def logprobs(self, batch: pa.Table, method: str = "logprobs") -> pa.ListArray:
+        """The engine's `method` (logprobs, reference_logprobs) on this rank's shard, which may have no rows."""
+        return getattr(self.engine, method)(self._shard(batch, method, min_rows_per_rank=0))
 
     def concat(self, *arrays: pa.Array) -> pa.Array:
         return pa.concat_arrays(list(arrays))
@@ -304,18 +305,22 @@ class LearnerGroup:
         ranks, not through the driver nor through one object holding the file."""
         self._all("open_stream", str(path), ray.put(batches))
 
-    def logprobs(self, batch_ref: ray.ObjectRef) -> ray.ObjectRef:
+    def logprobs(self, batch_ref: ray.ObjectRef, method: str = "logprobs") -> ray.ObjectRef:
         """ObjectRef of the batch's per-response-token log-probs (list<float32>, one per row, in row order), at
-        the group's temperature.
+        the group's temperature; `method="reference_logprobs"`: under LoRA, the frozen base's (adapters off).
 
         Each rank scores its shard; rank 0 concatenates the pieces, so nothing passes through the driver.
         """
         batch_ref = _as_ref(batch_ref)
         actors = self._live_actors()
-        parts = [actor.logprobs.remote(batch_ref) for actor in actors]
+        parts = [actor.logprobs.remote(batch_ref, method) for actor in actors]
         merged = actors[0].concat.remote(*parts)
         ray.wait([merged], fetch_local=False)
         return merged
+
+    def reference_logprobs(self, batch_ref: ray.ObjectRef) -> ray.ObjectRef:
+        """`logprobs` under the frozen base, LoRA's adapters off: RL's KL reference when it is the start model."""
+        return self.logprobs(batch_ref, "reference_logprobs")
 
     # ------------------------------------------------------------------ weights, checkpoints
 

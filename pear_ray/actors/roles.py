@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import numpy as np
 import ray
 
 from pear_ray.actors.learner import LearnerGroup
-from pear_ray.actors.pool import ActorPool, Broadcast
+from pear_ray.actors.pool import ActorPool, Broadcast, PoolStats
 from pear_ray.actors.reference import ReferenceWorker
 from pear_ray.actors.rollout import RolloutWorker
 from pear_ray.config import ActorResources, RolloutResources
@@ -43,6 +43,37 @@ def reference_actor(model_dir: str | Path, resources: ActorResources):
 def reference_pool(model_dir: str | Path, resources: ActorResources) -> ActorPool:
     """One reference actor in a pool of its own, so that should it die a new one starts and scores the batch again."""
     return ActorPool.start(lambda slot: reference_actor(model_dir, resources), size=1, role="reference")
+
+
+@ray.remote(num_cpus=0.1)
+def _with_column(table, values, column: str):
+    """The batch with one more log-prob column (a task beside the learner, so the driver fetches neither)."""
+    return schema.append_column(table, column, values, schema.LOGPROBS_TYPE)
+
+
+class LearnerReference:
+    """RL's KL reference scored by the learner's ranks on their frozen base, LoRA's adapters off, when it is the
+    start model: no reference actor, no second copy of the model. It has a reference pool's interface (`map`,
+    `stats`, `shutdown`), so the RL loop scores through either alike."""
+
+    def __init__(self, learner: LearnerGroup):
+        self.learner, self.stats = learner, PoolStats()
+
+    def map(self, method: str, items: list[ray.ObjectRef], *, column: str, temperature: float
+            ) -> Iterator[tuple[int, ray.ObjectRef, dict]]:
+        """`(index, batch with column, stats)` per batch ref, like ActorPool.map("score", ...); the learner scores
+        at its own temperature, the rollouts', which must be `temperature`."""
+        if method != "score" or temperature != self.learner.temperature:
+            raise ValueError(f"the learner's base scores at its temperature {self.learner.temperature}, "
+                             f"not {method!r} at {temperature}")
+        for index, batch_ref in enumerate(items):
+            started = time.perf_counter()
+            out = _with_column.remote(batch_ref, self.learner.reference_logprobs(batch_ref), column)
+            ray.wait([out], fetch_local=False)
+            yield index, out, {"seconds": time.perf_counter() - started}
+
+    def shutdown(self) -> None:
+        """Nothing: the learner's ranks are the training loop's to stop."""
 
 
 def mismatch(learner: LearnerGroup, pool: ActorPool, probe_ref: ray.ObjectRef) -> dict[str, float]:

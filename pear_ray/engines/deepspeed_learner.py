@@ -168,6 +168,14 @@ class DeepSpeedLearner:
                 "lr": lr, "updates": len(losses), "step": self.optimizer_steps,
                 **objective.report(dict(zip(names, totals)))}
 
+    def reference_logprobs(self, table: pa.Table) -> pa.ListArray:
+        """`logprobs` under the frozen base, LoRA's adapters switched off: RL's KL reference when it is the start
+        model, scored without a second copy of it."""
+        if self.lora is None:
+            raise ValueError("reference_logprobs needs LoRA: without adapters the learner has no frozen base")
+        with self.engine.module.disable_adapter():
+            return self.logprobs(table)
+
     @torch.no_grad()
     def logprobs(self, table: pa.Table) -> pa.ListArray:
         """log pi(response token | prefix) under the current weights and `temperature`, one list<float32> per row,

@@ -32,7 +32,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pear_ray.actors.elastic import PoolScaler
 from pear_ray.actors.learner import LearnerGroup
-from pear_ray.actors.roles import reference_pool, rollout_pool, start_sync, sync_weights
+from pear_ray.actors.roles import LearnerReference, reference_pool, rollout_pool, start_sync, sync_weights
 from pear_ray.config import ConfigError, serving_adapters
 from pear_ray.data import schema
 from pear_ray.runtime import free_cpus_short_of
@@ -124,8 +124,18 @@ class RolloutBatches:
         self.learner = learner
         frozen_models = {schema.REF_LOGPROBS: lambda: run.reference(self.training.model),
                          schema.TEACHER_LOGPROBS: run.teacher}
-        self.scorers = {column: reference_pool(run.shared(model()), job.resources.reference)
-                        for column, model in frozen_models.items() if column in objective.columns()}
+        columns = objective.columns()
+        self.scorers = {}
+        if schema.REF_LOGPROBS in columns:
+            if self.training.lora is not None and job.models.reference is None:  # the reference is LoRA's base
+                log.info("KL reference: the learner's base model, adapters off (no reference actor)")
+                self.scorers[schema.REF_LOGPROBS] = LearnerReference(learner)
+            else:
+                log.info("KL reference: a reference actor on %s",
+                         "models.reference" if job.models.reference else self.training.model)
+        self.scorers.update({column: reference_pool(run.shared(model()), job.resources.reference)
+                             for column, model in frozen_models.items() if column in columns
+                             and column not in self.scorers})
         rollout = job.resources.rollout
         self.colocated = rollout.colocate
         if self.colocated:  # the learner's ranks generate, with the weights they train
