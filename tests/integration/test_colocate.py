@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.rl import run_rl, samples
+from support.rl import run_rl, samples, stopped_in_step
 
 from pear_ray.config import ConfigError, load_job
-from pear_ray.stages import rl as rl_stage
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
@@ -44,17 +43,8 @@ def test_colocated_rl_is_the_split_synchronous_run(split, tiny_model_dir, tmp_pa
 def test_colocated_rl_resumes_to_the_uninterrupted_result(split, tiny_model_dir, tmp_path, monkeypatch):
     """Killed in step 3, after the step-2 checkpoint: the rerun loads it and ends as the uninterrupted run."""
     split_dir, split_rows, split_weights = split
-    batch = rl_stage.RolloutBatches.batch
-
-    def dies_in_step_3(self, step):
-        if step == 2:
-            raise RuntimeError("killed")
-        return batch(self, step)
-
-    monkeypatch.setattr(rl_stage.RolloutBatches, "batch", dies_in_step_3)
-    with pytest.raises(RuntimeError, match="killed"):
+    with stopped_in_step(monkeypatch, 3):
         run(tmp_path, tiny_model_dir, colocate=True)
-    monkeypatch.setattr(rl_stage.RolloutBatches, "batch", batch)
     rows, weights = run(tmp_path, tiny_model_dir, colocate=True, resume=True)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert samples(tmp_path, 3).equals(samples(split_dir, 3))

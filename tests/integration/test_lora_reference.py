@@ -8,6 +8,7 @@ Real Ray, real DeepSpeed on CPU (gloo), the tiny Qwen2 model.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import ray
 from support.learner import make_batch
 from support.rl import run_rl
@@ -43,6 +44,7 @@ def test_adapters_off_the_learner_scores_its_start_model(ray_cluster, tiny_model
     np.testing.assert_allclose(reference, base, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # about 40 s: two RL runs; the adapters-off scores are checked in the default suite
 def test_a_lora_run_takes_its_kl_reference_from_the_learner_and_trains_as_with_a_reference_actor(
         ray_cluster, tiny_model_dir, tmp_path, monkeypatch):
     started = []

@@ -6,9 +6,7 @@ resumes to the uninterrupted result."""
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from support.rl import run_rl, samples
-
-from pear_ray.stages import rl as rl_stage
+from support.rl import run_rl, samples, stopped_in_step
 
 LORA = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
 
@@ -36,21 +34,13 @@ def test_each_sync_sends_the_adapters_alone_and_the_engines_serve_what_the_learn
     assert changed and all(name.split(".")[-2] in LORA["target_modules"] for name in changed)
 
 
+@pytest.mark.slow  # about 30 s: two RL runs; every RL resume goes through the same loop
 def test_a_lora_run_resumes_from_its_adapter_checkpoint_to_the_uninterrupted_result(ray_cluster, tiny_model_dir,
                                                                                      tmp_path, monkeypatch):
     """Stopped in step 3, after the step-2 checkpoint (the adapters and their optimizer state)."""
     rows, weights = run(tmp_path / "uninterrupted", tiny_model_dir, "transformers")
-    batch = rl_stage.RolloutBatches.batch
-
-    def dies_in_step_3(self, step):
-        if step == 2:
-            raise RuntimeError("killed")
-        return batch(self, step)
-
-    monkeypatch.setattr(rl_stage.RolloutBatches, "batch", dies_in_step_3)
-    with pytest.raises(RuntimeError, match="killed"):
+    with stopped_in_step(monkeypatch, 3):
         run(tmp_path / "resumed", tiny_model_dir, "transformers")
-    monkeypatch.setattr(rl_stage.RolloutBatches, "batch", batch)
     resumed_rows, resumed = run(tmp_path / "resumed", tiny_model_dir, "transformers", resume=True)
     assert [r["step"] for r in resumed_rows] == [1, 2, 3]
     assert samples(tmp_path / "resumed", 3).equals(samples(tmp_path / "uninterrupted", 3))

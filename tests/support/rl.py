@@ -1,8 +1,11 @@
 """The RL stage alone on a tiny model, rewarded by response length (so the groups of a step differ)."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from safetensors.torch import load_file
 
 from pear_ray.config import parse_job
@@ -36,3 +39,22 @@ def run_rl(run_dir: Path, model: Path, *, resume: bool = False, rollout: dict | 
 def samples(run_dir: Path, step: int):
     """Step `step`'s saved rollouts (rl.save_rollouts)."""
     return pq.read_table(run_dir / "rollouts" / "rl-none" / f"step-{step:06d}.parquet")
+
+
+@contextmanager
+def stopped_in_step(monkeypatch, step: int) -> Iterator[None]:
+    """The RL run inside the block dies in `step` (1-based), after the checkpoints before it."""
+    batch = rl_stage.RolloutBatches.batch
+
+    def dies(self, index):
+        if index == step - 1:
+            raise RuntimeError("killed")
+        return batch(self, index)
+
+    monkeypatch.setattr(rl_stage.RolloutBatches, "batch", dies)
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            yield
+    finally:
+        monkeypatch.setattr(rl_stage.RolloutBatches, "batch", batch)
+
