@@ -112,15 +112,11 @@ class JobConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _lora_fits_the_learner_and_the_engines(self) -> JobConfig:
-        """The learner hands out the adapters merged into the full weights, which only ZeRO 0-2 keep on every rank;
-        RL's vLLM engines serve the adapters in a LoRA slot of a rank vLLM has kernels for."""
+    def _lora_fits_the_engines(self) -> JobConfig:
+        """RL's vLLM engines serve the adapters in a LoRA slot of a rank vLLM has kernels for."""
         lora, engine = self.models.student.lora, self.resources.rollout.engine
         if lora is None:
             return self
-        if self.resources.learner.zero_stage == 3:
-            raise ValueError("models.student.lora: the learner merges the adapters into the full weights every rank "
-                             "holds, which ZeRO-3 partitions; use resources.learner.zero_stage 0, 1 or 2 with LoRA")
         if isinstance(engine, VllmOptions) and lora.r > (engine.max_lora_rank or max(VLLM_LORA_RANKS)):
             raise ValueError(f"resources.rollout.engine.max_lora_rank: vLLM serves LoRA adapters of rank up to "
                              f"{engine.max_lora_rank or max(VLLM_LORA_RANKS)}, and models.student.lora.r is {lora.r}: "

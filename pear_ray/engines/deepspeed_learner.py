@@ -60,7 +60,7 @@ class DeepSpeedLearner:
     `total_steps`. `temperature` is the rollouts' sampling temperature: on-policy objectives and `logprobs` see
     logits / temperature, the distribution the rollout sampled from, so importance ratios compare like with like;
     other objectives train the model's own distribution. `max_tokens_per_micro_batch` (None or 0: one padded
-    forward per update) bounds the tokens of one packed forward (module docstring). `lora` (ZeRO 0-2): train
+    forward per update) bounds the tokens of one packed forward (module docstring). `lora`: train
     low-rank adapters on the frozen model instead of every weight (engines/lora.py); the weights handed out and
     exported are still the plain model's, with the adapters merged, and checkpoints hold only the adapters.
     """
@@ -76,8 +76,6 @@ class DeepSpeedLearner:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
-        if lora is not None and zero_stage == 3:
-            raise ValueError("LoRA needs the full weights on every rank to merge the adapters: zero_stage 0, 1 or 2")
         self.model_dir = Path(model_dir)
         self.rank, self.world_size, self.zero_stage = rank, world_size, zero_stage
         self.temperature = temperature

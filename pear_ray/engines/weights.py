@@ -27,8 +27,11 @@ def gathered_params(learner, to_all: bool = False):
     LoRA, those of the plain model with the adapters merged (new tensors where merged)."""
     if learner.lora is None:
         yield from _module_tensors(learner, to_all)
-    else:
-        yield from adapters.merged(_module_tensors(learner, to_all), learner.lora.scaling)
+        return
+    tensors = _module_tensors(learner, to_all)
+    if learner.zero_stage == 3:  # a gathered parameter is released after its turn: the merge needs W, A, B at once
+        tensors = ((name, tensor.to("cpu", copy=True)) for name, tensor in tensors)
+    yield from adapters.merged(tensors, learner.lora.scaling)
 
 
 def _module_tensors(learner, to_all: bool):
@@ -36,9 +39,7 @@ def _module_tensors(learner, to_all: bool):
     module = learner.engine.module
     emit = to_all or learner.rank == 0
     for name, param in module.named_parameters():
-        gather = (learner.deepspeed.zero.GatheredParameters([param], modifier_rank=None)
-                  if learner.zero_stage == 3 else nullcontext())
-        with gather:
+        with _gathered(learner, [param]):
             if emit:
                 yield name, param.detach()
     if emit:  # buffers are never partitioned; only persistent ones belong in a state dict
@@ -57,14 +58,34 @@ def state_dict(learner) -> dict[str, torch.Tensor] | None:
 
 def adapter(learner) -> AdapterWeights | None:
     """Under LoRA, the adapters alone on rank 0 (CPU copies): what an adapter-only sync sends; None on other
-    ranks. ZeRO 0-2 keep them whole on every rank."""
-    return AdapterWeights.of_peft_model(learner.engine.module) if learner.rank == 0 else None
+    ranks. Under ZeRO-3 every rank takes part in gathering them."""
+    with _gathered(learner, _adapter_params(learner)):
+        return AdapterWeights.of_peft_model(learner.engine.module) if learner.rank == 0 else None
+
+
+def _adapter_params(learner) -> list[torch.nn.Parameter]:
+    return [param for param in learner.engine.module.parameters() if param.requires_grad]
+
+
+def _adapter_state(learner) -> dict[str, torch.Tensor] | None:
+    """The adapters' parameters under the PeftModel's names, CPU copies on rank 0 (what peft's save_pretrained
+    writes); None on other ranks. Collective under ZeRO-3."""
+    named = [(name, param) for name, param in learner.engine.module.named_parameters() if param.requires_grad]
+    with _gathered(learner, [param for _, param in named]):
+        return {name: param.detach().to("cpu", copy=True) for name, param in named} if learner.rank == 0 else None
+
+
+def _gathered(learner, params: list[torch.nn.Parameter]):
+    """ZeRO-3: the parameters whole on every rank inside the block; otherwise they already are."""
+    if learner.zero_stage != 3:
+        return nullcontext()
+    return learner.deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def policy_nbytes(learner) -> int:
     """Bytes a sync sends to each rollout actor: the adapters' under LoRA, else every weight's."""
-    if learner.lora is not None:
-        return sum(p.numel() * p.element_size() for p in learner.engine.module.parameters() if p.requires_grad)
+    if learner.lora is not None:  # ZeRO-3 partitions them: ds_numel is the whole count
+        return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in _adapter_params(learner))
     return sum(tensor.numel() * tensor.element_size() for _, tensor in gathered_params(learner, to_all=True))
 
 
@@ -85,14 +106,15 @@ def export_hf(learner, out_dir: str | Path) -> str | None:
     folder in `adapter/`. `out_dir` a URL: into this node's copy, then uploaded, so any node finds it in the bucket.
     Returns `out_dir` on rank 0, None elsewhere."""
     weights = state_dict(learner)
+    adapter_state = _adapter_state(learner) if learner.lora is not None else None
     if learner.rank != 0:
         return None
     store = RunFolder(out_dir)
     model = learner.engine.module
     with atomic.replacing(store.local) as partial:
         partial.mkdir()
-        if learner.lora is not None:
-            model.save_pretrained(str(partial / ADAPTER_FOLDER))  # PeftModel: the adapters and their config
+        if learner.lora is not None:  # PeftModel: the adapters and their config
+            model.save_pretrained(str(partial / ADAPTER_FOLDER), state_dict=adapter_state)
             model = model.get_base_model()
         model.save_pretrained(str(partial), state_dict=weights)
         for pattern in TOKENIZER_PATTERNS:

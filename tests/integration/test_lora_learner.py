@@ -182,3 +182,37 @@ def test_adapter_dropout_is_in_training_forwards_only(ray_cluster, tiny_model_di
         assert group.step(ray.put(RL_BATCH), RL)["step"] == 3
     finally:
         group.shutdown()
+
+
+def test_zero_3_ends_as_zero_2_and_its_adapter_checkpoint_resumes_exactly(ray_cluster, tiny_model_dir, tmp_path):
+    """Two ranks, an SFT then a GRPO step: under ZeRO-3 (every parameter partitioned, frozen or adapter) the losses,
+    the merged weights handed out, the adapters a sync sends and the exported adapter are ZeRO-2's; a group
+    resumed from the ZeRO-3 checkpoint taken between the steps ends where the uninterrupted one did."""
+    runs = {}
+    for stage in (2, 3):
+        group = start(tiny_model_dir, ranks=2, zero_stage=stage)
+        try:
+            sft = group.step(ray.put(BATCHES[0]), SFT)
+            tag = group.save_checkpoint(tmp_path / f"ckpt{stage}")
+            rl = group.step(ray.put(RL_BATCH), RL)
+            method, sent = group.policy_update()
+            runs[stage] = dict(sft=sft["loss"], rl=rl, weights=ray.get(group.weights_ref()), method=method,
+                               sent=ray.get(sent), nbytes=group.policy_nbytes,
+                               export=adapter(group.export_hf(tmp_path / f"export{stage}")))
+        finally:
+            group.shutdown()
+    zero2, zero3 = runs[2], runs[3]
+    assert zero3["sft"] == pytest.approx(zero2["sft"], abs=1e-6)
+    assert zero3["rl"]["loss"] == pytest.approx(zero2["rl"]["loss"], abs=1e-6)
+    assert max_abs_diff(zero3["weights"], zero2["weights"]) < 1e-6
+    assert zero3["method"] == "update_adapter" and zero3["nbytes"] == zero2["nbytes"] == zero3["sent"].nbytes
+    assert max_abs_diff(zero3["sent"].tensors, zero2["sent"].tensors) < 1e-6
+    assert max_abs_diff(zero3["export"], zero2["export"]) < 1e-6
+    assert any(float(value.abs().max()) > 0 for name, value in zero3["export"].items() if "lora_B" in name)
+    resumed = start(tiny_model_dir, ranks=2, zero_stage=3)
+    try:
+        resumed.load_checkpoint(tmp_path / "ckpt3", tag)
+        assert resumed.step(ray.put(RL_BATCH), RL)["loss"] == zero3["rl"]["loss"]
+        assert max_abs_diff(ray.get(resumed.weights_ref()), zero3["weights"]) == 0.0
+    finally:
+        resumed.shutdown()

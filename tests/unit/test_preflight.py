@@ -83,8 +83,9 @@ BAD_INPUTS = {  # what is wrong -> (arguments after the job file, what the messa
     "LoRA target module the student lacks": (["models.student.lora={{target_modules: [q_proj, qkv_proj]}}"],
                                              "models.student.lora.target_modules: ['qkv_proj'] match no"),
     "LoRA of rank 0": (["models.student.lora={{r: 0}}"], "models.student.lora.r"),
-    "LoRA under ZeRO-3": (["models.student.lora={{}}", "resources.learner.zero_stage=3"],
-                          "models.student.lora: the learner merges the adapters"),
+    "LoRA of a rank vLLM cannot serve": (["models.student.lora={{r: 20}}", "resources.rollout.engine.max_lora_rank=16"],
+                                         "resources.rollout.engine.max_lora_rank: vLLM serves LoRA adapters of rank up "
+                                         "to 16"),
     "LoRA on the behaviour model": (["models.behavior.lora={{}}"], "models.behavior.lora: only models.student"),
     "logger not installed": (["loggers=[tensorboard,wandb]"], "logger 'wandb' was requested"),
     "run folder is a file": (["--run-dir", "{inputs}/a-file"], "a-file: a file is in the way"),
