@@ -130,8 +130,9 @@ class Sync:
 def start_sync(learner: LearnerGroup, pool: ActorPool, version: int, probe_ref: ray.ObjectRef | None = None,
                then: Callable[[], None] | None = None, colocated: bool = False) -> Sync:
     """Hand the learner's current policy to every rollout actor (actor to actor, by ObjectRef: its weights, or under
-    LoRA its adapters alone), and queue the mismatch probe behind them if one is given; `Sync.finish` waits for both. `then` runs once the update (and the
-    probe) is queued on every actor: what it queues (the next rollouts) runs on the new weights, with no idle gap.
+    LoRA its adapters alone), and queue the mismatch probe behind them if one is given; `Sync.finish` waits for both.
+    `then` runs once the update (and the probe) is queued on every actor: what it queues (the next rollouts) runs on
+    the new weights, with no idle gap.
     `colocated`: the pool is the learner's own ranks (LearnerGroup.rollout_pool), whose engines take their rank's
     weights in place, so nothing is sent."""
     started = time.perf_counter()

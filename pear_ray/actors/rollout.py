@@ -33,8 +33,9 @@ GENERATED = (schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS, schema.FINISH_REASON,
 
 class RolloutWorker:
     """Generates responses with their sampled-token log-probs, scores given responses teacher-forced, and takes
-    new weights (or a new LoRA adapter) from the learner in place; every sample records the policy version that produced it. With
-    topk > 0 either also records this model's top-k next tokens at every response token (`teacher_topk`)."""
+    new weights (or a new LoRA adapter) from the learner in place; every sample records the policy version that
+    produced it. With topk > 0 either also records this model's top-k next tokens at every response token
+    (`teacher_topk`)."""
 
     def __init__(self, model_dir: str | Path, *, seed: int = 0, engine: EngineOptions | None = None,
                  model: torch.nn.Module | None = None):

@@ -22,7 +22,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's name for an adapter fold
 class AdapterWeights:
     """A peft LoRA adapter: delta W = (alpha / r) B A on every `target_modules` linear layer of the base model."""
 
-    tensors: dict[str, torch.Tensor]  # peft state-dict names, e.g. base_model.model.model.layers.0.mlp.up_proj.lora_A.weight
+    tensors: dict[str, torch.Tensor]  # peft state-dict names (base_model.model.model.layers.0.mlp.up_proj.lora_A...)
     r: int
     alpha: float
     target_modules: tuple[str, ...]  # module name suffixes, e.g. ("q_proj", "v_proj")
