@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_serializer, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from pear_ray.config.base import Section
 from pear_ray.config.optimizer import RlOptimizer, SftOptimizer, TeacherOptimizer
@@ -12,7 +20,6 @@ from pear_ray.objectives import PEAR_LEVELS, Grpo, PearSft, RlObjective
 
 VARIANT_MODIFIERS = ("distill", "opd")
 BASELINE_VARIANT = "none"  # canonical SFT: the variant every other one is compared with
-PEAR_SETTINGS = ("gamma", "block_size", "delta_clip", "log_weight_clip", "target_mode", "normalize")
 
 
 class ScoreConfig(Section):
@@ -88,7 +95,7 @@ class SftVariant(Section):
         return level
 
     @model_serializer(mode="wrap")
-    def _as_written(self, serialize) -> str | dict[str, Any]:
+    def _as_written(self, serialize: SerializerFunctionWrapHandler) -> str | dict[str, Any]:
         """A label's variant is written back as the label, a named one without the settings it leaves to sft.pear:
         config.yaml reads as the job file did."""
         written = {key: value for key, value in serialize(self).items() if value is not None}
@@ -105,7 +112,7 @@ class SftVariant(Section):
     def objective(self, pear: PearSft) -> PearSft:
         """`pear` at this variant's level, over the distillation loss with `+distill`, with this variant's own
         settings over pear's (validated, so a bound the merge breaks is refused)."""
-        own = {key: getattr(self, key) for key in PEAR_SETTINGS if getattr(self, key) is not None}
+        own = {key: value for key, value in self if key not in ("name", "level") and value is not None}
         return PearSft.model_validate(pear.model_dump() | own | {
             "level": self.pear_level, "base_loss": "distill" if "distill" in self.modifiers else "nll"})
 
