@@ -31,13 +31,13 @@ from pear_ray.config.resources import (
     VllmOptions,
     serving_adapters,
 )
-from pear_ray.config.stages import EvalConfig, RlConfig, ScoreConfig, SftConfig, parse_variant
+from pear_ray.config.stages import EvalConfig, RlConfig, ScoreConfig, SftConfig, SftVariant, parse_variant
 
 __all__ = [
     "ActorResources", "ConfigError", "DataConfig", "EngineOptions", "EvalConfig", "JobConfig", "LearnerResources",
     "LoraConfig", "ModelSource", "ModelsConfig", "OptimizerConfig", "PoolScaling", "PriorConfig", "ResourcesConfig",
-    "RlConfig", "RolloutResources", "SamplingConfig", "ScoreConfig", "ScriptedPolicy", "Section", "SftConfig", "Stage",
-    "TaskConfig", "TransformersOptions", "VllmOptions",
+    "RlConfig", "RolloutResources", "SamplingConfig", "ScoreConfig", "ScriptedPolicy", "Section", "SftConfig",
+    "SftVariant", "Stage", "TaskConfig", "TransformersOptions", "VllmOptions",
     "serving_adapters", "apply_override", "dump_job", "load_job", "parse_job",
     "parse_variant", "set_dotted",
 ]

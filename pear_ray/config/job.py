@@ -11,7 +11,7 @@ from pear_ray.config.base import Section
 from pear_ray.config.data import DataConfig, SamplingConfig, TaskConfig
 from pear_ray.config.models import ModelsConfig
 from pear_ray.config.resources import VLLM_LORA_RANKS, ResourcesConfig, VllmOptions
-from pear_ray.config.stages import EvalConfig, RlConfig, ScoreConfig, SftConfig, parse_variant
+from pear_ray.config.stages import EvalConfig, RlConfig, ScoreConfig, SftConfig, SftVariant
 from pear_ray.objectives import Grpo, OnPolicyDistill, PearSft, RlObjective
 
 Stage = Literal["score", "sft", "rl", "eval"]
@@ -84,7 +84,7 @@ class JobConfig(Section):
     def _distillation_has_a_teacher(self) -> JobConfig:
         """Distillation variants need what they read: the teacher's top-k in the SFT data (+distill), a teacher
         model to score the student's samples (+opd), and GRPO-like surrogate settings to carry over (+opd)."""
-        modifiers = set().union(*(parse_variant(label)[1] for label in self.sft_variants))
+        modifiers = set().union(*(variant.modifiers for variant in self.sft.trained_variants))
         if "distill" in modifiers and self.data.sft is None and not self.score.teacher_topk:
             raise ValueError("a +distill variant trains on the teacher's top-k log-probs: set score.teacher_topk "
                              "(e.g. 8) so the score stage records them")
@@ -135,22 +135,22 @@ class JobConfig(Section):
 
     @property
     def sft_variants(self) -> list[str]:
-        """The variants to train and compare (comparison mode), or the one `sft.pear` describes."""
-        return list(self.sft.variants) or [self.sft.pear.level + ("+distill" if self.sft.pear.base_loss == "distill"
-                                                                  else "")]
+        """The names of the variants to train and compare (comparison mode), or of the one `sft.pear` describes."""
+        return [variant.name for variant in self.sft.trained_variants]
 
-    def sft_objective(self, variant: str) -> PearSft:
+    def sft_variant(self, name: str) -> SftVariant:
+        """The variant named `name`: its level, modifiers and own PEAR settings."""
+        return self.sft.variant(name)
+
+    def sft_objective(self, name: str) -> PearSft:
         """The SFT objective of a variant: sft.pear at the variant's level, over the distillation loss with
-        `+distill`."""
-        level, modifiers = parse_variant(variant)
-        return self.sft.pear.model_copy(update={"level": level,
-                                                "base_loss": "distill" if "distill" in modifiers else "nll"})
+        `+distill`, with the variant's own settings over sft.pear's."""
+        return self.sft_variant(name).objective(self.sft.pear)
 
-    def rl_objective(self, variant: str) -> RlObjective:
+    def rl_objective(self, name: str) -> RlObjective:
         """The RL objective of a variant: rl.objective, or on-policy distillation with its surrogate settings
         (clip ranges, TIS, aggregation, minibatches, epochs) with `+opd`."""
-        _, modifiers = parse_variant(variant)
-        if "opd" not in modifiers or isinstance(self.rl.objective, OnPolicyDistill):
+        if "opd" not in self.sft_variant(name).modifiers or isinstance(self.rl.objective, OnPolicyDistill):
             return self.rl.objective
         shared = set(OnPolicyDistill.model_fields) - {"kind"}
         return OnPolicyDistill(**self.rl.objective.model_dump(include=shared))

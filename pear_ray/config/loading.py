@@ -21,7 +21,27 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as error:
         raise ConfigError(f"override {override!r}: the value is not valid YAML ({error.problem})") from None
+    glued = _glued_key(value)
+    if glued is not None:
+        raise ConfigError(f"override {override!r}: YAML reads {glued!r} as one key with no value; put a space after "
+                          f"the colon: {glued.replace(':', ': ', 1)}")
     set_dotted(tree, key, value)
+
+
+def _glued_key(value: Any) -> str | None:
+    """The first key of a flow mapping written without a space after its colon (`{name:w}`, which YAML reads as the
+    key 'name:w' with no value), anywhere in a parsed value; None when there is none."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if item is None and isinstance(key, str) and ":" in key:
+                return key
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            found = _glued_key(item)
+            if found is not None:
+                return found
+    return None
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

@@ -2,8 +2,9 @@
 a job can hold, with each key's dotted path, type, default and description.
 
 Sections are found by walking JobConfig's fields: a field whose type is a section (a pydantic model) is a section
-of its own, at its dotted place; sibling fields of one section type are documented once, under `parent.{a,b,c}`;
-a tagged union (rl.objective) is documented once per kind. `pear-ray config --reference` prints it.
+of its own, at its dotted place (a list of sections: its entries, at `place[]`); sibling fields of one section type
+are documented once, under `parent.{a,b,c}`; a tagged union (rl.objective) is documented once per kind.
+`pear-ray config --reference` prints it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ changed in the code (pear_ray/config/, the objectives in pear_ray/objectives/, p
 
 A job file is YAML holding these keys; any of them can be overridden on the command line as `dotted.key=value`
 (the value read as YAML). A key the schema does not know is refused, naming it. In a key, `{a,b}` stands for each of
-`a` and `b`.
+`a` and `b`, and `a[]` for each entry of the list `a`.
 """
 
 
@@ -63,9 +64,10 @@ def sections(model: type[BaseModel] = JobConfig, place: str = "", kind: str | No
     yield SectionPlace(place, model, kind)
     groups: dict[tuple, list[str]] = {}  # the section types of a field -> the sibling fields that have them
     for name, field in model.model_fields.items():
-        arms = section_arms(field.annotation)
+        listed = typing.get_origin(field.annotation) is list  # a list of sections: its entries, as `name[]`
+        arms = section_arms(typing.get_args(field.annotation)[0] if listed else field.annotation)
         if arms:
-            groups.setdefault(tuple(arms), []).append(name)
+            groups.setdefault(tuple(arms), []).append(f"{name}[]" if listed else name)
     for arms, names in groups.items():
         child = names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
         child_place = f"{place}.{child}" if place else child

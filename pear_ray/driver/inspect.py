@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pear_ray.config import JobConfig, parse_variant
+from pear_ray.config import JobConfig
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
 from pear_ray.driver.run import RunState, prepare_student
@@ -223,7 +223,7 @@ def _all_style(name: str) -> dict:
 
 def verdict_levels(job: JobConfig) -> list[str]:
     """The PEAR levels the job trains, or the default level when it trains canonical SFT only."""
-    levels = dict.fromkeys(parse_variant(label)[0] for label in job.sft_variants)
+    levels = dict.fromkeys(variant.pear_level for variant in job.sft.trained_variants)
     return [level for level in levels if level != "none"] or [DEFAULT_LEVEL]
 
 
