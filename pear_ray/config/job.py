@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from pear_ray.config.base import Section
 from pear_ray.config.data import DataConfig, SamplingConfig, TaskConfig
 from pear_ray.config.models import ModelsConfig
+from pear_ray.config.primary import PrimaryComparison
 from pear_ray.config.resources import VLLM_LORA_RANKS, ResourcesConfig, VllmOptions
 from pear_ray.config.stages import EvalConfig, RlConfig, ScoreConfig, SftConfig, SftVariant
 from pear_ray.objectives import Grpo, OnPolicyDistill, PearSft, RlObjective
@@ -31,6 +32,9 @@ class JobConfig(Section):
                                        "cell per combination, e.g. {sft.epochs: [1, 3, 12]}")
     parallel_cells: int = Field(1, ge=1, description="cells run at once, each as a Ray task on this node; "
                                 "more than 1 suits a cluster with room for several cells' actors")
+    primary: PrimaryComparison | None = Field(None, description="an experiment's pre-registered primary comparison "
+                                              "(variant vs baseline, stage, metric), its prediction and the "
+                                              "thresholds of its verdict: first in summary.json and the report")
     output_dir: str = Field("runs", description="the folder run folders go in (output_dir/name), relative to where "
                             "the command runs; a command's --run-dir overrides it")
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
@@ -121,6 +125,28 @@ class JobConfig(Section):
             raise ValueError(f"resources.rollout.engine.max_lora_rank: vLLM serves LoRA adapters of rank up to "
                              f"{engine.max_lora_rank or max(VLLM_LORA_RANKS)}, and models.student.lora.r is {lora.r}: "
                              "raise max_lora_rank (or leave it null: the smallest that fits is used), or lower r")
+        return self
+
+    @model_validator(mode="after")
+    def _primary_reads_what_the_job_measures(self) -> JobConfig:
+        """The primary comparison and its thresholds name variants the job trains, stages it evaluates, and k it
+        reports; a grid has one label per cell, so it has no one primary variant."""
+        primary = self.primary
+        if primary is None:
+            return self
+        if self.grid:
+            raise ValueError("primary: a grid gives every variant one label per cell; compare one configuration "
+                             "(drop grid) or run each grid point as its own job")
+        for where, variant, stage, metric in [("primary", primary.variant, primary.stage, primary.metric),
+                                              ("primary.baseline", primary.baseline, primary.stage, primary.metric),
+                                              *((f"primary threshold on {t.statistic}", t.variant, t.stage, t.metric)
+                                                for t in primary.thresholds())]:
+            if variant is not None and variant not in self.sft_variants:
+                raise ValueError(f"{where}: variant {variant!r} is not in sft.variants {self.sft_variants}")
+            if stage is not None and ("eval" not in self.stages or stage not in self.stages):
+                raise ValueError(f"{where}: the job does not evaluate after {stage} (stages: {self.stages})")
+            if metric is not None and metric.startswith("pass@") and int(metric[5:]) not in self.eval.k:
+                raise ValueError(f"{where}: {metric} is not reported; eval.k is {self.eval.k}")
         return self
 
     @property

@@ -36,6 +36,7 @@ from pear_ray.tracking import read_metrics
 from pear_ray.tracking.aggregate import aggregate, write_summary
 from pear_ray.tracking.experiment_report import write_experiment_report
 from pear_ray.tracking.plots import PLOTS_DIR
+from pear_ray.tracking.preregistration import judge
 from pear_ray.tracking.report import mean_pear_weights
 
 log = logging.getLogger(__name__)
@@ -100,15 +101,19 @@ def run_experiment(job: JobConfig, job_dir: str | Path) -> Path:
         wall_seconds = add_wall_time(job_folder.local, time.perf_counter() - started)
         job_folder.publish(job_folder.local / WALL_TIME_FILE)
     per_prompt, weights = collect(job_folder, planned)
-    summary = aggregate(per_prompt, job.eval.k, mean_weights=weights)
-    summary_path = write_summary(job_folder.local, summary)
+    baseline = job.primary.baseline if job.primary is not None else "none"
+    summary = aggregate(per_prompt, job.eval.k, baseline=baseline, mean_weights=weights)
+    primary = judge(job.primary, summary) if job.primary is not None else None
+    if primary is not None:
+        log.info("primary comparison: %s", primary.line)
+    summary_path = write_summary(job_folder.local, summary, None if primary is None else primary.as_json())
     report = write_experiment_report(
         job_folder.local, summary, job_name=job.name, seeds=job.seeds or [job.seed],
         cells=[point for point in dict.fromkeys(point for point, _, _ in planned) if point],
         extra={"task": job.task.title,
                "eval": f"{job.task.num_eval} held-out prompts, n={job.eval.n} samples each, k={job.eval.k}",
                "variants": ", ".join(job.sft_variants)},
-        wall_seconds=wall_seconds)
+        wall_seconds=wall_seconds, primary=primary)
     job_folder.publish(summary_path, job_folder.local / PLOTS_DIR, report)
     return report
 
@@ -149,4 +154,4 @@ def collect(job_folder: RunFolder, planned: list[tuple[str, str, JobConfig]]) ->
     if not tables:
         raise RuntimeError(f"{job_folder.location}: no cell wrote per-prompt eval results (does the job have an eval "
                            "stage?)")
-    return pa.concat_tables(tables), {key: float(np.mean(values)) for key, values in weights.items()}
+    return pa.concat_tables(tables, promote_options="default"), {key: float(np.mean(values)) for key, values in weights.items()}

@@ -1,9 +1,11 @@
-"""An experiment job's eval results aggregated over seeds (and grid cells): pass@k mean ± SE per label and stage, and
-the paired difference of every other label against the baseline (canonical SFT) of the same cell, with a paired
-bootstrap 95% interval over prompts and a conclusion sentence that follows from those numbers.
+"""An experiment job's eval results aggregated over seeds (and grid cells): every metric's mean ± SE per label and
+stage, and the paired difference of every other label against the baseline (canonical SFT) of the same cell, with a
+paired bootstrap 95% interval over prompts and a conclusion sentence that follows from those numbers.
 
-Input: the per-prompt rows of every eval, concatenated into one Arrow table with the columns `COLUMNS`. A label is
-the variant, plus " | {cell}" when the row belongs to a grid cell ("token", "token | sft.epochs=3").
+Input: the per-prompt rows of every eval, concatenated into one Arrow table with the columns `COLUMNS` (plus a
+`style_<name>` count per response style when the task classifies styles). A label is the variant, plus " | {cell}"
+when the row belongs to a grid cell ("token", "token | sft.epochs=3"). The metrics are `pass@k` for each k and
+`share_<name>` for each style: the fraction of a prompt's n samples written in that style.
 
 Pure numpy/pyarrow (no Ray), so a finished or half-finished job folder can be re-aggregated at any time.
 """
@@ -23,10 +25,13 @@ from pear_ray.objectives.pass_at_k import pass_at_k
 from pear_ray.tracking.plots import EVAL_STAGE_LABELS, order_variants
 
 COLUMNS = ("seed", "cell", "variant", "stage", "prompt_id", "n", "correct")
+STYLE_COLUMN = "style_"  # a per-prompt count of samples in one response style: style_<name>
+PASS_AT, SHARE = "pass@", "share_"  # the metrics: pass@<k>, share_<style>
 SUMMARY_FILE = "summary.json"
 MINUS = "\u2212"
 
-Run = dict[int, dict[str, tuple[int, int]]]  # seed -> prompt_id -> (n, correct) of one (cell, variant, stage)
+Counts = dict[str, int]  # one prompt's n, correct and style_<name> counts
+Run = dict[int, dict[str, Counts]]  # seed -> prompt_id -> counts of one (cell, variant, stage)
 
 
 def label_of(cell: str, variant: str) -> str:
@@ -34,7 +39,17 @@ def label_of(cell: str, variant: str) -> str:
 
 
 def display_name(variant: str) -> str:
-    return "canonical SFT" if variant == "none" else f"{variant}-level PEAR"
+    """canonical SFT, token-level PEAR, ...; a variant with a name of its own (token-wide) is called by it."""
+    if variant == "none":
+        return "canonical SFT"
+    return f"{variant}-level PEAR" if variant in ("token", "block", "sequence") else variant
+
+
+def metric_value(metric: str, counts: Counts) -> float:
+    """One prompt's value of `metric`: the unbiased pass@k estimate from (n, correct), or a style's share of n."""
+    if metric.startswith(PASS_AT):
+        return pass_at_k(counts["n"], counts["correct"], int(metric[len(PASS_AT):]))
+    return counts[STYLE_COLUMN + metric[len(SHARE):]] / counts["n"]
 
 
 def signed(x: float) -> str:
@@ -49,7 +64,7 @@ def standard_error(values: np.ndarray) -> float | None:
 
 @dataclass(frozen=True)
 class Score:
-    """pass@k of one label after one stage: mean and SE over seeds of the per-seed mean over prompts."""
+    """One metric of one label after one stage: mean and SE over seeds of the per-seed mean over prompts."""
 
     mean: float
     se: float | None
@@ -58,14 +73,14 @@ class Score:
 
 @dataclass(frozen=True)
 class Comparison:
-    """Paired difference label − baseline (same cell, seeds and prompts) of pass@k after one stage."""
+    """Paired difference label − baseline (same cell, seeds and prompts) of one metric after one stage."""
 
     label: str
     variant: str
     baseline: str
     cell: str
     stage: str
-    k: int
+    metric: str
     mean_diff: float
     se_diff: float | None
     seeds_positive: int
@@ -92,15 +107,17 @@ class Comparison:
         return min(self.ci95[0], seeds[0]) > 0 or max(self.ci95[1], seeds[1]) < 0
 
     def as_json(self) -> dict:
+        seeds = self.seed_ci95
         return {"mean_diff": self.mean_diff, "se_diff": self.se_diff, "seeds_positive": self.seeds_positive,
-                "n_seeds": self.n_seeds, "ci95": list(self.ci95)}
+                "n_seeds": self.n_seeds, "ci95": list(self.ci95), "seed_ci95": None if seeds is None else list(seeds),
+                "resolved": self.resolved}
 
     @property
     def conclusion(self) -> str:
         name, base = display_name(self.variant), display_name(self.baseline)
         where = (f" at {self.cell}" if self.cell else "") + f" {EVAL_STAGE_LABELS[self.stage]}"
         se = "n/a" if self.se_diff is None else f"{self.se_diff:.3f}"
-        size = f"{signed(self.mean_diff)} ± {se} pass@{self.k}"
+        size = f"{signed(self.mean_diff)} ± {se} {self.metric}"
         ci = f"95% CI [{signed(self.ci95[0])}, {signed(self.ci95[1])}]"
         seeds = self.seed_ci95
         if seeds is not None:
@@ -115,10 +132,11 @@ class Comparison:
 @dataclass(frozen=True)
 class ExperimentSummary:
     """Everything the job's summary.json and report.md show. Labels run cell by cell (first-seen order), variants
-    in `order_variants` order; `scores` has every (label, stage, k) evaluated, `comparisons` every non-baseline one."""
+    in `order_variants` order; `scores` has every (label, stage, metric) evaluated, `comparisons` every non-baseline
+    one; `metrics` are the pass@k ones, then the style shares."""
 
     baseline: str
-    ks: tuple[int, ...]
+    metrics: tuple[str, ...]
     labels: tuple[str, ...]
     label_keys: dict[str, tuple[str, str]]  # label -> (cell, variant)
     seeds: tuple[int, ...]
@@ -157,6 +175,11 @@ def paired_bootstrap_ci(diffs: np.ndarray, n_boot: int, seed: int) -> tuple[floa
     return float(lo), float(hi)
 
 
+def style_columns(table: pa.Table) -> list[str]:
+    """The table's style_<name> count columns that every row fills (an older eval wrote none)."""
+    return [c for c in table.column_names if c.startswith(STYLE_COLUMN) and not table.column(c).null_count]
+
+
 def _collect(table: pa.Table) -> dict[tuple[str, str, str], Run]:
     """{(cell, variant, stage): Run}, refusing rows the statistics cannot use."""
     missing = [c for c in COLUMNS if c not in table.column_names]
@@ -167,18 +190,22 @@ def _collect(table: pa.Table) -> dict[tuple[str, str, str], Run]:
     nulls = [c for c in COLUMNS if table.column(c).null_count]
     if nulls:
         raise ValueError(f"per-prompt table has nulls in column(s) {nulls}")
-    columns = table.select(list(COLUMNS)).to_pydict()
+    counted = ["n", "correct", *style_columns(table)]
+    columns = table.select([*COLUMNS[:5], *counted]).to_pylist()
     runs: dict[tuple[str, str, str], Run] = {}
-    for seed, cell, variant, stage, prompt, n, correct in zip(*(columns[c] for c in COLUMNS)):
+    for row in columns:
+        seed, cell, variant, stage, prompt = (row[c] for c in COLUMNS[:5])
+        counts = {c: int(row[c]) for c in counted}
         where = f"{label_of(cell, variant)!r}, stage {stage!r}, seed {seed}, prompt {prompt!r}"
         if stage not in EVAL_STAGE_LABELS:
             raise ValueError(f"{where}: unknown stage; expected one of {list(EVAL_STAGE_LABELS)}")
-        if not 0 <= correct <= n:
-            raise ValueError(f"{where}: correct={correct} out of n={n} samples is impossible")
+        for name, count in counts.items():
+            if name != "n" and not 0 <= count <= counts["n"]:
+                raise ValueError(f"{where}: {name}={count} out of n={counts['n']} samples is impossible")
         prompts = runs.setdefault((cell, variant, stage), {}).setdefault(int(seed), {})
         if prompt in prompts:
             raise ValueError(f"{where}: the prompt appears twice")
-        prompts[prompt] = (int(n), int(correct))
+        prompts[prompt] = counts
     return runs
 
 
@@ -209,16 +236,16 @@ def _unshared(a: Mapping[str, object], b: Mapping[str, object]) -> str:
     return f"{len(only)} prompt(s) not in both, e.g. {only[0]!r}"
 
 
-def _estimates(run: Run, seeds: list[int], prompts: list[str], k: int, label: str, stage: str) -> np.ndarray:
-    """E[s, p]: the unbiased pass@k estimate of seed s on prompt p."""
+def _estimates(run: Run, seeds: list[int], prompts: list[str], metric: str, label: str, stage: str) -> np.ndarray:
+    """E[s, p]: seed s's value of `metric` on prompt p (pass@k: the unbiased estimate)."""
     out = np.empty((len(seeds), len(prompts)))
     for i, seed in enumerate(seeds):
         for j, prompt in enumerate(prompts):
-            n, correct = run[seed][prompt]
-            if n < k:
-                raise ValueError(f"pass@{k} needs n >= {k} samples per prompt, but {label!r} after {stage}, seed "
-                                 f"{seed}, prompt {prompt!r} has n = {n}")
-            out[i, j] = pass_at_k(n, correct, k)
+            counts = run[seed][prompt]
+            if metric.startswith(PASS_AT) and counts["n"] < int(metric[len(PASS_AT):]):
+                raise ValueError(f"{metric} needs n >= {metric[len(PASS_AT):]} samples per prompt, but {label!r} after "
+                                 f"{stage}, seed {seed}, prompt {prompt!r} has n = {counts['n']}")
+            out[i, j] = metric_value(metric, counts)
     return out
 
 
@@ -226,7 +253,8 @@ def aggregate(per_prompt: pa.Table, ks: Iterable[int], baseline: str = "none", n
               boot_seed: int = 0, mean_weights: Mapping[tuple[str, str], float] | None = None) -> ExperimentSummary:
     """Aggregate the per-prompt eval rows of a job (columns `COLUMNS`) into an `ExperimentSummary`.
 
-    ks: the k of pass@k to report (every prompt needs n >= max(ks)).
+    ks: the k of pass@k to report (every prompt needs n >= max(ks)); the style shares come with the table's
+        style_<name> columns.
     baseline: the variant every other variant of the same cell is paired with.
     n_boot, boot_seed: bootstrap draws and the seed of their numpy Generator (the same for every comparison).
     mean_weights: {(cell, variant): average PEAR mean_weight over SFT steps}, cell "" when the job has no grid.
@@ -238,6 +266,8 @@ def aggregate(per_prompt: pa.Table, ks: Iterable[int], baseline: str = "none", n
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1; got {n_boot}")
     runs = _collect(per_prompt)
+    metrics = (*(f"{PASS_AT}{k}" for k in ks),
+               *(SHARE + c[len(STYLE_COLUMN):] for c in style_columns(per_prompt)))
     cells = tuple(dict.fromkeys(cell for cell, _, _ in runs))
     label_keys = {label_of(cell, v): (cell, v) for cell in cells
                   for v in order_variants(v for c, v, _ in runs if c == cell)}
@@ -256,17 +286,17 @@ def aggregate(per_prompt: pa.Table, ks: Iterable[int], baseline: str = "none", n
             seeds = sorted(run)
             prompts = sorted(run[seeds[0]])
             sizes.add(len(prompts))
-            for k in ks:
-                estimates = _estimates(run, seeds, prompts, k, label, stage)
+            for metric in metrics:
+                estimates = _estimates(run, seeds, prompts, metric, label, stage)
                 per_seed = estimates.mean(axis=1)
-                scores[label, stage, k] = Score(float(per_seed.mean()), standard_error(per_seed),
+                scores[label, stage, metric] = Score(float(per_seed.mean()), standard_error(per_seed),
                                                 dict(zip(seeds, per_seed.tolist())))
                 if variant == baseline:
                     continue
-                diffs = estimates - _estimates(base, seeds, prompts, k, base_label, stage)
+                diffs = estimates - _estimates(base, seeds, prompts, metric, base_label, stage)
                 d = diffs.mean(axis=1)
-                comparisons[label, stage, k] = Comparison(
-                    label=label, variant=variant, baseline=baseline, cell=cell, stage=stage, k=k,
+                comparisons[label, stage, metric] = Comparison(
+                    label=label, variant=variant, baseline=baseline, cell=cell, stage=stage, metric=metric,
                     mean_diff=float(d.mean()), se_diff=standard_error(d), seeds_positive=int((d > 0).sum()),
                     seeds_negative=int((d < 0).sum()), n_seeds=len(d),
                     ci95=paired_bootstrap_ci(diffs, n_boot, boot_seed))
@@ -276,18 +306,21 @@ def aggregate(per_prompt: pa.Table, ks: Iterable[int], baseline: str = "none", n
             raise ValueError(f"mean_weights has {key!r}, but there are no results for that (cell, variant)")
         weights[label_of(*key)] = float(weight)
     return ExperimentSummary(
-        baseline=baseline, ks=ks, labels=tuple(label_keys), label_keys=label_keys,
+        baseline=baseline, metrics=metrics, labels=tuple(label_keys), label_keys=label_keys,
         seeds=tuple(sorted({seed for run in runs.values() for seed in run})), cells=cells,
         num_prompts=tuple(sorted(sizes)), n_boot=n_boot, scores=scores, comparisons=comparisons,
         mean_weights=weights)
 
 
-def write_summary(job_dir: str | Path, summary: ExperimentSummary) -> Path:
-    """job_dir/summary.json, {label: {stage: {"pass@k": paired difference vs baseline}}} for every non-baseline
-    label, written atomically; a value that cannot be computed (an SE from one seed) is null, never NaN."""
+def write_summary(job_dir: str | Path, summary: ExperimentSummary, primary: dict | None = None) -> Path:
+    """job_dir/summary.json, written atomically: the pre-registered primary comparison first (its figures and
+    verdict, `PrimaryResult.as_json`; null when the job names none), then {label: {stage: {metric: paired
+    difference vs baseline}}} for every non-baseline label under `comparisons`; a value that cannot be computed (an
+    SE from one seed) is null, never NaN."""
     tree: dict[str, dict[str, dict[str, dict]]] = {}
-    for (label, stage, k), comparison in summary.comparisons.items():
-        tree.setdefault(label, {}).setdefault(stage, {})[f"pass@{k}"] = comparison.as_json()
+    for (label, stage, metric), comparison in summary.comparisons.items():
+        tree.setdefault(label, {}).setdefault(stage, {})[metric] = comparison.as_json()
     path = Path(job_dir) / SUMMARY_FILE
-    atomic.write_bytes(path, json.dumps(tree, indent=2, allow_nan=False).encode() + b"\n")
+    document = {"primary": primary, "baseline": summary.baseline, "comparisons": tree}
+    atomic.write_bytes(path, json.dumps(document, indent=2, allow_nan=False).encode() + b"\n")
     return path

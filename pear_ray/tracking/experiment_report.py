@@ -1,4 +1,5 @@
-"""job_dir/report.md of an experiment job (several seeds, optionally a grid of config values): pass@k mean ± SE per
+"""job_dir/report.md of an experiment job (several seeds, optionally a grid of config values): its pre-registered
+primary comparison and verdict first when the job names one, then pass@k (and style shares) mean ± SE per
 label, the paired differences against canonical SFT with their bootstrap intervals and conclusions, an honest noise
 line, a ranking of every checkpoint after SFT vs after RL when the job has a grid (does the order reverse?), and the
 plots under job_dir/plots/."""
@@ -15,13 +16,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pear_ray import atomic
-from pear_ray.tracking.aggregate import ExperimentSummary, Score, display_name, signed
+from pear_ray.tracking.aggregate import PASS_AT, ExperimentSummary, Score, display_name, signed
 from pear_ray.tracking.plots import EVAL_STAGE_LABELS, PLOTS_DIR, save_figure, subplots
+from pear_ray.tracking.preregistration import Check, PrimaryResult
 from pear_ray.tracking.report import DASH, REPORT_FILE, WEIGHT_NOTE
 
 SCORES_PNG = "experiment_pass_at_k.png"
 DIFFERENCES_PNG = "paired_differences.png"
-PLOT_CAPTIONS = {SCORES_PNG: "pass@k per label, mean ± SE over seeds",
+PLOT_CAPTIONS = {SCORES_PNG: "every metric per label, mean ± SE over seeds",
                  DIFFERENCES_PNG: "paired differences against the baseline, 95% intervals over prompts and seeds"}
 STAGE_COLORS = {"sft": "C0", "rl": "C1"}
 
@@ -41,15 +43,15 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [_row(head), "|" + "---|" + "---:|" * (len(head) - 1), *(_row(row) for row in rows), ""]
 
 
-def ranking_k(summary: ExperimentSummary) -> int:
-    """The k the reversal check ranks by: pass@1 when evaluated, else the smallest k."""
-    return 1 if 1 in summary.ks else summary.ks[0]
+def ranking_metric(summary: ExperimentSummary) -> str:
+    """The metric the reversal check ranks by: the first pass@k reported (the smallest k, pass@1 when evaluated)."""
+    return next(metric for metric in summary.metrics if metric.startswith(PASS_AT))
 
 
-def ranked(summary: ExperimentSummary, stage: str, k: int) -> list[tuple[str, float]]:
-    """(label, mean pass@k) best first; ties keep the label order."""
-    pairs = [(label, summary.scores[label, stage, k].mean) for label in summary.labels
-             if (label, stage, k) in summary.scores]
+def ranked(summary: ExperimentSummary, stage: str, metric: str) -> list[tuple[str, float]]:
+    """(label, mean of the metric) best first; ties keep the label order."""
+    pairs = [(label, summary.scores[label, stage, metric].mean) for label in summary.labels
+             if (label, stage, metric) in summary.scores]
     return sorted(pairs, key=lambda pair: -pair[1])
 
 
@@ -76,14 +78,14 @@ def _scores_section(summary: ExperimentSummary) -> list[str]:
     for stage in summary.stages():
         rows = []
         for label in summary.labels:
-            if not any((label, stage, k) in summary.scores for k in summary.ks):
+            if not any((label, stage, metric) in summary.scores for metric in summary.metrics):
                 continue
             weight = summary.mean_weights.get(label)
             name = f"{label} (baseline)" if summary.is_baseline(label) else label
             rows.append([name, DASH if weight is None else f"{weight:.3f}",
-                         *(_fmt_score(summary.scores.get((label, stage, k))) for k in summary.ks)])
+                         *(_fmt_score(summary.scores.get((label, stage, metric))) for metric in summary.metrics)])
         lines += [f"### {EVAL_STAGE_LABELS[stage][0].upper()}{EVAL_STAGE_LABELS[stage][1:]}", ""]
-        lines += _table(["label", "mean PEAR weight", *(f"pass@{k}" for k in summary.ks)], rows)
+        lines += _table(["label", "mean PEAR weight", *summary.metrics], rows)
     lines += [f"The mean PEAR weight is the average token weight over the SFT steps (1 for canonical SFT). "
               f"{WEIGHT_NOTE}", ""]
     return lines
@@ -96,13 +98,33 @@ def _differences_section(summary: ExperimentSummary) -> list[str]:
     for c in summary.comparisons.values():
         se = DASH if c.se_diff is None else f"{c.se_diff:.3f}"
         seeds = DASH if c.seed_ci95 is None else f"[{signed(c.seed_ci95[0])}, {signed(c.seed_ci95[1])}]"
-        rows.append([c.label, EVAL_STAGE_LABELS[c.stage], f"pass@{c.k}", f"{signed(c.mean_diff)} ± {se}",
+        rows.append([c.label, EVAL_STAGE_LABELS[c.stage], c.metric, f"{signed(c.mean_diff)} ± {se}",
                      f"{c.seeds_positive}/{c.n_seeds}", f"[{signed(c.ci95[0])}, {signed(c.ci95[1])}]", seeds,
                      "yes" if c.resolved else "no"])
     head = ["label", "stage", "metric", "mean diff ± SE", "seeds positive", "95% CI over prompts",
             "95% CI over seeds", "resolved"]
     lines = _table(head, rows)
     lines += ["### Conclusions", "", *(f"- {c.conclusion}." for c in summary.comparisons.values()), ""]
+    return lines
+
+
+def _checks_table(checks: Sequence[Check]) -> list[str]:
+    rows = [[check.figure, check.bound, DASH if check.value is None else f"{check.value:+.3f}",
+             "yes" if check.holds else "no"] for check in checks]
+    return _table(["figure", "threshold", "value", "holds"], rows)
+
+
+def _primary_section(result: PrimaryResult) -> list[str]:
+    """The pre-registered primary comparison: its line and verdict, the thresholds behind the verdict, then each
+    secondary prediction, held or not."""
+    lines = ["## Primary comparison (pre-registered)", "", f"**{result.line}.**", "",
+             f"Prediction, written in the job before the run: {result.primary.prediction}", "",
+             "Supported if every one of these holds:", "", *_checks_table(result.supported)]
+    if result.falsified:
+        lines += ["Falsified if every one of these holds:", "", *_checks_table(result.falsified)]
+    for index, (says, checks) in enumerate(result.secondary, 1):
+        held = "held" if all(check.holds for check in checks) else "did not hold"
+        lines += [f"Secondary prediction {index}, {held}: {says}", "", *_checks_table(checks)]
     return lines
 
 
@@ -119,14 +141,14 @@ def _noise_line(summary: ExperimentSummary) -> list[str]:
 
 
 def _ranking_section(summary: ExperimentSummary) -> list[str]:
-    k = ranking_k(summary)
-    after_sft, after_rl = ranked(summary, "sft", k), ranked(summary, "rl", k)
+    metric = ranking_metric(summary)
+    after_sft, after_rl = ranked(summary, "sft", metric), ranked(summary, "rl", metric)
     if not after_sft or not after_rl:
-        return [f"The reversal check needs pass@{k} after both SFT and RL; this job has only one of them.", ""]
+        return [f"The reversal check needs {metric} after both SFT and RL; this job has only one of them.", ""]
     rows = [[str(i + 1), *(f"{pairs[i][0]} ({pairs[i][1]:.3f})" if i < len(pairs) else DASH
                            for pairs in (after_sft, after_rl))]
             for i in range(max(len(after_sft), len(after_rl)))]
-    lines = _table(["rank", f"after SFT (pass@{k})", f"after RL (pass@{k})"], rows)
+    lines = _table(["rank", f"after SFT ({metric})", f"after RL ({metric})"], rows)
     rl_scores = dict(after_rl)
     common = [(score, rl_scores[label]) for label, score in after_sft if label in rl_scores]
     rho = spearman([a for a, _ in common], [b for _, b in common])
@@ -140,7 +162,7 @@ def _ranking_section(summary: ExperimentSummary) -> list[str]:
 
 
 def _panels(n_labels: int, n_panels: int) -> tuple[Figure, np.ndarray]:
-    """One panel per k, stacked, so long grid-cell labels stay readable under the bottom one."""
+    """One panel per metric, stacked, so long grid-cell labels stay readable under the bottom one."""
     fig, axes = subplots(n_panels, 1, (max(6.0, 0.8 * n_labels + 3), 3.2 * n_panels + 1.4))
     return fig, axes[:, 0]
 
@@ -155,22 +177,22 @@ def _finish(fig: Figure, axes: np.ndarray, labels: Sequence[str], title: str) ->
 
 
 def plot_scores(summary: ExperimentSummary, path: Path) -> Path | None:
-    """Bars of pass@k per label after SFT and after RL, SE error bars, one panel per k."""
+    """Bars of every metric per label after SFT and after RL, SE error bars, one panel per metric."""
     stages = summary.stages()
     if not stages:
         return None
     x = np.arange(len(summary.labels))
     width = 0.8 / len(stages)
-    fig, axes = _panels(len(x), len(summary.ks))
-    for ax, k in zip(axes, summary.ks):
+    fig, axes = _panels(len(x), len(summary.metrics))
+    for ax, metric in zip(axes, summary.metrics):
         for i, stage in enumerate(stages):
-            scores = [summary.scores.get((label, stage, k)) for label in summary.labels]
+            scores = [summary.scores.get((label, stage, metric)) for label in summary.labels]
             heights = [math.nan if s is None else s.mean for s in scores]
             errors = [0.0 if s is None or s.se is None else s.se for s in scores]
             ax.bar(x + (i - (len(stages) - 1) / 2) * width, heights, width, yerr=errors, capsize=3,
                    color=STAGE_COLORS[stage], label=EVAL_STAGE_LABELS[stage])
-        ax.set(ylabel=f"pass@{k}", ylim=(0, 1.05))
-    _finish(fig, axes, summary.labels, f"pass@k per label, mean ± SE over {len(summary.seeds)} seed(s)")
+        ax.set(ylabel=metric, ylim=(0, 1.05))
+    _finish(fig, axes, summary.labels, f"every metric per label, mean ± SE over {len(summary.seeds)} seed(s)")
     return save_figure(fig, path)
 
 
@@ -181,12 +203,12 @@ def plot_differences(summary: ExperimentSummary, path: Path) -> Path | None:
     if not labels:
         return None
     stages = summary.stages()
-    fig, axes = _panels(len(labels), len(summary.ks))
-    for ax, k in zip(axes, summary.ks):
+    fig, axes = _panels(len(labels), len(summary.metrics))
+    for ax, metric in zip(axes, summary.metrics):
         ax.axhline(0, color="black", linewidth=0.8)
         for i, stage in enumerate(stages):
-            found = [(j, summary.comparisons[label, stage, k]) for j, label in enumerate(labels)
-                     if (label, stage, k) in summary.comparisons]
+            found = [(j, summary.comparisons[label, stage, metric]) for j, label in enumerate(labels)
+                     if (label, stage, metric) in summary.comparisons]
             xs = np.array([j for j, _ in found]) + (i - (len(stages) - 1) / 2) * 0.25
             # The interval is drawn as it is (a percentile interval need not be centred on the mean).
             ax.vlines(xs, [c.ci95[0] for _, c in found], [c.ci95[1] for _, c in found], color=STAGE_COLORS[stage],
@@ -196,8 +218,8 @@ def plot_differences(summary: ExperimentSummary, path: Path) -> Path | None:
                       color=STAGE_COLORS[stage], linewidth=0.8)
             ax.plot(xs, [c.mean_diff for _, c in found], "o", color=STAGE_COLORS[stage],
                     label=EVAL_STAGE_LABELS[stage])
-        ax.set(ylabel=f"Δ pass@{k}")
-    _finish(fig, axes, labels, f"pass@k minus {display_name(summary.baseline)}, paired\n"
+        ax.set(ylabel=f"Δ {metric}")
+    _finish(fig, axes, labels, f"every metric minus {display_name(summary.baseline)}, paired\n"
                                "95% intervals: thick over prompts, thin over seeds")
     return save_figure(fig, path)
 
@@ -212,11 +234,12 @@ def _duration(seconds: float | None) -> str:
 
 def write_experiment_report(job_dir: str | Path, summary: ExperimentSummary, *, job_name: str, seeds: Sequence[int],
                             cells: Sequence[str], extra: Mapping[str, Any] | None,
-                            wall_seconds: float | None) -> Path:
+                            wall_seconds: float | None, primary: PrimaryResult | None = None) -> Path:
     """Write job_dir/report.md and its plots (job_dir/plots/); return the report's path.
 
     seeds, cells: what the job was asked to run; a header note names the ones that have results when they differ.
     extra: further header lines ("key: value"); wall_seconds: the job's wall time, None when unknown.
+    primary: the judged pre-registered comparison, shown before any other figure.
     """
     job_dir = Path(job_dir)
     plots_dir = job_dir / PLOTS_DIR
@@ -243,7 +266,8 @@ def write_experiment_report(job_dir: str | Path, summary: ExperimentSummary, *, 
         f"- wall time: {_duration(wall_seconds)} (every invocation of the job, resumed ones included)",
         *(f"- {key}: {value}" for key, value in (extra or {}).items()),
         "",
-        "## pass@k per label (mean ± SE over seeds)",
+        *(_primary_section(primary) if primary is not None else []),
+        "## Every metric per label (mean ± SE over seeds)",
         "",
         *_scores_section(summary),
         f"## Paired differences against {display_name(summary.baseline)} (same cell, seeds and prompts)",

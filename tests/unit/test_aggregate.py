@@ -70,18 +70,18 @@ def summary():
 
 
 def test_scores_are_mean_and_se_over_seeds_of_prompt_means(summary):
-    score = summary.scores["none", "sft", 1]
+    score = summary.scores["none", "sft", "pass@1"]
     assert score.per_seed == {0: 7 / 16, 1: 8 / 16, 2: 4 / 16}
     assert score.mean == pytest.approx(19 / 48)
     assert score.se == pytest.approx(statistics.stdev([7 / 16, 8 / 16, 4 / 16]) / math.sqrt(3))
     # pass@2 from n = 4: c = 0, 1, 2, 3, 4 -> 0, 1/2, 5/6, 1, 1
-    assert summary.scores["none", "sft", 2].per_seed == pytest.approx({0: 7 / 12, 1: 19 / 24, 2: 11 / 24})
-    assert summary.scores["none", "sft", 2].mean == pytest.approx(11 / 18)
+    assert summary.scores["none", "sft", "pass@2"].per_seed == pytest.approx({0: 7 / 12, 1: 19 / 24, 2: 11 / 24})
+    assert summary.scores["none", "sft", "pass@2"].mean == pytest.approx(11 / 18)
     assert summary.labels == ("none", "token") and summary.seeds == (0, 1, 2) and summary.num_prompts == (4,)
 
 
 def test_paired_differences(summary):
-    sft, rl = summary.comparisons["token", "sft", 1], summary.comparisons["token", "rl", 1]
+    sft, rl = summary.comparisons["token", "sft", "pass@1"], summary.comparisons["token", "rl", "pass@1"]
     # d_s after SFT: 2/16, 2/16, 3/16; after RL: 0, 0, 1/16
     assert sft.mean_diff == pytest.approx(7 / 48) and sft.se_diff == pytest.approx(1 / 48)
     assert (sft.seeds_positive, sft.n_seeds) == (3, 3)
@@ -92,10 +92,10 @@ def test_paired_differences(summary):
 
 def test_bootstrap_interval_matches_a_straightforward_implementation(summary):
     for stage in ("sft", "rl"):
-        assert summary.comparisons["token", stage, 1].ci95 == pytest.approx(reference_ci(pass1_diffs(stage),
+        assert summary.comparisons["token", stage, "pass@1"].ci95 == pytest.approx(reference_ci(pass1_diffs(stage),
                                                                                          N_BOOT, 7))
-    assert summary.comparisons["token", "sft", 1].ci95[0] > 0  # every prompt's mean difference is >= 0
-    rl = summary.comparisons["token", "rl", 1].ci95
+    assert summary.comparisons["token", "sft", "pass@1"].ci95[0] > 0  # every prompt's mean difference is >= 0
+    rl = summary.comparisons["token", "rl", "pass@1"].ci95
     assert rl[0] < 0 < rl[1]
 
 
@@ -103,7 +103,7 @@ def test_bootstrap_interval_of_a_constant_difference_is_that_constant():
     assert paired_bootstrap_ci(np.full((3, 4), 0.25), 50, 0) == (0.25, 0.25)
     base = [[0, 1, 2, 3], [1, 1, 2, 0], [3, 2, 1, 0]]
     shifted = {key: [[c + (key[0] == "token") for c in cs] for cs in base] for key in COUNTS}  # token: one more
-    comparison = aggregate(table(rows(shifted)), [1], n_boot=50).comparisons["token", "sft", 1]
+    comparison = aggregate(table(rows(shifted)), [1], n_boot=50).comparisons["token", "sft", "pass@1"]
     assert comparison.ci95 == (0.25, 0.25) and comparison.mean_diff == 0.25 and comparison.se_diff == 0.0
     assert comparison.conclusion == ("token-level PEAR beats canonical SFT after SFT in 3/3 seeds, "
                                      "+0.250 ± 0.000 pass@1 (95% CI [+0.250, +0.250] over prompts, "
@@ -111,18 +111,18 @@ def test_bootstrap_interval_of_a_constant_difference_is_that_constant():
 
 
 def test_conclusions_follow_from_the_numbers(summary):
-    lo, hi = summary.comparisons["token", "sft", 1].ci95
+    lo, hi = summary.comparisons["token", "sft", "pass@1"].ci95
     half = 4.303 * (1 / 48)  # t(2) x the SE of the per-seed differences
-    assert summary.comparisons["token", "sft", 1].conclusion == (
+    assert summary.comparisons["token", "sft", "pass@1"].conclusion == (
         f"token-level PEAR beats canonical SFT after SFT in 3/3 seeds, +0.146 ± 0.021 pass@1 "
         f"(95% CI [{fmt(lo)}, {fmt(hi)}] over prompts, [{fmt(7 / 48 - half)}, {fmt(7 / 48 + half)}] over seeds)")
-    lo, hi = summary.comparisons["token", "rl", 1].ci95
-    slo, shi = summary.comparisons["token", "rl", 1].seed_ci95
-    assert summary.comparisons["token", "rl", 1].conclusion == (
+    lo, hi = summary.comparisons["token", "rl", "pass@1"].ci95
+    slo, shi = summary.comparisons["token", "rl", "pass@1"].seed_ci95
+    assert summary.comparisons["token", "rl", "pass@1"].conclusion == (
         f"token-level PEAR vs canonical SFT after RL: no difference resolved (+0.021 ± 0.021 pass@1, "
         f"95% CI [{fmt(lo)}, {fmt(hi)}] over prompts, [{fmt(slo)}, {fmt(shi)}] over seeds, 1/3 seeds positive)")
     flipped = aggregate(table(rows()), [1], baseline="token", n_boot=N_BOOT, boot_seed=7)
-    comparison = flipped.comparisons["none", "sft", 1]
+    comparison = flipped.comparisons["none", "sft", "pass@1"]
     assert (comparison.seeds_positive, comparison.seeds_negative) == (0, 3)
     assert comparison.conclusion.startswith("canonical SFT trails token-level PEAR after SFT in 3/3 seeds, "
                                             "\u22120.146 ± 0.021 pass@1")
@@ -130,24 +130,26 @@ def test_conclusions_follow_from_the_numbers(summary):
 
 def test_summary_json_structure_and_values(tmp_path, summary):
     path = write_summary(tmp_path, summary)
-    data = json.loads(path.read_text())
+    document = json.loads(path.read_text())
+    assert list(document) == ["primary", "baseline", "comparisons"] and document["primary"] is None
+    data = document["comparisons"]
     assert list(data) == ["token"]
     assert {stage: list(by_k) for stage, by_k in data["token"].items()} == {"sft": ["pass@1", "pass@2"],
                                                                            "rl": ["pass@1", "pass@2"]}
     entry = data["token"]["sft"]["pass@1"]
-    assert set(entry) == {"mean_diff", "se_diff", "seeds_positive", "n_seeds", "ci95"}
+    assert set(entry) == {"mean_diff", "se_diff", "seeds_positive", "n_seeds", "ci95", "seed_ci95", "resolved"}
     assert entry["mean_diff"] == pytest.approx(7 / 48) and entry["se_diff"] == pytest.approx(1 / 48)
     assert (entry["seeds_positive"], entry["n_seeds"]) == (3, 3)
-    assert entry["ci95"] == list(summary.comparisons["token", "sft", 1].ci95)
+    assert entry["ci95"] == list(summary.comparisons["token", "sft", "pass@1"].ci95)
 
 
 def test_summary_json_writes_null_for_the_se_of_one_seed(tmp_path):
     one_seed = table([row for row in rows() if row["seed"] == 0])
     summary = aggregate(one_seed, [1], n_boot=N_BOOT)
-    assert summary.scores["none", "sft", 1].se is None
+    assert summary.scores["none", "sft", "pass@1"].se is None
     text = write_summary(tmp_path, summary).read_text()
     assert "NaN" not in text
-    entry = json.loads(text)["token"]["sft"]["pass@1"]
+    entry = json.loads(text)["comparisons"]["token"]["sft"]["pass@1"]
     assert entry["se_diff"] is None and entry["mean_diff"] == pytest.approx(2 / 16) and entry["n_seeds"] == 1
 
 
@@ -223,9 +225,9 @@ def test_report_with_grid_ranks_every_checkpoint(tmp_path):
     summary = aggregate(grid, [1], n_boot=N_BOOT)
     assert summary.labels == ("none | sft.epochs=1", "token | sft.epochs=1", "none | sft.epochs=3",
                               "token | sft.epochs=3")
-    assert summary.comparisons["token | sft.epochs=3", "rl", 1].mean_diff == pytest.approx(7 / 48)
-    assert list(json.loads(write_summary(tmp_path, summary).read_text())) == ["token | sft.epochs=1",
-                                                                            "token | sft.epochs=3"]
+    assert summary.comparisons["token | sft.epochs=3", "rl", "pass@1"].mean_diff == pytest.approx(7 / 48)
+    summary_json = json.loads(write_summary(tmp_path, summary).read_text())
+    assert list(summary_json["comparisons"]) == ["token | sft.epochs=1", "token | sft.epochs=3"]
     text = write_experiment_report(tmp_path, summary, job_name="grid", seeds=[0, 1, 2],
                                    cells=["sft.epochs=1", "sft.epochs=3"], extra={}, wall_seconds=None).read_text()
     assert "| 1 | token \\| sft.epochs=1 (0.542) | token \\| sft.epochs=3 (0.542) |" in text
@@ -242,7 +244,7 @@ def test_a_difference_the_seeds_do_not_agree_on_is_not_resolved_however_narrow_t
     """Per-seed differences +0.30, +0.05, +0.05 on every prompt: resampling prompts gives an interval far from 0,
     but with 3 seeds the t interval, mean ± 4.303 SE, reaches below 0."""
     diffs = {0: 0.30, 1: 0.05, 2: 0.05}
-    comparison = Comparison(label="token", variant="token", baseline="none", cell="", stage="sft", k=1,
+    comparison = Comparison(label="token", variant="token", baseline="none", cell="", stage="sft", metric="pass@1",
                             mean_diff=float(np.mean(list(diffs.values()))),
                             se_diff=float(np.std(list(diffs.values()), ddof=1) / np.sqrt(3)), seeds_positive=3,
                             seeds_negative=0, n_seeds=3, ci95=(0.12, 0.14))
