@@ -22,8 +22,10 @@ from pear_ray.engines.checkpoints import usable_tag
 from pear_ray.models import resolve_model
 from pear_ray.storage import RunFolder
 from pear_ray.tasks import make_task
+from pear_ray.tasks.base import task_styles
 from pear_ray.tasks.verify import score_rows
 from pear_ray.tracking import MetricsLogger
+from pear_ray.tracking.metrics import style_share
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +201,24 @@ def correct_mask(table: pa.Table, threshold: float) -> np.ndarray:
 
 def correct_counts(table: pa.Table, threshold: float) -> np.ndarray:
     """Correct samples per group (prompt), in group order."""
-    groups = table.column(schema.GROUP_ID).to_numpy()
-    correct = correct_mask(table, threshold)
-    _, index = np.unique(groups, return_inverse=True)
-    return np.bincount(index, weights=correct).astype(int)
+    return counts_per_group(table, correct_mask(table, threshold))
+
+
+def style_counts(table: pa.Table, task) -> dict[str, np.ndarray]:
+    """Samples per group (prompt), in group order, in each of the task's response styles, by the decoded `response`
+    column ({} for a task without styles; a sample in none of them counts in none)."""
+    styles = task_styles(task)
+    found = np.array([task.style(text) for text in table.column(schema.RESPONSE).to_pylist()] if styles else [],
+                     dtype=object)
+    return {style: counts_per_group(table, found == style) for style in styles}
+
+
+def style_shares(counts: dict[str, np.ndarray], samples: int) -> dict[str, float]:
+    """The `share_<style>` metrics: the fraction of `samples` in each style, from style counts (per group or in all)."""
+    return {style_share(style): float(np.sum(count)) / samples for style, count in counts.items()}
+
+
+def counts_per_group(table: pa.Table, mask: np.ndarray) -> np.ndarray:
+    """How many rows of each group (prompt) `mask` holds, in group order."""
+    _, index = np.unique(table.column(schema.GROUP_ID).to_numpy(), return_inverse=True)
+    return np.bincount(index, weights=mask).astype(int)

@@ -1,5 +1,6 @@
 """Stage 4: pass@1 and pass@k on the held-out prompts (unbiased estimator over n samples per prompt), and the
-per-prompt correct counts behind them as Parquet (`eval/<stage>-<variant>.parquet`)."""
+per-prompt correct counts behind them as Parquet (`eval/<stage>-<variant>.parquet`). For a task with response styles,
+also the share of samples in each style (`share_<style>`) and the per-prompt counts behind it (`style_<style>`)."""
 
 from __future__ import annotations
 
@@ -15,20 +16,35 @@ from pear_ray.actors.roles import rollout_pool
 from pear_ray.data import schema
 from pear_ray.data.io import write_table
 from pear_ray.objectives import mean_pass_at_k
-from pear_ray.stages.common import Run, correct_counts, prompt_table, rollouts, with_rewards
+from pear_ray.stages.common import (
+    Run,
+    correct_counts,
+    prompt_table,
+    rollouts,
+    style_counts,
+    style_shares,
+    with_rewards,
+)
 from pear_ray.tracking import eval_stage
 
 log = logging.getLogger(__name__)
 
 
+def style_column(style: str) -> str:
+    """The per-prompt column of how many of a prompt's n samples are in response style `style`: "style_trace"."""
+    return f"style_{style}"
+
+
 def write_per_prompt(path: Path, prompts: pa.Table, correct: np.ndarray, *, n: int, stage: str, variant: str,
-                     seed: int) -> None:
-    """Correct samples per held-out prompt, so paired tests and later analysis need no rerun."""
+                     seed: int, styles: dict[str, np.ndarray] | None = None) -> None:
+    """Correct samples per held-out prompt, and per style in `styles` (style_counts) the samples in it, so paired
+    tests and later analysis need no rerun."""
     rows = prompts.num_rows
     write_table(pa.table({
         "prompt_id": prompts.column(schema.ID),
         "n": pa.array([n] * rows, pa.int32()),
         "correct": pa.array(correct, pa.int32()),
+        **{style_column(style): pa.array(counts, pa.int32()) for style, counts in (styles or {}).items()},
         "stage": pa.array([stage] * rows),
         "variant": pa.array([variant] * rows),
         "seed": pa.array([seed] * rows, pa.int64()),
@@ -59,11 +75,13 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
         pool.shutdown()
     table = pa.concat_tables(scored)
     correct = correct_counts(table, job.eval.correct_threshold)  # in group (prompt) order, however pieces arrived
+    styles = style_counts(table, run.task)
     write_per_prompt(run.per_prompt(after, variant), prompts, correct, n=job.eval.n, stage=after, variant=variant,
-                     seed=job.seed)
+                     seed=job.seed, styles=styles)
     results = {f"pass@{k}": mean_pass_at_k(correct.tolist(), job.eval.n, k) for k in job.eval.k}
     results.update(num_prompts=len(correct), mean_reward=float(np.mean(table.column(schema.REWARD).to_numpy())),
-                   verifier_errors=failures["errors"], verifier_timeouts=failures["timeouts"])
+                   verifier_errors=failures["errors"], verifier_timeouts=failures["timeouts"],
+                   **style_shares(styles, table.num_rows))
     run.metrics.truncate_after(eval_stage(after), variant, -1)  # an earlier attempt's row, if it got that far
     run.metrics.log(eval_stage(after), 0, results, variant=variant)
     log.info("eval %s-%s: %s", after, variant, ", ".join(f"pass@{k} {results[f'pass@{k}']:.3f}" for k in job.eval.k))

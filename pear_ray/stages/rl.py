@@ -36,7 +36,7 @@ from pear_ray.actors.roles import LearnerReference, reference_pool, rollout_pool
 from pear_ray.config import ConfigError, serving_adapters
 from pear_ray.data import schema
 from pear_ray.runtime import free_cpus_short_of
-from pear_ray.stages.common import Run, prompt_table, rollout_pieces
+from pear_ray.stages.common import Run, prompt_table, rollout_pieces, style_shares
 from pear_ray.stages.loop import Training, train
 from pear_ray.stages.rl_batch import (
     busy_fractions,
@@ -301,6 +301,8 @@ class RolloutBatches:
                        verifier_timeouts=sum(s["timeouts"] for s in scored),
                        generate_seconds=sum(piece["seconds"] for piece in pieces), wait_seconds=generated.wait_seconds,
                        verify_seconds=time.perf_counter() - verifying, stale_regenerated=generated.stale)
+        styles = {style: sum(s["styles"][style] for s in scored) for style in scored[0]["styles"]}  # fill's too
+        figures.update(style_shares(styles, figures["samples"]))
         if self.fill:
             figures.update(extra_prompts=sum(s["prompts"] for s in scored[1:]),
                            fill_capped=int(figures["informative_groups"] < self.rl.prompts_per_step))

@@ -17,7 +17,7 @@ from pear_ray.config import RlConfig
 from pear_ray.data import schema
 from pear_ray.data.io import write_table
 from pear_ray.objectives import group_advantages, informative_groups_mask
-from pear_ray.stages.common import decoded_rewards
+from pear_ray.stages.common import decoded_rewards, style_counts
 from pear_ray.storage import materialize
 
 
@@ -62,13 +62,15 @@ def cached_tokenizer(student: str):
 
 @ray.remote(num_cpus=0.1, num_returns=2)
 def score_samples(student: str, task, task_config, normalize_std: bool, *pieces: pa.Table) -> tuple[pa.Table, dict]:
-    """Next to the samples: decode, verify (verifier tasks), group-normalise the advantages."""
+    """Next to the samples: decode, verify (verifier tasks), group-normalise the advantages, and count the samples in
+    each of the task's response styles (`styles`: {style: samples}, {} for a task without styles)."""
     table, failures = decoded_rewards(pa.concat_tables(pieces), cached_tokenizer(student), task, task_config)
     rewards, groups = rewards_and_groups(table)
     advantages = group_advantages(rewards, groups, scale_by_std=normalize_std)
     informative = np.unique(groups.numpy()[informative_groups_mask(rewards, groups).numpy()]).size
+    styles = {style: int(counts.sum()) for style, counts in style_counts(table, task).items()}
     return schema.append_column(table, schema.ADVANTAGE, advantages.numpy()), {
-        **failures, "prompts": np.unique(groups.numpy()).size, "informative_groups": informative}
+        **failures, "prompts": np.unique(groups.numpy()).size, "informative_groups": informative, "styles": styles}
 
 
 @ray.remote(num_cpus=0.1, num_returns=4)

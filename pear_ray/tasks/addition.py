@@ -11,6 +11,8 @@ their carries, then the answer) or the bare answer:
     trace  Work: 5+8=13 4+7+1=12 3+6+1=10 Answer: 1023
     bare   Answer: 1023
 
+`response_style` tells the two apart in any text (the task's `style`, so eval and RL report the share of traces).
+
 A small transformer can learn to follow the trace (each step is a two-digit lookup plus a carry) but not to
 compute a bare multi-digit answer in one pass: the regime where canonical SFT imitates behaviour that RL cannot
 use. The two texts start with different tokens, so pi_beta picks the style on the first response token with the
@@ -24,7 +26,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from pear_ray.config import DataConfig, TaskConfig
 
 TRACE, BARE = "trace", "bare"
+STYLE_OPENINGS = {TRACE: "Work:", BARE: "Answer:"}  # how each style's text starts
 MAX_TRIES_FACTOR = 20
 
 
@@ -61,11 +64,19 @@ def bare_text(a: int, b: int) -> str:
     return f"Answer: {a + b}"
 
 
+def response_style(response: str) -> str | None:
+    """TRACE for a text that starts with `Work:`, BARE for one that starts with `Answer:` (leading whitespace
+    ignored), None for anything else."""
+    text = response.lstrip()
+    return next((style for style, opening in STYLE_OPENINGS.items() if text.startswith(opening)), None)
+
+
 @dataclass
 class AdditionTask:
     """`digits`-digit + `digits`-digit addition; `seed` is the split seed (task.split_seed)."""
 
     name: str = "addition"
+    styles: ClassVar[tuple[str, ...]] = (TRACE, BARE)
     digits: int = 3
     num_train: int = 256
     num_eval: int = 64
@@ -107,6 +118,9 @@ class AdditionTask:
 
     def score(self, response: str, answer: str, metadata: str | None = None) -> float:
         return exact_score(response, answer)
+
+    def style(self, response: str) -> str | None:
+        return response_style(response)
 
 
 @register_kind("addition")

@@ -8,6 +8,10 @@ Rewards are computed in separate Ray tasks on rows read back from Parquet, so ev
 the row: the `metadata` JSON always carries a `verifier` key (`reasoning_gym`, `exact`, `math`: a name in the
 registry, pear_ray.tasks.registry) plus that verifier's inputs, and `score_metadata` scores any row from its own
 columns alone (tasks/answers.py, which also holds answer extraction and the generic verifiers `exact` and `math`).
+
+Optionally a task also names the styles its responses come in (`StyledTask`: the addition task's worked trace or bare
+answer); eval and RL then report the share of samples in each. A task without `styles` (reasoning-gym and user
+tasks) reports nothing.
 """
 
 from __future__ import annotations
@@ -43,6 +47,23 @@ class Task(Protocol):
     def score(self, response: str, answer: str, metadata: str | None) -> float:
         """Reward in [0, 1] of one response text (decoding ids to text is the caller's business)."""
         ...
+
+
+@runtime_checkable
+class StyledTask(Protocol):
+    """Optional beside `Task`: a task whose responses come in named styles, so a run can show which one the student
+    writes (eval's `style_<name>` counts per prompt and `share_<name>` metrics, RL's `share_<name>` per step)."""
+
+    styles: tuple[str, ...]  # the style names, e.g. ("trace", "bare"); the first is the one the report shows
+
+    def style(self, response: str) -> str | None:
+        """The style (one of `styles`) one response text is written in; None when it is in none of them."""
+        ...
+
+
+def task_styles(task: Task) -> tuple[str, ...]:
+    """The styles `task` classifies responses into; () for a task without (nothing is then reported)."""
+    return tuple(getattr(task, "styles", ()))
 
 
 def check_split(split: str) -> None:

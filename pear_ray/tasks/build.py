@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from pear_ray.config import DataConfig, TaskConfig
 from pear_ray.plugins import load_callable
-from pear_ray.tasks.base import Split, Task, load_metadata
+from pear_ray.tasks.base import Split, Task, load_metadata, task_styles
 from pear_ray.tasks.registry import KINDS
 
 
@@ -38,6 +38,14 @@ class CustomReward:
 
     def score(self, response: str, answer: str, metadata: str | None = None) -> float:
         return load_callable(self.reward)(response, answer, load_metadata(metadata))
+
+    @property
+    def styles(self) -> tuple[str, ...]:
+        """The task's response styles: a custom reward changes how responses score, not how they are written."""
+        return task_styles(self.task)
+
+    def style(self, response: str) -> str | None:
+        return self.task.style(response)
 
 
 def make_task(task_config: TaskConfig, data_config: DataConfig | None = None, *, seed: int = 0) -> Task:

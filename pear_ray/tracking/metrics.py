@@ -10,7 +10,8 @@ Layout of a run folder (one `MetricsLogger` per folder, owned by the driver):
 Names the plots and report look for: SFT records (stage "sft") carry "loss" and the PEAR diagnostics
 (mean_weight, ess_fraction, frac_at_floor, frac_at_ceiling, mean_log_ratio), as the learner's PEAR-SFT step returns them;
 the weight histogram is `histogram("sft", step, "pear_weights", w[mask])`; RL records (stage "rl") carry "reward"
-and "response_length".
+and "response_length". For a task with response styles (pear_ray.tasks.base.StyledTask), eval and RL records also
+carry "share_<style>" (`style_share`), the fraction of the samples in each style, in the task's order of styles.
 
 All of it is written locally; for a run folder in a bucket (pear_ray/storage.py) the driver publishes what changed at
 every checkpoint and stage end, and a resume fetches RESUMED_FILES before the logger opens.
@@ -48,6 +49,7 @@ WANDB_ID_FILE, MLFLOW_ID_FILE = "wandb_run_id", "mlflow_run_id"
 # What a resumed logger reads of its run folder (TensorBoard only appends: a resumed pair purges its own steps).
 RESUMED_FILES = (METRICS_FILE, HISTOGRAM_DIR, WANDB_ID_FILE, MLFLOW_ID_FILE)
 PEAR_WEIGHTS_HISTOGRAM = "pear_weights"  # histogram name (stage "sft") the weight-histogram plot draws
+STYLE_SHARE_PREFIX = "share_"  # share_<style>: the fraction of samples in a task's response style
 DEFAULT_VARIANT = "default"  # stands for variant=None in folder names and plot labels
 RESERVED_FIELDS = ("time", "stage", "variant", "step")
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -60,6 +62,17 @@ class LoggerNotInstalledError(ValueError):
 def eval_stage(after: str) -> str:
     """Stage name for pass@k measured after training stage `after` ("sft" or "rl"): "eval_sft", "eval_rl"."""
     return f"eval_{after}"
+
+
+def style_share(style: str) -> str:
+    """Name of the metric of the fraction of samples written in response style `style`: "share_trace"."""
+    return f"{STYLE_SHARE_PREFIX}{style}"
+
+
+def first_style_share(names: Iterable[str]) -> str | None:
+    """The first `share_<style>` among metric names (a record's keys, in the order logged): the task's first style,
+    the one the report and plots show; None when there is none."""
+    return next((name for name in names if name.startswith(STYLE_SHARE_PREFIX)), None)
 
 
 def variant_name(variant: str | None) -> str:

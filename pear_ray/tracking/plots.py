@@ -20,6 +20,8 @@ from matplotlib.figure import Figure
 from pear_ray import atomic
 from pear_ray.tracking.metrics import (
     PEAR_WEIGHTS_HISTOGRAM,
+    STYLE_SHARE_PREFIX,
+    first_style_share,
     read_histograms,
     read_metrics,
     results_from_metrics,
@@ -47,6 +49,11 @@ PEAR_DIAGNOSTICS = {
 RL_REWARD_KEYS = ("reward", "reward_mean")
 RL_LENGTH_KEYS = ("response_length", "response_length_mean", "mean_response_length")
 EVAL_STAGE_LABELS = {"sft": "after SFT", "rl": "after RL"}
+
+
+def share_label(name: str) -> str:
+    """"trace share" for the metric share_trace."""
+    return f"{name.removeprefix(STYLE_SHARE_PREFIX)} share"
 
 
 def order_variants(variants: Iterable[str]) -> list[str]:
@@ -172,9 +179,12 @@ def plot_weight_histogram(histograms: list[Mapping[str, Any]], path: Path) -> Pa
 
 
 def plot_rl(records: list[Mapping[str, Any]], path: Path) -> Path | None:
-    """Reward and response length per RL step, and the rollout pool's size when it changed (elastic pool)."""
+    """Reward and response length per RL step, the share of the task's first response style when the task has styles,
+    and the rollout pool's size when it changed (elastic pool)."""
     panels = [(title, key, data) for title, keys in (("reward", RL_REWARD_KEYS), ("response length", RL_LENGTH_KEYS))
               for key, data in [_first_present(records, "rl", keys)] if data]
+    if share := first_style_share(name for rec in records if rec.get("stage") == "rl" for name in rec):
+        panels.append((share_label(share), share, series(records, "rl", share)))
     pool_size = series(records, "rl", "rollout_actors")
     if any(len(set(values)) > 1 for _, values in pool_size.values()):
         panels.append(("rollout actors", "rollout_actors", pool_size))

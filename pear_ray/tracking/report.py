@@ -1,6 +1,6 @@
 """run_dir/report.md: the experiment's table (canonical SFT vs PEAR levels as the RL start, pass@k after SFT and
-after RL, and each variant's mean PEAR weight), an honest noise note, the plots, and the final PEAR diagnostics of
-each variant."""
+after RL, each variant's mean PEAR weight, and for a task with response styles the share of its first style), an
+honest noise note, the plots, and the final PEAR diagnostics of each variant."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from pear_ray import atomic
-from pear_ray.tracking.metrics import read_metrics, variant_name
+from pear_ray.tracking.metrics import first_style_share, read_metrics, variant_name
 from pear_ray.tracking.plots import (
     ALL_PLOTS,
+    EVAL_STAGE_LABELS,
     PASS_AT_K_PNG,
     PEAR_DIAGNOSTICS,
     PEAR_DIAGNOSTICS_PNG,
@@ -24,6 +25,7 @@ from pear_ray.tracking.plots import (
     order_variants,
     pass_at_k_names,
     plot_run,
+    share_label,
 )
 
 REPORT_FILE = "report.md"
@@ -98,10 +100,13 @@ def _results_section(results: Results, mean_weights: Mapping[str, float]) -> lis
         return ["No pass@k results were recorded for this run.", ""]
     margin, n = noise_margin(results)
     label = {BASELINE: f"{BASELINE} (canonical SFT, baseline)"}
+    share = first_style_share(name for stages in results.values() for values in stages.values() for name in values)
+    share_stages = tuple(EVAL_STAGE_LABELS) if share else ()
 
     head = ["SFT variant", "mean PEAR weight (SFT)"] + [f"{k} after SFT" for k in names]
     head += [f"{k} after RL" for k in names]
     head += [f"Δ {k} (RL − SFT)" for k in names]
+    head += [f"{share_label(share)} {EVAL_STAGE_LABELS[stage]}" for stage in share_stages]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     deltas: list[float] = []
     for v in variants:
@@ -111,8 +116,13 @@ def _results_section(results: Results, mean_weights: Mapping[str, float]) -> lis
         deltas += [d for d in change if d is not None]
         cells = [label.get(v, v), _fmt(mean_weights.get(v))] + [_fmt(x) for x in sft + rl]
         cells += [_fmt_delta(d, margin) for d in change]
+        cells += [_fmt(_score(results, v, stage, share)) for stage in share_stages]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"The mean PEAR weight is averaged over the variant's SFT steps. {WEIGHT_NOTE}", ""]
+    if share:
+        lines += [f"The {share_label(share)} is the fraction of the eval samples written in the task's first "
+                  f"response style (`{share}` in the metrics; per prompt, the style counts in "
+                  "`eval/<stage>-<variant>.parquet`).", ""]
 
     others = [v for v in variants if v != BASELINE]
     if BASELINE in results and others:
@@ -182,7 +192,8 @@ def write_report(run_dir: str | Path, results: Results, *, seed: int, job_name: 
     results: {variant: {stage: {metric: value}}}
         variant  an SFT level ("none" = canonical SFT, "sequence", "block", "token", ...), or "default"
         stage    "sft" (pass@k of the SFT checkpoint) and/or "rl" (after RL from it); either may be missing ("–")
-        metric   "pass@{k}" for each k evaluated, plus optional "num_prompts" (eval prompts, for the noise note)
+        metric   "pass@{k}" for each k evaluated, plus optional "num_prompts" (eval prompts, for the noise note) and
+                 "share_<style>" (the first one is shown, e.g. "share_trace": the trace share)
       e.g. {"none": {"sft": {"pass@1": 0.21, "pass@8": 0.55, "num_prompts": 64}, "rl": {...}}, "token": {...}}
       `metrics.results_from_metrics(read_metrics(run_dir))` rebuilds it from the logged eval_* records.
     extra: further header lines (student, teacher, task, n samples...), shown as "key: value".

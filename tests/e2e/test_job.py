@@ -33,6 +33,8 @@ def test_a_small_job_runs_every_stage(tmp_path):
         AutoModelForCausalLM.from_pretrained(run_dir / "models" / name)  # exported Hugging Face folders
     assert [r["step"] for r in steps(run_dir, "sft")] == [1, 2, 3, 4]  # 32 rows / 8
     assert [r["step"] for r in steps(run_dir, "rl")] == [1, 2]
+    # a reasoning-gym task names no response styles: no shares in RL, nor style counts or shares in eval
+    assert not [name for r in steps(run_dir, "rl") for name in r if name.startswith("share_")]
     for stage in ("eval_sft", "eval_rl"):
         [result] = steps(run_dir, stage)
         assert 0 <= result["pass@1"] <= result["pass@2"] <= 1 and result["num_prompts"] == 4
@@ -40,6 +42,7 @@ def test_a_small_job_runs_every_stage(tmp_path):
         assert per_prompt["stage"] == [stage[5:]] * 4 and per_prompt["variant"] == ["token"] * 4
         for k in (1, 2):  # the per-prompt counts give back the logged pass@k
             assert mean_pass_at_k(per_prompt["correct"], 2, k) == pytest.approx(result[f"pass@{k}"], abs=1e-12)
+        assert not [name for name in (*per_prompt, *result) if name.startswith(("style_", "share_"))]  # as above
     report = (run_dir / "report.md").read_text()
     assert "| token |" in report and "pass@2 after RL" in report
     assert (run_dir / "plots" / "sft_loss.png").stat().st_size > 1000

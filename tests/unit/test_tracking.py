@@ -30,8 +30,9 @@ def tb_scalars(run_dir, variant, stage, tag):
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-def write_synthetic_run(run_dir, *, rl=True, evals=True, pool_sizes=None):
-    """Three variants through SFT (loss, diagnostics, weight histogram), then RL and eval if asked."""
+def write_synthetic_run(run_dir, *, rl=True, evals=True, pool_sizes=None, styles=False):
+    """Three variants through SFT (loss, diagnostics, weight histogram), then RL and eval if asked; `styles`: RL and
+    eval records carry the shares of a trace style and a bare style, as the addition task's do."""
     rng = np.random.default_rng(0)
     with MetricsLogger(run_dir, resume=False, loggers=()) as logger:
         for i, variant in enumerate(("none", "token", "block")):
@@ -44,14 +45,20 @@ def write_synthetic_run(run_dir, *, rl=True, evals=True, pool_sizes=None):
             logger.histogram("sft", 20, "pear_weights", weights, variant=variant)
             for step in range(1, 11) if rl else ():
                 logger.log("rl", step, {"reward": 0.2 + 0.03 * step + 0.05 * i, "response_length": 40 + step,
-                                        **({"rollout_actors": pool_sizes[step - 1]} if pool_sizes else {})},
+                                        **({"rollout_actors": pool_sizes[step - 1]} if pool_sizes else {}),
+                                        **(shares(0.5 + 0.04 * step) if styles else {})},
                            variant=variant)
             if evals:
-                logger.log(eval_stage("sft"), 20, {"pass@1": 0.2 + 0.1 * i, "pass@8": 0.5, "num_prompts": 64},
-                           variant=variant)
+                logger.log(eval_stage("sft"), 20, {"pass@1": 0.2 + 0.1 * i, "pass@8": 0.5, "num_prompts": 64,
+                                                   **(shares(0.25 * i) if styles else {})}, variant=variant)
                 if rl:
-                    logger.log(eval_stage("rl"), 10, {"pass@1": 0.3 + 0.1 * i, "pass@8": 0.6, "num_prompts": 64},
-                               variant=variant)
+                    logger.log(eval_stage("rl"), 10, {"pass@1": 0.3 + 0.1 * i, "pass@8": 0.6, "num_prompts": 64,
+                                                      **(shares(0.875) if styles else {})}, variant=variant)
+
+
+def shares(trace: float) -> dict[str, float]:
+    """A task's style shares as eval and RL log them, in its order of styles: trace first."""
+    return {"share_trace": trace, "share_bare": 1 - trace}
 
 
 def test_log_writes_jsonl_and_tensorboard(tmp_path):
@@ -161,14 +168,16 @@ def _png_width(path) -> int:
     return int.from_bytes(path.read_bytes()[16:20], "big")  # IHDR's width field
 
 
-@pytest.mark.parametrize("sizes, panels", [([1] * 10, 2), ([1, 1, 1, 2, 2, 2, 1, 1, 1, 1], 3)],
-                         ids=["fixed-pool", "elastic-pool"])
-def test_rl_plot_shows_the_rollout_pool_size_only_when_it_changed(tmp_path, sizes, panels):
+@pytest.mark.parametrize("sizes, styles, panels", [([1] * 10, False, 2), ([1, 1, 1, 2, 2, 2, 1, 1, 1, 1], False, 3),
+                                                    ([1] * 10, True, 3)],
+                         ids=["fixed-pool", "elastic-pool", "styles"])
+def test_rl_plot_shows_the_pool_size_only_when_it_changed_and_the_first_style_share_when_logged(tmp_path, sizes,
+                                                                                                styles, panels):
     write_synthetic_run(tmp_path / "plain")
-    write_synthetic_run(tmp_path / "pool", pool_sizes=sizes)
+    write_synthetic_run(tmp_path / "more", pool_sizes=sizes, styles=styles)
     [plain] = [p for p in plot_run(tmp_path / "plain") if p.name == "rl_reward_length.png"]
-    [pool] = [p for p in plot_run(tmp_path / "pool") if p.name == "rl_reward_length.png"]
-    assert _png_width(pool) / _png_width(plain) == pytest.approx(panels / 2, rel=0.02)
+    [more] = [p for p in plot_run(tmp_path / "more") if p.name == "rl_reward_length.png"]
+    assert _png_width(more) / _png_width(plain) == pytest.approx(panels / 2, rel=0.02)
 
 
 def test_plot_run_skips_plots_without_metrics(tmp_path):
@@ -220,3 +229,23 @@ def test_report_says_when_everything_is_noise(tmp_path):
     assert "| token | – | 0.010 |" in text  # no SFT metrics: no mean weight
     assert "config.yaml not" in text or "not in the run folder" in text
     assert "No PEAR diagnostics" in text
+
+
+def test_report_shows_the_first_styles_share_after_sft_and_after_rl_when_logged(tmp_path):
+    write_synthetic_run(tmp_path, styles=True)
+    text = write_report(tmp_path, results_from_metrics(read_metrics(tmp_path)), seed=0, job_name="demo").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| SFT variant | mean PEAR weight"))
+    assert header.endswith("| Δ pass@8 (RL − SFT) | trace share after SFT | trace share after RL |")
+    assert "bare share" not in text  # one style is enough: the first the task names
+    rows = {}  # the first table's last two columns
+    for line in text.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split("|")[1].strip(), [c.strip() for c in line.split("|")[-3:-1]])
+    # variants none, token, block logged trace shares 0, 0.25, 0.5 after SFT and 0.875 after RL
+    assert rows["none (canonical SFT, baseline)"] == ["0.000", "0.875"]
+    assert rows["token"] == ["0.250", "0.875"] and rows["block"] == ["0.500", "0.875"]
+    assert "The trace share is the fraction of the eval samples" in text and "`share_trace`" in text
+    plain = tmp_path / "plain"
+    write_synthetic_run(plain)
+    assert "share" not in write_report(plain, results_from_metrics(read_metrics(plain)), seed=0,
+                                       job_name="demo").read_text()
