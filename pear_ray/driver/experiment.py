@@ -8,9 +8,9 @@ cell under the job's folder, then one aggregated report with paired statistics.
 Every cell is an ordinary run (`run_job`): rerunning the command skips finished cells and resumes the unfinished
 one. The job folder may be a URL (s3://bucket/prefix), as a run folder may: each cell publishes its own folder, the
 experiment its report, summary and wall times. All cells are checked before the first starts, so a bad grid value,
-or a cell folder holding another config's results, is refused up front. Cells run one after another by default;
-with `parallel_cells: N` up to N run at once, each driven by a Ray task (on a cluster their actors spread over the
-nodes, as Ray places them).
+or a cell folder holding another config's results, is refused up front; a job with a `gate` then reads it in every
+cell before any cell's SFT (driver/gate.py). Cells run one after another by default; with `parallel_cells: N` up to
+N run at once, each driven by a Ray task (on a cluster their actors spread over the nodes, as Ray places them).
 
 Cells that start from one student prior share it (`<job folder>/priors/`): the cells of one seed that differ only in
 later stages, or every cell when `models.student.prior.seed` fixes the prior's seed. It is trained once, by the
@@ -35,8 +35,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pear_ray import atomic
 from pear_ray.config import JobConfig, parse_job, set_dotted
-from pear_ray.driver.inspect import prepared_student
-from pear_ray.driver.run import check_bound, run_job
+from pear_ray.driver.gate import enforce_gate, gate_reading
+from pear_ray.driver.inspect import prepared_student, scored_data
+from pear_ray.driver.run import RunState, check_bound, finished_stages, run_job
 from pear_ray.runtime import init_ray
 from pear_ray.stages.prior import prior_seed
 from pear_ray.storage import RunFolder, join
@@ -106,6 +107,8 @@ def run_experiment(job: JobConfig, job_dir: str | Path) -> Path:
     init_ray(log_dir=job_folder.local / "logs", use_gpu=job.uses_gpu)
     priors = prior_dirs(job_folder, planned)
     try:
+        if job.gate is not None:
+            pass_gate(job, planned, job_folder, priors)
         if job.parallel_cells > 1:
             train_shared_priors(planned, job_dir, priors)
             run_side_by_side(planned, job_dir, job.parallel_cells, priors)
@@ -128,6 +131,24 @@ def run_experiment(job: JobConfig, job_dir: str | Path) -> Path:
         wall_seconds=wall_seconds)
     job_folder.publish(summary_path, job_folder.local / PLOTS_DIR, report)
     return report
+
+
+def pass_gate(job: JobConfig, planned: list[tuple[str, str, JobConfig]], job_folder: RunFolder,
+              priors: dict[str, Path | None]) -> None:
+    """Bring every cell to the point of SFT (its prior and score stage, recorded in its state.json for the run to
+    reuse), read the gate in each, write gate.json into the job folder and stop (GateFailed) if any cell fails it;
+    record the pass in every cell's state.json. A job whose cells all passed before is not read again."""
+    cell_dirs = {folder: join(job_folder.location, folder) for _, folder, _ in planned}
+    if all("gate" in finished_stages(cell_dirs[folder]) for folder in cell_dirs):
+        log.info("experiment %s: every cell passed the gate in an earlier run", job.name)
+        return
+    readings = {}
+    for _, folder, cell_job in planned:
+        log.info("experiment %s: reading the gate in cell %s", job.name, folder)
+        readings[folder] = gate_reading(cell_job, *scored_data(cell_job, cell_dirs[folder], priors[folder]))
+    path = enforce_gate(job, readings, job_folder)
+    for _, folder, cell_job in planned:
+        RunState(cell_dirs[folder], cell_job).once("gate", lambda: path)
 
 
 def train_shared_priors(planned: list[tuple[str, str, JobConfig]], job_dir: str | Path,
