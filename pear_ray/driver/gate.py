@@ -3,11 +3,12 @@ token alike stops before it pays for SFT and RL.
 
 In the two-style world the first response token is where the behaviour policy chooses a worked trace or a bare
 answer; its token-level weight is the product of the later tokens' clipped ratios, so the clip decides how far PEAR
-can tell the styles apart there (with the paper's clip [-0.08, 0.3], 0.64 before a trace vs 0.61 before a bare
-answer under the experiment's student; with [-1, 0.3], 0.153 vs 0.0017). Each run folder is brought to the point of
-SFT (its prior and score stage, recorded in its state.json and reused by the run), its data scored under the student
-SFT starts from, and the ratio read with the variant's settings (driver/inspect.py's figures). Every reading goes to
-gate.json in the job's folder; one below gate.min_ratio stops the job with one line saying what to change.
+can tell the styles apart there (under seed 0's prior in jobs/pear-vs-sft.yaml: 0.64 before a trace vs 0.61 before a
+bare answer with the paper's clip [-0.08, 0.3]; 0.23 vs 0.0048, 49x, with [-1, 0.3]). Each run folder is brought to
+the point of SFT (its prior and score stage, recorded in its state.json and reused by the run), its data scored under
+the student SFT starts from, and the ratio read with the variant's settings (driver/inspect.py's figures). Every
+reading goes to gate.json in the job's folder; one below gate.min_ratio stops the job with one line saying what to
+change.
 """
 
 from __future__ import annotations

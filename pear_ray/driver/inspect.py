@@ -54,7 +54,7 @@ CLOSE_ESS_FRACTION = 0.8  # at or above, with at most CLOSE_FLOOR_FRACTION at th
 CLOSE_FLOOR_FRACTION = 0.01
 FAR_FLOOR_FRACTION = 0.25  # at or above: far from the student
 NOTABLE_CEILING_FRACTION = 0.05  # at or above: the ceiling is worth a mention
-SOURCE_SHIFT_RATIO = 1.25  # one source's mean weight this many times another's: PEAR favours it
+SOURCE_SHIFT_RATIO = 1.25  # one source's mean (or first-token) weight this many times another's: PEAR favours it
 
 
 def weight_figures(table: pa.Table, student_logprobs: pa.ChunkedArray | list, pear: PearSft,
