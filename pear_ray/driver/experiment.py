@@ -35,9 +35,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pear_ray import atomic
 from pear_ray.config import JobConfig, parse_job, set_dotted
-from pear_ray.driver.gate import enforce_gate, gate_reading
-from pear_ray.driver.inspect import prepared_student, scored_data
-from pear_ray.driver.run import RunState, check_bound, finished_stages, run_job
+from pear_ray.driver.gate import pass_gate
+from pear_ray.driver.inspect import prepared_student
+from pear_ray.driver.run import check_bound, run_job
 from pear_ray.runtime import init_ray
 from pear_ray.stages.prior import prior_seed
 from pear_ray.storage import RunFolder, join
@@ -107,8 +107,9 @@ def run_experiment(job: JobConfig, job_dir: str | Path) -> Path:
     init_ray(log_dir=job_folder.local / "logs", use_gpu=job.uses_gpu)
     priors = prior_dirs(job_folder, planned)
     try:
-        if job.gate is not None:
-            pass_gate(job, planned, job_folder, priors)
+        if job.gate is not None:  # every cell's, before any cell's SFT
+            runs = {folder: (join(job_dir, folder), cell_job, priors[folder]) for _, folder, cell_job in planned}
+            pass_gate(job, runs, job_folder)
         if job.parallel_cells > 1:
             train_shared_priors(planned, job_dir, priors)
             run_side_by_side(planned, job_dir, job.parallel_cells, priors)
@@ -131,24 +132,6 @@ def run_experiment(job: JobConfig, job_dir: str | Path) -> Path:
         wall_seconds=wall_seconds)
     job_folder.publish(summary_path, job_folder.local / PLOTS_DIR, report)
     return report
-
-
-def pass_gate(job: JobConfig, planned: list[tuple[str, str, JobConfig]], job_folder: RunFolder,
-              priors: dict[str, Path | None]) -> None:
-    """Bring every cell to the point of SFT (its prior and score stage, recorded in its state.json for the run to
-    reuse), read the gate in each, write gate.json into the job folder and stop (GateFailed) if any cell fails it;
-    record the pass in every cell's state.json. A job whose cells all passed before is not read again."""
-    cell_dirs = {folder: join(job_folder.location, folder) for _, folder, _ in planned}
-    if all("gate" in finished_stages(cell_dirs[folder]) for folder in cell_dirs):
-        log.info("experiment %s: every cell passed the gate in an earlier run", job.name)
-        return
-    readings = {}
-    for _, folder, cell_job in planned:
-        log.info("experiment %s: reading the gate in cell %s", job.name, folder)
-        readings[folder] = gate_reading(cell_job, *scored_data(cell_job, cell_dirs[folder], priors[folder]))
-    path = enforce_gate(job, readings, job_folder)
-    for _, folder, cell_job in planned:
-        RunState(cell_dirs[folder], cell_job).once("gate", lambda: path)
 
 
 def train_shared_priors(planned: list[tuple[str, str, JobConfig]], job_dir: str | Path,

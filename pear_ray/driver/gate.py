@@ -19,7 +19,8 @@ from pathlib import Path
 
 from pear_ray import atomic
 from pear_ray.config import JobConfig
-from pear_ray.driver.inspect import data_figures, first_token_ratio
+from pear_ray.driver.inspect import data_figures, first_token_ratio, scored_data
+from pear_ray.driver.run import RunState, finished_stages, run_folder, run_job
 from pear_ray.storage import RunFolder
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,28 @@ def gate_reading(job: JobConfig, student: Path, data: Path) -> dict:
             **ratio, "min_ratio": gate.min_ratio, "passed": ratio["ratio"] >= gate.min_ratio}
 
 
-def check_gate(job: JobConfig, student: Path, data: Path, folder: RunFolder) -> Path:
-    """A single run's gate (`enforce_gate` of its one reading), before its SFT."""
-    return enforce_gate(job, {f"seed{job.seed}": gate_reading(job, student, data)}, folder)
+def run_gated(job: JobConfig, run_dir: str | Path) -> Path:
+    """A single run (`run_job`), its gate passed first when it has one and trains; returns the report's path."""
+    if job.gate is not None and "sft" in job.stages:
+        pass_gate(job, {f"seed{job.seed}": (str(run_dir), job, None)}, run_folder(run_dir))
+    return run_job(job, run_dir)
+
+
+def pass_gate(job: JobConfig, runs: dict[str, tuple[str, JobConfig, Path | None]], folder: RunFolder) -> None:
+    """Bring every run folder (name -> its location, config and shared prior folder or None) to the point of SFT
+    (prior and score, recorded in its state.json for the run to reuse), read the gate in each, write the readings
+    to `folder`'s gate.json and stop (GateFailed) if any fails; else record the pass in every run's state.json.
+    Runs that all passed before are not read again."""
+    if all("gate" in finished_stages(location) for location, _, _ in runs.values()):
+        log.info("gate: passed in an earlier run")
+        return
+    readings = {}
+    for name, (location, run_config, prior_dir) in runs.items():
+        log.info("gate: reading %s", name)
+        readings[name] = gate_reading(run_config, *scored_data(run_config, location, prior_dir))
+    path = enforce_gate(job, readings, folder)
+    for location, run_config, _ in runs.values():
+        RunState(location, run_config).once("gate", lambda: path)
 
 
 def enforce_gate(job: JobConfig, readings: dict[str, dict], folder: RunFolder) -> Path:

@@ -224,10 +224,6 @@ def run_job(job: JobConfig, run_dir: str | Path, prior_dir: Path | None = None) 
             data = state.output("score", lambda: run_score(run))
         else:  # an earlier run's, when there is one (preflight made sure of it where SFT reads it)
             data = state.output_of("score") if "score" in state.done else run.data("sft")
-        if job.gate is not None and "sft" in stages:  # an experiment's cells passed it before any of them started
-            from pear_ray.driver.gate import check_gate  # here: the gate reads inspect's figures, which import us
-
-            state.once("gate", lambda: check_gate(job, run.student, data, state.folder))
         for variant in job.sft_variants:
             model = run.student
             if "sft" in stages:
