@@ -183,11 +183,11 @@ def _run(job: JobConfig, run_dir: str | None, fresh: bool = False) -> None:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from pear_ray.driver.experiment import is_experiment, run_experiment
-    from pear_ray.driver.run import run_job
+    from pear_ray.driver.gate import run_gated
     from pear_ray.storage import RunFolder
     from pear_ray.tracking.report import results_summary
 
-    drive = run_experiment if is_experiment(job) else run_job
+    drive = run_experiment if is_experiment(job) else run_gated
     location = _location(job, run_dir)
     with logging_redirect_tqdm():  # a log line during a stage's progress bar goes above it, not into it
         report = _into(job, location, fresh, lambda folder: drive(job, folder))

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from pear_ray.config.base import Section
 from pear_ray.config.data import DataConfig, SamplingConfig, TaskConfig
+from pear_ray.config.gate import GateConfig
 from pear_ray.config.models import ModelsConfig
 from pear_ray.config.primary import PrimaryComparison
 from pear_ray.config.resources import VLLM_LORA_RANKS, ResourcesConfig, VllmOptions
@@ -54,6 +55,9 @@ class JobConfig(Section):
     sft: SftConfig = Field(default_factory=SftConfig, description="stage sft: PEAR-weighted SFT of the student")
     rl: RlConfig = Field(default_factory=RlConfig, description="stage rl: RL of each SFT variant")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="stage eval: pass@k on held-out prompts")
+    gate: GateConfig | None = Field(None, description="a check before SFT: the job stops, before any SFT, when "
+                                    "the named variant weights one behaviour source's first response token less "
+                                    "than min_ratio times another's (in any seed or cell); null: no check")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="where each role runs, and how "
                                        "many of it")
 
@@ -100,6 +104,33 @@ class JobConfig(Section):
         if "opd" in modifiers and not isinstance(self.rl.objective, (Grpo, OnPolicyDistill)):
             raise ValueError(f"a +opd variant takes its surrogate settings from rl.objective, which is "
                              f"{self.rl.objective.kind!r}: use kind grpo or on_policy_distill")
+        return self
+
+    @model_validator(mode="after")
+    def _gate_can_be_read(self) -> JobConfig:
+        """The gate reads, before SFT, a PEAR variant the job trains on data whose rows name their source."""
+        gate = self.gate
+        if gate is None:
+            return self
+        if gate.variant not in self.sft_variants:
+            raise ValueError(f"gate.variant {gate.variant!r} is none of the job's SFT variants {self.sft_variants}")
+        if self.sft_objective(gate.variant).level == "none":
+            raise ValueError(f"gate.variant {gate.variant!r} is canonical SFT, which weights every token 1: name a "
+                             "variant of PEAR level token, block or sequence")
+        if "sft" not in self.stages:
+            raise ValueError(f"gate is checked before SFT, and stages {self.stages} run none: add sft, or drop gate")
+        behavior = self.models.behavior
+        if behavior is not None and behavior.scripted is not None:
+            from pear_ray.tasks.addition import BARE, TRACE  # here: the tasks package brings Ray with it
+
+            unknown = [name for name in (gate.numerator, gate.denominator) if name not in (TRACE, BARE)]
+            if unknown:
+                raise ValueError(f"gate.numerator/denominator {unknown}: the scripted two_style policy labels its "
+                                 f"rows {TRACE!r} or {BARE!r}")
+        elif self.data.sft is None:
+            raise ValueError("gate compares behaviour sources, named by the SFT data's source column, which a "
+                             "behaviour model writing the data leaves out: use the scripted two_style policy "
+                             "(models.behavior.scripted, task.kind: addition), or give data.sft with a source column")
         return self
 
     @model_validator(mode="after")

@@ -31,6 +31,11 @@ class PriorConfig(Section):
     num_prompts: int = Field(2048, gt=0, description="prompts the policy answers once each for the prior's data: "
                              "the task's train prompts after the first task.num_train, so none is a train or eval "
                              "prompt")
+    seed: int | None = Field(None, description="seeds the prior's data draws and order. null: each seed of an "
+                             "experiment trains its own prior from the job's seed. A number N: every seed and cell of "
+                             "the experiment starts from one prior trained once (the one seed N trains with null), as "
+                             "every run of a study starts from one base model; the seeds then vary data order, SFT "
+                             "and RL sampling only")
 
 
 class LoraConfig(Section):

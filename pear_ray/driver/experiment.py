@@ -7,9 +7,14 @@ cell under the job's folder, then one aggregated report with paired statistics.
 
 Every cell is an ordinary run (`run_job`): rerunning the command skips finished cells and resumes the unfinished
 one. The job folder may be a URL (s3://bucket/prefix), as a run folder may: each cell publishes its own folder, the
-experiment its report, summary and wall times. All cells are checked before the first starts, so a bad grid value, or a cell folder holding another config's
-results, is refused up front. Cells run one after another by default; with `parallel_cells: N` up to N run at
-once, each driven by a Ray task (on a cluster their actors spread over the nodes, as Ray places them).
+experiment its report, summary and wall times. All cells are checked before the first starts, so a bad grid value,
+or a cell folder holding another config's results, is refused up front; a job with a `gate` then reads it in every
+cell before any cell's SFT (driver/gate.py). Cells run one after another by default; with `parallel_cells: N` up to
+N run at once, each driven by a Ray task (on a cluster their actors spread over the nodes, as Ray places them).
+
+Cells that start from one student prior share it (`<job folder>/priors/`): the cells of one seed that differ only in
+later stages, or every cell when `models.student.prior.seed` fixes the prior's seed. It is trained once, by the
+first cell that needs it (before any cell starts, when cells run side by side).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import itertools
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +35,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pear_ray import atomic
 from pear_ray.config import JobConfig, parse_job, set_dotted
+from pear_ray.driver.gate import pass_gate
+from pear_ray.driver.inspect import prepared_student
 from pear_ray.driver.run import check_bound, run_job
 from pear_ray.runtime import init_ray
+from pear_ray.stages.prior import prior_seed
 from pear_ray.storage import RunFolder, join
 from pear_ray.tracking import read_metrics
 from pear_ray.tracking.aggregate import aggregate, write_summary
@@ -72,11 +81,19 @@ def add_wall_time(job_dir: Path, seconds: float) -> float:
 
 
 def prior_key(job: JobConfig) -> str:
-    """What a student's prior depends on (the student, the task, the seed), as a folder name: grid cells that
-    change only SFT or RL settings share their seed's prior instead of training it again."""
-    inputs = json.dumps([job.models.student.model_dump(mode="json"), job.task.model_dump(mode="json"), job.seed],
+    """What a student's prior depends on (the student, the task, the prior's seed), as a folder name: grid cells
+    that change only SFT or RL settings share their seed's prior instead of training it again, and with
+    models.student.prior.seed set every cell shares one."""
+    seed = prior_seed(job)
+    inputs = json.dumps([job.models.student.model_dump(mode="json"), job.task.model_dump(mode="json"), seed],
                         sort_keys=True)
-    return f"seed{job.seed}-{hashlib.sha256(inputs.encode()).hexdigest()[:12]}"
+    return f"seed{seed}-{hashlib.sha256(inputs.encode()).hexdigest()[:12]}"
+
+
+def prior_dirs(job_folder: RunFolder, planned: list[tuple[str, str, JobConfig]]) -> dict[str, Path | None]:
+    """Each cell's (by folder) shared prior under the job folder's priors/, None for a student without a prior."""
+    return {folder: job_folder.local / "priors" / prior_key(cell_job)
+            if cell_job.models.student.prior is not None else None for _, folder, cell_job in planned}
 
 
 def run_experiment(job: JobConfig, job_dir: str | Path) -> Path:
@@ -89,14 +106,18 @@ def run_experiment(job: JobConfig, job_dir: str | Path) -> Path:
     job_folder = RunFolder(job_dir)
     job_folder.fetch(job_folder.local / WALL_TIME_FILE)
     init_ray(log_dir=job_folder.local / "logs", use_gpu=job.uses_gpu)
+    priors = prior_dirs(job_folder, planned)
     try:
+        if job.gate is not None:  # every cell's, before any cell's SFT
+            runs = {folder: (join(job_dir, folder), cell_job, priors[folder]) for _, folder, cell_job in planned}
+            pass_gate(job, runs, job_folder)
         if job.parallel_cells > 1:
-            run_side_by_side(planned, job_dir, job.parallel_cells)
+            train_shared_priors(planned, job_dir, priors)
+            run_side_by_side(planned, job_dir, job.parallel_cells, priors)
         else:
             for index, (_, folder, cell_job) in enumerate(planned):
                 log.info("experiment %s: cell %d of %d (%s)", job.name, index + 1, len(planned), folder)
-                run_job(cell_job, join(job_dir, folder),
-                        prior_dir=job_folder.local / "priors" / prior_key(cell_job))
+                run_job(cell_job, join(job_dir, folder), prior_dir=priors[folder])
     finally:
         wall_seconds = add_wall_time(job_folder.local, time.perf_counter() - started)
         job_folder.publish(job_folder.local / WALL_TIME_FILE)
@@ -118,22 +139,38 @@ def run_experiment(job: JobConfig, job_dir: str | Path) -> Path:
     return report
 
 
+def train_shared_priors(planned: list[tuple[str, str, JobConfig]], job_dir: str | Path,
+                        priors: dict[str, Path | None]) -> None:
+    """Train every prior that several cells start from, once, in the first such cell's folder, before cells run
+    side by side: two cells must not write one prior folder at the same time."""
+    starts = Counter(priors.values())
+    trained = set()
+    for _, folder, cell_job in planned:
+        prior = priors[folder]
+        if prior is not None and starts[prior] > 1 and prior not in trained:
+            log.info("experiment: training the prior %s, shared by %d cells", prior.name, starts[prior])
+            prepared_student(cell_job, join(job_dir, folder), prior)
+            trained.add(prior)
+
+
 @ray.remote(num_cpus=0)
-def _run_cell(cell_job: JobConfig, run_dir: str) -> str:
-    return str(run_job(cell_job, run_dir))
+def _run_cell(cell_job: JobConfig, run_dir: str, prior_dir: Path | None) -> str:
+    return str(run_job(cell_job, run_dir, prior_dir))
 
 
-def run_side_by_side(planned: list[tuple[str, str, JobConfig]], job_dir: str | Path, at_once: int) -> None:
+def run_side_by_side(planned: list[tuple[str, str, JobConfig]], job_dir: str | Path, at_once: int,
+                     priors: dict[str, Path | None]) -> None:
     """Up to `at_once` cells at a time, each driven by a Ray task pinned to this node (so every run folder lands
-    where a sequential run would put it), each cell's actors placed by Ray wherever the cluster has room. Cells
-    train their own prior here: two cells of one seed must not write one shared prior folder at the same time."""
+    where a sequential run would put it), each cell's actors placed by Ray wherever the cluster has room. Each cell
+    starts from its prior in `priors` (see train_shared_priors)."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     waiting, running = list(planned), {}
     while waiting or running:
         while waiting and len(running) < at_once:
             _, folder, cell_job = waiting.pop(0)
             log.info("experiment: starting cell %s (%d running)", folder, len(running) + 1)
-            running[_run_cell.options(scheduling_strategy=here).remote(cell_job, join(job_dir, folder))] = folder
+            cell = _run_cell.options(scheduling_strategy=here).remote(cell_job, join(job_dir, folder), priors[folder])
+            running[cell] = folder
         [done], _ = ray.wait(list(running), num_returns=1)
         log.info("experiment: cell %s finished", running.pop(done))
         ray.get(done)  # a failed cell fails the experiment here, with its own error

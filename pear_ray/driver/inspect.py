@@ -3,12 +3,18 @@
 The student scores the scored SFT data (data/sft.parquet) teacher-forced, in process, and the PEAR weights of
 every level are summed up overall, by response length and by behaviour source: a user learns how far a teacher's
 data sits from their student before paying for SFT and RL. Writes inspect.json and plots/inspect.png.
+
+The first response token gets figures of its own: in the two-style world it is where the behaviour policy chooses a
+worked trace or a bare answer, and its weight (the product of the later tokens' clipped ratios at the token level)
+is how strongly PEAR steers that choice. The gate before SFT (driver/gate.py) reads the same figures.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +26,7 @@ import torch
 from pear_ray.config import JobConfig
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
-from pear_ray.driver.run import RunState, prepare_student
+from pear_ray.driver.run import RunState, finished_stages, prepare_student
 from pear_ray.engines.hf_scorer import HfScorer
 from pear_ray.models import resolve_model
 from pear_ray.objectives import PearSft, pear_loss, pear_weights
@@ -48,15 +54,17 @@ CLOSE_ESS_FRACTION = 0.8  # at or above, with at most CLOSE_FLOOR_FRACTION at th
 CLOSE_FLOOR_FRACTION = 0.01
 FAR_FLOOR_FRACTION = 0.25  # at or above: far from the student
 NOTABLE_CEILING_FRACTION = 0.05  # at or above: the ceiling is worth a mention
-SOURCE_SHIFT_RATIO = 1.25  # one source's mean weight this many times another's: PEAR favours it
+SOURCE_SHIFT_RATIO = 1.25  # one source's mean (or first-token) weight this many times another's: PEAR favours it
 
 
-def weight_figures(table: pa.Table, student_logprobs: pa.ChunkedArray | list, pear: PearSft) -> dict:
+def weight_figures(table: pa.Table, student_logprobs: pa.ChunkedArray | list, pear: PearSft,
+                   levels: Sequence[str] = LEVELS) -> dict:
     """PEAR's weights on `table` (prompt_ids, response_ids, behavior_logprobs, optional source) with the student's
-    log-probs (one list per row), summed up per level with the job's gamma, block size and clips.
+    log-probs (one list per row), summed up per level of `levels` with the job's gamma, block size and clips.
 
-    Per level: `overall`, `by_length` and, when the data has several sources, `by_source` figures (see `_stats`);
-    a `histogram` of the weights and the `mean_weight_by_position` in the response, for `all` and per source.
+    Per level: `overall`, `by_length` and, when the data has several sources, `by_source` figures (see `_stats`),
+    then the `first_token_ratio` of the sources with the highest and the lowest first-token weight; a `histogram`
+    of the weights and the `mean_weight_by_position` in the response, for `all` and per source.
     """
     table = schema.append_column(table, STUDENT_LOGPROBS, student_logprobs, type=schema.LOGPROBS_TYPE)
     grid = to_tensors(table, pad_id=0, columns=(schema.BEHAVIOR_LOGPROBS, STUDENT_LOGPROBS))
@@ -68,14 +76,17 @@ def weight_figures(table: pa.Table, student_logprobs: pa.ChunkedArray | list, pe
     position = (mask.long().cumsum(1) - 1)[mask].numpy()  # each response token's index in its response
     lo, hi = pear.log_weight_clip
     log_edges = np.linspace(lo, hi, HISTOGRAM_BINS + 1)
-    levels = {}
-    for level in LEVELS:
+    figures_by_level = {}
+    for level in levels:
         settings = dict(level=level, gamma=pear.gamma, block_size=pear.block_size, delta_clip=pear.delta_clip,
                         log_weight_clip=pear.log_weight_clip)
         weights = pear_weights(student, behavior, mask, **settings)
         figures = {kind: {name: _stats(student, behavior, mask & rows[:, None], weights, settings)
                           for name, rows in groups.items()}
                    for kind, groups in row_groups.items() if groups}
+        if sources:
+            ranked = sorted(sources, key=lambda name: figures["by_source"][name]["first_token_weight"])
+            figures["first_token_ratio"] = first_token_ratio(figures["by_source"], ranked[-1], ranked[0])
         histogram, by_position = {}, {}
         for name, rows in series.items():
             tokens = rows[:, None].expand_as(mask)[mask].numpy()
@@ -85,23 +96,34 @@ def weight_figures(table: pa.Table, student_logprobs: pa.ChunkedArray | list, pe
             by_position[name] = _mean_by_position(w, position[tokens])
         figures["histogram"] = {"edges": np.exp(log_edges).tolist(), "fractions": histogram}
         figures["mean_weight_by_position"] = by_position
-        levels[level] = figures
+        figures_by_level[level] = figures
     return {
         "rows": table.num_rows,
         "tokens": int(mask.sum()),
         "settings": {"gamma": pear.gamma, "block_size": pear.block_size, "delta_clip": list(pear.delta_clip),
                      "log_weight_clip": list(pear.log_weight_clip)},
-        "levels": levels,
+        "levels": figures_by_level,
     }
 
 
 def _stats(student, behavior, mask, weights, settings) -> dict:
     """One group's figures: the objective's own diagnostics (mean weight, ESS fraction, fractions at the floor and
-    ceiling, mean log-ratio before clipping) and the weights' quantiles, over the group's response tokens."""
+    ceiling, mean log-ratio before clipping), the weights' quantiles, over the group's response tokens, and the mean
+    weight of its rows' first response token."""
     _, diagnostics = pear_loss(student, behavior, mask, **settings)
     quantiles = np.percentile(weights[mask].double().numpy(), QUANTILES)
-    return {"rows": int(mask.any(1).sum()), **diagnostics.as_dict(),
-            **{f"p{q}": float(v) for q, v in zip(QUANTILES, quantiles)}}
+    rows = mask.any(1)
+    first = weights.gather(1, mask.int().argmax(1, keepdim=True))[:, 0]  # argmax: the first True of each row
+    return {"rows": int(rows.sum()), **diagnostics.as_dict(),
+            **{f"p{q}": float(v) for q, v in zip(QUANTILES, quantiles)},
+            "first_token_weight": float(first[rows].double().mean())}
+
+
+def first_token_ratio(by_source: dict, numerator: str, denominator: str) -> dict:
+    """The mean weight of the first response token in `numerator`'s rows over that in `denominator`'s, from a
+    level's `by_source` figures: how much more PEAR weights starting like the one than like the other."""
+    return {"numerator": numerator, "denominator": denominator,
+            "ratio": by_source[numerator]["first_token_weight"] / by_source[denominator]["first_token_weight"]}
 
 
 def _length_rows(lengths: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -128,7 +150,8 @@ def _mean_by_position(weights: np.ndarray, position: np.ndarray) -> list[float |
 
 
 def verdict(figures: dict, level: str) -> list[str]:
-    """One line on how far the data sits from the student at `level`, and one on the sources when several."""
+    """One line on how far the data sits from the student at `level`, and, when the data has several sources, one
+    on their mean weights and one on their first response token's."""
     overall = figures["levels"][level]["overall"][ALL]
     ess, floor, ceiling = overall["ess_fraction"], overall["frac_at_floor"], overall["frac_at_ceiling"]
     head = f"{level} level: ESS {ess:.2f} of tokens, {floor:.0%} at the floor"
@@ -155,20 +178,40 @@ def verdict(figures: dict, level: str) -> list[str]:
         shift = (f"PEAR will shift the student toward '{high}'" if high_w >= SOURCE_SHIFT_RATIO * low_w
                  else "PEAR will weight the sources alike")
         lines.append(f"{level} level: {pair}: {shift}")
+        first = figures["levels"][level]["first_token_ratio"]
+        high, low, ratio = first["numerator"], first["denominator"], first["ratio"]
+        pair = (f"the first response token gets weight {by_source[high]['first_token_weight']:.3g} in '{high}' rows "
+                f"vs {by_source[low]['first_token_weight']:.3g} in '{low}' rows ({ratio:.3g}x)")
+        shift = (f"PEAR will steer how responses start toward '{high}'" if ratio >= SOURCE_SHIFT_RATIO
+                 else "PEAR will weight how responses start alike")
+        lines.append(f"{level} level: {pair}: {shift}")
     return lines
+
+
+def fidelity_notes(job: JobConfig) -> list[str]:
+    """What the data's behaviour log-probs leave out, given how the job wrote the data (a line each)."""
+    behavior = job.models.behavior
+    writes_and_filters = (job.data.sft is None and behavior is not None and behavior.scripted is None
+                          and job.score.keep == "correct")
+    if not writes_and_filters:
+        return []
+    return ["note: the behaviour model kept only its correct samples (score.keep: correct), but their stored "
+            "log-probs are unconditional: each response's summed log-ratio is too high by -log P(correct | prompt), "
+            "which the data does not record"]
 
 
 COLUMNS = (  # header, figure, format
     ("rows", "rows", "{:d}"), ("tokens", "num_tokens", "{:d}"), ("mean w", "mean_weight", "{:.3g}"),
     *((f"p{q}", f"p{q}", "{:.3g}") for q in QUANTILES),
     ("ESS", "ess_fraction", "{:.2f}"), ("floor", "frac_at_floor", "{:.1%}"), ("ceiling", "frac_at_ceiling", "{:.1%}"),
-    ("log-ratio", "mean_log_ratio", "{:+.3f}"),
+    ("log-ratio", "mean_log_ratio", "{:+.3f}"), ("first w", "first_token_weight", "{:.3g}"),
 )
 GROUP_LABELS = {"overall": "", "by_length": "length ", "by_source": "source "}
 
 
 def format_table(figures: dict) -> str:
-    """The figures as an aligned text table: one line per level and group."""
+    """The figures as an aligned text table, one line per level and group, then a line per level on the sources'
+    first-token weight ratio when the data has several sources."""
     rows = [["level", "group", *(header for header, _, _ in COLUMNS)]]
     for level, data in figures["levels"].items():
         groups = [(label + name, stats) for kind, label in GROUP_LABELS.items()
@@ -176,8 +219,14 @@ def format_table(figures: dict) -> str:
         for index, (group, stats) in enumerate(groups):
             rows.append([level if index == 0 else "", group, *(fmt.format(stats[key]) for _, key, fmt in COLUMNS)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
-                               for i, (cell, width) in enumerate(zip(row, widths))) for row in rows)
+    lines = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
+                       for i, (cell, width) in enumerate(zip(row, widths))) for row in rows]
+    ratios = [(level, data["first_token_ratio"]) for level, data in figures["levels"].items()
+              if "first_token_ratio" in data]
+    lines += [""] if ratios else []
+    lines += [f"{level} level: first-token weight ratio {first['numerator']}/{first['denominator']} "
+              f"{first['ratio']:.3g}" for level, first in ratios]
+    return "\n".join(lines)
 
 
 def plot_inspect(figures: dict, path: Path) -> Path:
@@ -227,19 +276,48 @@ def verdict_levels(job: JobConfig) -> list[str]:
     return [level for level in levels if level != "none"] or [DEFAULT_LEVEL]
 
 
-def scored_data(job: JobConfig, run_dir: Path) -> tuple[Path, Path]:
+@contextmanager
+def opened_run(job: JobConfig, run_dir: str | Path, prior_dir: Path | None = None) -> Iterator[tuple[Run, RunState]]:
+    """A run folder's stages, opened as `pear-ray run` opens them, with `run.student` the model SFT starts from: the
+    student after its prior, trained here (into `prior_dir`, default the run's models/student-prior) unless done,
+    and recorded in state.json, so a later `pear-ray run` reuses it."""
+    state = RunState(run_dir, job)
+    state.folder.fetch(state.dir / "models" / "student")  # a tiny student built by an earlier run
+    student = resolve_model(job.models.student, state.dir / "models" / "student")
+    init_ray(log_dir=state.dir / "logs", use_gpu=job.uses_gpu)
+    with MetricsLogger(state.dir, resume=True, loggers=job.loggers, run_name=job.name,
+                       config=job.model_dump(mode="json")) as metrics:
+        run = Run(job, state.dir, metrics, student, state.folder)
+        prepare_student(run, state, prior_dir)
+        yield run, state
+
+
+def prepared_student(job: JobConfig, run_dir: str | Path, prior_dir: Path | None = None) -> Path:
+    """The model SFT would start from, its prior trained first if need be (see `opened_run`)."""
+    with opened_run(job, run_dir, prior_dir) as (run, _):
+        return run.student
+
+
+def scored_data(job: JobConfig, run_dir: str | Path, prior_dir: Path | None = None) -> tuple[Path, Path]:
     """The student SFT would start from and the run folder's scored SFT data. Stages not run yet (the student's
     prior, score) run here and are recorded in state.json, so a later `pear-ray run` reuses them."""
-    state = RunState(run_dir, job)
-    student = resolve_model(job.models.student, run_dir / "models" / "student")
-    if "score" in state.done and (job.models.student.prior is None or "prior" in state.done):
-        return state.output_of("prior") if "prior" in state.done else student, state.output_of("score")
-    init_ray(log_dir=run_dir / "logs", use_gpu=job.uses_gpu)
-    with MetricsLogger(run_dir, resume=True, loggers=job.loggers, run_name=job.name,
-                       config=job.model_dump(mode="json")) as metrics:
-        run = Run(job, run_dir, metrics, student)
-        prepare_student(run, state)
+    done = finished_stages(run_dir)
+    if "score" in done and (job.models.student.prior is None or "prior" in done):
+        state = RunState(run_dir, job)
+        student = state.output_of("prior") if "prior" in done else \
+            resolve_model(job.models.student, state.dir / "models" / "student")
+        return student, state.output_of("score")
+    with opened_run(job, run_dir, prior_dir) as (run, state):
         return run.student, state.output("score", lambda: run_score(run))
+
+
+def data_figures(student: Path, data: Path, pear: PearSft, levels: Sequence[str] = LEVELS) -> dict:
+    """`weight_figures` of the scored SFT data at `data`, scored teacher-forced under `student` in this process."""
+    columns = [schema.PROMPT_IDS, schema.RESPONSE_IDS, schema.BEHAVIOR_LOGPROBS]
+    columns += [schema.SOURCE] if schema.SOURCE in pq.read_schema(data).names else []
+    table = schema.validate(pq.read_table(data, columns=columns), required=columns[:3], source=str(data))
+    log.info("scoring %d rows of %s under the student %s", table.num_rows, data, student)
+    return weight_figures(table, HfScorer(student).logprobs(table), pear, levels)
 
 
 def run_inspect(job: JobConfig, run_dir: Path) -> tuple[dict, Path, Path]:
@@ -247,13 +325,10 @@ def run_inspect(job: JobConfig, run_dir: Path) -> tuple[dict, Path, Path]:
     figures (with the verdict) and both paths."""
     run_dir.mkdir(parents=True, exist_ok=True)
     student, data = scored_data(job, run_dir)
-    columns = [schema.PROMPT_IDS, schema.RESPONSE_IDS, schema.BEHAVIOR_LOGPROBS]
-    columns += [schema.SOURCE] if schema.SOURCE in pq.read_schema(data).names else []
-    table = schema.validate(pq.read_table(data, columns=columns), required=columns[:3], source=str(data))
-    log.info("scoring %d rows of %s under the student %s", table.num_rows, data, student)
-    figures = weight_figures(table, HfScorer(student).logprobs(table), job.sft.pear)
+    figures = data_figures(student, data, job.sft.pear)
     figures.update(data=str(data), student=str(student),
-                   verdict=[line for level in verdict_levels(job) for line in verdict(figures, level)])
+                   verdict=[*(line for level in verdict_levels(job) for line in verdict(figures, level)),
+                            *fidelity_notes(job)])
     json_path = run_dir / INSPECT_JSON
     json_path.write_text(json.dumps(figures, indent=1))
     (run_dir / PLOTS_DIR).mkdir(exist_ok=True)

@@ -14,6 +14,12 @@ SMALL = [  # the smoke job made smaller still
     "task.num_train=16", "task.num_eval=4", "score.teacher_sft_steps=20", "score.samples_per_prompt=2",
     "sft.batch_size=8", "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=4", "eval.n=2", "eval.k=[1,2]",
 ]
+TINY_EXPERIMENT = [  # pear-vs-sft made tiny: no RL, a short prior, a handful of prompts
+    "seeds=[0,1]", "stages=[score,sft,eval]", "sft.variants=[none,token]", "task.num_train=32", "task.num_eval=6",
+    "models.student.prior.steps=4", "models.student.prior.num_prompts=32", "sft.epochs=1", "sft.batch_size=16",
+    "eval.n=2", "eval.k=[1,2]", "models.student.tiny.hidden_size=64", "models.student.tiny.num_heads=2",
+    "models.student.tiny.num_kv_heads=2", "models.student.tiny.intermediate_size=128",
+]
 
 
 def pear_ray(*args: str, cwd: Path = ROOT, **kwargs) -> subprocess.Popen:

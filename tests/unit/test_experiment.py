@@ -4,17 +4,11 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from support.cli import finish, pear_ray
+from support.cli import TINY_EXPERIMENT, finish, pear_ray
 
 from pear_ray.config import ConfigError, load_job
-from pear_ray.driver.experiment import cells
-
-TINY_EXPERIMENT = [  # pear-vs-sft made tiny: no RL, a short prior, a handful of prompts
-    "seeds=[0,1]", "stages=[score,sft,eval]", "sft.variants=[none,token]", "task.num_train=32", "task.num_eval=6",
-    "models.student.prior.steps=4", "models.student.prior.num_prompts=32", "sft.epochs=1", "sft.batch_size=16",
-    "eval.n=2", "eval.k=[1,2]", "models.student.tiny.hidden_size=64", "models.student.tiny.num_heads=2",
-    "models.student.tiny.num_kv_heads=2", "models.student.tiny.intermediate_size=128",
-]
+from pear_ray.driver.experiment import cells, prior_key
+from pear_ray.stages.prior import prior_seed
 
 
 def test_cells_cross_the_grid_with_the_seeds_and_refuse_a_bad_value_up_front():
@@ -26,6 +20,18 @@ def test_cells_cross_the_grid_with_the_seeds_and_refuse_a_bad_value_up_front():
     assert [(c.seed, c.sft.epochs, c.rl.optimizer.lr, c.seeds, c.grid) for _, _, c in planned][1] == (4, 1, 0.001, [], {})
     with pytest.raises(ConfigError, match="(?s)cell sft.epochs=0/seed3.*sft.epochs"):
         cells(load_job("jobs/pear-vs-sft.yaml", ["seeds=[3]", "grid={sft.epochs: [2, 0]}"]))
+
+
+def test_a_prior_seed_gives_every_seed_and_cell_one_prior():
+    """Without models.student.prior.seed each seed trains its own prior (shared by the grid cells of that seed); with
+    it, every cell starts from the prior that seed would train."""
+    grid = ["seeds=[0,1]", "grid={sft.epochs: [1, 3]}"]
+    own = [job for _, _, job in cells(load_job("jobs/pear-vs-sft.yaml", grid))]
+    assert [prior_seed(job) for job in own] == [0, 1, 0, 1]
+    assert len({prior_key(job) for job in own}) == 2 and prior_key(own[0]) == prior_key(own[2])
+    shared = [job for _, _, job in cells(load_job("jobs/pear-vs-sft.yaml", [*grid, "models.student.prior.seed=1"]))]
+    assert [prior_seed(job) for job in shared] == [1, 1, 1, 1]
+    assert len({prior_key(job) for job in shared}) == 1 and prior_key(shared[0]).startswith("seed1-")
 
 
 @pytest.mark.slow  # about 1.5 minutes: six short runs; the aggregation math is tested on its own in test_aggregate

@@ -1,4 +1,5 @@
-"""`pear-ray inspect`: PEAR's weights on the SFT data under the untrained student, per level, length and source."""
+"""`pear-ray inspect`: PEAR's weights on the SFT data under the untrained student, per level, length and source, and
+at the first response token."""
 
 import json
 import math
@@ -12,7 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pear_ray.cli import app
-from pear_ray.driver.inspect import LEVELS, QUANTILES, format_table, verdict, weight_figures
+from pear_ray.config import load_job
+from pear_ray.driver.inspect import LEVELS, QUANTILES, fidelity_notes, format_table, verdict, weight_figures
 from pear_ray.engines.hf_scorer import HfScorer
 from pear_ray.objectives import PearSft
 
@@ -46,10 +48,12 @@ def expected_log_g(level, length, raw, settings=SETTINGS):
 
 def expected_stats(level, rows):
     """A group's figures from its rows' tokens, with the statistics module (not numpy) for the quantiles."""
-    log_g, raw = [], []
+    log_g, raw, first = [], [], []
     for _, length, row_raw in rows:
-        log_g += expected_log_g(level, length, row_raw)
+        row_log_g = expected_log_g(level, length, row_raw)
+        log_g += row_log_g
         raw += [row_raw] * length
+        first.append(row_log_g[0])
     lo, hi = SETTINGS.log_weight_clip
     w = [math.exp(min(max(g, lo), hi)) for g in log_g]
     n = len(w)
@@ -59,6 +63,7 @@ def expected_stats(level, rows):
         "ess_fraction": sum(w) ** 2 / (n * sum(x * x for x in w)),
         "frac_at_floor": sum(g <= lo for g in log_g) / n, "frac_at_ceiling": sum(g >= hi for g in log_g) / n,
         "mean_log_ratio": sum(raw) / n, **{f"p{q}": cuts[q - 1] for q in QUANTILES},
+        "first_token_weight": statistics.fmean(math.exp(min(max(g, lo), hi)) for g in first),
     }
 
 
@@ -124,13 +129,65 @@ def test_one_source_gives_no_source_split():
     assert len(verdict(figures, "token")) == 1
 
 
-def test_table_has_a_line_per_level_and_group():
+def test_table_has_a_line_per_level_and_group_and_one_per_first_token_ratio():
     table, student = fixed_table()
-    lines = format_table(weight_figures(table, student, SETTINGS)).splitlines()
-    assert len(lines) == 1 + len(LEVELS) * 6  # header; all, three lengths, two sources per level
-    assert lines[0].split()[:3] == ["level", "group", "rows"]
+    figures = weight_figures(table, student, SETTINGS)
+    lines = format_table(figures).splitlines()
+    assert len(lines) == 1 + len(LEVELS) * 6 + 1 + len(LEVELS)  # header; all, 3 lengths, 2 sources; gap; ratios
+    assert lines[0].split()[:3] == ["level", "group", "rows"] and lines[0].endswith("first w")
     assert lines[1].split()[:4] == ["sequence", "all", "4", "39"]
     assert lines[7].split()[:2] == ["token", "all"]
+    first = figures["levels"]["token"]["first_token_ratio"]
+    assert lines[7].split()[-1] == f"{figures['levels']['token']['overall']['all']['first_token_weight']:.3g}"
+    assert lines[-2] == f"token level: first-token weight ratio trace/bare {first['ratio']:.3g}"
+
+
+def two_style_rows(rows: list[tuple[str, list[float]]], settings: PearSft, behavior: float = -0.7) -> dict:
+    """Figures of rows (source, raw log-ratio lt - lb of each response token) under `settings`."""
+    table = pa.table({
+        "prompt_ids": [[1, 2]] * len(rows),
+        "response_ids": [[7] * len(raw) for _, raw in rows],
+        "behavior_logprobs": pa.array([[behavior] * len(raw) for _, raw in rows], type=pa.list_(pa.float32())),
+        "source": [source for source, _ in rows],
+    })
+    return weight_figures(table, [[behavior + r for r in raw] for _, raw in rows], settings)
+
+
+# Two traces the student follows after the style choice, two bare answers whose digits it cannot predict.
+STYLE_ROWS = [("trace", [-0.1, 0.0, 0.0, 0.0, 0.0]), ("trace", [-0.1, 0.1, 0.5, 0.0]),
+              ("bare", [-0.1, -2.0, -2.0, 0.0]), ("bare", [-0.1, -0.05, 0.0])]
+
+
+@pytest.mark.parametrize("lower_clip", [-0.08, -1.0])
+def test_first_token_weight_is_the_product_of_the_later_clipped_ratios(lower_clip):
+    """At the token level log G_1 = (T - 1) log gamma + sum_{j > 1} clip(raw_j): by hand, per row, then the mean
+    per source and the ratio of the larger to the smaller; a wider lower clip separates the styles more."""
+    settings = PearSft(delta_clip=(lower_clip, 0.3))  # gamma 0.999, the paper's default
+    log_gamma = math.log(0.999)
+    log_g1 = {"trace": [4 * log_gamma, 3 * log_gamma + 0.1 + 0.3],  # 0.5 clipped to 0.3
+              "bare": [3 * log_gamma + 2 * lower_clip, 2 * log_gamma + max(-0.05, lower_clip)]}
+    first = {source: statistics.fmean(math.exp(g) for g in values) for source, values in log_g1.items()}
+    token = two_style_rows(STYLE_ROWS, settings)["levels"]["token"]
+    for source in ("trace", "bare"):
+        assert token["by_source"][source]["first_token_weight"] == pytest.approx(first[source], rel=1e-5)
+    assert token["overall"]["all"]["first_token_weight"] == pytest.approx(
+        statistics.fmean(math.exp(g) for values in log_g1.values() for g in values), rel=1e-5)
+    assert token["first_token_ratio"]["numerator"] == "trace" and token["first_token_ratio"]["denominator"] == "bare"
+    assert token["first_token_ratio"]["ratio"] == pytest.approx(first["trace"] / first["bare"], rel=1e-5)
+    # the paper's clip: 0.996 and 1.487 before a trace (mean 1.242) vs 0.850 and 0.949 before a bare answer (mean
+    # 0.900), ratio 1.380; the wide clip: bare 0.135 and 0.949 (mean 0.542), ratio 2.29
+    assert token["first_token_ratio"]["ratio"] == pytest.approx(1.380 if lower_clip == -0.08 else 2.291, abs=1e-3)
+
+
+def test_first_token_ratio_names_the_source_it_favours():
+    """The sequence level gives every token of a row the row's weight exp(sum_j clip(raw_j)), the first too; here
+    the bare answers come out ahead, so they are the ratio's numerator."""
+    rows = [("trace", [0.0, -0.5, -0.5]), ("bare", [0.0, 0.2])]
+    sequence = two_style_rows(rows, PearSft())["levels"]["sequence"]
+    trace, bare = math.exp(-0.16), math.exp(0.2)
+    assert sequence["by_source"]["trace"]["first_token_weight"] == pytest.approx(trace, rel=1e-5)
+    assert sequence["first_token_ratio"] == {"numerator": "bare", "denominator": "trace",
+                                             "ratio": pytest.approx(bare / trace, rel=1e-5)}
 
 
 DEFAULT_PEAR = PearSft()
@@ -149,28 +206,47 @@ def uniform_rows(rows, default=DEFAULT_PEAR):
 
 def test_verdict_close():
     figures = uniform_rows([("trace", 30, 0.0), ("bare", 30, 0.001)], PearSft(gamma=1.0))
-    [line, sources] = verdict(figures, "token")
+    [line, sources, first] = verdict(figures, "token")
     assert line.startswith("token level: ESS 1.00 of tokens, 0% at the floor: the data sits close to the student")
     assert "almost like canonical SFT" in line
     assert sources.endswith("PEAR will weight the sources alike")
+    bare = math.exp(29 * 0.001)  # the 29 later tokens' log-ratios; the trace's are 0
+    assert first == (f"token level: the first response token gets weight {bare:.3g} in 'bare' rows vs 1 in 'trace' "
+                     f"rows ({bare:.3g}x): PEAR will weight how responses start alike")
 
 
 def test_verdict_far_and_a_favoured_source():
     # bare: d = -0.08 per token and gamma 0.999, so log G_t = (200 - t)(-0.08 + log 0.999) <= -10 for t <= 76
     figures = uniform_rows([("bare", 200, -1.0), ("trace", 200, 0.0)])
-    [line, sources] = verdict(figures, "token")
+    [line, sources, first] = verdict(figures, "token")
     assert line.startswith("token level: ESS ")
     assert "19% at the floor: the data sits some way from the student" in line  # 76 of 400 tokens
+    trace, bare = 0.999 ** 199, math.exp(-10.0)  # bare: 199 (-0.08 + log 0.999) = -16.1, clipped to -10
+    assert first == (f"token level: the first response token gets weight {trace:.3g} in 'trace' rows vs "
+                     f"{bare:.3g} in 'bare' rows ({trace / bare:.3g}x): PEAR will steer how responses start toward "
+                     "'trace'")
     figures = uniform_rows([("bare", 200, -1.0)])
     [line] = verdict(figures, "token")
     assert "38% at the floor: the teacher is far from this student" in line
     assert "PEAR will train mostly on the ends of responses" in line
     figures = uniform_rows([("bare", 200, -1.0), ("trace", 200, 0.0), ("trace", 10, 0.0)])
-    [line, sources] = verdict(figures, "sequence")
+    [line, sources, _] = verdict(figures, "sequence")
     assert "49% at the floor: the teacher is far" in line and "whole responses" in line  # 200 of 410 tokens
     bare, trace = math.exp(-10.0), 1.0
     assert sources == (f"sequence level: source 'bare' gets mean weight {bare:.2f} vs 'trace' {trace:.2f}: "
                        "PEAR will shift the student toward 'trace'")
+
+
+@pytest.mark.parametrize("job_file,overrides,notes", [
+    ("jobs/distill.yaml", ["score.keep=correct"], 1),  # a behaviour model writes the data, keeps the correct rows
+    ("jobs/distill.yaml", [], 0),
+    ("jobs/distill.yaml", ["score.keep=correct", "data.sft=teacher.jsonl"], 0),  # given data: nothing filtered
+    ("jobs/pear-vs-sft.yaml", ["score.keep=correct"], 0),  # the scripted policy keeps every row, log-probs exact
+])
+def test_a_note_when_the_behaviour_model_filtered_its_data(job_file, overrides, notes):
+    lines = fidelity_notes(load_job(job_file, overrides))
+    assert len(lines) == notes
+    assert all("unconditional" in line and "log P(correct | prompt)" in line for line in lines)
 
 
 def test_inspect_command_end_to_end(tmp_path, tiny_model_dir, ray_cluster):
@@ -198,6 +274,9 @@ def test_inspect_command_end_to_end(tmp_path, tiny_model_dir, ray_cluster):
     assert saved["settings"] == {"gamma": 0.95, "block_size": 3, "delta_clip": [-0.08, 0.3],
                                  "log_weight_clip": [-10.0, 5.0]}
     assert saved["verdict"] == verdict(saved, "token") and saved["verdict"][0] in result.stdout
+    first = saved["levels"]["token"]["first_token_ratio"]
+    assert f"token level: first-token weight ratio {first['numerator']}/{first['denominator']}" in result.stdout
+    assert saved["verdict"][2] in result.stdout and "first response token" in saved["verdict"][2]
 
     table = pq.read_table(run_dir / "data" / "sft.parquet")
     assert table.column("source").to_pylist() == [row["source"] for row in rows]
