@@ -57,9 +57,9 @@ NOT_PUBLISHED = ("checkpoints", "logs", "wandb", STATE_FILE)
 
 
 # Settings that change how or where a run goes, not what it produces: a rerun into a run folder may change them
-# (adding a stage to `stages` resumes the run; a gate only stops a run before SFT). Every other key of the resolved
-# config binds the folder.
-NOT_BINDING = ("loggers", "resources", "parallel_cells", "output_dir", "stages", "gate")
+# (adding a stage to `stages` resumes the run; a gate only stops a run before SFT; the primary comparison only
+# reads the results). Every other key of the resolved config binds the folder.
+NOT_BINDING = ("loggers", "resources", "parallel_cells", "output_dir", "stages", "gate", "primary")
 
 
 def binding(job: JobConfig) -> dict:
