@@ -134,6 +134,7 @@ print(json.dumps({"results": results, "stats": asdict(pool.stats), "nodes": [kep
 """
 
 
+@pytest.mark.slow  # about 30 s on a cluster; tests/unit/test_draining.py covers the pool leaving a draining node
 def test_a_rollout_node_drained_mid_map_gets_no_new_work_and_its_calls_finish_or_run_elsewhere():
     with AutoscalingCluster(max_workers={"rollout": 3, "learner": 0}) as cluster:
         started = time.monotonic()

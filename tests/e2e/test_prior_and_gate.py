@@ -75,6 +75,7 @@ def test_a_failing_gate_stops_an_experiment_before_sft_and_its_cells_share_one_p
     assert "models.student.prior.steps, now 4" in error and f"every reading: {job_dir / 'gate.json'}" in error
 
 
+@pytest.mark.slow  # about 35 s: two runs; test_a_failing_gate_stops_an_experiment_before_sft... checks the same gate
 def test_a_single_run_stops_at_its_gate_then_passes_a_lower_one_and_trains(tmp_path):
     run_dir = tmp_path / "run"
     job = ["jobs/pear-vs-sft.yaml", "seeds=[]", "models.student.prior=null", "stages=[score,sft]",

@@ -178,6 +178,7 @@ def test_a_pool_waited_on_during_a_map_grows_mid_map(ray_cluster, tiny_model_dir
         pool.shutdown()
 
 
+@pytest.mark.slow  # about 25 s; test_the_scaler_asks_for_one_more_actor_while_waited_on... covers the scaler
 def test_rl_sizes_a_waited_on_pool_by_wait_and_logs_the_scaling_figures_every_step(ray_cluster, tiny_model_dir,
                                                                                     tmp_path):
     # grow_at 0.01: every step counts as waited on (the rule's thresholds are tests/unit/test_scaling.py's business;

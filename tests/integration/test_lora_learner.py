@@ -184,6 +184,7 @@ def test_adapter_dropout_is_in_training_forwards_only(ray_cluster, tiny_model_di
         group.shutdown()
 
 
+@pytest.mark.slow  # about 20 s; test_checkpoint_holds_only_the_adapters_and_resumes_exactly covers ZeRO-2
 def test_zero_3_ends_as_zero_2_and_its_adapter_checkpoint_resumes_exactly(ray_cluster, tiny_model_dir, tmp_path):
     """Two ranks, an SFT then a GRPO step: under ZeRO-3 (every parameter partitioned, frozen or adapter) the losses,
     the merged weights handed out, the adapters a sync sends and the exported adapter are ZeRO-2's; a group

@@ -133,6 +133,7 @@ def test_samples_from_a_replacement_actors_start_weights_are_counted_and_regener
     assert samples(tmp_path, 3).column("policy_version").to_pylist() == [2] * 8
 
 
+@pytest.mark.slow  # about 15 s; tests/unit/test_objectives.py loads a custom objective and uses its terms
 def test_a_custom_rl_objective_trains_by_import_path(ray_cluster, tiny_model_dir, tmp_path):
     """rl.objective names a plug-in (tests/support/plugins/objective_example.py): the stage trains with it and logs
     the figures only the plug-in reports, not GRPO's."""

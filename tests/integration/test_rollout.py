@@ -199,6 +199,7 @@ def test_bad_model_folder_is_a_clear_error(ray_cluster, tmp_path):
         ray.get(actor.health.remote())
 
 
+@pytest.mark.slow  # about 20 s; test_lost_actors replaces a dead actor and reruns its batch by default
 def test_a_killed_rollout_actor_loses_and_duplicates_nothing(ray_cluster, prompts, tiny_model_dir):
     def make_actor(slot):
         return ray.remote(RolloutWorker).options(num_cpus=0.25).remote(tiny_model_dir, seed=slot)
