@@ -45,7 +45,9 @@ def test_an_experiment_runs_each_seed_on_the_same_eval_prompts_and_aggregates_th
     data = [pq.read_table(job_dir / f"seed{seed}" / "data" / "sft.parquet") for seed in (0, 1)]
     assert data[0].column("prompt").equals(data[1].column("prompt"))  # same train prompts too
     assert data[0].column("source").to_pylist() != data[1].column("source").to_pylist()  # sampled per seed
-    summary = json.loads((job_dir / "summary.json").read_text())
+    document = json.loads((job_dir / "summary.json").read_text())
+    assert document["primary"] is None and document["baseline"] == "none"
+    summary = document["comparisons"]
     assert set(summary) == {"token"} and set(summary["token"]) == {"sft"}
     for figures in summary["token"]["sft"].values():
         assert figures["n_seeds"] == 2 and 0 <= figures["seeds_positive"] <= 2
