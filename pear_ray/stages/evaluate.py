@@ -26,13 +26,9 @@ from pear_ray.stages.common import (
     with_rewards,
 )
 from pear_ray.tracking import eval_stage
+from pear_ray.tracking.metrics import style_column
 
 log = logging.getLogger(__name__)
-
-
-def style_column(style: str) -> str:
-    """The per-prompt column of how many of a prompt's n samples are in response style `style`: "style_trace"."""
-    return f"style_{style}"
 
 
 def write_per_prompt(path: Path, prompts: pa.Table, correct: np.ndarray, *, n: int, stage: str, variant: str,

@@ -22,11 +22,11 @@ import pyarrow as pa
 
 from pear_ray import atomic
 from pear_ray.objectives.pass_at_k import pass_at_k
+from pear_ray.tracking.metrics import STYLE_COUNT_PREFIX, STYLE_SHARE_PREFIX, style_column, style_share
 from pear_ray.tracking.plots import EVAL_STAGE_LABELS, order_variants
 
 COLUMNS = ("seed", "cell", "variant", "stage", "prompt_id", "n", "correct")
-STYLE_COLUMN = "style_"  # a per-prompt count of samples in one response style: style_<name>
-PASS_AT, SHARE = "pass@", "share_"  # the metrics: pass@<k>, share_<style>
+PASS_AT = "pass@"  # the metrics: pass@<k>, and share_<style> (tracking/metrics.py's style_share)
 SUMMARY_FILE = "summary.json"
 MINUS = "\u2212"
 
@@ -49,7 +49,7 @@ def metric_value(metric: str, counts: Counts) -> float:
     """One prompt's value of `metric`: the unbiased pass@k estimate from (n, correct), or a style's share of n."""
     if metric.startswith(PASS_AT):
         return pass_at_k(counts["n"], counts["correct"], int(metric[len(PASS_AT):]))
-    return counts[STYLE_COLUMN + metric[len(SHARE):]] / counts["n"]
+    return counts[style_column(metric.removeprefix(STYLE_SHARE_PREFIX))] / counts["n"]
 
 
 def signed(x: float) -> str:
@@ -177,7 +177,7 @@ def paired_bootstrap_ci(diffs: np.ndarray, n_boot: int, seed: int) -> tuple[floa
 
 def style_columns(table: pa.Table) -> list[str]:
     """The table's style_<name> count columns that every row fills (an older eval wrote none)."""
-    return [c for c in table.column_names if c.startswith(STYLE_COLUMN) and not table.column(c).null_count]
+    return [c for c in table.column_names if c.startswith(STYLE_COUNT_PREFIX) and not table.column(c).null_count]
 
 
 def _collect(table: pa.Table) -> dict[tuple[str, str, str], Run]:
@@ -267,7 +267,7 @@ def aggregate(per_prompt: pa.Table, ks: Iterable[int], baseline: str = "none", n
         raise ValueError(f"n_boot must be at least 1; got {n_boot}")
     runs = _collect(per_prompt)
     metrics = (*(f"{PASS_AT}{k}" for k in ks),
-               *(SHARE + c[len(STYLE_COLUMN):] for c in style_columns(per_prompt)))
+               *(style_share(c.removeprefix(STYLE_COUNT_PREFIX)) for c in style_columns(per_prompt)))
     cells = tuple(dict.fromkeys(cell for cell, _, _ in runs))
     label_keys = {label_of(cell, v): (cell, v) for cell in cells
                   for v in order_variants(v for c, v, _ in runs if c == cell)}

@@ -50,6 +50,7 @@ WANDB_ID_FILE, MLFLOW_ID_FILE = "wandb_run_id", "mlflow_run_id"
 RESUMED_FILES = (METRICS_FILE, HISTOGRAM_DIR, WANDB_ID_FILE, MLFLOW_ID_FILE)
 PEAR_WEIGHTS_HISTOGRAM = "pear_weights"  # histogram name (stage "sft") the weight-histogram plot draws
 STYLE_SHARE_PREFIX = "share_"  # share_<style>: the fraction of samples in a task's response style
+STYLE_COUNT_PREFIX = "style_"  # style_<style>: a held-out prompt's samples in a response style (eval's Parquet)
 DEFAULT_VARIANT = "default"  # stands for variant=None in folder names and plot labels
 RESERVED_FIELDS = ("time", "stage", "variant", "step")
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -67,6 +68,11 @@ def eval_stage(after: str) -> str:
 def style_share(style: str) -> str:
     """Name of the metric of the fraction of samples written in response style `style`: "share_trace"."""
     return f"{STYLE_SHARE_PREFIX}{style}"
+
+
+def style_column(style: str) -> str:
+    """Name of eval's per-prompt column of how many of a prompt's n samples are in style `style`: "style_trace"."""
+    return f"{STYLE_COUNT_PREFIX}{style}"
 
 
 def first_style_share(names: Iterable[str]) -> str | None:
