@@ -36,8 +36,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pear_ray import atomic
 from pear_ray.config import JobConfig, parse_job, set_dotted
 from pear_ray.driver.gate import pass_gate
-from pear_ray.driver.inspect import prepared_student
-from pear_ray.driver.run import check_bound, run_job
+from pear_ray.driver.run import check_bound, prepared_student, run_job
 from pear_ray.runtime import init_ray
 from pear_ray.stages.prior import prior_seed
 from pear_ray.storage import RunFolder, join
@@ -191,4 +190,5 @@ def collect(job_folder: RunFolder, planned: list[tuple[str, str, JobConfig]]) ->
     if not tables:
         raise RuntimeError(f"{job_folder.location}: no cell wrote per-prompt eval results (does the job have an eval "
                            "stage?)")
-    return pa.concat_tables(tables, promote_options="default"), {key: float(np.mean(values)) for key, values in weights.items()}
+    per_prompt = pa.concat_tables(tables, promote_options="default")  # an older eval wrote no style counts
+    return per_prompt, {key: float(np.mean(values)) for key, values in weights.items()}

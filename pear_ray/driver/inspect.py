@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,11 @@ import torch
 from pear_ray.config import JobConfig
 from pear_ray.data import schema
 from pear_ray.data.tensors import to_tensors
-from pear_ray.driver.run import RunState, finished_stages, prepare_student
+from pear_ray.driver.run import RunState, finished_stages, opened_run
 from pear_ray.engines.hf_scorer import HfScorer
 from pear_ray.models import resolve_model
 from pear_ray.objectives import PearSft, pear_loss, pear_weights
-from pear_ray.runtime import init_ray
-from pear_ray.stages.common import Run
 from pear_ray.stages.score import run_score
-from pear_ray.tracking import MetricsLogger
 from pear_ray.tracking.plots import PLOTS_DIR, save_figure, subplots
 
 log = logging.getLogger(__name__)
@@ -274,28 +270,6 @@ def verdict_levels(job: JobConfig) -> list[str]:
     """The PEAR levels the job trains, or the default level when it trains canonical SFT only."""
     levels = dict.fromkeys(variant.pear_level for variant in job.sft.trained_variants)
     return [level for level in levels if level != "none"] or [DEFAULT_LEVEL]
-
-
-@contextmanager
-def opened_run(job: JobConfig, run_dir: str | Path, prior_dir: Path | None = None) -> Iterator[tuple[Run, RunState]]:
-    """A run folder's stages, opened as `pear-ray run` opens them, with `run.student` the model SFT starts from: the
-    student after its prior, trained here (into `prior_dir`, default the run's models/student-prior) unless done,
-    and recorded in state.json, so a later `pear-ray run` reuses it."""
-    state = RunState(run_dir, job)
-    state.folder.fetch(state.dir / "models" / "student")  # a tiny student built by an earlier run
-    student = resolve_model(job.models.student, state.dir / "models" / "student")
-    init_ray(log_dir=state.dir / "logs", use_gpu=job.uses_gpu)
-    with MetricsLogger(state.dir, resume=True, loggers=job.loggers, run_name=job.name,
-                       config=job.model_dump(mode="json")) as metrics:
-        run = Run(job, state.dir, metrics, student, state.folder)
-        prepare_student(run, state, prior_dir)
-        yield run, state
-
-
-def prepared_student(job: JobConfig, run_dir: str | Path, prior_dir: Path | None = None) -> Path:
-    """The model SFT would start from, its prior trained first if need be (see `opened_run`)."""
-    with opened_run(job, run_dir, prior_dir) as (run, _):
-        return run.student
 
 
 def scored_data(job: JobConfig, run_dir: str | Path, prior_dir: Path | None = None) -> tuple[Path, Path]:

@@ -30,7 +30,8 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pear_ray import atomic
@@ -205,21 +206,36 @@ def prepare_student(run: Run, state: RunState, prior_dir: Path | None = None) ->
         run.student = state.output("prior", lambda: train_prior(run, base, prior_dir))
 
 
+@contextmanager
+def opened_run(job: JobConfig, run_dir: str | Path, prior_dir: Path | None = None) -> Iterator[tuple[Run, RunState]]:
+    """A run folder's stages opened: the folder bound to the job (another config's refused before anything starts),
+    its config.yaml written, Ray up, the metrics logger open, and `run.student` the model SFT starts from (the student
+    after its prior, trained into `prior_dir` unless done; see `prepare_student`). `pear-ray run`, `inspect` and the
+    gate all open a run folder this way, so what one records the others reuse."""
+    state = RunState(run_dir, job)
+    dump_job(job, state.dir / "config.yaml")
+    init_ray(log_dir=state.dir / "logs", use_gpu=job.uses_gpu)
+    state.folder.fetch(state.dir / "models" / "student")  # a tiny student built by an earlier run
+    student = resolve_model(job.models.student, state.dir / "models" / "student")
+    with MetricsLogger(state.dir, resume=True, loggers=job.loggers, run_name=job.name,
+                       config=job.model_dump(mode="json")) as metrics:
+        run = Run(job, state.dir, metrics, student, state.folder)
+        prepare_student(run, state, prior_dir)
+        yield run, state
+
+
+def prepared_student(job: JobConfig, run_dir: str | Path, prior_dir: Path | None = None) -> Path:
+    """The model SFT would start from, its prior trained first if need be (see `opened_run`)."""
+    with opened_run(job, run_dir, prior_dir) as (run, _):
+        return run.student
+
+
 def run_job(job: JobConfig, run_dir: str | Path, prior_dir: Path | None = None) -> Path:
     """Run the job's stages into `run_dir` (a path or URL); returns the report's path (in the local copy)."""
-    state = RunState(run_dir, job)  # refuses another config's folder before anything starts
-    run_dir = state.dir
     if threading.current_thread() is threading.main_thread():  # not so in a Ray task driving an experiment's cell
         signal.signal(signal.SIGTERM, _exit_cleanly)  # a killed run still shuts its actors down
-    dump_job(job, run_dir / "config.yaml")
-    init_ray(log_dir=run_dir / "logs", use_gpu=job.uses_gpu)
-    state.folder.fetch(run_dir / "models" / "student")  # a tiny student built by an earlier run
-    student = resolve_model(job.models.student, run_dir / "models" / "student")
     stages = set(job.stages)
-    with MetricsLogger(run_dir, resume=True, loggers=job.loggers, run_name=job.name,
-                       config=job.model_dump(mode="json")) as metrics:
-        run = Run(job, run_dir, metrics, student, state.folder)
-        prepare_student(run, state, prior_dir)
+    with opened_run(job, run_dir, prior_dir) as (run, state):
         if "score" in stages:
             data = state.output("score", lambda: run_score(run))
         else:  # an earlier run's, when there is one (preflight made sure of it where SFT reads it)
@@ -234,10 +250,10 @@ def run_job(job: JobConfig, run_dir: str | Path, prior_dir: Path | None = None) 
                 model = state.output(f"rl/{variant}", lambda v=variant, m=model: run_rl(run, v, m))
                 if "eval" in stages:
                     state.once(f"eval_rl/{variant}", lambda v=variant, m=model: run_eval(run, v, m, "rl"))
-    results = results_from_metrics(read_metrics(run_dir))
+    results = results_from_metrics(read_metrics(state.dir))
     extra = {"student": job.models.student.model_dump(exclude_none=True), "task": job.task.title,
              "eval": f"n={job.eval.n} samples per prompt, k={job.eval.k}"}
-    report = write_report(run_dir, results, seed=job.seed, job_name=job.name, extra=extra,
+    report = write_report(state.dir, results, seed=job.seed, job_name=job.name, extra=extra,
                           location=state.folder.location if state.folder.remote else None)
     state.folder.publish()
     return report

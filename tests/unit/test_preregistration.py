@@ -12,7 +12,7 @@ from pear_ray.config import load_job
 from pear_ray.config.primary import PrimaryComparison
 from pear_ray.tracking import aggregate, write_experiment_report, write_summary
 from pear_ray.tracking.preregistration import FALSIFIED, INCONCLUSIVE, SUPPORTED, judge
-from tests.unit.test_aggregate import N, N_BOOT, SCHEMA, rows
+from tests.unit.test_aggregate import N_BOOT, SCHEMA, N, rows
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
