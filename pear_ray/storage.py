@@ -411,8 +411,8 @@ class RunFolder:
 def materialize(location: str | Path) -> Path:
     """This node's copy of a file or folder given by its location, for code that may run on any node (an actor, a
     read task): a URL's is fetched into this node's scratch (files already there at the bucket's size and time are
-    kept, so it is fetched once per node); a path is its own copy (on a cluster, one every node reaches: a model cache, a
-    shared file system)."""
+    kept, so it is fetched once per node); a path is its own copy (on a cluster, one every node reaches: a model
+    cache, a shared file system)."""
     if not is_url(location):
         return Path(location)
     copy = RunFolder(location)
