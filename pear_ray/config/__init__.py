@@ -15,7 +15,7 @@ being silently ignored. `load_job(path, overrides)` is the only entry point the 
 """
 
 from pear_ray.config.base import ConfigError, Section
-from pear_ray.config.data import DataConfig, SamplingConfig, TaskConfig
+from pear_ray.config.data import DataConfig, EnvironmentConfig, SamplingConfig, TaskConfig
 from pear_ray.config.job import JobConfig, Stage
 from pear_ray.config.loading import apply_override, dump_job, load_job, parse_job, set_dotted
 from pear_ray.config.models import LoraConfig, ModelsConfig, ModelSource, PriorConfig, ScriptedPolicy
@@ -34,7 +34,7 @@ from pear_ray.config.resources import (
 from pear_ray.config.stages import EvalConfig, RlConfig, ScoreConfig, SftConfig, SftVariant, parse_variant
 
 __all__ = [
-    "ActorResources", "ConfigError", "DataConfig", "EngineOptions", "EvalConfig", "JobConfig", "LearnerResources",
+    "ActorResources", "ConfigError", "DataConfig", "EngineOptions", "EnvironmentConfig", "EvalConfig", "JobConfig", "LearnerResources",
     "LoraConfig", "ModelSource", "ModelsConfig", "OptimizerConfig", "PoolScaling", "PriorConfig", "ResourcesConfig",
     "RlConfig", "RolloutResources", "SamplingConfig", "ScoreConfig", "ScriptedPolicy", "Section", "SftConfig",
     "SftVariant", "Stage", "TaskConfig", "TransformersOptions", "VllmOptions",

@@ -38,6 +38,28 @@ class DataConfig(Section):
         return self
 
 
+class EnvironmentConfig(Section):
+    """A multi-turn environment the policy talks to (pear_ray/environments/): each sample is an episode of assistant
+    turns and the environment's answers between them, token-exact, trained on the policy's tokens only."""
+
+    kind: str = Field(description="a registered environment kind, e.g. calculator (a `<calc>345+678</calc>` tool)")
+    max_turns: int = Field(3, gt=0, description="assistant turns an episode has at most; after the last one the "
+                           "episode ends (truncated) with the rewards it has")
+    step_timeout_s: float = Field(5.0, gt=0, description="seconds one environment step (or reset) may take; past it, "
+                                  "or when the environment raises, the episode ends with reward 0 and counts as an "
+                                  "environment timeout (or error)")
+    args: dict[str, Any] = Field(default_factory=dict, description="the environment's own settings (calculator: none)")
+
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, kind: str) -> str:
+        from pear_ray.environments import ENVIRONMENTS  # lazily: environments are built from this config
+
+        if kind not in ENVIRONMENTS:
+            raise ValueError(f"unknown environment kind {kind!r}; known kinds: {', '.join(sorted(ENVIRONMENTS))}")
+        return kind
+
+
 class TaskConfig(Section):
     """A prompt source plus a verifier: a task kind registered in pear_ray/tasks/ (a reasoning-gym dataset, user
     data checked by exact match/math, addition), optionally scored by the job's own reward function instead."""
@@ -70,6 +92,9 @@ class TaskConfig(Section):
     reward: str | None = Field(None, description="'package.module:function' or 'path/to/file.py:function': "
                                "reward(response: str, answer: str, metadata: dict) -> float replaces the task's "
                                "verifier (pear_ray/tasks/build.py)")
+    environment: EnvironmentConfig | None = Field(None, description="null: one prompt, one sampled answer, scored "
+                                                  "by the verifier; set: each sample is a multi-turn episode with "
+                                                  "this environment, rewarded by it")
 
     @field_validator("kind")
     @classmethod

@@ -34,6 +34,10 @@ SOURCE = "source"  # which behaviour source wrote a row, e.g. "trace" / "bare" o
 TEACHER_TOPK = "teacher_topk"
 TOPK_IDS, TOPK_LOGPROBS = "teacher_topk_ids", "teacher_topk_logprobs"  # its [B, L, K] tensors (data/tensors.py)
 TEACHER_LOGPROBS = "teacher_logprobs"  # the teacher's log-prob of each sampled token (on-policy distillation)
+# Per response token of a multi-turn trajectory: true where the policy sampled it, false where the environment wrote
+# it (a tool's answer between turns). Absent: every response token is the policy's (one prompt, one answer).
+# Environment tokens are context only: no loss, no importance ratio, and per-token columns hold 0.0 there.
+POLICY_MASK = "policy_mask"
 
 TOKEN_COLUMNS = (PROMPT_IDS, RESPONSE_IDS)
 PER_TOKEN_COLUMNS = (BEHAVIOR_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS, TEACHER_LOGPROBS)
@@ -58,6 +62,7 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     METADATA: pa.string(),
     SOURCE: pa.string(),
     TEACHER_TOPK: TOPK_TYPE,
+    POLICY_MASK: pa.list_(pa.bool_()),
 }
 
 # Text a model reads or writes: refused, not converted, when the data holds anything else.
