@@ -12,12 +12,16 @@ from pear_ray.models.tiny import TinyModelSpec
 
 
 class ScriptedPolicy(Section):
-    """A behaviour policy written as code, so its log-probs are exact: `two_style` writes, per prompt, a worked
-    trace with probability `p_trace` or the bare answer otherwise (pear_ray/tasks/addition.py)."""
+    """A behaviour policy written as code, so its log-probs are exact (pear_ray/tasks/addition.py): `two_style`
+    writes, per prompt, a worked trace with probability `p_trace` or the bare answer otherwise; `tool_use` calls the
+    calculator (`<calc>345+678</calc>`), reads its answer and answers, with probability `p_tool`, or gives the bare
+    answer otherwise (multi-turn: for a job with `task.environment: {kind: calculator}`)."""
 
-    name: Literal["two_style"] = Field("two_style", description="the policy; two_style is the only one")
-    p_trace: float = Field(0.5, ge=0, le=1, description="probability that a response is the worked trace rather "
-                           "than the bare answer")
+    name: Literal["two_style", "tool_use"] = Field("two_style", description="the policy: two_style or tool_use")
+    p_trace: float = Field(0.5, ge=0, le=1, description="two_style: probability that a response is the worked trace "
+                           "rather than the bare answer")
+    p_tool: float = Field(0.5, ge=0, le=1, description="tool_use: probability that a response calls the calculator "
+                          "rather than giving the bare answer")
 
 
 class PriorConfig(Section):

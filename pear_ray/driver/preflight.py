@@ -168,9 +168,11 @@ def check_lora(job: JobConfig, student: ModelFacts) -> None:
 
 
 def check_task(job: JobConfig) -> None:
-    """The task builds (name, args) and its prompts can be drawn (files read). Its custom reward and a custom
-    objective were imported when the job loaded (the config's validators)."""
+    """The task builds (name, args), and its environment (args) when it has one, and its prompts can be drawn (files
+    read). Its custom reward and a custom objective were imported when the job loaded (the config's validators)."""
     task = make_task(job.task, job.data, seed=job.task.split_seed)
+    if job.task.environment is not None:
+        task.environment()
     stages = set(job.stages)
     if stages & {"rl", "eval"} or ("score" in stages and job.data.sft is None):
         task.prompts("train")

@@ -29,6 +29,6 @@ def train_prior(run: Run, base: Path, out: Path | None = None) -> Path:
         return out
     seed = prior_seed(job) + PRIOR_SEED_OFFSET
     prompts = prompt_table(run, "train", job.task.num_train + prior.num_prompts).slice(job.task.num_train)
-    rows = scripted_rows(prompts, run.tokenizer, p_trace=prior.policy.p_trace, seed=seed)
+    rows = scripted_rows(prompts, run.tokenizer, prior.policy, seed=seed)
     return sft_on_rows(run, base, rows, out, steps=prior.steps, optimizer=prior.optimizer,
                        batch_size=prior.batch_size, seed=seed, stage="prior_sft")

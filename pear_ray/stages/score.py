@@ -28,7 +28,7 @@ from pear_ray.data import schema
 from pear_ray.data.io import load_sft_data, write_table
 from pear_ray.stages.common import Run, correct_mask, prompt_table, rollouts, with_rewards
 from pear_ray.stages.teacher import train_teacher
-from pear_ray.tasks.addition import TRACE, scripted_rows
+from pear_ray.tasks.addition import scripted_rows
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,13 @@ def teacher_writes_data(run: Run, target: Path) -> Path:
 def scripted_writes_data(run: Run, target: Path) -> Path:
     """The scripted behaviour policy answers the task's train prompts; its log-probs are exact."""
     job, policy = run.job, run.job.models.behavior.scripted
-    data = scripted_rows(prompt_table(run, "train"), run.tokenizer, p_trace=policy.p_trace, seed=job.seed,
+    data = scripted_rows(prompt_table(run, "train"), run.tokenizer, policy, seed=job.seed,
                          samples_per_prompt=job.score.samples_per_prompt, topk=job.score.teacher_topk)
-    trace_fraction = float(np.mean(np.array(data.column(schema.SOURCE).to_pylist()) == TRACE))
+    sources, counts = np.unique(data.column(schema.SOURCE).to_numpy(zero_copy_only=False), return_counts=True)
+    fractions = {f"{source}_fraction": count / data.num_rows for source, count in zip(sources, counts)}
     run.metrics.truncate_after("score", None, -1)  # the row of an attempt killed before the stage was recorded
-    run.metrics.log("score", 0, {"rows": data.num_rows, "trace_fraction": trace_fraction})
-    log.info("scripted policy %s wrote %d rows (%.0f%% traces)", policy.name, data.num_rows, 100 * trace_fraction)
+    run.metrics.log("score", 0, {"rows": data.num_rows, **fractions})
+    log.info("scripted policy %s wrote %d rows (%s)", policy.name, data.num_rows,
+             ", ".join(f"{share:.0%} {name.removesuffix('_fraction')}" for name, share in fractions.items()))
     write_table(data, target)
     return target

@@ -23,8 +23,10 @@ mixture over complete responses) from the token ids, so behaviour log-probs are 
 
 from __future__ import annotations
 
+import functools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -32,12 +34,14 @@ import numpy as np
 import pyarrow as pa
 
 from pear_ray.data import schema
+from pear_ray.environments.base import observation_ids
+from pear_ray.environments.calculator import TOOL, call_text, evaluate
 from pear_ray.tasks.answers import exact_score
 from pear_ray.tasks.base import Split, check_split, load_metadata, prompt_table
 from pear_ray.tasks.registry import register_kind
 
 if TYPE_CHECKING:
-    from pear_ray.config import DataConfig, TaskConfig
+    from pear_ray.config import DataConfig, ScriptedPolicy, TaskConfig
 
 TRACE, BARE = "trace", "bare"
 STYLE_OPENINGS = {TRACE: "Work:", BARE: "Answer:"}  # how each style's text starts
@@ -132,11 +136,45 @@ def build_addition_task(task_config: TaskConfig, data_config: DataConfig, seed: 
                         num_eval=task_config.num_eval, seed=seed)
 
 
-def two_style_candidates(metadata: str | dict, p_trace: float) -> list[tuple[str, float, str]]:
-    """The scripted policy's complete responses for one prompt: (text, probability, source)."""
+Segment = tuple[str, bool]  # a turn's text, and whether the policy wrote it (else the environment did)
+Candidate = tuple[list[Segment], float, str]  # a complete response (its turns), its probability, its source
+
+
+def two_style_candidates(metadata: str | dict, p_trace: float) -> list[Candidate]:
+    """The two-style policy's complete responses for one prompt: the trace or the bare answer, one turn each."""
     meta = load_metadata(metadata)
     a, b = int(meta["a"]), int(meta["b"])
-    return [(trace_text(a, b), p_trace, TRACE), (bare_text(a, b), 1.0 - p_trace, BARE)]
+    return [([(trace_text(a, b), True)], p_trace, TRACE), ([(bare_text(a, b), True)], 1.0 - p_trace, BARE)]
+
+
+def tool_use_candidates(metadata: str | dict, p_tool: float) -> list[Candidate]:
+    """The tool-using policy's complete responses for one prompt: a calculator call, its answer from the environment
+    and then the answer (three turns, the middle one the environment's), or the bare answer."""
+    meta = load_metadata(metadata)
+    a, b = int(meta["a"]), int(meta["b"])
+    call = [(call_text(f"{a}+{b}"), True), (evaluate(f"{a}+{b}"), False), (bare_text(a, b), True)]
+    return [(call, p_tool, TOOL), ([(bare_text(a, b), True)], 1.0 - p_tool, BARE)]
+
+
+def policy_candidates(policy: ScriptedPolicy) -> Callable[[str | dict], list[Candidate]]:
+    """The scripted policy's candidates for a prompt's metadata."""
+    if policy.name == "tool_use":
+        return functools.partial(tool_use_candidates, p_tool=policy.p_tool)
+    return functools.partial(two_style_candidates, p_trace=policy.p_trace)
+
+
+def trajectory_ids(tokenizer, segments: list[Segment]) -> tuple[list[int], list[bool]]:
+    """A response's ids and policy mask: each policy turn as its text and the end-of-sequence token (where the
+    policy stops its turn), each environment turn as the rollout writes it (`observation_ids`)."""
+    from pear_ray.data.io import encode_response
+
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, by_policy in segments:
+        turn = encode_response(tokenizer, text) if by_policy else observation_ids(tokenizer, text)
+        ids += turn
+        mask += [by_policy] * len(turn)
+    return ids, mask
 
 
 def _next_token_logprobs(candidates: list[list[int]], probs: list[float], prefix: list[int]) -> dict[int, float]:
@@ -165,33 +203,41 @@ def exact_topk(candidates: list[list[int]], probs: list[float], chosen: int, k: 
             for t in range(len(target))]
 
 
-def scripted_rows(prompts: pa.Table, tokenizer, *, p_trace: float, seed: int, samples_per_prompt: int = 1,
+def scripted_rows(prompts: pa.Table, tokenizer, policy: ScriptedPolicy, *, seed: int, samples_per_prompt: int = 1,
                   topk: int = 0) -> pa.Table:
-    """`samples_per_prompt` responses per prompt sampled from the two-style policy, with exact behaviour log-probs
-    (and with topk > 0 the policy's exact top-k, `teacher_topk`) and the style in the `source` column."""
-    from pear_ray.data.io import encode_response
-
+    """`samples_per_prompt` responses per prompt sampled from the scripted policy, with exact behaviour log-probs
+    (and with topk > 0 the policy's exact top-k, `teacher_topk`) and the style in the `source` column. A multi-turn
+    response (the tool-using policy's) also has its `policy_mask`; at environment tokens its log-probs are 0 and its
+    top-k empty: they are not the policy's actions."""
     rng = np.random.default_rng(seed)
+    candidates_of = policy_candidates(policy)
     rows: dict[str, list] = {name: [] for name in (schema.ID, schema.RESPONSE, schema.RESPONSE_IDS,
-                                                   schema.BEHAVIOR_LOGPROBS, schema.SOURCE)}
+                                                   schema.BEHAVIOR_LOGPROBS, schema.SOURCE, schema.POLICY_MASK)}
     if topk:
         rows[schema.TEACHER_TOPK] = []
     keep = []
     for index, (row_id, meta) in enumerate(zip(prompts.column(schema.ID).to_pylist(),
                                                prompts.column(schema.METADATA).to_pylist())):
-        candidates = two_style_candidates(meta, p_trace)
-        ids = [encode_response(tokenizer, text) for text, _, _ in candidates]
+        candidates = candidates_of(meta)
+        encoded = [trajectory_ids(tokenizer, segments) for segments, _, _ in candidates]
+        ids = [candidate_ids for candidate_ids, _ in encoded]
         probs = [p for _, p, _ in candidates]
         for j in range(samples_per_prompt):
             chosen = int(rng.choice(len(candidates), p=probs))
+            mask = encoded[chosen][1]
             keep.append(index)
             rows[schema.ID].append(f"{row_id}/{j}")
-            rows[schema.RESPONSE].append(candidates[chosen][0])
+            rows[schema.RESPONSE].append(tokenizer.decode(ids[chosen], skip_special_tokens=True))
             rows[schema.RESPONSE_IDS].append(ids[chosen])
-            rows[schema.BEHAVIOR_LOGPROBS].append(exact_logprobs(ids, probs, chosen))
+            rows[schema.BEHAVIOR_LOGPROBS].append(
+                [lp if by_policy else 0.0 for lp, by_policy in zip(exact_logprobs(ids, probs, chosen), mask)])
             rows[schema.SOURCE].append(candidates[chosen][2])
+            rows[schema.POLICY_MASK].append(mask)
             if topk:
-                rows[schema.TEACHER_TOPK].append(exact_topk(ids, probs, chosen, topk))
+                rows[schema.TEACHER_TOPK].append(
+                    [top if by_policy else [] for top, by_policy in zip(exact_topk(ids, probs, chosen, topk), mask)])
+    if all(all(mask) for mask in rows[schema.POLICY_MASK]):
+        del rows[schema.POLICY_MASK]  # one turn each: the column would say nothing
     table = prompts.take(keep)
     for name, values in rows.items():
         table = schema.append_column(table, name, values)

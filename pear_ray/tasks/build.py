@@ -1,5 +1,6 @@
 """The job's task from its config: the registered builder of `task.kind`, scored by the job's custom reward
-(`task.reward`) instead of the task's verifier when the job names one.
+(`task.reward`) instead of the task's verifier when the job names one, and played as multi-turn episodes when the job
+names an environment (`task.environment`, EpisodicTask).
 
 A custom reward is a function `reward(response: str, answer: str, metadata: dict) -> float`, given by import path
 (`package.module:function` or `path/to/file.py:function`, see pear_ray.plugins): the response text, the gold answer
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pear_ray.config import DataConfig, TaskConfig
+from pear_ray.config import DataConfig, EnvironmentConfig, TaskConfig
+from pear_ray.environments import ENVIRONMENTS
+from pear_ray.environments.base import EnvironmentFactory
 from pear_ray.plugins import load_callable
 from pear_ray.tasks.base import Split, Task, load_metadata, task_styles
 from pear_ray.tasks.registry import KINDS
@@ -48,6 +51,39 @@ class CustomReward:
         return self.task.style(response)
 
 
+@dataclass
+class EpisodicTask:
+    """A task played as multi-turn episodes with the environment `task.environment` names: the task gives the
+    prompts and the verifier (which the environment may use for its reward); the environment plays each sample. The
+    styles an episode comes in are the environment's when it names any (the calculator: tool or direct), else the
+    task's. Shipped to the rollout actors, which build the environment from it (`environment()`)."""
+
+    task: Task
+    config: EnvironmentConfig
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    def prompts(self, split: Split, n: int | None = None) -> pa.Table:
+        return self.task.prompts(split, n)
+
+    def score(self, response: str, answer: str, metadata: str | None = None) -> float:
+        return self.task.score(response, answer, metadata)
+
+    def environment(self) -> EnvironmentFactory:
+        """The registered builder's factory of fresh environments (one per episode)."""
+        return ENVIRONMENTS[self.config.kind](self.config, self.task)
+
+    @property
+    def styles(self) -> tuple[str, ...]:
+        return task_styles(self.environment()) or task_styles(self.task)
+
+    def style(self, response: str) -> str | None:
+        factory = self.environment()
+        return (factory if task_styles(factory) else self.task).style(response)
+
+
 def make_task(task_config: TaskConfig, data_config: DataConfig | None = None, *, seed: int = 0) -> Task:
     """The job's task. `data_config.eval`, when set, is the held-out prompt file; `seed` fixes the split (the job's
     `task.split_seed`, not `job.seed`: every seed of an experiment sees the same prompts).
@@ -56,4 +92,5 @@ def make_task(task_config: TaskConfig, data_config: DataConfig | None = None, *,
     cheaply to score rows.
     """
     task = KINDS[task_config.kind](task_config, data_config if data_config is not None else DataConfig(), seed)
-    return CustomReward(task, task_config.reward) if task_config.reward is not None else task
+    task = CustomReward(task, task_config.reward) if task_config.reward is not None else task
+    return task if task_config.environment is None else EpisodicTask(task, task_config.environment)

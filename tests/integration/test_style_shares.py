@@ -10,7 +10,7 @@ import torch
 from support.rl import run_rl, samples
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pear_ray.config import parse_job
+from pear_ray.config import ScriptedPolicy, parse_job
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt
 from pear_ray.stages.common import Run
@@ -26,8 +26,8 @@ def two_style_student(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model after full-batch steps of plain torch SFT on the two-style policy's 1-digit sums."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    rows = scripted_rows(AdditionTask(digits=1, num_train=32).prompts("train"), tokenizer, p_trace=0.5, seed=0,
-                         samples_per_prompt=2)
+    rows = scripted_rows(AdditionTask(digits=1, num_train=32).prompts("train"), tokenizer, ScriptedPolicy(p_trace=0.5),
+                         seed=0, samples_per_prompt=2)
     texts = [(encode_prompt(tokenizer, prompt), response) for prompt, response in
              zip(rows.column(schema.PROMPT).to_pylist(), rows.column(schema.RESPONSE_IDS).to_pylist())]
     width = max(len(prompt) + len(response) for prompt, response in texts)

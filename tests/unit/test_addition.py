@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from pear_ray.config import TaskConfig, parse_job
+from pear_ray.config import ScriptedPolicy, TaskConfig, parse_job
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt, encode_response
 from pear_ray.stages.common import Run
@@ -78,7 +78,7 @@ def test_scripted_rows_carry_exact_behaviour_logprobs_and_their_style(tiny_model
     prompts = task.prompts("train")
     prompts = schema.append_column(prompts, schema.PROMPT_IDS,
                                    [encode_prompt(tokenizer, t) for t in prompts.column("prompt").to_pylist()])
-    rows = scripted_rows(prompts, tokenizer, p_trace=0.3, seed=0, samples_per_prompt=2)
+    rows = scripted_rows(prompts, tokenizer, ScriptedPolicy(p_trace=0.3), seed=0, samples_per_prompt=2)
     assert rows.num_rows == 400
     sources = np.array(rows.column(schema.SOURCE).to_pylist())
     assert 0.22 < np.mean(sources == TRACE) < 0.38
@@ -112,7 +112,8 @@ def test_scripted_rows_carry_the_policys_exact_topk(tiny_model_dir):
     prompts = AdditionTask(num_train=20, num_eval=4).prompts("train")
     prompts = schema.append_column(prompts, schema.PROMPT_IDS,
                                    [encode_prompt(tokenizer, t) for t in prompts.column("prompt").to_pylist()])
-    rows = schema.validate(scripted_rows(prompts, tokenizer, p_trace=0.5, seed=0, topk=4), vocab_size=len(tokenizer))
+    rows = schema.validate(scripted_rows(prompts, tokenizer, ScriptedPolicy(p_trace=0.5), seed=0, topk=4),
+                           vocab_size=len(tokenizer))
     sources = set()
     for row in rows.to_pylist():
         meta = json.loads(row[schema.METADATA])
@@ -124,7 +125,8 @@ def test_scripted_rows_carry_the_policys_exact_topk(tiny_model_dir):
             [[(token, 0.0)] for token in row[schema.RESPONSE_IDS][1:]]  # the style fixes every later token
         sources.add(row[schema.SOURCE])
     assert sources == {TRACE, BARE}
-    assert schema.TEACHER_TOPK not in scripted_rows(prompts, tokenizer, p_trace=0.5, seed=0).column_names
+    policy = ScriptedPolicy(p_trace=0.5)
+    assert schema.TEACHER_TOPK not in scripted_rows(prompts, tokenizer, policy, seed=0).column_names
 
 
 def test_the_score_stage_writes_the_scripted_policys_topk(tiny_model_dir, tmp_path):

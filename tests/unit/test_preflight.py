@@ -60,6 +60,9 @@ def model(name: str) -> list[str]:
 BAD_INPUTS = {  # what is wrong -> (arguments after the job file, what the message must name)
     "unknown task name": (["task.name=no_such_task"], "task.name: reasoning-gym has no dataset 'no_such_task'"),
     "task args of another task": (["task.name=letter_counting"], "task.args"),
+    "an environment nobody registered": (["task.environment={{kind: abacus}}"], "task.environment.kind"),
+    "an environment's unknown args": (["task.environment={{kind: calculator, args: {{a: 1}}}}"],
+                                      "task.environment.args"),
     "missing user-task file": ([*USER_TASK, "task.path={inputs}/missing.jsonl"], "missing.jsonl: no such file"),
     "too few user-task prompts": ([*USER_TASK, "task.path={inputs}/one-prompt.jsonl"], "one-prompt.jsonl: 1 distinct"),
     "custom reward that does not import": (["task.reward=no_such_module:reward"], "no_such_module"),
