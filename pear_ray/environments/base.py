@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from pear_ray.config import EnvironmentConfig
 
 TOOL_ROLE = "tool"
+# An episode's finish reason when its environment ended it by failing (its reward is then 0); otherwise the last
+# turn's own ("stop" or "length").
+ENV_ERROR, ENV_TIMEOUT = "env_error", "env_timeout"
 
 
 @runtime_checkable

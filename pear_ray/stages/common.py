@@ -19,10 +19,12 @@ from pear_ray.config import JobConfig
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt
 from pear_ray.engines.checkpoints import usable_tag
+from pear_ray.environments.base import ENV_ERROR, ENV_TIMEOUT
 from pear_ray.models import resolve_model
 from pear_ray.storage import RunFolder
 from pear_ray.tasks import make_task
 from pear_ray.tasks.base import task_styles
+from pear_ray.tasks.build import EpisodicTask
 from pear_ray.tasks.verify import score_rows
 from pear_ray.tracking import MetricsLogger
 from pear_ray.tracking.metrics import style_share
@@ -30,6 +32,7 @@ from pear_ray.tracking.metrics import style_share
 log = logging.getLogger(__name__)
 
 
+ENVIRONMENT_FAILURES = ("env_errors", "env_timeouts")  # the failure counts (and metrics) of environments
 BAR_PIECE_PROMPTS = 16  # prompts per generation request when a progress bar shows them
 
 
@@ -110,6 +113,11 @@ class Run:
     def task(self):
         return make_task(self.job.task, self.job.data, seed=self.job.task.split_seed)
 
+    @property
+    def environment(self) -> EpisodicTask | None:
+        """The task, when its samples are multi-turn episodes with an environment (task.environment), else None."""
+        return self.task if isinstance(self.task, EpisodicTask) else None
+
     @cached_property
     def tokenizer(self):
         return AutoTokenizer.from_pretrained(self.student)
@@ -150,9 +158,17 @@ def prompt_table(run: Run, split: str, n: int | None = None) -> pa.Table:
     return schema.append_column(prompts, schema.PROMPT_IDS, ids)
 
 
-def rollouts(pool: ActorPool, prompts: pa.Table, *, n: int, seed: int, desc: str | None = None,
-             on_piece: Callable[[pa.Table], dict[str, str]] | None = None, **sampling) -> pa.Table:
-    """n samples per prompt from the pool, the prompts split evenly over its actors, rows in prompt order;
+def sampling_call(environment: EpisodicTask | None) -> tuple[str, dict]:
+    """The rollout actors' method that samples, and its arguments beyond the sampling settings: multi-turn episodes
+    with the environment (`Run.environment`), or one answer per sample."""
+    return ("generate", {}) if environment is None else ("episodes", {"environment": environment})
+
+
+def rollouts(pool: ActorPool, prompts: pa.Table, *, n: int, seed: int, environment: EpisodicTask | None = None,
+             desc: str | None = None, on_piece: Callable[[pa.Table], dict[str, str]] | None = None,
+             **sampling) -> pa.Table:
+    """n samples per prompt from the pool (episodes with `environment` when given), the prompts split evenly over its
+    actors, rows in prompt order;
     a prompt's samples share its group id (its row number unless the table has group ids). With `desc`, a progress
     bar of the prompts done, the prompts cut into pieces of at most BAR_PIECE_PROMPTS so it moves (each prompt has
     its own seed, so the samples do not depend on the cut); `on_piece` sees each piece's samples as they arrive and
@@ -160,7 +176,8 @@ def rollouts(pool: ActorPool, prompts: pa.Table, *, n: int, seed: int, desc: str
     pieces, chunk = rollout_pieces(pool, prompts, BAR_PIECE_PROMPTS if desc is not None else None)
     done = {}
     with tqdm(total=prompts.num_rows, desc=desc, unit="prompt", disable=desc is None) as progress:
-        for index, ref, _ in pool.map("generate", pieces, n=n, seed=seed, **sampling):
+        method, arguments = sampling_call(environment)
+        for index, ref, _ in pool.map(method, pieces, n=n, seed=seed, **arguments, **sampling):
             done[index] = ref
             if on_piece is not None:
                 progress.set_postfix(on_piece(ray.get(ref)), refresh=False)
@@ -186,11 +203,21 @@ def with_rewards(run: Run, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
 
 
 def decoded_rewards(table: pa.Table, tokenizer, task, task_config) -> tuple[pa.Table, dict[str, int]]:
-    """`with_rewards` without a Run, for a Ray task next to the samples."""
+    """`with_rewards` without a Run, for a Ray task next to the samples. Episodes come rewarded by their
+    environment, as they were played: their failures are counted, and no verifier runs again."""
     texts = tokenizer.batch_decode(table.column(schema.RESPONSE_IDS).to_pylist(), skip_special_tokens=True)
     table = schema.append_column(table, schema.RESPONSE, texts)
+    if isinstance(task, EpisodicTask):
+        return table, environment_failures(table)
     rewards, failures = score_rows(table, task_config, task=task)
     return schema.append_column(table, schema.REWARD, rewards), failures
+
+
+def environment_failures(table: pa.Table) -> dict[str, int]:
+    """Episodes an environment ended by raising or hanging (their reward is 0), as verifier failures are counted."""
+    reasons = table.column(schema.FINISH_REASON).to_numpy(zero_copy_only=False)
+    return {"errors": 0, "timeouts": 0, ENVIRONMENT_FAILURES[0]: int(np.sum(reasons == ENV_ERROR)),
+            ENVIRONMENT_FAILURES[1]: int(np.sum(reasons == ENV_TIMEOUT))}
 
 
 def correct_mask(table: pa.Table, threshold: float) -> np.ndarray:

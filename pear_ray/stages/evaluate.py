@@ -17,6 +17,7 @@ from pear_ray.data import schema
 from pear_ray.data.io import write_table
 from pear_ray.objectives import mean_pass_at_k
 from pear_ray.stages.common import (
+    ENVIRONMENT_FAILURES,
     Run,
     correct_counts,
     prompt_table,
@@ -65,7 +66,8 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
     try:
         sampling = job.sampling.model_dump() | {"temperature": job.eval.temperature}
         with scaled_by_results(pool, job.resources.rollout, "eval"):
-            rollouts(pool, prompts, n=job.eval.n, seed=job.seed, desc=f"eval {after}-{variant}", on_piece=score,
+            rollouts(pool, prompts, n=job.eval.n, seed=job.seed, environment=run.environment,
+                     desc=f"eval {after}-{variant}", on_piece=score,
                      **sampling)
     finally:
         pool.shutdown()
@@ -77,6 +79,7 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
     results = {f"pass@{k}": mean_pass_at_k(correct.tolist(), job.eval.n, k) for k in job.eval.k}
     results.update(num_prompts=len(correct), mean_reward=float(np.mean(table.column(schema.REWARD).to_numpy())),
                    verifier_errors=failures["errors"], verifier_timeouts=failures["timeouts"],
+                   **{name: failures[name] for name in ENVIRONMENT_FAILURES if run.environment is not None},
                    **style_shares(styles, table.num_rows))
     run.metrics.truncate_after(eval_stage(after), variant, -1)  # an earlier attempt's row, if it got that far
     run.metrics.log(eval_stage(after), 0, results, variant=variant)

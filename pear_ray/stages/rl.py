@@ -36,7 +36,14 @@ from pear_ray.actors.roles import LearnerReference, reference_pool, rollout_pool
 from pear_ray.config import ConfigError, serving_adapters
 from pear_ray.data import schema
 from pear_ray.runtime import free_cpus_short_of
-from pear_ray.stages.common import Run, prompt_table, rollout_pieces, style_shares
+from pear_ray.stages.common import (
+    ENVIRONMENT_FAILURES,
+    Run,
+    prompt_table,
+    rollout_pieces,
+    sampling_call,
+    style_shares,
+)
 from pear_ray.stages.loop import Training, train
 from pear_ray.stages.rl_batch import (
     busy_fractions,
@@ -243,7 +250,8 @@ class RolloutBatches:
         """Queue the prompts' generation, and its scoring behind it: a Ray task that starts when the samples
         are there, without the driver."""
         pieces, _ = rollout_pieces(self.pool, prompts)
-        mapping = self.pool.submit("generate", pieces, n=self.rl.group_size, seed=seed,
+        method, arguments = sampling_call(self.run.environment)
+        mapping = self.pool.submit(method, pieces, n=self.rl.group_size, seed=seed, **arguments,
                                    **self.run.job.sampling.model_dump())
         return Submitted(iter(mapping), mapping.refs(), self._score_task(mapping.refs()))
 
@@ -301,6 +309,7 @@ class RolloutBatches:
                        verifier_timeouts=sum(s["timeouts"] for s in scored),
                        generate_seconds=sum(piece["seconds"] for piece in pieces), wait_seconds=generated.wait_seconds,
                        verify_seconds=time.perf_counter() - verifying, stale_regenerated=generated.stale)
+        figures.update({name: sum(s[name] for s in scored) for name in ENVIRONMENT_FAILURES if name in scored[0]})
         styles = {style: sum(s["styles"][style] for s in scored) for style in scored[0]["styles"]}  # fill's too
         figures.update(style_shares(styles, figures["samples"]))
         if self.fill:

@@ -97,6 +97,7 @@ def cut_batch(step: int, groups: int | None, drop_constant: bool, record: bool, 
     }
     columns = (schema.ID, schema.GROUP_ID, schema.PROMPT_IDS, schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS,
                schema.REWARD, schema.ADVANTAGE, schema.POLICY_VERSION)
+    columns += tuple(name for name in (schema.POLICY_MASK,) if name in table.column_names)  # episodes' own
     saved = table.select(list(columns)).append_column("trained", pa.array(keep)) if record else None
     return trained, probe_rows(trained), saved, stats
 

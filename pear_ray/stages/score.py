@@ -90,7 +90,8 @@ def teacher_writes_data(run: Run, target: Path) -> Path:
     try:
         with scaled_by_results(pool, job.resources.rollout, "score"):
             data = rollouts(pool, prompts, n=job.score.samples_per_prompt, seed=job.seed,
-                            topk=job.score.teacher_topk, desc="score (teacher writes the data)",
+                            environment=run.environment, topk=job.score.teacher_topk,
+                            desc="score (teacher writes the data)",
                             **job.sampling.model_dump())
     finally:
         pool.shutdown()
