@@ -81,11 +81,18 @@ class JobConfig(Section):
         if self.models.behavior is not None and self.models.behavior.scripted is not None and self.data.sft:
             raise ValueError("models.behavior.scripted writes the SFT data itself and cannot score data.sft: drop "
                              "data.sft, or give the behaviour model as a path")
-        scripted = (self.models.behavior is not None and self.models.behavior.scripted is not None) or \
-            self.models.student.prior is not None
-        if scripted and self.task.kind != "addition":
-            raise ValueError("the scripted two_style policy (models.behavior.scripted, models.student.prior) writes "
-                             f"addition traces: it needs task.kind: addition, not {self.task.kind!r}")
+        policies = {key: policy for key, policy in (
+            ("models.behavior.scripted", self.models.behavior and self.models.behavior.scripted),
+            ("models.student.prior.policy", self.models.student.prior and self.models.student.prior.policy))
+            if policy is not None}
+        if policies and self.task.kind != "addition":
+            raise ValueError(f"the scripted policies ({', '.join(policies)}) write addition answers: they need "
+                             f"task.kind: addition, not {self.task.kind!r}")
+        environment = self.task.environment.kind if self.task.environment is not None else None
+        for key, policy in policies.items():
+            if policy.name == "tool_use" and environment != "calculator":
+                raise ValueError(f"{key}: tool_use calls the calculator, so it needs task.environment: {{kind: "
+                                 f"calculator}} (the job has {environment or 'no environment'})")
         return self
 
     @model_validator(mode="after")

@@ -73,3 +73,9 @@ def test_tool_using_trajectories_are_token_exact_with_exact_logprobs_on_policy_t
         assert row[schema.RESPONSE] == tokenizer.decode(ids, skip_special_tokens=True)
         assert make_task(TaskConfig(kind="addition", environment={"kind": "calculator"})).style(
             row[schema.RESPONSE]) == TOOL
+
+
+def test_the_tool_using_policy_without_a_calculator_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"models\.behavior\.scripted: tool_use calls the calculator"):
+        parse_job({"name": "x", "task": {"kind": "addition"},
+                   "models": {"student": {"tiny": {}}, "behavior": {"scripted": {"name": "tool_use"}}}})
