@@ -86,7 +86,7 @@ class JobConfig(Section):
             ("models.student.prior.policy", self.models.student.prior and self.models.student.prior.policy))
             if policy is not None}
         if policies and self.task.kind != "addition":
-            raise ValueError(f"the scripted policies ({', '.join(policies)}) write addition answers: they need "
+            raise ValueError(f"the scripted policies ({', '.join(policies)}) write addition answers, which needs "
                              f"task.kind: addition, not {self.task.kind!r}")
         environment = self.task.environment.kind if self.task.environment is not None else None
         for key, policy in policies.items():
