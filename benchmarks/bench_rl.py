@@ -114,9 +114,15 @@ def step_rows(run_dir: Path) -> list[dict]:
 def run_cli(model: str, args, setting: Setting, run_dir: Path) -> list[dict]:
     """The setting as a user runs it: its job file through `pear-ray run` in a subprocess (the project's
     interpreter); returns its steps' rows."""
+    return run_job_tree(job_tree(model, args, setting), run_dir)
+
+
+def run_job_tree(tree: dict, run_dir: Path) -> list[dict]:
+    """A job as a user runs it: its file through `pear-ray run` in a subprocess (the project's interpreter);
+    returns its RL steps' rows."""
     run_dir.mkdir(parents=True)
     job_file = run_dir.parent / f"{run_dir.name}.yaml"
-    job_file.write_text(yaml.safe_dump(job_tree(model, args, setting), sort_keys=False))
+    job_file.write_text(yaml.safe_dump(tree, sort_keys=False))
     python = os.environ.get(PROJECT_PYTHON_ENV, sys.executable)
     tree = str(Path(__file__).resolve().parents[1])  # this checkout's pear_ray, as in this process
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))}
