@@ -34,8 +34,8 @@ from pear_ray.config.resources import (
 from pear_ray.config.stages import EvalConfig, RlConfig, ScoreConfig, SftConfig, SftVariant, parse_variant
 
 __all__ = [
-    "ActorResources", "ConfigError", "DataConfig", "EngineOptions", "EnvironmentConfig", "EvalConfig", "JobConfig", "LearnerResources",
-    "LoraConfig", "ModelSource", "ModelsConfig", "OptimizerConfig", "PoolScaling", "PriorConfig", "ResourcesConfig",
+    "ActorResources", "ConfigError", "DataConfig", "EngineOptions", "EnvironmentConfig", "EvalConfig", "JobConfig",
+    "LearnerResources", "LoraConfig", "ModelSource", "ModelsConfig", "OptimizerConfig", "PoolScaling", "PriorConfig", "ResourcesConfig",
     "RlConfig", "RolloutResources", "SamplingConfig", "ScoreConfig", "ScriptedPolicy", "Section", "SftConfig",
     "SftVariant", "Stage", "TaskConfig", "TransformersOptions", "VllmOptions",
     "serving_adapters", "apply_override", "dump_job", "load_job", "parse_job",
