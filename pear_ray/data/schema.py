@@ -206,7 +206,11 @@ def _check_policy_mask(column: pa.ListArray, table: pa.Table, fail) -> None:
     """One flag per response token, and at least one policy token per row: a row the environment wrote alone has
     nothing to train on."""
     _check_length(column, table, POLICY_MASK, fail)
-    flags = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    flags = pc.list_flatten(column)
+    if flags.null_count:
+        row, position = _locate(column, _first(pc.is_null(flags)))
+        fail(f"is null at response token {position}", POLICY_MASK, row)
+    flags = flags.to_numpy(zero_copy_only=False)
     per_row = np.bincount(pc.list_parent_indices(column).to_numpy(), weights=flags, minlength=len(column))
     if (per_row == 0).any():
         fail("has no true value (a row with no token the policy sampled has nothing to train on)", POLICY_MASK,

@@ -87,6 +87,8 @@ def test_missing_column_is_named():
          "has 2 values but response_ids has 1 tokens"),
         ({"policy_mask": [[True, False, True], None, [True, True]]}, "policy_mask", 1, "is null"),
         ({"policy_mask": [[True, False, True], [True], [False, False]]}, "policy_mask", 2, "has no true value"),
+        ({"policy_mask": [[True, False, True], [True], [True, None]]}, "policy_mask", 2,
+         "is null at response token 1"),
         ({"policy_mask": [[True, True, False], [True], [True, True]], "teacher_topk": topk_with(0, 1, [])},
          "teacher_topk", 0, "has no entries at response token 1, which the policy wrote"),
     ],
