@@ -77,7 +77,8 @@ class LearnerReference:
 
 
 def mismatch(learner: LearnerGroup, pool: ActorPool, probe_ref: ray.ObjectRef) -> dict[str, float]:
-    """Max and mean |rollout log-prob - learner log-prob| over a probe batch, across every rollout actor.
+    """Max and mean |rollout log-prob - learner log-prob| over a probe batch's policy tokens, across every rollout
+    actor.
 
     Both sides at the learner's temperature (the rollouts'), as the importance ratios are. Near zero in fp32 right
     after a sync; anything else means the engines disagree (dtype, kernels, or a sync that did not land) and the RL
@@ -95,7 +96,9 @@ def _score_probe(learner: LearnerGroup, pool: ActorPool, probe_ref: ray.ObjectRe
 def _mismatch(pool: ActorPool, learner_ref: ray.ObjectRef, scores) -> dict[str, float]:
     scored = [table for table, _ in pool.gather(scores)]
     learner_logp = np.concatenate(ray.get(learner_ref).to_pylist())
-    every = np.concatenate([np.abs(np.concatenate(table.column(PROBE_COLUMN).to_pylist()) - learner_logp)
+    # the policy's tokens only: importance ratios are taken there, and the learner gives 0.0 at the environment's
+    policy = schema.policy_tokens(scored[0])
+    every = np.concatenate([np.abs(np.concatenate(table.column(PROBE_COLUMN).to_pylist()) - learner_logp)[policy]
                             for table in scored])
     return {"mismatch_max": float(every.max()), "mismatch_mean": float(every.mean())}
 
@@ -156,6 +159,8 @@ def probe_batch(table, rows: int = 8) -> ray.ObjectRef:
 
 
 def probe_rows(table, rows: int = 8):
-    """The probe batch's rows: the first `rows` (prompt, response) pairs of a batch."""
-    keep = [c for c in (schema.ID, schema.PROMPT_IDS, schema.RESPONSE_IDS) if c in table.column_names]
+    """The probe batch's rows: the first `rows` (prompt, response) pairs of a batch, with the policy's tokens marked
+    when the batch marks them."""
+    keep = [c for c in (schema.ID, schema.PROMPT_IDS, schema.RESPONSE_IDS, schema.POLICY_MASK)
+            if c in table.column_names]
     return table.select(keep).slice(0, rows)

@@ -246,7 +246,7 @@ def _encode_column(table: pa.Table, text_column: str, ids_column: str, encode, s
 
 
 def _truncate_per_token(table: pa.Table, limit: int) -> pa.Table:
-    for name in (*schema.PER_TOKEN_COLUMNS, schema.TEACHER_TOPK):
+    for name in schema.RESPONSE_ALIGNED_COLUMNS:
         if name in table.column_names:
             table = schema.append_column(table, name, [v[:limit] for v in table.column(name).to_pylist()])
     return table

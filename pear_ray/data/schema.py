@@ -41,6 +41,8 @@ POLICY_MASK = "policy_mask"
 
 TOKEN_COLUMNS = (PROMPT_IDS, RESPONSE_IDS)
 PER_TOKEN_COLUMNS = (BEHAVIOR_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS, TEACHER_LOGPROBS)
+# Every column with one entry per response token, whatever its type: what must stay as long as response_ids.
+RESPONSE_ALIGNED_COLUMNS = (*PER_TOKEN_COLUMNS, TEACHER_TOPK, POLICY_MASK)
 SCALAR_FLOAT_COLUMNS = (REWARD, ADVANTAGE)
 
 LOGPROBS_TYPE = pa.list_(pa.float32())
@@ -121,9 +123,9 @@ def validate(
     """Conform a batch to the schema and refuse it, naming row and column, if it cannot train a model.
 
     Checks: required columns present; no nulls; non-empty prompts and responses; token ids in
-    [0, vocab_size); every per-token column (and teacher_topk) as long as the response; log-probs finite and <= 0;
-    at least one top-k entry per token, its ids in the vocabulary; rewards and advantages finite. Returns the
-    conformed table.
+    [0, vocab_size); every per-token column (and teacher_topk, policy_mask) as long as the response; log-probs
+    finite and <= 0; at least one top-k entry per policy token (an environment token may have none), its ids in the
+    vocabulary; at least one policy token per row; rewards and advantages finite. Returns the conformed table.
     """
     table = conform(table, source)
     missing = [name for name in required if name not in table.column_names]
@@ -133,10 +135,11 @@ def validate(
     def fail(message: str, column: str, row: int) -> None:
         raise SchemaError(message, source=source, column=column, row=row_offset + int(row))
 
-    present = [name for name in COLUMN_TYPES if name in table.column_names]
+    checked_first = (*TOKEN_COLUMNS, POLICY_MASK)  # teacher_topk's check reads the policy mask
+    present = [name for name in dict.fromkeys((*checked_first, *COLUMN_TYPES)) if name in table.column_names]
     for name in present:
         column = table.column(name).combine_chunks()
-        if column.null_count and name in (*required, *TOKEN_COLUMNS, *PER_TOKEN_COLUMNS, TEACHER_TOPK):
+        if column.null_count and name in (*required, *TOKEN_COLUMNS, *RESPONSE_ALIGNED_COLUMNS):
             fail("is null", name, _first(pc.is_null(column)))
         if name in TOKEN_COLUMNS:
             lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
@@ -153,6 +156,8 @@ def validate(
             _check_per_token(column, table, name, fail)
         elif name == TEACHER_TOPK:
             _check_topk(column, table, vocab_size, fail)
+        elif name == POLICY_MASK:
+            _check_policy_mask(column, table, fail)
         elif name in SCALAR_FLOAT_COLUMNS:
             values = column.to_numpy(zero_copy_only=False)
             if not np.isfinite(values).all():
@@ -177,9 +182,10 @@ def _check_topk(column: pa.ListArray, table: pa.Table, vocab_size: int | None, f
     _check_length(column, table, TEACHER_TOPK, fail)
     tokens = pc.list_flatten(column)  # one list of (id, log-prob) entries per response token
     counts = pc.fill_null(pc.list_value_length(tokens), 0).to_numpy(zero_copy_only=False)
-    if (counts == 0).any():
-        row, position = _locate(column, np.flatnonzero(counts == 0)[0])
-        fail(f"has no entries at response token {position}", TEACHER_TOPK, row)
+    empty = (counts == 0) & policy_tokens(table)
+    if empty.any():
+        row, position = _locate(column, np.flatnonzero(empty)[0])
+        fail(f"has no entries at response token {position}, which the policy wrote", TEACHER_TOPK, row)
     entries = pc.list_flatten(tokens)
     token_of_entry = pc.list_parent_indices(tokens).to_numpy()
     ids = pc.struct_field(entries, "id").to_numpy(zero_copy_only=False)
@@ -194,6 +200,21 @@ def _check_topk(column: pa.ListArray, table: pa.Table, vocab_size: int | None, f
         first = np.flatnonzero(bad)[0]
         row, position = _locate(column, token_of_entry[first])
         fail(f"log-prob {logprobs[first]} at response token {position} is not a log-probability", TEACHER_TOPK, row)
+
+
+def _check_policy_mask(column: pa.ListArray, table: pa.Table, fail) -> None:
+    """One flag per response token, and at least one policy token per row: a row the environment wrote alone has
+    nothing to train on."""
+    _check_length(column, table, POLICY_MASK, fail)
+    flags = pc.list_flatten(column)
+    if flags.null_count:
+        row, position = _locate(column, _first(pc.is_null(flags)))
+        fail(f"is null at response token {position}", POLICY_MASK, row)
+    flags = flags.to_numpy(zero_copy_only=False)
+    per_row = np.bincount(pc.list_parent_indices(column).to_numpy(), weights=flags, minlength=len(column))
+    if (per_row == 0).any():
+        fail("has no true value (a row with no token the policy sampled has nothing to train on)", POLICY_MASK,
+             np.flatnonzero(per_row == 0)[0])
 
 
 def _check_length(column: pa.ListArray, table: pa.Table, name: str, fail) -> None:
@@ -227,6 +248,15 @@ def append_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray
     return table.append_column(pa.field(name, wanted), array)
 
 
+def policy_tokens(table: pa.Table) -> np.ndarray:
+    """One bool per response token of the batch, rows one after another: whether the policy sampled it (all true
+    without a policy_mask column)."""
+    if POLICY_MASK in table.column_names:
+        return pc.list_flatten(table.column(POLICY_MASK)).to_numpy(zero_copy_only=False).astype(bool)
+    return np.ones(int(pc.sum(pc.list_value_length(table.column(RESPONSE_IDS))).as_py() or 0), dtype=bool)
+
+
 def response_token_count(table: pa.Table) -> int:
-    """Number of response tokens in a batch: PEAR's and GRPO's token-mean divisor."""
-    return int(pc.sum(pc.list_value_length(table.column(RESPONSE_IDS))).as_py() or 0)
+    """Number of response tokens the policy sampled in a batch (environment tokens are context, not counted):
+    PEAR's and GRPO's token-mean divisor."""
+    return int(policy_tokens(table).sum())

@@ -1,9 +1,12 @@
 """Arrow rows <-> padded tensors, the one conversion between the data plane and the models.
 
 A row becomes `prompt + response` right-padded to the batch's longest row. Per-token columns are laid out
-on the same [B, L] grid at the response positions (0 elsewhere), so `response_mask` selects them.
-Position i's token is predicted by the logits at i - 1: prompts are never empty, so no response token
-sits at position 0.
+on the same [B, L] grid at the response positions (0 elsewhere), which `response_positions` selects. Two masks,
+because a multi-turn response holds tokens the environment wrote (a tool's answer between turns, `policy_mask`
+false): the model reads them as context (input_ids, attention_mask), but no loss or importance ratio may use them,
+so `response_mask`, the mask objectives get, is true only at the tokens the policy sampled. Without a policy_mask
+column the two masks are equal. Position i's token is predicted by the logits at i - 1: prompts are never empty,
+so no response token sits at position 0.
 
 `teacher_topk` becomes two tensors on the same grid with a last axis of K slots, K the most entries any token
 has in the batch: `teacher_topk_ids` int64 and `teacher_topk_logprobs` float32 [B, L, K], a token's entries in
@@ -43,8 +46,9 @@ def _ragged_positions(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarr
 
 
 def to_tensors(table: pa.Table, pad_id: int, columns: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Pad a batch: `input_ids`, `attention_mask`, `response_mask` [B, L], each named per-token column on the grid
-    (`teacher_topk` as the two [B, L, K] tensors above), and each named per-row column as a float32 [B] tensor."""
+    """Pad a batch: `input_ids`, `attention_mask`, `response_positions` (every response token), `response_mask`
+    (the policy's response tokens) [B, L], each named per-token column on the grid (`teacher_topk` as the two
+    [B, L, K] tensors above), and each named per-row column as a float32 [B] tensor."""
     prompt, response = table.column(schema.PROMPT_IDS), table.column(schema.RESPONSE_IDS)
     prompt_len, response_len = _lengths(prompt), _lengths(response)
     total = prompt_len + response_len
@@ -54,11 +58,14 @@ def to_tensors(table: pa.Table, pad_id: int, columns: tuple[str, ...] = ()) -> d
     response_rows, response_cols = _ragged_positions(prompt_len, response_len)
     input_ids[prompt_rows, prompt_cols] = _flat(prompt)
     input_ids[response_rows, response_cols] = _flat(response)
+    response_positions = np.zeros(shape, dtype=bool)
+    response_positions[response_rows, response_cols] = True
     response_mask = np.zeros(shape, dtype=bool)
-    response_mask[response_rows, response_cols] = True
+    response_mask[response_rows, response_cols] = schema.policy_tokens(table)
     out = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(np.arange(shape[1])[None, :] < total[:, None]),
+        "response_positions": torch.from_numpy(response_positions),
         "response_mask": torch.from_numpy(response_mask),
     }
     for name in columns:
@@ -89,9 +96,15 @@ def _topk_grids(column: pa.ChunkedArray, shape: tuple[int, int], rows: np.ndarra
     return {schema.TOPK_IDS: torch.from_numpy(ids), schema.TOPK_LOGPROBS: torch.from_numpy(logprobs)}
 
 
-def from_tensor(values: torch.Tensor, response_mask: torch.Tensor) -> pa.ListArray:
-    """The inverse for a per-token column: the values at response positions, one list<float32> per row."""
-    mask = response_mask.bool().cpu()
-    flat = values.detach().float().cpu()[mask].numpy()
-    offsets = np.concatenate([[0], np.cumsum(mask.sum(dim=1).numpy())]).astype(np.int32)
+def from_tensor(values: torch.Tensor, response_positions: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> pa.ListArray:
+    """The inverse for a per-token column: one list<float32> per row, of the values at `response_positions` (one
+    per response token); given the batch's `response_mask`, 0.0 at the environment's tokens, as the schema keeps
+    them."""
+    positions = response_positions.bool().cpu()
+    values = values.detach().float().cpu()
+    if response_mask is not None:
+        values = torch.where(response_mask.bool().cpu(), values, 0.0)
+    flat = values[positions].numpy()
+    offsets = np.concatenate([[0], np.cumsum(positions.sum(dim=1).numpy())]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.float32()))

@@ -176,8 +176,8 @@ class DeepSpeedLearner:
 
     @torch.no_grad()
     def logprobs(self, table: pa.Table) -> pa.ListArray:
-        """log pi(response token | prefix) under the current weights and `temperature`, one list<float32> per row,
-        micro-batched like a step.
+        """log pi(response token | prefix) under the current weights and `temperature`, one list<float32> per row
+        (0.0 at the environment's tokens of a multi-turn row), micro-batched like a step.
 
         A rank may get no rows (a batch smaller than the group): it still runs as many (one-token) forwards as the
         busiest rank, because under ZeRO-3 every rank must take part in the parameter all-gathers.
@@ -188,7 +188,8 @@ class DeepSpeedLearner:
             if micro is None:
                 self._filler()
             else:
-                pieces.append(from_tensor(self._forward(micro, self.temperature)[0], micro["response_mask"]))
+                logp = self._forward(micro, self.temperature)[0]
+                pieces.append(from_tensor(logp, micro["response_positions"], micro["response_mask"]))
         return pa.concat_arrays(pieces) if pieces else pa.array([], type=pa.list_(pa.float32()))
 
     def _micro_batches(self, table: pa.Table, columns: tuple[str, ...] = ()) -> list[dict[str, torch.Tensor]]:

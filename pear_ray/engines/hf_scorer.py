@@ -87,10 +87,11 @@ class HfScorer:
         self.rows_per_forward = rows_per_forward
 
     def logprobs(self, table: pa.Table, temperature: float = 1.0) -> pa.ChunkedArray:
-        """One list<float32> per row: the log-prob of each response token, under logits / temperature."""
+        """One list<float32> per row: the log-prob of each response token, under logits / temperature (0.0 at the
+        environment's tokens of a multi-turn row, as the schema keeps them)."""
         chunks = []
         for start in range(0, table.num_rows, self.rows_per_forward):
             tensors = to_tensors(table.slice(start, self.rows_per_forward), self.pad_id)
             logprobs, _ = teacher_forced(self.model, tensors, temperature)
-            chunks.append(from_tensor(logprobs, tensors["response_mask"]))
+            chunks.append(from_tensor(logprobs, tensors["response_positions"], tensors["response_mask"]))
         return pa.chunked_array(chunks, type=schema.LOGPROBS_TYPE)

@@ -6,7 +6,9 @@ A rank's rows for one update are cut, in order, into micro-batches of at most `m
 row, positions restarting at 0 for every sequence and no attention mask. transformers reads each restart as a new
 sequence (masking_utils.find_packed_sequence_indices): sdpa, eager and flex attention get a block-diagonal causal
 mask, flash attention the varlen boundaries, so attention never crosses sequences. The forward's per-token
-results go back onto the grid (`unpack`), and objectives see the same tensors as with padding.
+results go back onto the grid (`unpack`), and objectives see the same tensors as with padding. The masks stay on
+the grid too: a multi-turn row's environment tokens are packed as context like every other token of the row, and
+only `response_mask` (the policy's tokens) decides what a loss reads, as with padding.
 
 A dense block-diagonal mask still computes every pair of the packed row: with sdpa or eager attention a micro-batch
 of T tokens costs T^2 in attention, so a budget near the longest row wins (benchmarks/bench_packing.py); flash

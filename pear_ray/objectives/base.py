@@ -27,7 +27,8 @@ class ObjectiveInputs:
     prompt + response tokens (right-padded), whether or not the model saw the rows packed."""
 
     logp: torch.Tensor  # log pi(token | prefix) under the weights being trained, with grad; 0 at position 0
-    mask: torch.Tensor  # bool, the response tokens (the only ones a loss may use)
+    mask: torch.Tensor  # bool, the response tokens the policy sampled (the only ones a loss may use; not the
+    # environment's tokens of a multi-turn row, which the model reads as context)
     columns: dict[str, torch.Tensor]  # the declared columns: per-token ones on the grid, per-row ones [B]
     logp_old: torch.Tensor | None = None  # before this step's first update, no grad (on-policy objectives only)
     logprobs_at: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)

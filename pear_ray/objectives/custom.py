@@ -2,11 +2,11 @@
 
     def my_loss(inputs: ObjectiveInputs, **args) -> LossTerms
 
-`inputs` holds the response tokens' log-probs (with grad), the mask, the columns the job lists in `columns`, and
-`logp_old` when `on_policy`; the function returns the loss as a sum with the size it is divided by, as the
-built-ins do (objectives/base.py), so the learner reduces it over ranks unchanged. Statistics it returns are summed
-over ranks and updates; each is logged divided by the global `num_tokens` when the function reports that, else as
-the sum.
+`inputs` holds the response tokens' log-probs (with grad), the mask (the tokens the policy sampled), the columns the
+job lists in `columns`, and `logp_old` when `on_policy`; the function returns the loss as a sum with the size it is
+divided by, as the built-ins do (objectives/base.py), so the learner reduces it over ranks unchanged. Statistics it
+returns are summed over ranks and updates; each is logged divided by the global `num_tokens` when the function reports
+that, else as the sum.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ importance sampling between rollout engine and learner (TIS), the k3 KL estimato
 filter that drops groups carrying no reward signal.
 
 Samples are rows and response tokens are columns of [B, L] tensors; a sample's group is given by an integer id.
+Every reduction runs over the mask, the tokens the policy sampled: in a multi-turn row the environment's tokens have
+no ratio and count in no mean.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """PEAR: importance-reweighted SFT (Zhang et al., arXiv 2602.01058), exactly as implemented here.
 
-On the response tokens t = 1..T of a row (counted along the mask, whatever the padding):
+On the response tokens t = 1..T of a row that the policy sampled (counted along the mask, whatever the padding):
 
     d_t       = clip(lt_t - lb_t, dlo, dhi)                        target over behaviour, per token
     none:       log G_t = 0                                        canonical SFT
@@ -18,6 +18,14 @@ effective learning rate: a scale common to every batch cancels in AdamW's update
 acts before AdamW, sees it.
 
 The token level is the block level with B = 1, so both share one vectorised path.
+
+Multi-turn rows. Tokens the environment wrote between turns (a tool's answer, `policy_mask` false) are not in the
+mask: they have no ratio (d = 0 there, ratio 1), they do not break a suffix (token t's sum runs over the later
+policy tokens, across environment tokens), and t, T and the blocks count policy tokens only. Why: a trajectory's
+probability is the product of the policy's choices and the environment's answers, and the environment answers
+alike whichever policy acts, so its factors cancel in every ratio target / behaviour; and gamma discounts per
+decision of the policy, not per token a tool returned. A row's weights are therefore those of its policy tokens
+alone, as one response.
 
 (design notes: docs/design.md; every objective's math, in one place: docs/objectives.md)
 """

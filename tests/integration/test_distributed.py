@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
+from support.learner import as_multi_turn
 from transformers import AutoTokenizer
 
 from pear_ray.actors.learner import LearnerGroup
@@ -93,6 +94,16 @@ def test_rl_log_probs_are_at_the_sampling_temperature(ray_cluster, tmp_path_fact
         assert mismatch(learner, pool, probe_batch(batch))["mismatch_max"] < 1e-4
         referenced, _ = reference.score.remote(batch_ref, column=schema.REF_LOGPROBS, temperature=temperature)
         np.testing.assert_allclose(flat(ray.get(referenced).column(schema.REF_LOGPROBS)), rollout_logp, atol=1e-4)
+        # the same samples as multi-turn rows: the probe compares the policy's tokens (the learner gives 0.0 at the
+        # environment's), and the reference scores 0.0 there too
+        multi_turn = as_multi_turn(batch, seed=1)
+        policy = schema.policy_tokens(multi_turn)
+        assert (~policy).any()
+        assert mismatch(learner, pool, probe_batch(multi_turn))["mismatch_max"] < 1e-4
+        multi_referenced, _ = reference.score.remote(ray.put(multi_turn), column=schema.REF_LOGPROBS,
+                                                     temperature=temperature)
+        np.testing.assert_allclose(flat(ray.get(multi_referenced).column(schema.REF_LOGPROBS)),
+                                   np.where(policy, rollout_logp, 0.0), atol=1e-4)
         # logp_old matches the rollout (no TIS weight leaves 1 +- 1e-4) and the policy the reference (no KL)
         stats = learner.step(referenced, Grpo(tis_cap=1.0001, kl_coef=0.1))
         assert stats["tis_capped_fraction"] == 0.0 and stats["kl_ref"] < 1e-8

@@ -17,7 +17,7 @@ import pytest
 import ray
 import torch
 from ray.exceptions import RayActorError
-from support.learner import OPTIMIZER, make_batch
+from support.learner import OPTIMIZER, as_multi_turn, make_batch
 
 from pear_ray.actors.learner import LearnerGroup, shard_bounds
 from pear_ray.config import LearnerResources
@@ -103,11 +103,12 @@ def test_shard_bounds_cover_rows_in_order():
 
 def plain_pear_loss(model, table: pa.Table, **settings):
     """PEAR's loss over the whole batch by plain torch: pear_loss on [B, L] grids of response tokens under a mask,
-    one row per sample, left-aligned."""
+    one row per sample, left-aligned; of a multi-turn row, its policy tokens alone, one after another."""
+    policy = torch.from_numpy(schema.policy_tokens(table))
     logp = reference_token_logprobs(model, table)
-    flat = torch.tensor([v for row in logp for v in row])
-    behavior = torch.tensor(table.column(schema.BEHAVIOR_LOGPROBS).combine_chunks().flatten().to_numpy())
-    lengths = [len(row) for row in logp]
+    flat = torch.tensor([v for row in logp for v in row])[policy]
+    behavior = torch.tensor(table.column(schema.BEHAVIOR_LOGPROBS).combine_chunks().flatten().to_numpy())[policy]
+    lengths = [int(row.sum()) for row in torch.split(policy, [len(row) for row in logp])]
 
     def grid(values):
         return torch.nn.utils.rnn.pad_sequence(list(torch.split(values, lengths)), batch_first=True)
@@ -123,6 +124,28 @@ def test_first_sft_step_loss_is_the_global_pear_loss(learners, tiny_model_dir):
     assert one.first_step["num_tokens"] == diag.num_tokens == schema.response_token_count(FIRST_BATCH)
     assert one.first_step["mean_weight"] == pytest.approx(diag.mean_weight, rel=1e-5)
     assert abs(diag.mean_weight - 1) > 0.05, "the test batch should give PEAR weights far from 1"
+
+
+def test_sft_step_on_multi_turn_rows_trains_on_the_policy_tokens_only(learners, tiny_model_dir):
+    """Rows whose responses hold the environment's tokens: the learner's log-probs are 0.0 there and the model's
+    own at the policy's tokens, and a PEAR step's reported loss, token count and mean weight are those of each
+    row's policy tokens alone, by plain torch (counting the environment's tokens would change them)."""
+    group = learners(1, 0).group
+    batch = as_multi_turn(make_batch(5, seed=13), seed=0)
+    policy = schema.policy_tokens(batch)
+    assert 0 < (~policy).sum() and schema.response_token_count(batch) == policy.sum()
+    model = hf_model(tiny_model_dir, ray.get(group.weights_ref()))
+    own = np.concatenate(reference_token_logprobs(model, batch))
+    learner_logp = np.concatenate(ray.get(group.logprobs(ray.put(batch))).to_pylist())
+    np.testing.assert_allclose(learner_logp, np.where(policy, own, 0.0), rtol=1e-4, atol=1e-5)
+    settings = dict(level="block", block_size=3, gamma=PEAR.gamma)
+    expected, diag = plain_pear_loss(model, batch, **settings)
+    every_token, _ = plain_pear_loss(model, batch.drop([schema.POLICY_MASK]), **settings)
+    assert abs(float(every_token) - float(expected)) > 0.01 * abs(float(expected))
+    stats = group.step(ray.put(batch), PEAR.model_copy(update=settings))
+    assert stats["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert stats["num_tokens"] == diag.num_tokens == policy.sum()
+    assert stats["mean_weight"] == pytest.approx(diag.mean_weight, rel=1e-5)
 
 
 def test_sft_step_normalized_by_the_weight_sum(learners, tiny_model_dir):

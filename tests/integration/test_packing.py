@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
+from support.learner import as_multi_turn
 
 from pear_ray.actors.learner import LearnerGroup
 from pear_ray.config import LearnerResources
@@ -56,7 +57,7 @@ def make_batch(lengths: list[int], seed: int) -> pa.Table:
     return schema.validate(pa.Table.from_pylist(rows), vocab_size=384)
 
 
-BATCH = make_batch(LENGTHS, seed=0)
+BATCH = as_multi_turn(make_batch(LENGTHS, seed=0), seed=0)  # environment tokens in every row: context, not loss
 
 
 def test_micro_batches_cut_rows_in_order_by_token_count():

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pear_ray.data import schema
 
@@ -29,6 +30,21 @@ def make_batch(num_rows: int, seed: int, *, advantage: float | None = None) -> p
             schema.ADVANTAGE: float(rng.normal()) if advantage is None else advantage,
         })
     return schema.validate(pa.Table.from_pylist(rows), vocab_size=384)
+
+
+def as_multi_turn(table: pa.Table, seed: int) -> pa.Table:
+    """The rows as multi-turn trajectories: about a third of each response's tokens after its first marked as the
+    environment's (policy_mask false), their per-token log-probs 0.0 as the schema keeps them."""
+    rng = np.random.default_rng(seed)
+    lengths = pc.list_value_length(table.column(schema.RESPONSE_IDS)).to_pylist()
+    policy = [[True] + (rng.uniform(size=n - 1) > 1 / 3).tolist() for n in lengths]
+    table = schema.append_column(table, schema.POLICY_MASK, policy)
+    for name in schema.PER_TOKEN_COLUMNS:
+        if name in table.column_names:
+            values = [[v if keep else 0.0 for v, keep in zip(row, flags, strict=True)]
+                      for row, flags in zip(table.column(name).to_pylist(), policy, strict=True)]
+            table = schema.append_column(table, name, values)
+    return schema.validate(table, vocab_size=384)
 
 
 def write_scored_sft_rows(path: Path, num_rows: int) -> Path:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pear_ray.data import schema
-from pear_ray.data.io import DataError, read_table, write_table
+from pear_ray.data.io import DataError, read_table, tokenize, write_table
 from pear_ray.data.tensors import from_tensor, to_tensors
 
 
@@ -83,6 +83,14 @@ def test_missing_column_is_named():
         ({"teacher_topk": topk_with(0, 1, entries((8, -math.inf)))}, "teacher_topk", 0,
          "log-prob -inf at response token 1 is not a log-probability"),
         ({"teacher_topk": topk_with(1, 0, [])}, "teacher_topk", 1, "has no entries at response token 0"),
+        ({"policy_mask": [[True, False, True], [True, False], [True, True]]}, "policy_mask", 1,
+         "has 2 values but response_ids has 1 tokens"),
+        ({"policy_mask": [[True, False, True], None, [True, True]]}, "policy_mask", 1, "is null"),
+        ({"policy_mask": [[True, False, True], [True], [False, False]]}, "policy_mask", 2, "has no true value"),
+        ({"policy_mask": [[True, False, True], [True], [True, None]]}, "policy_mask", 2,
+         "is null at response token 1"),
+        ({"policy_mask": [[True, True, False], [True], [True, True]], "teacher_topk": topk_with(0, 1, [])},
+         "teacher_topk", 0, "has no entries at response token 1, which the policy wrote"),
     ],
 )
 def test_bad_batches_name_row_and_column(overrides, column, row, message):
@@ -92,6 +100,27 @@ def test_bad_batches_name_row_and_column(overrides, column, row, message):
     assert (error.column, error.row) == (column, 100 + row)
     assert str(error).startswith(f"data.parquet, column '{column}', row {100 + row + 1}: ")
     assert message in str(error)
+
+
+# make_batch's responses (3, 1 and 2 tokens) as multi-turn trajectories: row 0's middle token is the environment's.
+POLICY_MASK = [[True, False, True], [True], [False, True]]
+
+
+def test_environment_tokens_may_have_no_teacher_topk_and_are_not_counted():
+    topk = topk_with(0, 1, [])  # an environment token: no teacher entries
+    topk[2][0] = []
+    table = schema.validate(make_batch(policy_mask=POLICY_MASK, teacher_topk=topk), vocab_size=16)
+    assert table.schema.field("policy_mask").type == pa.list_(pa.bool_())
+    assert schema.response_token_count(table) == 4  # of 6 response tokens, 2 are the environment's
+    assert schema.response_token_count(make_batch()) == 6  # no policy_mask: every response token is the policy's
+    assert schema.policy_tokens(table).tolist() == [True, False, True, True, False, True]
+
+
+def test_truncating_responses_cuts_the_policy_mask_with_them():
+    table = make_batch(policy_mask=POLICY_MASK)
+    cut = tokenize(table, tokenizer=None, max_prompt_tokens=8, max_response_tokens=2)  # ids given: no tokenizer
+    assert cut.column("policy_mask").to_pylist() == [[True, False], [True], [False, True]]
+    schema.validate(cut)
 
 
 def test_teacher_topk_keeps_its_type_through_parquet(tmp_path):
@@ -183,7 +212,8 @@ def test_padding_lays_tokens_and_per_token_columns_on_one_grid():
         [False, False, False, True, True],
     ]
     np.testing.assert_allclose(tensors["behavior_logprobs"][2].numpy(), [0, 0, 0, -0.5, -0.6], rtol=1e-6)
-    back = from_tensor(tensors["behavior_logprobs"], tensors["response_mask"])
+    assert tensors["response_positions"].equal(tensors["response_mask"])  # no policy_mask: every token the policy's
+    back = from_tensor(tensors["behavior_logprobs"], tensors["response_positions"])
     assert back.equals(table.column("behavior_logprobs").combine_chunks())
 
 
@@ -205,6 +235,29 @@ def test_teacher_topk_lies_on_the_response_grid_padded_with_minus_infinity():
                 [[inf, inf, inf], [-0.3, -1.5, -3.0], [-0.2, inf, inf], [-0.7, -0.9, inf]]]
     np.testing.assert_allclose(logprobs.numpy(), expected, rtol=1e-6)
     assert (torch.isfinite(logprobs).any(-1) == tensors["response_mask"]).all()
+
+
+def test_environment_tokens_are_context_on_the_grid_but_not_in_the_response_mask():
+    table = schema.validate(make_batch(policy_mask=POLICY_MASK))
+    tensors = to_tensors(table, pad_id=0, columns=("behavior_logprobs",))
+    assert tensors["input_ids"].tolist() == [[1, 2, 7, 8, 9], [3, 10, 0, 0, 0], [4, 5, 6, 11, 12]]
+    assert tensors["attention_mask"].sum(1).tolist() == [5, 2, 5]
+    assert tensors["response_positions"].tolist() == [
+        [False, False, True, True, True],
+        [False, True, False, False, False],
+        [False, False, False, True, True],
+    ]
+    assert tensors["response_mask"].tolist() == [
+        [False, False, True, False, True],
+        [False, True, False, False, False],
+        [False, False, False, False, True],
+    ]
+    # per-token values still at every response position, the environment's included
+    np.testing.assert_allclose(tensors["behavior_logprobs"][0].numpy(), [0, 0, -0.1, -0.2, -0.3], rtol=1e-6)
+    back = from_tensor(tensors["behavior_logprobs"], tensors["response_positions"])
+    assert back.equals(table.column("behavior_logprobs").combine_chunks())
+    zeroed = from_tensor(tensors["behavior_logprobs"], tensors["response_positions"], tensors["response_mask"])
+    np.testing.assert_allclose(np.concatenate(zeroed.to_pylist()), [-0.1, 0.0, -0.3, -1.0, 0.0, -0.6], rtol=1e-6)
 
 
 def test_from_tensor_keeps_rows_with_no_response_positions():
