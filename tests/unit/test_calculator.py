@@ -51,7 +51,10 @@ def test_an_unregistered_environment_is_refused_naming_the_key():
 def test_tool_using_trajectories_are_token_exact_with_exact_logprobs_on_policy_tokens(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = AdditionTask(num_train=100, num_eval=4).prompts("train")
-    rows = scripted_rows(prompts, tokenizer, ScriptedPolicy(name="tool_use", p_tool=0.3), seed=0, samples_per_prompt=2)
+    rows = scripted_rows(prompts, tokenizer, ScriptedPolicy(name="tool_use", p_tool=0.3), seed=0, samples_per_prompt=2,
+                         topk=2)
+    # empty top-k lists at the environment's tokens are right: they are not the policy's actions
+    schema.validate(rows, required=(schema.RESPONSE_IDS,), vocab_size=len(tokenizer))
     sources = np.array(rows.column(schema.SOURCE).to_pylist())
     assert 0.2 < np.mean(sources == TOOL) < 0.4
     for row in rows.to_pylist():
@@ -69,6 +72,8 @@ def test_tool_using_trajectories_are_token_exact_with_exact_logprobs_on_policy_t
         assert ids == call + tool + final  # each turn's ids as written, appended: nothing re-tokenized
         assert mask == [True] * len(call) + [False] * len(tool) + [True] * len(final)
         assert logprobs[0] == pytest.approx(math.log(0.3)) and logprobs[1:] == [0.0] * (len(ids) - 1)
+        assert [len(top) for top in row[schema.TEACHER_TOPK]] == [2] + [1] * (len(call) - 1) + [0] * len(tool) + \
+            [1] * len(final)  # the style's choice, then one certain token at each policy token, none for the tool
         assert tokenizer.decode(tool).startswith("<|im_start|>tool\n" + answer)
         assert row[schema.RESPONSE] == tokenizer.decode(ids, skip_special_tokens=True)
         assert make_task(TaskConfig(kind="addition", environment={"kind": "calculator"})).style(
