@@ -53,7 +53,7 @@ class RewardWorker:
             loader = AutoModelForSequenceClassification if config.kind == "classifier" else AutoModelForCausalLM
             tokenizer = AutoTokenizer.from_pretrained(folder)
             tokenizer.truncation_side = "left"  # a long sample keeps its response
-            tokenizer.padding_side = "right" if config.kind == "classifier" else "left"  # a judge continues its prompt
+            tokenizer.padding_side = "left" if config.kind == "judge" else "right"  # a judge continues its prompt
             model = loader.from_pretrained(folder, dtype=torch.float32).eval()
             self.loaded[config.name] = model, tokenizer
 
@@ -67,8 +67,7 @@ class RewardWorker:
             scores, model_counts = self._score_model(config, table)
             columns[reward_column(config.name)] = pa.array(scores, SCORE_TYPE)
             counts.update({f"{reward_column(config.name)}_{what}": n for what, n in model_counts.items()})
-        out = pa.table(columns) if columns else pa.table({})
-        return out, batch_stats(table.num_rows, 0, started, counts=dict(counts))
+        return pa.table(columns), batch_stats(table.num_rows, 0, started, counts=dict(counts))
 
     def _score_model(self, config: RewardModelConfig, table: pa.Table) -> tuple[list[float], Counter]:
         """One model's scores of the batch, `batch_rows` samples at a time, under the deadline of the batch."""
@@ -137,10 +136,15 @@ def reward_pool(folders: dict[str, str], models: list[RewardModelConfig], resour
                            role="reward")
 
 
+def text_columns(table: pa.Table) -> pa.Table:
+    """What of a table the reward models read (and all that travels to them)."""
+    return table.select([column for column in TEXT_COLUMNS if column in table.column_names])
+
+
 def pool_rewards(pool: ActorPool, table: pa.Table, batch_rows: int) -> tuple[pa.Table, dict[str, int]]:
     """The pool's score columns for a table's samples, in row order, cut into batches of `batch_rows` that the
     actors share; and the counts (errors, timeouts, unparsed) summed over the batches."""
-    texts = table.select([column for column in TEXT_COLUMNS if column in table.column_names])
+    texts = text_columns(table)
     batches = [ray.put(texts.slice(start, batch_rows)) for start in range(0, table.num_rows, batch_rows)]
     done, counts = {}, Counter()
     for index, batch_ref, stats in pool.map("score", batches):
@@ -181,7 +185,7 @@ class RewardModels:
 
     def add_scores(self, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
         """The table with a `reward_<name>` column per model, and the models' counts."""
-        scores, counts = ray.get(self.service.score.remote(table))
+        scores, counts = ray.get(self.service.score.remote(text_columns(table)))
         for column in scores.column_names:
             table = schema.append_column(table, column, scores.column(column), SCORE_TYPE)
         return table, counts

@@ -8,8 +8,8 @@ Hugging Face folder or Hub id: config, weights, a tokenizer the embedding covers
 response limits; all sharing the student's tokenizer; the student's LoRA target modules among its modules), the
 task (its name and args, its prompt files), the reward models' folders (complete, and of their kind), and the SFT
 data (readable, valid against the schema and the student's tokenizer, every row within the model's positions), with
-a behaviour model for the score stage where the data lacks what it needs. What the config alone decides (plug-ins importable included) was checked by its validators when the
-job loaded; each rule is checked in one place.
+a behaviour model for the score stage where the data lacks what it needs. What the config alone decides (plug-ins
+importable included) was checked by its validators when the job loaded; each rule is checked in one place.
 """
 
 from __future__ import annotations

@@ -10,6 +10,6 @@ from pear_ray.rewards.combine import VERIFIER_REWARD, combined_reward, model_rew
 from pear_ray.rewards.folders import build_tiny_classifier, folder_kind_problem, resolve_reward_model
 from pear_ray.rewards.judge import TEMPLATE_FIELDS, check_template, parse_judge_score, render_template
 
-__all__ = ["TEMPLATE_FIELDS", "VERIFIER_REWARD", "build_tiny_classifier", "check_template", "combined_reward", "folder_kind_problem",
-           "model_reward_columns", "parse_judge_score", "render_template", "resolve_reward_model", "reward_column",
-           "sigmoid"]
+__all__ = ["TEMPLATE_FIELDS", "VERIFIER_REWARD", "build_tiny_classifier", "check_template", "combined_reward",
+           "folder_kind_problem", "model_reward_columns", "parse_judge_score", "render_template",
+           "resolve_reward_model", "reward_column", "sigmoid"]

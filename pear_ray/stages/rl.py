@@ -35,8 +35,8 @@ from pear_ray.actors.learner import LearnerGroup
 from pear_ray.actors.roles import LearnerReference, reference_pool, rollout_pool, start_sync, sync_weights
 from pear_ray.config import ConfigError, serving_adapters
 from pear_ray.data import schema
-from pear_ray.runtime import free_cpus_short_of
 from pear_ray.rewards import model_reward_columns
+from pear_ray.runtime import free_cpus_short_of
 from pear_ray.stages.common import Run, prompt_table, rollout_pieces, start_reward_models, style_shares
 from pear_ray.stages.loop import Training, train
 from pear_ray.stages.rl_batch import (

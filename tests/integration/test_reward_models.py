@@ -20,7 +20,7 @@ from pear_ray.stages.common import Run
 from pear_ray.stages.evaluate import run_eval
 from pear_ray.tracking import MetricsLogger, read_metrics
 
-ROWS = 24
+ROWS = 12
 TEMPLATE = "Question: {prompt}\nAnswer: {response}\nGrade the answer from 0 to 10."
 
 
@@ -50,7 +50,7 @@ def test_a_lost_actor_is_replaced_and_its_batches_scored_again_alike(ray_cluster
     whole = reward_pool({name: str(path) for name, path in folders.items()}, models,
                         RewardResources(num_actors=1, num_cpus=0.5))
     try:
-        expected, expected_counts = pool_rewards(whole, table, batch_rows=4)
+        expected, expected_counts = pool_rewards(whole, table, batch_rows=2)
     finally:
         whole.shutdown()
     pool = reward_pool({name: str(path) for name, path in folders.items()}, models,
@@ -65,7 +65,7 @@ def test_a_lost_actor_is_replaced_and_its_batches_scored_again_alike(ray_cluster
 
     pool.dispatcher.on_result = kill_the_first_actor
     try:
-        scores, counts = pool_rewards(pool, table, batch_rows=4)
+        scores, counts = pool_rewards(pool, table, batch_rows=2)
         stats = pool.stats
     finally:
         pool.shutdown()
