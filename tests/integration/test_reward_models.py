@@ -1,9 +1,11 @@
 """The reward pool on tiny models built here (a one-label Qwen2 classifier, an untrained Qwen2 judge): a lost actor
-is replaced and its batches scored again to the same scores; a judge answer with no mark, or a batch past its time,
-gives 0 and is counted; and eval and RL log the models' scores."""
+is replaced and its batches scored again to the same scores; a judge answer with no mark, a batch past its time or a
+model that raises gives 0 and is counted; and eval and RL log the models' scores."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +14,7 @@ import ray
 from support.rl import run_rl
 
 from pear_ray.actors.reward import RewardModels, pool_rewards, reward_pool
-from pear_ray.config import RewardResources, TaskConfig, parse_job
+from pear_ray.config import ClassifierReward, RewardResources, TaskConfig, parse_job
 from pear_ray.data import schema
 from pear_ray.models import TinyModelSpec, build_tiny_model
 from pear_ray.rewards import build_tiny_classifier
@@ -76,20 +78,27 @@ def test_a_lost_actor_is_replaced_and_its_batches_scored_again_alike(ray_cluster
     assert ((0 < helpful) & (helpful < 1)).all() and len(set(helpful.tolist())) > 1  # sigmoid of distinct logits
 
 
-def test_an_unparsed_judge_answer_or_a_batch_past_its_time_gives_0_and_is_counted(ray_cluster, folders):
-    """The untrained judge writes no `Score: n`; a row budget of a nanosecond times out every batch."""
-    models = reward_models(folders, score_pattern=r"Score: (\d+)")
+def test_an_unparsed_answer_a_batch_past_its_time_or_a_raise_gives_0_and_is_counted(ray_cluster, folders, tmp_path):
+    """The untrained judge writes no `Score: n`; a row budget of a nanosecond times out every batch; a classifier
+    without a pad token id raises on every batch of more than one sample (transformers: "Cannot handle batch sizes >
+    1 if no padding token is defined")."""
+    unpadded = Path(shutil.copytree(folders["helpful"], tmp_path / "unpadded"))
+    config = json.loads((unpadded / "config.json").read_text())
+    (unpadded / "config.json").write_text(json.dumps(config | {"pad_token_id": None}))
+    models = [*reward_models(folders, score_pattern=r"Score: (\d+)"), ClassifierReward(
+        kind="classifier", name="unpadded", path=str(unpadded), batch_rows=2)]
     models[0] = models[0].model_copy(update={"row_timeout_s": 1e-9})
-    scorer = RewardModels.start({name: str(path) for name, path in folders.items()}, models,
-                                RewardResources(num_actors=1, num_cpus=0.5))
+    scorer = RewardModels.start({**{name: str(path) for name, path in folders.items()}, "unpadded": str(unpadded)},
+                                models, RewardResources(num_actors=1, num_cpus=0.5))
     try:
         table, counts = scorer.add_scores(samples(6))
     finally:
         scorer.shutdown()
-    assert table.column("reward_judge").to_pylist() == [0.0] * 6
-    assert table.column("reward_helpful").to_pylist() == [0.0] * 6
+    for name in ("judge", "helpful", "unpadded"):
+        assert table.column(f"reward_{name}").to_pylist() == [0.0] * 6
     assert counts == {"reward_helpful_errors": 0, "reward_helpful_timeouts": 6, "reward_judge_errors": 0,
-                      "reward_judge_timeouts": 0, "reward_judge_unparsed": 6}
+                      "reward_judge_timeouts": 0, "reward_judge_unparsed": 6, "reward_unpadded_errors": 6,
+                      "reward_unpadded_timeouts": 0}
     assert table.column(schema.PROMPT).equals(samples(6).column(schema.PROMPT))  # the table's own columns kept
 
 
