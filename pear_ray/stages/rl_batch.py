@@ -86,8 +86,8 @@ def with_combined_reward(table: pa.Table, task_config) -> pa.Table:
     models = task_config.reward_models
     verifier = table.column(schema.REWARD).to_numpy()
     scores = {model.name: table.column(reward_column(model.name)).to_numpy() for model in models}
-    combined = combined_reward(verifier, scores, task_config.verifier_weight, {model.name: model.weight
-                                                                            for model in models})
+    weights = {model.name: model.weight for model in models}
+    combined = combined_reward(verifier, scores, task_config.verifier_weight, weights)
     table = schema.append_column(table, VERIFIER_REWARD, verifier, pa.float64())
     return schema.append_column(table, schema.REWARD, combined)
 
