@@ -8,7 +8,8 @@ being silently ignored. `load_job(path, overrides)` is the only entry point the 
   data.py       task, data files, sampling
   optimizer.py  AdamW and its schedule, one section type for every trained model
   stages.py     score, sft, rl, eval
-  resources.py  rollout (and its engine's options), learner, reference actors
+  resources.py  rollout (and its engine's options), learner, reference and reward actors
+  rewards.py    reward models: a classifier or an LLM judge, beside the verifier
   job.py        the job, and the rules across sections
   loading.py    YAML + overrides -> JobConfig
   reference.py  docs/config.md, every key described, generated from the schema (pear-ray config --reference)
@@ -26,16 +27,19 @@ from pear_ray.config.resources import (
     LearnerResources,
     PoolScaling,
     ResourcesConfig,
+    RewardResources,
     RolloutResources,
     TransformersOptions,
     VllmOptions,
     serving_adapters,
 )
+from pear_ray.config.rewards import ClassifierReward, JudgeReward, RewardModelConfig
 from pear_ray.config.stages import EvalConfig, RlConfig, ScoreConfig, SftConfig, SftVariant, parse_variant
 
 __all__ = [
-    "ActorResources", "ConfigError", "DataConfig", "EngineOptions", "EnvironmentConfig", "EvalConfig", "JobConfig",
-    "LearnerResources", "LoraConfig", "ModelSource", "ModelsConfig", "OptimizerConfig", "PoolScaling", "PriorConfig", "ResourcesConfig",
+    "ActorResources", "ClassifierReward", "ConfigError", "DataConfig", "EngineOptions", "EnvironmentConfig",
+    "EvalConfig", "JobConfig", "JudgeReward", "LearnerResources", "LoraConfig", "ModelSource", "ModelsConfig",
+    "OptimizerConfig", "PoolScaling", "PriorConfig", "ResourcesConfig", "RewardModelConfig", "RewardResources",
     "RlConfig", "RolloutResources", "SamplingConfig", "ScoreConfig", "ScriptedPolicy", "Section", "SftConfig",
     "SftVariant", "Stage", "TaskConfig", "TransformersOptions", "VllmOptions",
     "serving_adapters", "apply_override", "dump_job", "load_job", "parse_job",

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pear_ray.config.base import Section
+from pear_ray.config.rewards import RewardModelConfig, unique_names
 from pear_ray.data.io import DEFAULT_SPLIT, checked_columns
 from pear_ray.plugins import checked_spec
 
@@ -95,6 +96,12 @@ class TaskConfig(Section):
     environment: EnvironmentConfig | None = Field(None, description="null: one prompt, one sampled answer, scored "
                                                   "by the verifier; set: each sample is a multi-turn episode with "
                                                   "this environment, rewarded by it")
+    reward_models: list[RewardModelConfig] = Field(
+        default_factory=list, description="models that score each sample beside the verifier (resources.reward runs "
+        "them): {kind: classifier, ...} or {kind: judge, template, ...}, each with a name and a weight. RL trains on "
+        "task.verifier_weight x verifier + the sum of weight x score; eval's pass@k stays on the verifier. []: none")
+    verifier_weight: float = Field(1.0, description="the verifier's weight in the reward RL trains on when "
+                                   "task.reward_models is set (1: as is; 0: the models alone)")
 
     @field_validator("kind")
     @classmethod
@@ -106,6 +113,7 @@ class TaskConfig(Section):
         return kind
 
     _checked_columns = field_validator("columns")(checked_columns)
+    _unique_reward_models = field_validator("reward_models")(unique_names)
 
     @model_validator(mode="after")
     def _mapping_needs_user_data(self) -> TaskConfig:

@@ -151,6 +151,17 @@ class RolloutResources(ActorResources):
         return self
 
 
+class RewardResources(ActorResources):
+    """The reward pool: actors that each hold every model of task.reward_models and score batches of samples;
+    placed like the rollout actors, apart from them and from the learner."""
+
+    num_actors: int = Field(1, ge=1, description="reward actors; a lost one is replaced and its batches scored again")
+    max_in_flight: int = Field(2, ge=1, description="batches queued per actor (back-pressure)")
+    call_timeout_s: float = Field(900.0, gt=0, description="seconds an actor with work in flight may answer none of "
+                                  "it before it counts as hung: it is killed and replaced, its batches re-run (a "
+                                  "slow batch within it gets 0 by the reward model's row_timeout_s instead)")
+
+
 class LearnerResources(ActorResources):
     """The DeepSpeed learner: data-parallel ranks, one Ray actor each, placed together in one placement group."""
 
@@ -179,3 +190,5 @@ class ResourcesConfig(Section):
     reference: ActorResources = Field(default_factory=ActorResources, description="the reference actor: a frozen "
                                       "model scoring teacher-forced (RL's KL reference, PEAR's frozen target, "
                                       "on-policy distillation's teacher)")
+    reward: RewardResources = Field(default_factory=RewardResources, description="the reward actors, started "
+                                    "when task.reward_models is set")

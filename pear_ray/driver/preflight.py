@@ -6,10 +6,10 @@ folder (a folder, writable, not bound to another config; in a bucket: the store 
 granted, read without writing anything), the loggers, every model the job names (a complete
 Hugging Face folder or Hub id: config, weights, a tokenizer the embedding covers, positions for the prompt and
 response limits; all sharing the student's tokenizer; the student's LoRA target modules among its modules), the
-task (its name and args, its prompt files), and the SFT data (readable, valid against the schema and the student's
-tokenizer, every row within the model's positions), with a behaviour model for the score stage where the data lacks
-what it needs. What the config alone decides (plug-ins importable included) was checked by its validators when the
-job loaded; each rule is checked in one place.
+task (its name and args, its prompt files), the reward models' folders (complete, and of their kind), and the SFT
+data (readable, valid against the schema and the student's tokenizer, every row within the model's positions), with
+a behaviour model for the score stage where the data lacks what it needs. What the config alone decides (plug-ins
+importable included) was checked by its validators when the job loaded; each rule is checked in one place.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pear_ray.engines.lora import adaptable_modules, missing_targets
 from pear_ray.hub import hub_snapshot
 from pear_ray.messages import first_line
 from pear_ray.models import TinyModelSpec, build_tiny_model, check_model_files
+from pear_ray.rewards import folder_kind_problem
 from pear_ray.tasks import make_task
 from pear_ray.tracking.metrics import require_logger
 
@@ -62,6 +63,7 @@ def preflight(job: JobConfig, run_dir: str | Path | None, *, fresh: bool = False
     check_models(job, models)
     check_lora(job, models["student"])
     check_task(job)
+    check_reward_models(job)
     check_data(job, models)
 
 
@@ -177,6 +179,22 @@ def check_task(job: JobConfig) -> None:
     if stages & {"rl", "eval"} or ("score" in stages and job.data.sft is None):
         task.prompts("train")
         task.prompts("eval")
+
+
+def check_reward_models(job: JobConfig) -> None:
+    """Every folder of task.reward_models is complete and of its kind: a classifier with one label and its head in
+    the weights, a causal LM judge. A tiny spec is built right; a Hub id not downloaded yet is checked for
+    completeness as the other models are, and loaded by its kind when the pool starts."""
+    for index, config in enumerate(job.task.reward_models):
+        if config.path is None:
+            continue
+        what = f"task.reward_models.{index}.path = {config.path!r} ({config.kind} {config.name!r})"
+        model_facts(config.model, f"task.reward_models.{index}", what)
+        folder = Path(config.path).expanduser()
+        if not folder.is_dir():
+            folder = hub_snapshot(config.path, what=what, revision=config.revision, download=False)
+        if folder is not None and (problem := folder_kind_problem(folder, config.kind)) is not None:
+            raise ConfigError(f"{what}: {problem}")
 
 
 def check_data(job: JobConfig, models: dict[str, ModelFacts]) -> None:

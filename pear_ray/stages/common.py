@@ -15,12 +15,14 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from pear_ray.actors.pool import ActorPool
+from pear_ray.actors.reward import RewardModels
 from pear_ray.config import JobConfig
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt
 from pear_ray.engines.checkpoints import usable_tag
 from pear_ray.environments.base import ENV_ERROR, ENV_TIMEOUT
 from pear_ray.models import resolve_model
+from pear_ray.rewards import resolve_reward_model
 from pear_ray.storage import RunFolder
 from pear_ray.tasks import make_task
 from pear_ray.tasks.base import task_styles
@@ -197,20 +199,41 @@ def rollout_pieces(pool: ActorPool, prompts: pa.Table, max_chunk: int | None = N
     return [ray.put(prompts.slice(start, chunk)) for start in range(0, prompts.num_rows, chunk)], chunk
 
 
-def with_rewards(run: Run, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
-    """Decode the responses and score them with the task's verifier (in Ray tasks, with a timeout)."""
-    return decoded_rewards(table, run.tokenizer, run.task, run.job.task)
+def with_rewards(run: Run, table: pa.Table, reward_models: RewardModels | None = None
+                 ) -> tuple[pa.Table, dict[str, int]]:
+    """Decode the responses and score them with the task's verifier (in Ray tasks, with a timeout), and with the
+    reward models when given (start_reward_models)."""
+    return decoded_rewards(table, run.tokenizer, run.task, run.job.task, reward_models)
 
 
-def decoded_rewards(table: pa.Table, tokenizer, task, task_config) -> tuple[pa.Table, dict[str, int]]:
-    """`with_rewards` without a Run, for a Ray task next to the samples. Episodes come rewarded by their
-    environment, as they were played: their failures are counted, and no verifier runs again."""
+def decoded_rewards(table: pa.Table, tokenizer, task, task_config, reward_models: RewardModels | None = None
+                    ) -> tuple[pa.Table, dict[str, int]]:
+    """`with_rewards` without a Run, for a Ray task next to the samples. The verifier's reward is `reward`; each
+    reward model's score is `reward_<name>`, its counts (errors, timeouts, unparsed) beside the verifier's. Episodes
+    come rewarded by their environment, as they were played: that reward stands in for the verifier's (no verifier
+    runs again), and the environment's failures are counted."""
     texts = tokenizer.batch_decode(table.column(schema.RESPONSE_IDS).to_pylist(), skip_special_tokens=True)
     table = schema.append_column(table, schema.RESPONSE, texts)
     if isinstance(task, EpisodicTask):
-        return table, environment_failures(table)
-    rewards, failures = score_rows(table, task_config, task=task)
-    return schema.append_column(table, schema.REWARD, rewards), failures
+        failures = environment_failures(table)
+    else:
+        rewards, failures = score_rows(table, task_config, task=task)
+        table = schema.append_column(table, schema.REWARD, rewards)
+    if reward_models is not None:
+        table, counts = reward_models.add_scores(table)
+        failures = failures | counts
+    return table, failures
+
+
+def start_reward_models(run: Run) -> RewardModels | None:
+    """The reward pool for task.reward_models (None when it has none): each model's folder given, or a tiny one
+    built once into models/reward-<name>."""
+    models = run.job.task.reward_models
+    if not models:
+        return None
+    folders = {model.name: run.shared(resolve_reward_model(model, run.fetched(run.model(f"reward-{model.name}"))))
+               for model in models}
+    return RewardModels.start(folders, models, run.job.resources.reward)
 
 
 def environment_failures(table: pa.Table) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """Stage 4: pass@1 and pass@k on the held-out prompts (unbiased estimator over n samples per prompt), and the
 per-prompt correct counts behind them as Parquet (`eval/<stage>-<variant>.parquet`). For a task with response styles,
-also the share of samples in each style (`share_<style>`) and the per-prompt counts behind it (`style_<style>`)."""
+also the share of samples in each style (`share_<style>`) and the per-prompt counts behind it (`style_<style>`). With
+task.reward_models, each model's mean score (`reward_<name>`) and counts; pass@k stays on the verifier's reward."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from pear_ray.actors.roles import rollout_pool
 from pear_ray.data import schema
 from pear_ray.data.io import write_table
 from pear_ray.objectives import mean_pass_at_k
+from pear_ray.rewards import model_reward_columns
 from pear_ray.stages.common import (
     ENVIRONMENT_FAILURES,
     Run,
     correct_counts,
     prompt_table,
     rollouts,
+    start_reward_models,
     style_counts,
     style_shares,
     with_rewards,
@@ -56,13 +59,14 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
 
     def score(piece: pa.Table) -> dict[str, str]:
         """Verify a piece as it arrives (the pool goes on generating); pass@k so far, for the progress bar."""
-        piece, piece_failures = with_rewards(run, piece)
+        piece, piece_failures = with_rewards(run, piece, reward_models)
         scored.append(piece)
         failures.update(piece_failures)
         so_far = correct_counts(pa.concat_tables(scored), job.eval.correct_threshold).tolist()
         return {f"pass@{k}": f"{mean_pass_at_k(so_far, job.eval.n, k):.3f}" for k in job.eval.k}
 
     pool = rollout_pool(run.shared(model), job.resources.rollout, seed=job.seed)
+    reward_models = start_reward_models(run)
     try:
         sampling = job.sampling.model_dump() | {"temperature": job.eval.temperature}
         with scaled_by_results(pool, job.resources.rollout, "eval"):
@@ -71,6 +75,8 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
                      **sampling)
     finally:
         pool.shutdown()
+        if reward_models is not None:
+            reward_models.shutdown()
     table = pa.concat_tables(scored)
     correct = correct_counts(table, job.eval.correct_threshold)  # in group (prompt) order, however pieces arrived
     styles = style_counts(table, run.task)
@@ -81,6 +87,9 @@ def run_eval(run: Run, variant: str, model: Path, after: str) -> dict[str, float
                    verifier_errors=failures["errors"], verifier_timeouts=failures["timeouts"],
                    **{name: failures[name] for name in ENVIRONMENT_FAILURES if run.environment is not None},
                    **style_shares(styles, table.num_rows))
+    results.update({column: float(np.mean(table.column(column).to_numpy()))  # the reward models' mean scores
+                    for column in model_reward_columns(table.column_names)})
+    results.update({key: failures[key] for key in model_reward_columns(failures)})  # and their counts
     run.metrics.truncate_after(eval_stage(after), variant, -1)  # an earlier attempt's row, if it got that far
     run.metrics.log(eval_stage(after), 0, results, variant=variant)
     log.info("eval %s-%s: %s", after, variant, ", ".join(f"pass@{k} {results[f'pass@{k}']:.3f}" for k in job.eval.k))

@@ -35,6 +35,7 @@ from pear_ray.actors.learner import LearnerGroup
 from pear_ray.actors.roles import LearnerReference, reference_pool, rollout_pool, start_sync, sync_weights
 from pear_ray.config import ConfigError, serving_adapters
 from pear_ray.data import schema
+from pear_ray.rewards import model_reward_columns
 from pear_ray.runtime import free_cpus_short_of
 from pear_ray.stages.common import (
     ENVIRONMENT_FAILURES,
@@ -42,6 +43,7 @@ from pear_ray.stages.common import (
     prompt_table,
     rollout_pieces,
     sampling_call,
+    start_reward_models,
     style_shares,
 )
 from pear_ray.stages.loop import Training, train
@@ -122,6 +124,7 @@ class RolloutBatches:
     def __init__(self, run: Run, training: Training):
         self.run, self.rl, self.training = run, run.job.rl, training
         self.pool, self.scaler, self.scorers, self.probe, self.pending = None, None, {}, None, None
+        self.reward_models = None
 
     # ------------------------------------------------------------------ the loop's interface
 
@@ -153,6 +156,7 @@ class RolloutBatches:
             self.pool = rollout_pool(run.shared(self.training.model), rollout, seed=job.seed)
         if rollout.max_actors:  # elastic
             self.scaler = PoolScaler(self.pool, rollout, "rl")
+        self.reward_models = start_reward_models(run)
         room_for_step_tasks(VERIFIER_CPUS)  # the largest of them
         if step:
             self.sync(step)
@@ -229,6 +233,8 @@ class RolloutBatches:
             self.pool.shutdown()
         for scorer in self.scorers.values():
             scorer.shutdown()
+        if self.reward_models is not None:
+            self.reward_models.shutdown()
 
     # ------------------------------------------------------------------ generation, ahead of the learner
 
@@ -257,7 +263,7 @@ class RolloutBatches:
 
     def _score_task(self, pieces: list[ray.ObjectRef]) -> tuple[ray.ObjectRef, ray.ObjectRef]:
         return score_samples.remote(self.student, self.task_ref, self.run.job.task, self.rl.normalize_std,
-                                    *pieces)
+                                    *pieces, reward_models=self.reward_models)
 
     def _cut_task(self, step: int, *tables: ray.ObjectRef) -> tuple:
         return cut_batch.remote(step, self.rl.prompts_per_step if self.fill else None, self.drop_constant,
@@ -312,6 +318,7 @@ class RolloutBatches:
         figures.update({name: sum(s[name] for s in scored) for name in ENVIRONMENT_FAILURES if name in scored[0]})
         styles = {style: sum(s["styles"][style] for s in scored) for style in scored[0]["styles"]}  # fill's too
         figures.update(style_shares(styles, figures["samples"]))
+        figures.update({key: sum(s[key] for s in scored) for key in model_reward_columns(scored[0])})  # counts
         if self.fill:
             figures.update(extra_prompts=sum(s["prompts"] for s in scored[1:]),
                            fill_capped=int(figures["informative_groups"] < self.rl.prompts_per_step))

@@ -12,11 +12,13 @@ import ray
 import torch
 from transformers import AutoTokenizer
 
+from pear_ray.actors.reward import RewardModels
 from pear_ray.actors.roles import probe_rows
 from pear_ray.config import RlConfig
 from pear_ray.data import schema
 from pear_ray.data.io import write_table
 from pear_ray.objectives import group_advantages, informative_groups_mask
+from pear_ray.rewards import VERIFIER_REWARD, combined_reward, model_reward_columns, reward_column
 from pear_ray.stages.common import decoded_rewards, style_counts
 from pear_ray.storage import materialize
 
@@ -61,16 +63,33 @@ def cached_tokenizer(student: str):
 
 
 @ray.remote(num_cpus=0.1, num_returns=2)
-def score_samples(student: str, task, task_config, normalize_std: bool, *pieces: pa.Table) -> tuple[pa.Table, dict]:
-    """Next to the samples: decode, verify (verifier tasks), group-normalise the advantages, and count the samples in
-    each of the task's response styles (`styles`: {style: samples}, {} for a task without styles)."""
-    table, failures = decoded_rewards(pa.concat_tables(pieces), cached_tokenizer(student), task, task_config)
+def score_samples(student: str, task, task_config, normalize_std: bool, *pieces: pa.Table,
+                  reward_models: RewardModels | None = None) -> tuple[pa.Table, dict]:
+    """Next to the samples: decode, verify (verifier tasks), score with the reward models when given (their pool,
+    then the reward trained on is the combined one), group-normalise the advantages, and count the samples in each
+    of the task's response styles (`styles`: {style: samples}, {} for a task without styles)."""
+    table, failures = decoded_rewards(pa.concat_tables(pieces), cached_tokenizer(student), task, task_config,
+                                      reward_models)
+    if reward_models is not None:
+        table = with_combined_reward(table, task_config)
     rewards, groups = rewards_and_groups(table)
     advantages = group_advantages(rewards, groups, scale_by_std=normalize_std)
     informative = np.unique(groups.numpy()[informative_groups_mask(rewards, groups).numpy()]).size
     styles = {style: int(counts.sum()) for style, counts in style_counts(table, task).items()}
     return schema.append_column(table, schema.ADVANTAGE, advantages.numpy()), {
         **failures, "prompts": np.unique(groups.numpy()).size, "informative_groups": informative, "styles": styles}
+
+
+def with_combined_reward(table: pa.Table, task_config) -> pa.Table:
+    """`reward` replaced by task.verifier_weight x verifier + the sum of weight x score over task.reward_models
+    (the verifier's own kept as `verifier_reward`)."""
+    models = task_config.reward_models
+    verifier = table.column(schema.REWARD).to_numpy()
+    scores = {model.name: table.column(reward_column(model.name)).to_numpy() for model in models}
+    weights = {model.name: model.weight for model in models}
+    combined = combined_reward(verifier, scores, task_config.verifier_weight, weights)
+    table = schema.append_column(table, VERIFIER_REWARD, verifier, pa.float64())
+    return schema.append_column(table, schema.REWARD, combined)
 
 
 @ray.remote(num_cpus=0.1, num_returns=4)
@@ -94,6 +113,8 @@ def cut_batch(step: int, groups: int | None, drop_constant: bool, record: bool, 
         "staleness_mean": float(staleness.mean()) if len(staleness) else 0.0,
         "staleness_max": int(staleness.max()) if len(staleness) else 0,
         "informative_groups": np.unique(group_ids.numpy()[keep]).size,
+        **{column: float(np.mean(table.column(column).to_numpy())) for column in model_reward_columns(
+            table.column_names)},  # the reward models' mean scores, and the verifier's part
     }
     columns = (schema.ID, schema.GROUP_ID, schema.PROMPT_IDS, schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS,
                schema.REWARD, schema.ADVANTAGE, schema.POLICY_VERSION)

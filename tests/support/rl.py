@@ -17,13 +17,15 @@ REWARD = Path(__file__).parent / "plugins" / "reward_example.py"
 
 
 def run_rl(run_dir: Path, model: Path, *, resume: bool = False, rollout: dict | None = None, ranks: int = 1,
-           lora: dict | None = None, reference: Path | None = None, **rl) -> tuple[list[dict], dict]:
-    """The stage's metrics rows and the exported weights; `rollout` adds to resources.rollout, `rl` to rl; `lora`:
-    models.student.lora; `reference`: models.reference's folder."""
+           lora: dict | None = None, reference: Path | None = None, task: dict | None = None,
+           **rl) -> tuple[list[dict], dict]:
+    """The stage's metrics rows and the exported weights; `rollout` adds to resources.rollout, `task` to task, `rl`
+    to rl; `lora`: models.student.lora; `reference`: models.reference's folder."""
     job = parse_job({
         "name": "rl", "loggers": [], "models": {"student": {"path": str(model), "lora": lora},
                                                 "reference": None if reference is None else {"path": str(reference)}},
-        "task": {"kind": "addition", "num_train": 16, "num_eval": 2, "reward": f"{REWARD}:length_reward"},
+        "task": {"kind": "addition", "num_train": 16, "num_eval": 2, "reward": f"{REWARD}:length_reward",
+                 **(task or {})},
         "sampling": {"temperature": 1.0, "max_tokens": 8},
         "rl": {"steps": 3, "prompts_per_step": 2, "group_size": 4, "optimizer": {"lr": 1e-3}, "save_rollouts": True,
                **rl},

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pear_ray"
 LAYERS = {
     "plugins": 0, "runtime": 0, "hub": 0, "messages": 0, "atomic": 0, "faults": 0, "storage": 0,
     "objectives": 1, "data": 1, "models": 1,
-    "config": 2, "tasks": 2, "environments": 2, "tracking": 2,
+    "config": 2, "tasks": 2, "environments": 2, "tracking": 2, "rewards": 2,
     "engines": 3,
     "actors": 4,
     "stages": 5,
