@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ray import cloudpickle
+
 from pear_ray.messages import first_line
 
 MESSAGE_CHARS = 500  # an error message is cut to this
@@ -31,17 +33,15 @@ class Outcome:
 
 
 def _child(function: Callable[[Any], Any], items: Sequence[Any], conn) -> None:
-    """Call `function` on each item in order, sending (True, value) or (False, error message) for each."""
+    """Call `function` on each item in order, sending (True, value) or (False, error message) for each. Sent with
+    cloudpickle, as Ray sends, so a value whose class came to this process by value (a test's, a plug-in file's)
+    goes back the same way."""
     for item in items:
         try:
-            result = (True, function(item))
-        except BaseException as error:  # noqa: BLE001 - any failure of user code is the caller's to count
-            result = (False, f"{type(error).__name__}: {first_line(error)}"[:MESSAGE_CHARS])
-        try:
-            conn.send(result)
-        except Exception as error:  # noqa: BLE001 - a value that does not pickle is that call's error
-            conn.send((False, f"its result could not be sent back: {type(error).__name__}: {first_line(error)}"
-                       [:MESSAGE_CHARS]))
+            result = cloudpickle.dumps((True, function(item)))
+        except BaseException as error:  # noqa: BLE001 - any failure of user code (or of pickling its value) counts
+            result = cloudpickle.dumps((False, f"{type(error).__name__}: {first_line(error)}"[:MESSAGE_CHARS]))
+        conn.send_bytes(result)
     conn.close()
 
 
@@ -62,7 +62,7 @@ def call_in_child(function: Callable[[Any], Any], items: Sequence[Any], timeout_
                     outcomes.append(Outcome("timeout"))
                     break  # kill this child; a fresh one takes the next item
                 try:
-                    ok, value = receiver.recv()
+                    ok, value = cloudpickle.loads(receiver.recv_bytes())
                 except EOFError:
                     child.join()
                     outcomes.append(Outcome("error", message=f"process died (exit code {child.exitcode})"))
