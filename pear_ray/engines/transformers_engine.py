@@ -14,14 +14,13 @@ within float round-off (the same positions and attention, in another batch shape
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import os
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 
@@ -203,13 +202,12 @@ class TransformersEngine:
         self.prefill_counts["cached_tokens"] += sum(n for n, _ in hits)
         if not cached:
             return ids, mask, DynamicCache()
-        shape = next(kv for _, kv in hits if kv is not None)
+        some_hit = next(kv for _, kv in hits if kv is not None)
         layers = []
-        for layer, (keys, values) in enumerate(shape):
-            empty = keys.new_zeros(keys.shape[0], 0, keys.shape[-1])
-            layers.append(tuple(torch.stack([F.pad(kv[layer][part] if kv is not None else empty,
-                                                   (0, 0, cached - n, 0)) for n, kv in hits])
-                                for part in (0, 1)))
+        for layer, (keys, _) in enumerate(some_hit):
+            none = keys[:, :0]  # a row without a hit: padding only
+            layers.append(tuple(torch.stack([F.pad(kv[layer][part] if kv is not None else none, (0, 0, cached - n, 0))
+                                             for n, kv in hits]) for part in (0, 1)))
         return ids, mask, DynamicCache(ddp_cache_data=layers)
 
     def _keep_prefixes(self, prompts: list[list[int]], samples: list[Sample], mask: torch.Tensor, cache) -> None:
