@@ -7,6 +7,7 @@ Methods that return a batch return two objects, the batch and a small stats dict
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,12 +24,14 @@ from pear_ray.config import EngineOptions
 from pear_ray.data import schema
 from pear_ray.engines.adapters import AdapterWeights
 from pear_ray.engines.backends import start_engine
-from pear_ray.engines.rollout_engine import RolloutEngine, Sample
+from pear_ray.engines.rollout_engine import RolloutEngine, Sample, seed_per_prompt
 from pear_ray.environments.episodes import Episode, play_episodes
 from pear_ray.environments.stepping import ENV_ERROR, ENV_TIMEOUT, EnvironmentSpec, step_environments
 from pear_ray.runtime import use_assigned_cpus
 from pear_ray.storage import materialize
 from pear_ray.tasks.base import load_metadata
+
+log = logging.getLogger(__name__)
 
 GENERATED = (schema.RESPONSE_IDS, schema.ROLLOUT_LOGPROBS, schema.FINISH_REASON, schema.POLICY_VERSION,
              schema.TEACHER_TOPK)
@@ -72,7 +75,7 @@ class RolloutWorker:
         engine's prompt tokens and prefix-cache hits over the call (`prompt_tokens`, `cached_tokens`)."""
         started = time.perf_counter()
         prompts = schema.validate(prompts, required=(schema.PROMPT_IDS,), vocab_size=self.engine.vocab_size)
-        seeds = _prompt_seeds(prompts, n, seed)
+        prompt_ids = prompts.column(schema.PROMPT_IDS).to_pylist()
         timeout_s = environment.config.step_timeout_s
 
         def generate(contexts: list[list[int]], turn_seeds: list[int | None], turn_tokens: int) -> list[Sample]:
@@ -81,15 +84,18 @@ class RolloutWorker:
 
         prefill_before = dict(self.engine.prefill_counts)
         played = play_episodes(
-            prompts.column(schema.PROMPT_IDS).to_pylist(), _environment_rows(prompts),
-            seeds if isinstance(seeds, list) else [seeds] * prompts.num_rows, n=n, make_env=environment.factory(),
-            generate=generate, step=lambda envs, actions: step_environments(envs, actions, timeout_s),
-            tokenizer=self._tokenizer(), max_turns=environment.config.max_turns, max_tokens=max_tokens,
-            max_model_len=self.engine.max_model_len)
+            prompt_ids, _environment_rows(prompts), seed_per_prompt(_prompt_seeds(prompts, n, seed), prompt_ids), n=n,
+            make_env=environment.factory(), generate=generate,
+            step=lambda envs, actions: step_environments(envs, actions, timeout_s), tokenizer=self._tokenizer(),
+            max_turns=environment.config.max_turns, max_tokens=max_tokens, max_model_len=self.engine.max_model_len)
         out = self._samples_table(prompts, n, played, topk)
         out = schema.append_column(out, schema.POLICY_MASK, [e.policy_mask for e in played])
         out = schema.append_column(out, schema.REWARD, [e.reward for e in played])
         reasons = [e.finish_reason for e in played]
+        if failed := [e.message for e in played if e.message]:
+            log.warning("environment %s: %d errors, %d timeouts (> %gs) in %d episodes; first: %s",
+                        environment.config.kind, reasons.count(ENV_ERROR), reasons.count(ENV_TIMEOUT), timeout_s,
+                        len(played), failed[:3])
         prefill = {key: count - prefill_before[key] for key, count in self.engine.prefill_counts.items()}
         return out, batch_stats(out.num_rows, schema.response_token_count(out), started,
                                 policy_version=self.policy_version, env_errors=reasons.count(ENV_ERROR),

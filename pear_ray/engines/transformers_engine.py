@@ -49,24 +49,36 @@ LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # one sequence's (keys, value
 
 class PrefixCache:
     """The KV of token sequences the engine has run, by their exact ids; a prompt reuses the longest prefix it shares
-    with one of them (KV at a position depends on the ids up to it only). Least recently used dropped past
-    `budget_bytes`."""
+    with one of them (KV at a position depends on the ids up to it only). Found as vLLM finds its blocks: by a
+    chained hash of each whole `BLOCK` of ids, so a lookup costs the prompt's length, not the cache's; the prefix
+    found is then extended id by id. A prefix shorter than one block is not looked for (its prefill is cheap). Least
+    recently used dropped past `budget_bytes`."""
+
+    BLOCK = 16
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes, self.bytes = budget_bytes, 0
         self.entries: OrderedDict[tuple[int, ...], LayerKV] = OrderedDict()
+        self.blocks: dict[int, tuple[int, ...]] = {}  # chained hash of ids[:k * BLOCK] -> an entry starting so
+
+    @classmethod
+    def _block_hashes(cls, ids: tuple[int, ...]) -> list[int]:
+        """hashes[k - 1] stands for ids[:k * BLOCK], each whole block chained onto the one before."""
+        hashes, running = [], 0
+        for end in range(cls.BLOCK, len(ids) + 1, cls.BLOCK):
+            running = hash((running, ids[end - cls.BLOCK:end]))
+            hashes.append(running)
+        return hashes
 
     def longest(self, ids: list[int]) -> tuple[int, LayerKV | None]:
         """(n, KV of ids[:n]) for the longest cached prefix, leaving at least the last id to run; (0, None) if none."""
-        best, best_key, wanted = 0, None, tuple(ids)
-        for key in self.entries:
-            shared = min(len(os.path.commonprefix([key, wanted])), len(ids) - 1)
-            if shared > best:
-                best, best_key = shared, key
-        if best_key is None:
+        wanted = tuple(ids[:-1])
+        key = next((self.blocks[h] for h in reversed(self._block_hashes(wanted)) if h in self.blocks), None)
+        shared = 0 if key is None else len(os.path.commonprefix([key, wanted]))  # a hash collision shares less
+        if not shared:
             return 0, None
-        self.entries.move_to_end(best_key)
-        return best, [(k[:, :best], v[:, :best]) for k, v in self.entries[best_key]]
+        self.entries.move_to_end(key)
+        return shared, [(k[:, :shared], v[:, :shared]) for k, v in self.entries[key]]
 
     def put(self, ids: list[int], kv: LayerKV) -> None:
         key = tuple(ids)
@@ -74,12 +86,18 @@ class PrefixCache:
             self.entries.move_to_end(key)
             return
         self.entries[key] = kv
+        self.blocks.update(dict.fromkeys(self._block_hashes(key), key))
         self.bytes += _nbytes(kv)
         while self.bytes > self.budget_bytes and self.entries:
-            self.bytes -= _nbytes(self.entries.popitem(last=False)[1])
+            old, old_kv = self.entries.popitem(last=False)
+            self.bytes -= _nbytes(old_kv)
+            for h in self._block_hashes(old):
+                if self.blocks.get(h) == old:
+                    del self.blocks[h]
 
     def clear(self) -> None:
         self.entries.clear()
+        self.blocks.clear()
         self.bytes = 0
 
 

@@ -151,12 +151,13 @@ def test_the_transformers_prefix_cache_gives_a_fresh_generation(tiny_model_dir):
     cached, fresh = TransformersEngine(tiny_model_dir), TransformersEngine(tiny_model_dir)
     fresh.prefixes = None
     first = [[1, 5, 6, 7, 8], [1, 9, 10]]
-    turn_1 = cached.generate(first, seed=[3, 4], max_tokens=10, ignore_eos=True)
-    contexts = [p + s[0].response_ids + [11, 12, 13] for p, s in zip(first, turn_1)] + [[1, 20, 21, 22]]
+    turn_1 = cached.generate(first, seed=[3, 4], max_tokens=20, ignore_eos=True)
+    contexts = [p + s[0].response_ids + [11, 12, 13] for p, s in zip(first, turn_1)] + [[1, 5, 6, 7, 20, 21]]
     turn_2 = cached.generate(contexts, seed=[7, 8, 9], max_tokens=10, ignore_eos=True)
     again = fresh.generate(contexts, seed=[7, 8, 9], max_tokens=10, ignore_eos=True)
     for got, want in zip(turn_2, again):
         assert got[0].response_ids == want[0].response_ids
         assert np.allclose(got[0].logprobs, want[0].logprobs, atol=TOL)
-    # the first turn's KV came from the cache: all its prompt and all but its last sampled id, plus one shared id
-    assert cached.prefill_counts == {"prompt_tokens": 8 + sum(map(len, contexts)), "cached_tokens": 14 + 12 + 1}
+    # turn 1's KV came from the cache: its prompt and all its sampled ids but the last (never run); the third
+    # prompt shares less than one block (16 ids) with anything and is prefilled whole
+    assert cached.prefill_counts == {"prompt_tokens": 8 + sum(map(len, contexts)), "cached_tokens": 24 + 22}
