@@ -71,15 +71,18 @@ class RolloutWorker:
         """n multi-turn episodes per prompt row against `environment` (environments/episodes.py): the table is
         `generate`'s, each response the whole trajectory (the policy's turns and the environment's answers as ids),
         plus `policy_mask` and `reward` (the sum of the steps' rewards; 0 when the environment failed). `max_tokens`
-        bounds each turn. The stats add the episodes its environment failed (`env_errors`, `env_timeouts`) and the
-        engine's prompt tokens and prefix-cache hits over the call (`prompt_tokens`, `cached_tokens`)."""
+        bounds each turn. No `topk`: the environment's tokens have no sampling distribution to take one from. The
+        stats add the episodes their environment failed (`env_errors`, `env_timeouts`) and the engine's prompt tokens
+        and prefix-cache hits over the call (`prompt_tokens`, `cached_tokens`)."""
         started = time.perf_counter()
+        if topk:
+            raise ValueError(f"episodes: topk={topk} is not supported (the environment's tokens have no top-k)")
         prompts = schema.validate(prompts, required=(schema.PROMPT_IDS,), vocab_size=self.engine.vocab_size)
         prompt_ids = prompts.column(schema.PROMPT_IDS).to_pylist()
         timeout_s = environment.config.step_timeout_s
 
         def generate(contexts: list[list[int]], turn_seeds: list[int | None], turn_tokens: int) -> list[Sample]:
-            rows = self.engine.generate(contexts, seed=turn_seeds, topk=topk, max_tokens=turn_tokens, **sampling)
+            rows = self.engine.generate(contexts, seed=turn_seeds, max_tokens=turn_tokens, **sampling)
             return [row[0] for row in rows]
 
         prefill_before = dict(self.engine.prefill_counts)
@@ -88,7 +91,7 @@ class RolloutWorker:
             make_env=environment.factory(), generate=generate,
             step=lambda envs, actions: step_environments(envs, actions, timeout_s), tokenizer=self._tokenizer(),
             max_turns=environment.config.max_turns, max_tokens=max_tokens, max_model_len=self.engine.max_model_len)
-        out = self._samples_table(prompts, n, played, topk)
+        out = self._samples_table(prompts, n, played, topk=0)
         out = schema.append_column(out, schema.POLICY_MASK, [e.policy_mask for e in played])
         out = schema.append_column(out, schema.REWARD, [e.reward for e in played])
         reasons = [e.finish_reason for e in played]

@@ -18,7 +18,7 @@ from typing import Any
 from pear_ray.environments.base import Environment, EnvironmentFactory, observation_ids
 from pear_ray.environments.stepping import Reset, Transition
 
-# (contexts, one seed each, max_tokens) -> one sample each, with .response_ids, .logprobs, .finish_reason, .topk
+# (contexts, one seed each, max_tokens) -> one sample each, with .response_ids, .logprobs, .finish_reason
 Generate = Callable[[list[list[int]], list[int | None], int], list[Any]]
 Step = Callable[[list[Environment], list[Reset | str]], list[Transition]]
 
@@ -42,7 +42,6 @@ class Episode:
     response_ids: list[int] = field(default_factory=list)
     policy_mask: list[bool] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    topk: list[list[tuple[int, float]]] = field(default_factory=list)
     turns: list[list[int]] = field(default_factory=list)  # each turn's sampled ids
     observations: list[str] = field(default_factory=list)  # each observation the policy read after a turn
     reward: float = 0.0
@@ -53,12 +52,10 @@ class Episode:
     def context(self) -> list[int]:
         return self.prompt_ids + self.response_ids
 
-    def add(self, ids: list[int], *, policy: bool, logprobs: list[float] | None = None,
-            topk: list[list[tuple[int, float]]] | None = None) -> None:
+    def add(self, ids: list[int], *, policy: bool, logprobs: list[float] | None = None) -> None:
         self.response_ids += ids
         self.policy_mask += [policy] * len(ids)
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
-        self.topk += topk if topk else [[] for _ in ids]
 
     def fail(self, transition: Transition) -> None:
         self.reward, self.finish_reason, self.message, self.env = 0.0, transition.failure, transition.message, None
@@ -96,7 +93,7 @@ def play_episodes(prompts: Sequence[list[int]], rows: Sequence[dict[str, Any]], 
         samples = generate([e.context for e in fits], [turn_seed(e.seed, turn) for e in fits], max_tokens)
         for episode, sample in zip(fits, samples, strict=True):
             episode.turns.append(list(sample.response_ids))
-            episode.add(list(sample.response_ids), policy=True, logprobs=list(sample.logprobs), topk=sample.topk)
+            episode.add(list(sample.response_ids), policy=True, logprobs=list(sample.logprobs))
             episode.finish_reason = sample.finish_reason
         actions = [tokenizer.decode(e.turns[-1], skip_special_tokens=True) for e in fits]
         transitions = step([e.env for e in fits], actions)

@@ -124,6 +124,11 @@ def test_same_seed_same_trajectories_whatever_shares_the_call(rollout, tokenizer
     assert together.column(schema.ID).to_pylist() == [i for part in alone for i in part.column(schema.ID).to_pylist()]
 
 
+def test_topk_is_refused_by_name(rollout, tokenizer):
+    with pytest.raises(ray.exceptions.RayTaskError, match="topk=2 is not supported"):
+        episodes(rollout, prompts(tokenizer, ["What is 1 + 2?"]), topk=2)
+
+
 def turn_starts(mask):
     return [s for s, policy in enumerate(mask) if policy and (s == 0 or not mask[s - 1])]
 
