@@ -46,6 +46,9 @@ class RolloutEngine(Protocol):
 
     vocab_size: int
     max_model_len: int  # prompt + response tokens the engine can hold
+    # generation's prompt tokens so far, and how many of them came from the prefix cache instead of a prefill:
+    # {"prompt_tokens": n, "cached_tokens": m}
+    prefill_counts: dict[str, int]
 
     def generate(self, prompts: list[list[int]], *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 32, seed: int | list[int] | None = None, stop_token_ids: list[int] | None = None,

@@ -5,10 +5,17 @@ model itself (a 2-layer model: vLLM ~6 ms a decode step, this loop ~2 ms); vLLM 
 Same interface and meaning as `VllmEngine` (`rollout_engine.RolloutEngine`): sample j of a prompt is drawn from its
 own generator seeded `seed + j`, by Gumbel-max over the sampling distribution. Teacher-forced scores come from the
 learner's own forward (`hf_scorer.teacher_forced`).
+
+Like vLLM's prefix caching, the engine keeps the KV of what it has run (`PrefixCache`, keyed by the exact ids) and a
+later prompt that starts with the same ids prefills only the rest: a multi-turn episode's next turn runs the
+observation's ids, not the whole conversation again. The result is that of a fresh generation from the full context,
+within float round-off (the same positions and attention, in another batch shape).
 """
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +42,67 @@ if TYPE_CHECKING:
     from pear_ray.engines.adapters import AdapterWeights
 
 NOISE_FLOATS = 2**22  # sampling noise drawn ahead per call, at most (16 MiB)
+PREFIX_CACHE_BYTES = 256 * 2**20  # KV of past prefixes kept, at most (least recently used dropped first)
+
+LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # one sequence's (keys, values) per layer, [heads, tokens, head_dim]
+
+
+class PrefixCache:
+    """The KV of token sequences the engine has run, by their exact ids; a prompt reuses the longest prefix it shares
+    with one of them (KV at a position depends on the ids up to it only). Found as vLLM finds its blocks: by a
+    chained hash of each whole `BLOCK` of ids, so a lookup costs the prompt's length, not the cache's; the prefix
+    found is then extended id by id. A prefix shorter than one block is not looked for (its prefill is cheap). Least
+    recently used dropped past `budget_bytes`."""
+
+    BLOCK = 16
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes, self.bytes = budget_bytes, 0
+        self.entries: OrderedDict[tuple[int, ...], LayerKV] = OrderedDict()
+        self.blocks: dict[int, tuple[int, ...]] = {}  # chained hash of ids[:k * BLOCK] -> an entry starting so
+
+    @classmethod
+    def _block_hashes(cls, ids: tuple[int, ...]) -> list[int]:
+        """hashes[k - 1] stands for ids[:k * BLOCK], each whole block chained onto the one before."""
+        hashes, running = [], 0
+        for end in range(cls.BLOCK, len(ids) + 1, cls.BLOCK):
+            running = hash((running, ids[end - cls.BLOCK:end]))
+            hashes.append(running)
+        return hashes
+
+    def longest(self, ids: list[int]) -> tuple[int, LayerKV | None]:
+        """(n, KV of ids[:n]) for the longest cached prefix, leaving at least the last id to run; (0, None) if none."""
+        wanted = tuple(ids[:-1])
+        key = next((self.blocks[h] for h in reversed(self._block_hashes(wanted)) if h in self.blocks), None)
+        shared = 0 if key is None else len(os.path.commonprefix([key, wanted]))  # a hash collision shares less
+        if not shared:
+            return 0, None
+        self.entries.move_to_end(key)
+        return shared, [(k[:, :shared], v[:, :shared]) for k, v in self.entries[key]]
+
+    def put(self, ids: list[int], kv: LayerKV) -> None:
+        key = tuple(ids)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        self.entries[key] = kv
+        self.blocks.update(dict.fromkeys(self._block_hashes(key), key))
+        self.bytes += _nbytes(kv)
+        while self.bytes > self.budget_bytes and self.entries:
+            old, old_kv = self.entries.popitem(last=False)
+            self.bytes -= _nbytes(old_kv)
+            for h in self._block_hashes(old):
+                if self.blocks.get(h) == old:
+                    del self.blocks[h]
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.blocks.clear()
+        self.bytes = 0
+
+
+def _nbytes(kv: LayerKV) -> int:
+    return sum(k.nbytes + v.nbytes for k, v in kv)
 
 
 class TransformersEngine:
@@ -49,6 +117,9 @@ class TransformersEngine:
         options = options or TransformersOptions()
         self.model_dir, self.version, self.max_rows = check_model_dir(model_dir), 0, options.max_rows
         self.borrowed = model is not None
+        # A borrowed model's owner changes its weights without a word to the engine: no KV of old weights is kept.
+        self.prefixes = None if self.borrowed else PrefixCache(PREFIX_CACHE_BYTES)
+        self.prefill_counts = {"prompt_tokens": 0, "cached_tokens": 0}
         self.lora_shape: tuple[int, float, tuple[str, ...]] | None = None  # (r, alpha, targets) of its LoRA layers
         try:
             self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(
@@ -87,21 +158,17 @@ class TransformersEngine:
     def _sample(self, rows: list[tuple[list[int], int | None]], temperature: float, top_p: float, max_tokens: int,
                 stops: set[int], topk: int) -> list[Sample]:
         """One batch of (prompt, seed) rows through the KV-cache loop."""
-        from transformers import DynamicCache
-
         prompts = [prompt for prompt, _ in rows]
-        width = max(map(len, prompts))
-        steps = min(max_tokens, self.max_model_len - width)
+        steps = min(max_tokens, self.max_model_len - max(map(len, prompts)))
         if steps < 1:
-            raise ValueError(f"generate: a prompt of {width} tokens leaves no room within max_model_len "
-                             f"{self.max_model_len}")
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            raise ValueError(f"generate: a prompt of {max(map(len, prompts))} tokens leaves no room within "
+                             f"max_model_len {self.max_model_len}")
+        ids, mask, cache = self._prefilled(prompts)
         generators = [self.generator if s is None else torch.Generator().manual_seed(s) for _, s in rows]
         # Steps of noise drawn at once: a generator's draws are the same however they are chunked.
         window = max(1, min(steps, NOISE_FLOATS // (len(rows) * self.vocab_size)))
         stop_ids = torch.tensor(sorted(stops), dtype=torch.long)
-        cache, tokens, logprobs, tops = DynamicCache(), [], [], []
+        tokens, logprobs, tops = [], [], []
         done = torch.zeros(len(rows), dtype=torch.bool)
         finished_at = torch.full((len(rows),), steps)
         step_ids = ids
@@ -133,7 +200,44 @@ class TransformersEngine:
             out.append(Sample(response_ids=tokens[i][:length], logprobs=logprobs[i][:length],
                               finish_reason="stop" if stopped else "length",
                               topk=[_topk(values[i], indices[i]) for values, indices in tops[:length]]))
+        self._keep_prefixes(prompts, out, mask, cache)
         return out
+
+    def _prefilled(self, prompts: list[list[int]]):
+        """(ids to run first, attention mask, KV cache) of a batch: each row's longest cached prefix is put in the
+        cache and only the rest of its prompt is run. Rows are [padding, cached prefix, padding, ids to run]: the
+        mask hides the padding and positions count the mask, so each row sees its own prompt alone."""
+        from transformers import DynamicCache
+
+        hits = [self.prefixes.longest(p) if self.prefixes is not None else (0, None) for p in prompts]
+        cached = max(n for n, _ in hits)
+        rest = [p[n:] for p, (n, _) in zip(prompts, hits, strict=True)]
+        width = max(map(len, rest))
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + list(r) for r in rest])
+        mask = torch.tensor([[0] * (cached - n) + [1] * n + [0] * (width - len(r)) + [1] * len(r)
+                             for (n, _), r in zip(hits, rest, strict=True)])
+        self.prefill_counts["prompt_tokens"] += sum(map(len, prompts))
+        self.prefill_counts["cached_tokens"] += sum(n for n, _ in hits)
+        if not cached:
+            return ids, mask, DynamicCache()
+        some_hit = next(kv for _, kv in hits if kv is not None)
+        layers = []
+        for layer, (keys, _) in enumerate(some_hit):
+            none = keys[:, :0]  # a row without a hit: padding only
+            layers.append(tuple(torch.stack([F.pad(kv[layer][part] if kv is not None else none, (0, 0, cached - n, 0))
+                                             for n, kv in hits]) for part in (0, 1)))
+        return ids, mask, DynamicCache(ddp_cache_data=layers)
+
+    def _keep_prefixes(self, prompts: list[list[int]], samples: list[Sample], mask: torch.Tensor, cache) -> None:
+        """Keep each row's KV of what was run for it (its prompt and all but the last sampled id, the one never run)."""
+        if self.prefixes is None:
+            return
+        length = cache.get_seq_length()
+        for i, (prompt, sample) in enumerate(zip(prompts, samples, strict=True)):
+            ran = list(prompt) + sample.response_ids[:-1]
+            positions = mask[i, :length].nonzero()[:len(ran), 0]
+            self.prefixes.put(ran, [(layer.keys[i][:, positions], layer.values[i][:, positions])
+                                    for layer in cache.layers])
 
     def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0,
               topk: int = 0) -> list[list[float]] | tuple[list[list[float]], list[list[TopK]]]:
@@ -160,6 +264,7 @@ class TransformersEngine:
         weights = list(named_tensors)
         check_weight_set(weights, self.shapes, self.model_dir, tied=self.tied)
         self._drop_lora_layers()
+        self._drop_prefixes()
         self.model.load_state_dict(dict(weights), strict=False)  # strict would want a tied head's second name
         self.version += 1
         return self.version
@@ -179,8 +284,14 @@ class TransformersEngine:
         expected = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(self.model).items()}
         check_weight_set(list(adapter.tensors.items()), expected, self.model_dir, call="update_adapter")
         set_peft_model_state_dict(self.model, adapter.tensors)
+        self._drop_prefixes()
         self.version += 1
         return self.version
+
+    def _drop_prefixes(self) -> None:
+        """The cached KV is of the weights before: gone with them."""
+        if self.prefixes is not None:
+            self.prefixes.clear()
 
     def _drop_lora_layers(self) -> None:
         """Back to the plain model, the base weights as they are (peft's unload, which merges nothing)."""

@@ -9,28 +9,24 @@ for each sample's result for at most `verifier_timeout_s`:
 - a child that dies (a crash in native code) counts as an error for the sample it was on.
 So a bad sample can neither crash nor hang the job, and the results of the good ones are kept.
 
-Why a child process rather than a thread or a signal: a thread cannot be stopped, so a spinning verifier would
-keep a CPU busy inside the Ray worker for ever; `signal.alarm` (what math-verify uses by default) only works in a
-process's main thread and cannot interrupt a long computation in native code (a sympy simplification, a huge
-integer power); killing a process always works. Ray runs plain tasks in the worker's main thread (checked with
-Ray 2.60), but forking does not depend on that. math-verify's own signal timeouts are disabled by our calls
-(`parsing_timeout=None`, `timeout_seconds=None`) since the child enforces the deadline. The fork costs a few
-milliseconds per chunk (and one more per timeout); what the verifiers register as warm-ups (math-verify's imports,
-reasoning-gym datasets), or the job's custom reward, is loaded in the Ray worker first, so children start with it
-loaded and worker reuse amortises the warm-up.
+The child process and its deadline are `forked.call_in_child`'s (why a process, not a thread or a signal: see
+there). math-verify's own signal timeouts are disabled by our calls (`parsing_timeout=None`, `timeout_seconds=None`)
+since the child enforces the deadline. What the verifiers register as warm-ups (math-verify's imports, reasoning-gym
+datasets), or the job's custom reward, is loaded in the Ray worker first, so children start with it loaded and worker
+reuse amortises the warm-up.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 from collections.abc import Sequence
 
 import pyarrow as pa
 import ray
 
 from pear_ray.data import schema
+from pear_ray.forked import call_in_child
 from pear_ray.plugins import load_callable
 from pear_ray.tasks.base import Task, load_metadata
 from pear_ray.tasks.build import CustomReward, make_task
@@ -42,17 +38,6 @@ DEFAULT_CHUNK_ROWS = 64
 DEFAULT_NUM_CPUS = 0.25
 
 Row = tuple[str, str, str | None]  # response text, gold answer, metadata JSON
-
-
-def _child(task: Task, rows: Sequence[Row], conn) -> None:
-    """Score rows in order, sending (True, reward) or (False, error message) for each."""
-    for response, answer, metadata in rows:
-        try:
-            value = float(task.score(response, answer, metadata))
-            conn.send((True, value))
-        except BaseException as error:  # noqa: BLE001 - any failure of a verifier is a reward of 0
-            conn.send((False, f"{type(error).__name__}: {error}"[:500]))
-    conn.close()
 
 
 def _warm(task: Task, rows: Sequence[Row]) -> None:
@@ -90,39 +75,19 @@ def _metadata_by_verifier(rows: Sequence[Row]) -> dict[str, list[dict]]:
 def score_chunk(task: Task, rows: Sequence[Row], timeout_s: float) -> tuple[list[float], int, int, list[str]]:
     """(rewards, errors, timeouts, first error messages) of one chunk; see the module docstring. No Ray here."""
     _warm(task, rows)
-    context = multiprocessing.get_context("fork")
     rewards: list[float] = []
     errors = timeouts = 0
     messages: list[str] = []
-    while len(rewards) < len(rows):
-        receiver, sender = context.Pipe(duplex=False)
-        child = context.Process(target=_child, args=(task, rows[len(rewards):], sender), daemon=True)
-        child.start()
-        sender.close()
-        try:
-            while len(rewards) < len(rows):
-                if not receiver.poll(timeout_s):
-                    timeouts += 1
-                    rewards.append(0.0)
-                    break  # kill this child; a fresh one takes the next row
-                try:
-                    ok, value = receiver.recv()
-                except EOFError:
-                    errors += 1
-                    rewards.append(0.0)
-                    messages.append(f"verifier process died (exit code {child.exitcode})")
-                    break
-                if ok and math.isfinite(value):
-                    rewards.append(min(1.0, max(0.0, value)))
-                else:
-                    errors += 1
-                    rewards.append(0.0)
-                    messages.append(value if not ok else f"verifier returned {value}")
-        finally:
-            if child.is_alive():
-                child.kill()
-            child.join()
-            receiver.close()
+    for outcome in call_in_child(lambda row: float(task.score(*row)), rows, timeout_s):
+        if outcome.status == "ok" and math.isfinite(outcome.value):
+            rewards.append(min(1.0, max(0.0, outcome.value)))
+            continue
+        rewards.append(0.0)
+        if outcome.status == "timeout":
+            timeouts += 1
+            continue
+        errors += 1
+        messages.append(outcome.message if outcome.status == "error" else f"verifier returned {outcome.value}")
     return rewards, errors, timeouts, messages[:3]
 
 

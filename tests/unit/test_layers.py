@@ -13,7 +13,7 @@ import networkx as nx
 
 PACKAGE = Path(__file__).resolve().parents[2] / "pear_ray"
 LAYERS = {
-    "plugins": 0, "runtime": 0, "hub": 0, "messages": 0, "atomic": 0, "faults": 0, "storage": 0,
+    "plugins": 0, "runtime": 0, "hub": 0, "messages": 0, "atomic": 0, "faults": 0, "storage": 0, "forked": 0,
     "objectives": 1, "data": 1, "models": 1,
     "config": 2, "tasks": 2, "environments": 2, "tracking": 2, "rewards": 2,
     "engines": 3,
