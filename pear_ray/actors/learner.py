@@ -137,6 +137,10 @@ class LearnerWorker:
         return self.rollout.generate(prompts, **kwargs)
 
     @ray.method(num_returns=2)
+    def episodes(self, prompts: pa.Table, **kwargs: Any):
+        return self.rollout.episodes(prompts, **kwargs)
+
+    @ray.method(num_returns=2)
     def score(self, table: pa.Table, **kwargs: Any):
         return self.rollout.score(table, **kwargs)
 

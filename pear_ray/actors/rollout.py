@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,11 +25,15 @@ from pear_ray.data import schema
 from pear_ray.engines.adapters import AdapterWeights
 from pear_ray.engines.backends import start_engine
 from pear_ray.engines.rollout_engine import RolloutEngine, Sample, seed_per_prompt
+from pear_ray.environments.base import ENV_ERROR, ENV_TIMEOUT
 from pear_ray.environments.episodes import Episode, play_episodes
-from pear_ray.environments.stepping import ENV_ERROR, ENV_TIMEOUT, EnvironmentSpec, step_environments
+from pear_ray.environments.stepping import step_environments
 from pear_ray.runtime import use_assigned_cpus
 from pear_ray.storage import materialize
 from pear_ray.tasks.base import load_metadata
+
+if TYPE_CHECKING:
+    from pear_ray.tasks.build import EpisodicTask
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ class RolloutWorker:
                                 policy_version=self.policy_version)
 
     @ray.method(num_returns=2)
-    def episodes(self, prompts: pa.Table, *, environment: EnvironmentSpec, n: int = 1, seed: int | None = None,
+    def episodes(self, prompts: pa.Table, *, environment: EpisodicTask, n: int = 1, seed: int | None = None,
                  topk: int = 0, max_tokens: int = DEFAULT_TURN_TOKENS, **sampling: Any):
         """n multi-turn episodes per prompt row against `environment` (environments/episodes.py): the table is
         `generate`'s, each response the whole trajectory (the policy's turns and the environment's answers as ids),
@@ -88,7 +92,7 @@ class RolloutWorker:
         prefill_before = dict(self.engine.prefill_counts)
         played = play_episodes(
             prompt_ids, _environment_rows(prompts), seed_per_prompt(_prompt_seeds(prompts, n, seed), prompt_ids), n=n,
-            make_env=environment.factory(), generate=generate,
+            make_env=environment.environment(), generate=generate,
             step=lambda envs, actions: step_environments(envs, actions, timeout_s), tokenizer=self._tokenizer(),
             max_turns=environment.config.max_turns, max_tokens=max_tokens, max_model_len=self.engine.max_model_len)
         out = self._samples_table(prompts, n, played, topk=0)
@@ -134,18 +138,19 @@ class RolloutWorker:
               topk: int = 0):
         """Add `column`: the teacher-forced log-prob of every response token under this engine's weights, of
         logits / temperature; with topk > 0 also `teacher_topk` (column None: that alone, e.g. for data whose
-        behaviour log-probs are given)."""
+        behaviour log-probs are given). At the environment's tokens of a multi-turn row: 0.0 and no top-k."""
         started = time.perf_counter()
         table = schema.validate(table, vocab_size=self.engine.vocab_size)
         prompts = table.column(schema.PROMPT_IDS).to_pylist()
         responses = table.column(schema.RESPONSE_IDS).to_pylist()
         scored = self.engine.score(prompts, responses, temperature, topk)
         logprobs, topks = scored if topk else (scored, None)
+        logprobs = schema.blank_environment_tokens(table, logprobs, 0.0)
         out = table
         if column is not None:
             out = schema.append_column(out, column, logprobs, schema.LOGPROBS_TYPE)
         if topk:
-            out = schema.append_column(out, schema.TEACHER_TOPK, topks)
+            out = schema.append_column(out, schema.TEACHER_TOPK, schema.blank_environment_tokens(table, topks, []))
         return out, batch_stats(out.num_rows, schema.response_token_count(out), started,
                                 policy_version=self.policy_version)
 

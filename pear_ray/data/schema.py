@@ -256,6 +256,15 @@ def policy_tokens(table: pa.Table) -> np.ndarray:
     return np.ones(int(pc.sum(pc.list_value_length(table.column(RESPONSE_IDS))).as_py() or 0), dtype=bool)
 
 
+def blank_environment_tokens(table: pa.Table, values: list[list], blank) -> list[list]:
+    """Per-response-token values of `table`'s rows with `blank` at the environment's tokens: what the schema keeps
+    there (log-prob 0.0, an empty top-k) where an engine scored every token of a multi-turn row."""
+    if POLICY_MASK not in table.column_names:
+        return values
+    return [[value if by_policy else blank for value, by_policy in zip(row, mask, strict=True)]
+            for row, mask in zip(values, table.column(POLICY_MASK).to_pylist(), strict=True)]
+
+
 def response_token_count(table: pa.Table) -> int:
     """Number of response tokens the policy sampled in a batch (environment tokens are context, not counted):
     PEAR's and GRPO's token-mean divisor."""

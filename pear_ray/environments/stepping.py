@@ -18,37 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from pear_ray.environments.base import ENVIRONMENTS, Environment, EnvironmentBuilder, EnvironmentFactory
+from pear_ray.environments.base import ENV_ERROR, ENV_TIMEOUT, Environment
 from pear_ray.forked import call_in_child
 
 if TYPE_CHECKING:
-    from pear_ray.config import EnvironmentConfig
+    pass
 
 DEFAULT_CHUNK_CALLS = 64
 DEFAULT_NUM_CPUS = 0.25
-ENV_ERROR = "env_error"  # finish reasons of an episode its environment ended
-ENV_TIMEOUT = "env_timeout"
-
-
-@dataclass(frozen=True)
-class EnvironmentSpec:
-    """What a rollout actor needs to play a task's episodes: the environment's settings, the job's task, and the
-    builder registered for `config.kind`, looked up where the spec is made (the driver, where the config was checked)
-    so a kind registered outside pear_ray.environments travels with it."""
-
-    config: EnvironmentConfig
-    task: Any
-    builder: EnvironmentBuilder
-
-    def factory(self) -> EnvironmentFactory:
-        return self.builder(self.config, self.task)
-
-
-def environment_spec(config: EnvironmentConfig, task: Any) -> EnvironmentSpec:
-    """The spec of `task.environment` (config) for the job's task; an unregistered kind is named."""
-    if config.kind not in ENVIRONMENTS:
-        raise ValueError(f"unknown environment kind {config.kind!r}; known kinds: {', '.join(sorted(ENVIRONMENTS))}")
-    return EnvironmentSpec(config, task, ENVIRONMENTS[config.kind])
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pear_ray.config import DataConfig, EnvironmentConfig, TaskConfig
 from pear_ray.environments import ENVIRONMENTS
-from pear_ray.environments.base import EnvironmentFactory
+from pear_ray.environments.base import EnvironmentBuilder, EnvironmentFactory
 from pear_ray.plugins import load_callable
 from pear_ray.tasks.base import Split, Task, load_metadata, task_styles
 from pear_ray.tasks.registry import KINDS
@@ -60,6 +60,7 @@ class EpisodicTask:
 
     task: Task
     config: EnvironmentConfig
+    builder: EnvironmentBuilder  # the kind's, looked up where the task is made (`with_environment`)
 
     @property
     def name(self) -> str:
@@ -72,8 +73,8 @@ class EpisodicTask:
         return self.task.score(response, answer, metadata)
 
     def environment(self) -> EnvironmentFactory:
-        """The registered builder's factory of fresh environments (one per episode)."""
-        return ENVIRONMENTS[self.config.kind](self.config, self.task)
+        """The builder's factory of fresh environments (one per episode)."""
+        return self.builder(self.config, self.task)
 
     @property
     def styles(self) -> tuple[str, ...]:
@@ -93,4 +94,11 @@ def make_task(task_config: TaskConfig, data_config: DataConfig | None = None, *,
     """
     task = KINDS[task_config.kind](task_config, data_config if data_config is not None else DataConfig(), seed)
     task = CustomReward(task, task_config.reward) if task_config.reward is not None else task
-    return task if task_config.environment is None else EpisodicTask(task, task_config.environment)
+    return task if task_config.environment is None else with_environment(task, task_config.environment)
+
+
+def with_environment(task: Task, config: EnvironmentConfig) -> EpisodicTask:
+    """`task` played as episodes with `config`'s environment. The kind's builder is looked up here, in the driver where
+    the config was checked, and travels with the task, so a kind registered outside pear_ray.environments (a test's,
+    a plug-in file's) works in the rollout actors too."""
+    return EpisodicTask(task, config, ENVIRONMENTS[config.kind])

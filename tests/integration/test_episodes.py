@@ -14,8 +14,9 @@ from pear_ray.config import EnvironmentConfig, TransformersOptions, VllmOptions
 from pear_ray.data import schema
 from pear_ray.engines.transformers_engine import TransformersEngine
 from pear_ray.environments import observation_ids
+from pear_ray.environments.base import ENV_ERROR, ENV_TIMEOUT
 from pear_ray.environments.episodes import turn_seed
-from pear_ray.environments.stepping import ENV_ERROR, ENV_TIMEOUT, environment_spec
+from pear_ray.tasks.build import with_environment
 
 TOL = 1e-4
 TURN_TOKENS = 6
@@ -51,7 +52,7 @@ def prompts(tokenizer, questions, misbehave=()):
 def environment(step_timeout_s=5.0):
     config = EnvironmentConfig(kind=KIND, max_turns=MAX_TURNS, step_timeout_s=step_timeout_s,
                                args={"observation": OBSERVATION, "hang_s": 60})
-    return environment_spec(config, None)
+    return with_environment(None, config)
 
 
 def episodes(actor, table, **kwargs):
@@ -103,6 +104,14 @@ def test_turns_and_observations_are_the_ids_sampled_and_written(rollout, tokeniz
         again = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
         assert again[:len(sample[schema.PROMPT_IDS])] == sample[schema.PROMPT_IDS]
         assert again[len(sample[schema.PROMPT_IDS]):] != response
+    # scored teacher-forced (the mismatch probe, a behaviour model scoring episodes): the sampled log-probs at the
+    # policy's tokens, and 0.0 at the environment's, as the schema keeps them
+    scored, _ = rollout.score.remote(out, column=schema.BEHAVIOR_LOGPROBS)
+    for sample, row in zip(samples, ray.get(scored).to_pylist()):
+        mask = np.array(sample[schema.POLICY_MASK])
+        scored_logprobs = np.array(row[schema.BEHAVIOR_LOGPROBS])
+        assert (scored_logprobs[~mask] == 0.0).all()
+        assert np.allclose(scored_logprobs[mask], np.array(sample[schema.ROLLOUT_LOGPROBS])[mask], atol=1e-3)
 
 
 def test_failing_environments_end_their_episodes_and_are_counted(rollout, tokenizer):

@@ -10,8 +10,9 @@ from transformers import AutoTokenizer
 from pear_ray.config import EnvironmentConfig
 from pear_ray.engines.rollout_engine import Sample
 from pear_ray.environments import observation_ids
+from pear_ray.environments.base import ENV_ERROR, ENV_TIMEOUT
 from pear_ray.environments.episodes import play_episodes, turn_seed
-from pear_ray.environments.stepping import ENV_ERROR, ENV_TIMEOUT, step_chunk
+from pear_ray.environments.stepping import step_chunk
 
 TURN = 3  # ids per generated turn
 
