@@ -39,6 +39,13 @@ class DataConfig(Section):
         return self
 
 
+def registered(kind: str, registry: dict[str, Any], what: str) -> str:
+    """`kind`, if the registry knows it; else the error that lists the kinds it knows."""
+    if kind not in registry:
+        raise ValueError(f"unknown {what} kind {kind!r}; known kinds: {', '.join(sorted(registry))}")
+    return kind
+
+
 class EnvironmentConfig(Section):
     """A multi-turn environment the policy talks to (pear_ray/environments/): each sample is an episode of assistant
     turns and the environment's answers between them, token-exact, trained on the policy's tokens only."""
@@ -56,9 +63,7 @@ class EnvironmentConfig(Section):
     def _registered_kind(cls, kind: str) -> str:
         from pear_ray.environments import ENVIRONMENTS  # lazily: environments are built from this config
 
-        if kind not in ENVIRONMENTS:
-            raise ValueError(f"unknown environment kind {kind!r}; known kinds: {', '.join(sorted(ENVIRONMENTS))}")
-        return kind
+        return registered(kind, ENVIRONMENTS, "environment")
 
 
 class TaskConfig(Section):
@@ -108,9 +113,7 @@ class TaskConfig(Section):
     def _registered_kind(cls, kind: str) -> str:
         from pear_ray.tasks.registry import KINDS  # lazily: the tasks package builds tasks from this config
 
-        if kind not in KINDS:
-            raise ValueError(f"unknown task kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
-        return kind
+        return registered(kind, KINDS, "task")
 
     _checked_columns = field_validator("columns")(checked_columns)
     _unique_reward_models = field_validator("reward_models")(unique_names)

@@ -24,43 +24,10 @@ from pear_ray.tasks.registry import KINDS
 
 
 @dataclass
-class CustomReward:
-    """A task whose rewards come from the function `reward` names. The spec, not the function, is shipped to the
-    scoring processes (which load it once each): a function defined in a file loaded by path cannot be pickled by
-    reference."""
+class WrappedTask:
+    """A task with one thing changed by a subclass: it keeps the task's name, prompts and response styles."""
 
     task: Task
-    reward: str
-
-    @property
-    def name(self) -> str:
-        return self.task.name
-
-    def prompts(self, split: Split, n: int | None = None) -> pa.Table:
-        return self.task.prompts(split, n)
-
-    def score(self, response: str, answer: str, metadata: str | None = None) -> float:
-        return load_callable(self.reward)(response, answer, load_metadata(metadata))
-
-    @property
-    def styles(self) -> tuple[str, ...]:
-        """The task's response styles: a custom reward changes how responses score, not how they are written."""
-        return task_styles(self.task)
-
-    def style(self, response: str) -> str | None:
-        return self.task.style(response)
-
-
-@dataclass
-class EpisodicTask:
-    """A task played as multi-turn episodes with the environment `task.environment` names: the task gives the
-    prompts and the verifier (which the environment may use for its reward); the environment plays each sample. The
-    styles an episode comes in are the environment's when it names any (the calculator: tool or direct), else the
-    task's. Shipped to the rollout actors, which build the environment from it (`environment()`)."""
-
-    task: Task
-    config: EnvironmentConfig
-    builder: EnvironmentBuilder  # the kind's, looked up where the task is made (`with_environment`)
 
     @property
     def name(self) -> str:
@@ -71,6 +38,36 @@ class EpisodicTask:
 
     def score(self, response: str, answer: str, metadata: str | None = None) -> float:
         return self.task.score(response, answer, metadata)
+
+    @property
+    def styles(self) -> tuple[str, ...]:
+        return task_styles(self.task)
+
+    def style(self, response: str) -> str | None:
+        return self.task.style(response)
+
+
+@dataclass
+class CustomReward(WrappedTask):
+    """A task whose rewards come from the function `reward` names (a custom reward changes how responses score, not
+    how they are written). The spec, not the function, is shipped to the scoring processes (which load it once
+    each): a function defined in a file loaded by path cannot be pickled by reference."""
+
+    reward: str
+
+    def score(self, response: str, answer: str, metadata: str | None = None) -> float:
+        return load_callable(self.reward)(response, answer, load_metadata(metadata))
+
+
+@dataclass
+class EpisodicTask(WrappedTask):
+    """A task played as multi-turn episodes with the environment `task.environment` names: the task gives the
+    prompts and the verifier (which the environment may use for its reward); the environment plays each sample. The
+    styles an episode comes in are the environment's when it names any (the calculator: tool or direct), else the
+    task's. Shipped to the rollout actors, which build the environment from it (`environment()`)."""
+
+    config: EnvironmentConfig
+    builder: EnvironmentBuilder  # the kind's, looked up where the task is made (`with_environment`)
 
     def environment(self) -> EnvironmentFactory:
         """The builder's factory of fresh environments (one per episode)."""
