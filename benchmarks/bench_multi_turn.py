@@ -7,7 +7,8 @@ prompt), so an episode is two policy turns: `<calc>345+678</calc>`, the tool's a
 its call, and the sample ends there (reward 0). Both run as a user runs them (`pear-ray run` of a job with stages
 [rl], bench_rl.py's runner), one rollout actor and the learner at 0.5 CPU each, GRPO one update per step, every
 group trained; figures after --warmup steps (a fresh Ray instance starts its task workers over the first steps), as
-bench_rl.py computes them. The prior is trained once, in the first run, and the later runs start from its folder.
+bench_rl.py computes them. The prior is trained once, in the first run (the calculator's: a tool_use prior needs the
+environment), and the later runs start from its folder.
 
 Run: .venv/bin/python benchmarks/bench_multi_turn.py [--help]
 """
@@ -64,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         student = {"tiny": STUDENT, "prior": PRIOR}
         for round_ in range(args.rounds):
-            for name in SETTINGS if round_ % 2 == 0 else SETTINGS[::-1]:
+            for name in SETTINGS[::-1] if round_ % 2 == 0 else SETTINGS:  # the first run (the prior's) has the tool
                 run_dir = Path(folder) / f"{name}-r{round_}"
                 rows[name].append(run_job_tree(job_tree(student, args, name == "calculator"), run_dir))
                 if "tiny" in student:  # the prior this run trained: every later run starts from it
