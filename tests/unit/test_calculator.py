@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
@@ -13,7 +14,9 @@ from pear_ray.config import ConfigError, ScriptedPolicy, TaskConfig, parse_job
 from pear_ray.data import schema
 from pear_ray.data.io import encode_response
 from pear_ray.environments import ENVIRONMENTS, observation_ids
+from pear_ray.environments.base import ENV_ERROR, ENV_TIMEOUT
 from pear_ray.environments.calculator import DIRECT, TOOL, CalculatorEnv, evaluate
+from pear_ray.stages.common import decoded_rewards
 from pear_ray.tasks import AdditionTask, make_task
 from pear_ray.tasks.addition import BARE, scripted_rows
 
@@ -84,3 +87,17 @@ def test_the_tool_using_policy_without_a_calculator_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"models\.behavior\.scripted: tool_use calls the calculator"):
         parse_job({"name": "x", "task": {"kind": "addition"},
                    "models": {"student": {"tiny": {}}, "behavior": {"scripted": {"name": "tool_use"}}}})
+
+
+def test_episodes_keep_their_environments_reward_and_its_failures_are_counted(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    task = make_task(TaskConfig(kind="addition", environment={"kind": "calculator"}))
+    episodes = pa.table({
+        schema.RESPONSE_IDS: [tokenizer.encode("Answer: 7"), tokenizer.encode("<calc>1+2</calc>"), [5], [6]],
+        schema.ANSWER: ["7", "3", "1", "1"],
+        schema.REWARD: pa.array([1.0, 0.0, 0.0, 0.0], pa.float64()),
+        schema.FINISH_REASON: ["stop", "length", ENV_ERROR, ENV_TIMEOUT]})
+    scored, failures = decoded_rewards(episodes, tokenizer, task, TaskConfig(kind="addition"))
+    assert scored.column(schema.REWARD).to_pylist() == [1.0, 0.0, 0.0, 0.0]  # the environment's, not re-verified
+    assert scored.column(schema.RESPONSE).to_pylist()[:2] == ["Answer: 7", "<calc>1+2</calc>"]
+    assert failures == {"errors": 0, "timeouts": 0, "env_errors": 1, "env_timeouts": 1}
