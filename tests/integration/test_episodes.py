@@ -9,8 +9,7 @@ import ray
 from support.environments import KIND, STEP_REWARD
 from transformers import AutoTokenizer
 
-from pear_ray.actors.rollout import RolloutWorker
-from pear_ray.config import EnvironmentConfig, TransformersOptions, VllmOptions
+from pear_ray.config import EnvironmentConfig
 from pear_ray.data import schema
 from pear_ray.engines.transformers_engine import TransformersEngine
 from pear_ray.environments import observation_ids
@@ -24,17 +23,6 @@ MAX_TURNS = 3
 OBSERVATION = "ok"
 # vLLM's CPU build caches prefixes in whole 128-token blocks: one prompt longer than a block shows its hits
 LONG_QUESTION = "How many times does the letter 'r' appear in \"strawberry\"? " * 10
-
-ENGINES = {"vllm": VllmOptions(), "transformers": TransformersOptions()}
-
-
-@pytest.fixture(scope="module", params=list(ENGINES))
-def rollout(request, ray_cluster, tiny_model_dir):
-    actor = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(tiny_model_dir, seed=0,
-                                                                    engine=ENGINES[request.param])
-    yield actor
-    ray.kill(actor)
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):

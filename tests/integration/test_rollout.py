@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pear_ray.actors.pool import ActorPool
 from pear_ray.actors.reference import ReferenceWorker
 from pear_ray.actors.rollout import RolloutWorker
-from pear_ray.config import TransformersOptions, VllmOptions, load_job, parse_job
+from pear_ray.config import load_job, parse_job
 from pear_ray.data import schema
 from pear_ray.data.io import encode_prompt, write_table
 from pear_ray.driver.preflight import preflight
@@ -32,18 +32,6 @@ def prompts(tiny_model_dir) -> pa.Table:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = [encode_prompt(tokenizer, q) for q in QUESTIONS]
     return pa.table({"id": [f"q{i}" for i in range(len(ids))], "prompt": QUESTIONS, "prompt_ids": ids})
-
-
-ENGINES = {"vllm": VllmOptions(), "transformers": TransformersOptions()}
-
-
-@pytest.fixture(scope="module", params=list(ENGINES))
-def rollout(request, ray_cluster, tiny_model_dir):
-    """A rollout actor of each backend (resources.rollout.engine.backend)."""
-    actor = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(tiny_model_dir, seed=0,
-                                                                    engine=ENGINES[request.param])
-    yield actor
-    ray.kill(actor)
 
 
 def generate(actor, prompts, **kwargs):
