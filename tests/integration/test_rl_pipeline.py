@@ -17,7 +17,9 @@ PHASES = ("generate_seconds", "wait_seconds", "verify_seconds", "train_seconds",
           "rollout_busy", "learner_busy")
 
 
-FILL = {"fill_batch": True, "fill_max_extra_prompts": 4}
+# The transformers engine: what these runs check is the stage's bookkeeping, not the engine (vLLM's RL runs are
+# test_lora_rl's and the small job's in tests/e2e/test_job.py), and it starts in a fraction of vLLM's time.
+FILL = {"fill_batch": True, "fill_max_extra_prompts": 4, "rollout": {"engine": {"backend": "transformers"}}}
 
 
 @pytest.fixture(scope="module")
