@@ -94,6 +94,7 @@ def check_bound(job: JobConfig, run_dir: str | Path | RunFolder) -> None:
         raise ConfigError(f"run folder {folder.location} was written by an older pear_ray (its {STATE_FILE} records "
                           "no config to check this job against): give another --run-dir, or add --fresh to move it "
                           "aside and start anew")
+    recorded = resolved_again(recorded)
     if fingerprint(recorded) == fingerprint(binding(job)):
         return
     old, new = _flatten(recorded), _flatten(binding(job))
@@ -104,6 +105,16 @@ def check_bound(job: JobConfig, run_dir: str | Path | RunFolder) -> None:
         f"run folder {folder.location} holds the results of another config; changed since:", *changes,
         "rerun with the old settings to resume it, give another --run-dir, or add --fresh to move the folder "
         "aside (to a sibling named with the time) and start anew"]))
+
+
+def resolved_again(recorded: dict) -> dict:
+    """A recorded config as this pear_ray resolves it: a key added since the folder was written gets its default,
+    which keeps the old behaviour (a new key's default must), so the folder is not bound to another config for it.
+    A recorded config this pear_ray no longer reads (a key renamed or removed) is compared as it is."""
+    try:
+        return binding(JobConfig.model_validate(recorded))
+    except ValueError:  # pydantic's ValidationError is one
+        return recorded
 
 
 def finished_stages(run_dir: str | Path | RunFolder) -> dict[str, str]:

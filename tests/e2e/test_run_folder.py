@@ -314,3 +314,18 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_results(finished_ful
     assert_same_results(run_dir, finished_full, {r["stage"] for r in read_metrics(finished_full)})
     assert report_lines(run_dir) == report_lines(finished_full)
     assert leftovers(run_dir) == []
+
+
+def test_a_folder_from_before_a_key_existed_resumes_while_the_key_keeps_its_default(tmp_path):
+    """A newer pear_ray adds keys whose defaults keep the old behaviour (task.environment, task.reward_models, ...):
+    a folder written before them is still this config's, and a non-default value of a new key is a change."""
+    job = load_job(ROOT / "jobs" / "smoke.yaml")
+    RunState(tmp_path, job)
+    state = json.loads((tmp_path / "state.json").read_text())
+    del state["config"]["task"]["environment"], state["config"]["task"]["reward_models"]
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    RunState(tmp_path, job)  # the old folder resumes
+    calculator = load_job(ROOT / "jobs" / "smoke.yaml", ["task.kind=addition", "task.args={}",
+                                                         "task.environment={kind: calculator}"])
+    with pytest.raises(ConfigError, match=r'(?s)another config.*task\.environment\.kind: "\(unset\)" -> "calculator"'):
+        RunState(tmp_path, calculator)
