@@ -12,6 +12,8 @@ raise, a hang or a value that is not a finite number gives 0 and is counted, as 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import pyarrow as pa
 
@@ -73,13 +75,19 @@ class EpisodicTask(WrappedTask):
         """The builder's factory of fresh environments (one per episode)."""
         return self.builder(self.config, self.task)
 
+    @cached_property
+    def _styled(self) -> Any:
+        """What classifies an episode's style: the environment's factory when it names styles, else the task
+        (built once, not once per sample classified)."""
+        factory = self.environment()
+        return factory if task_styles(factory) else self.task
+
     @property
     def styles(self) -> tuple[str, ...]:
-        return task_styles(self.environment()) or task_styles(self.task)
+        return task_styles(self._styled)
 
     def style(self, response: str) -> str | None:
-        factory = self.environment()
-        return (factory if task_styles(factory) else self.task).style(response)
+        return self._styled.style(response)
 
 
 def make_task(task_config: TaskConfig, data_config: DataConfig | None = None, *, seed: int = 0) -> Task:
